@@ -1,0 +1,144 @@
+"""The params schema: one typed object, validated once; errors name the key.
+
+A params YAML holds only the keys below; an unknown key or a value of the wrong type is
+refused with the dotted key path, what was found, and how to fix it. Relative paths are
+resolved against the directory the command is started from (the repository root in the
+README's commands) and written back absolute into the run directory's ``params.yaml``,
+which is what the notebooks read.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import LowbitError
+
+
+class _Section(BaseModel):
+    # strict: "2" is not silently an int; forbid: a misspelt key is an error, not a default
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class ModelCfg(_Section):
+    weights: str = Field(
+        "yolov10n",
+        description="yolov10{n,s,m,b,l,x} | path/to/model.pt | path/to/model.onnx | random:yolov10{n,..,x}",
+    )
+    imgsz: Literal[640] = 640
+    opset: int = Field(19, ge=19, le=23, description="ONNX opset of the export; ModelOpt INT8/FP8 need >= 19")
+
+
+class DataCfg(_Section):
+    coco_root: str = "../shared/coco2017"
+    annotations: str = Field("annotations/instances_val2017_val500.json", description="relative to coco_root")
+    subset: str = Field("val100", description="val100 | val500 (<root>/<name>_ids.txt) | first:N | all | ids.txt path")
+    calib_list: str = Field("calib160.txt", description="image paths, one per line, relative to the list's folder")
+    calib_images: int = Field(128, ge=1)
+
+
+class DecodeCfg(_Section):
+    mode: Literal["nms", "topk"] = Field("nms", description="nms: class-aware NMS; topk: YOLOv10 one-to-one top-k")
+    conf: float = Field(0.001, ge=0.0, le=1.0)
+    iou: float = Field(0.7, gt=0.0, le=1.0)
+    max_det: int = Field(300, ge=1)
+    pre_nms_topk: int = Field(30000, ge=1)
+    multi_label: bool = Field(True, description="NMS candidates are (anchor, class) pairs, as in Ultralytics val")
+
+
+class EvaluationCfg(_Section):
+    bootstrap: int = Field(1000, ge=0, description="bootstrap resamples over images for the 95% intervals")
+    confidence: float = Field(0.95, gt=0.0, lt=1.0)
+    seed: int = 0
+
+
+class RuntimeCfg(_Section):
+    providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"])
+    threads: int = Field(2, ge=1, description="ORT intra-op threads")
+
+
+class LatencyCfg(_Section):
+    warmup: int = Field(10, ge=0)
+    runs: int = Field(50, ge=1)
+
+
+class ParityCfg(_Section):
+    enabled: bool = True
+    subset: str = "val500"
+    ultralytics_pt: bool = Field(True, description="also score Ultralytics predicting from the .pt")
+
+
+class OutputCfg(_Section):
+    runs_dir: str = "runs"
+    reports_dir: str = "reports"
+
+
+class Config(_Section):
+    name: str = Field(..., min_length=1, description="names the run directory and report")
+    description: str = ""
+    model: ModelCfg = ModelCfg()
+    data: DataCfg = DataCfg()
+    decode: DecodeCfg = DecodeCfg()
+    evaluation: EvaluationCfg = EvaluationCfg()
+    runtime: RuntimeCfg = RuntimeCfg()
+    latency: LatencyCfg = LatencyCfg()
+    parity: ParityCfg = ParityCfg()
+    output: OutputCfg = OutputCfg()
+
+    def resolved(self, base: str | Path | None = None) -> "Config":
+        """Copy with every relative path made absolute against ``base`` (default: the cwd)."""
+        base = Path(base or Path.cwd())
+
+        def absolute(p: str) -> str:
+            return str((base / Path(p).expanduser()).resolve())
+
+        weights = self.model.weights
+        if looks_like_path(weights):
+            weights = absolute(weights)
+        data = self.data.model_copy(update={"coco_root": absolute(self.data.coco_root)})
+        output = OutputCfg(runs_dir=absolute(self.output.runs_dir), reports_dir=absolute(self.output.reports_dir))
+        model = self.model.model_copy(update={"weights": weights})
+        return self.model_copy(update={"model": model, "data": data, "output": output})
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def looks_like_path(weights: str) -> bool:
+    return weights.endswith((".pt", ".onnx")) or "/" in weights and not weights.startswith("random:")
+
+
+def parse_config(data: Any, source: str = "params") -> Config:
+    if not isinstance(data, dict):
+        raise LowbitError(
+            f"{source}: expected a mapping of params keys at the top level, found {type(data).__name__}",
+            "start from params/default.yaml and keep its layout",
+        )
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            if err["type"] == "extra_forbidden":
+                lines.append(f"{key}: unknown key")
+            else:
+                lines.append(f"{key}: {err['msg']} (found {err.get('input')!r})")
+        raise LowbitError(
+            f"{source}: invalid params\n    " + "\n    ".join(lines),
+            "correct or remove the keys above; params/default.yaml lists every valid key with its type",
+        ) from None
+
+
+def load_config(path: str | Path) -> Config:
+    path = Path(path)
+    if not path.is_file():
+        raise LowbitError(f"params file not found: {path}", "pass an existing YAML, e.g. params/default.yaml")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise LowbitError(f"{path}: not valid YAML ({exc})", "fix the YAML syntax at the position shown") from None
+    return parse_config(data, source=str(path))
