@@ -28,16 +28,23 @@ METRIC_NAMES = ["mAP_50_95", "mAP_50", "mAP_75", "mAP_small", "mAP_medium", "mAP
 
 def predict_onnx(session, subset: CocoSubset, decode_cfg: DecodeCfg, progress: bool = False) -> list[dict]:
     """Detections for every image of ``subset`` in COCO results format (bbox xywh, original pixels)."""
+    return predict_onnx_multi(session, subset, [decode_cfg], progress)[0]
+
+
+def predict_onnx_multi(session, subset: CocoSubset, decode_cfgs: list[DecodeCfg], progress: bool = False) -> list[list[dict]]:
+    """One forward pass per image, decoded once per config (e.g. NMS and top-k side by side)."""
     from tqdm.auto import tqdm
 
     from .runtime import run_head
 
     cats = subset.category_ids
-    dets: list[dict] = []
+    dets: list[list[dict]] = [[] for _ in decode_cfgs]
     for image_id in tqdm(subset.ids, desc="predict", disable=not progress, leave=False):
         tensor, lb = preprocess(subset.image_path(image_id))
-        d = decode(run_head(session, tensor), decode_cfg)
-        dets.extend(to_coco(image_id, lb.to_original(d.boxes), d.scores, d.classes, cats))
+        raw = run_head(session, tensor)
+        for out, cfg in zip(dets, decode_cfgs):
+            d = decode(raw, cfg)
+            out.extend(to_coco(image_id, lb.to_original(d.boxes), d.scores, d.classes, cats))
     return dets
 
 

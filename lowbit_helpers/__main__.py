@@ -1,0 +1,131 @@
+"""Command line: ``python -m lowbit_helpers {run,export,evaluate,bench} ...``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from .errors import LowbitError
+
+
+def _cmd_run(args) -> int:
+    from .pipeline import run_pipeline
+
+    t0 = time.perf_counter()
+    report = run_pipeline(args.params, args.run_id)
+    print(f"report: {report}  ({time.perf_counter() - t0:.0f} s)")
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from .assets import resolve_model
+    from .export import export_raw_onnx
+
+    out = export_raw_onnx(resolve_model(args.weights), args.out, opset=args.opset)
+    print(f"wrote {out}")
+    return 0
+
+
+def _cmd_evaluate(args) -> int:
+    from .artifacts import write_json
+    from .assets import validate_raw_onnx
+    from .config import parse_config
+    from .stages import evaluate_model
+
+    model = Path(args.model)
+    if not model.is_file():
+        raise LowbitError(f"model not found: {model}", "give an existing raw-head .onnx")
+    validate_raw_onnx(model)
+    subset = args.subset or (f"first:{args.max_images}" if args.max_images else "all")
+    cfg = parse_config({
+        "name": "evaluate",
+        "data": {"coco_root": str(Path(args.coco_root).resolve()), "annotations": args.ann, "subset": subset},
+        "decode": {"mode": args.decode, "conf": args.conf, "iou": args.iou, "max_det": args.max_det},
+        "evaluation": {"bootstrap": args.bootstrap},
+        "runtime": {"threads": args.threads, "providers": args.providers},
+    }, source="command line")  # fmt: skip
+    result, dets = evaluate_model(model, cfg, progress=not args.quiet)
+    m = result["metrics"]
+    out = {**{k: m[k] for k in ("mAP_50_95", "mAP_50", "mAP_75")}, "num_images": m["num_images"],
+           "model": str(model), **result}  # fmt: skip
+    write_json(args.out, out)
+    if args.detections:
+        write_json(args.detections, dets)
+    print(f"mAP50-95 {m['mAP_50_95']:.4f}  mAP50 {m['mAP_50']:.4f}  mAP75 {m['mAP_75']:.4f}  on {m['num_images']} images"
+          f" -> {args.out}")  # fmt: skip
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    from .artifacts import write_json
+    from .runtime import bench_models, environment
+
+    for m in args.models:
+        if not Path(m).is_file():
+            raise LowbitError(f"model not found: {m}", "give existing .onnx files")
+    rows = bench_models(args.models, args.threads, args.providers, args.warmup, args.runs)
+    env = environment()
+    for r in rows:
+        r["environment"] = env
+        print(f"{r['model']}: median {r['median_ms']:.1f} ms, p90 {r['p90_ms']:.1f} ms, x{r['ratio_to_first']:.3f}")
+    write_json(args.out, rows)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m lowbit_helpers", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="the main job: six notebooks and the HTML report")
+    r.add_argument("params", help="params YAML, e.g. params/default.yaml")
+    r.add_argument("--run-id", help="run directory name (default: the params' name)")
+    r.set_defaults(func=_cmd_run)
+
+    e = sub.add_parser("export", help="export YOLOv10 to ONNX with the raw one-to-one head [1,144,8400]")
+    e.add_argument("--weights", default="yolov10n", help="yolov10n | yolov10{s,m,b,l,x} | model.pt | random:yolov10m")
+    e.add_argument("--out", required=True)
+    e.add_argument("--opset", type=int, default=19)
+    e.set_defaults(func=_cmd_export)
+
+    v = sub.add_parser("evaluate", help="COCO mAP of a raw-head ONNX")
+    v.add_argument("model")
+    v.add_argument("--coco-root", required=True)
+    v.add_argument("--ann", required=True, help="annotation json, relative to --coco-root")
+    v.add_argument("--max-images", type=int, help="the first N image ids in sorted order")
+    v.add_argument("--subset", help="instead of --max-images: all | first:N | val100 | ids.txt")
+    v.add_argument("--decode", choices=["nms", "topk"], default="nms")
+    v.add_argument("--conf", type=float, default=0.001)
+    v.add_argument("--iou", type=float, default=0.7)
+    v.add_argument("--max-det", type=int, default=300)
+    v.add_argument("--bootstrap", type=int, default=1000, help="resamples for the 95%% interval (0: none)")
+    v.add_argument("--threads", type=int, default=2)
+    v.add_argument("--providers", nargs="+", default=["CPUExecutionProvider"])
+    v.add_argument("--out", required=True, help="metrics.json")
+    v.add_argument("--detections", help="also write the detections (COCO results json)")
+    v.add_argument("--quiet", action="store_true")
+    v.set_defaults(func=_cmd_evaluate)
+
+    b = sub.add_parser("bench", help="time ONNX models in one process with the same session options")
+    b.add_argument("models", nargs="+")
+    b.add_argument("--threads", type=int, default=2)
+    b.add_argument("--providers", nargs="+", default=["CPUExecutionProvider"])
+    b.add_argument("--warmup", type=int, default=10)
+    b.add_argument("--runs", type=int, default=50)
+    b.add_argument("--out", required=True, help="bench.json")
+    b.set_defaults(func=_cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except LowbitError as exc:
+        print(f"error: {exc.cause}\n  fix: {exc.fix}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

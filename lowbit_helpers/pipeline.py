@@ -1,0 +1,94 @@
+"""The main job: a params file -> a run directory -> six executed notebooks -> an HTML report.
+
+papermill executes ``notebooks/0*.ipynb`` in order with two parameters (``params_path``,
+``run_dir``); nbconvert renders each executed copy to HTML with the code hidden; the
+summary notebook's rendering is the report, copied to ``<reports_dir>/<run-id>/report.html``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+from .artifacts import atomic_path
+from .config import load_config
+from .errors import LowbitError
+from .rundir import RunDir
+
+NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+REPORT_NOTEBOOK = "06_summary_report"
+
+
+def notebooks(folder: Path = NOTEBOOK_DIR) -> list[Path]:
+    found = sorted(folder.glob("0[1-6]_*.ipynb"))
+    if len(found) != 6:
+        raise LowbitError(f"expected notebooks 01..06 in {folder}, found {[p.name for p in found]}",
+                          "run from a complete checkout of the repository")  # fmt: skip
+    return found
+
+
+def preflight(run: RunDir) -> None:
+    """Fail fast, before any notebook runs, on a missing model or dataset."""
+    from .assets import resolve_model
+    from .data import open_coco, read_image_list
+
+    cfg = run.cfg
+    resolve_model(cfg.model.weights)
+    open_coco(cfg.data.coco_root, cfg.data.annotations, cfg.data.subset)
+    read_image_list(Path(cfg.data.coco_root) / cfg.data.calib_list)
+    if cfg.parity.enabled:
+        open_coco(cfg.data.coco_root, cfg.data.annotations, cfg.parity.subset)
+
+
+def render_html(executed: Path, out: Path) -> Path:
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    exporter = HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True)
+    body, _ = exporter.from_notebook_node(nbformat.read(str(executed), as_version=4))
+    with atomic_path(out) as tmp:
+        tmp.write_text(body, encoding="utf-8")
+    return out
+
+
+def run_pipeline(params_path: str | Path, run_id: str | None = None, progress: bool = True,
+                 notebook_dir: Path = NOTEBOOK_DIR) -> Path:  # fmt: skip
+    """Execute the six notebooks for ``params_path``; return the report's path."""
+    import papermill as pm
+    from papermill.exceptions import PapermillExecutionError
+
+    cfg = load_config(params_path).resolved()
+    run = RunDir.create(cfg, run_id)
+    preflight(run)
+    report_dir = Path(cfg.output.reports_dir) / run.run_id
+    report = report_dir / "report.html"
+    if report.exists():
+        report.unlink()  # a failed rerun must not leave the previous report looking current
+    executed_dir, html_dir = run.path / "notebooks", run.path / "html"
+    executed_dir.mkdir(exist_ok=True)
+    for nb in notebooks(notebook_dir):
+        out = executed_dir / nb.name
+        t0 = time.perf_counter()
+        print(f"[{run.run_id}] {nb.stem}", flush=True)
+        try:
+            pm.execute_notebook(
+                str(nb), str(out), parameters={"params_path": str(run.path / "params.yaml"), "run_dir": str(run.path)},
+                kernel_name="python3", progress_bar=progress, cwd=str(run.path),
+            )  # fmt: skip
+        except PapermillExecutionError as exc:
+            run.update("notebooks", nb.stem, {"status": "failed", "seconds": time.perf_counter() - t0})
+            raise LowbitError(
+                f"notebook {nb.name} failed in cell {exc.exec_count} (cell index {exc.cell_index}): "
+                f"{exc.ename}: {exc.evalue}",
+                f"read the traceback in the executed copy {out}, fix the cause, and rerun (finished stages are reused)",
+            ) from None
+        run.update("notebooks", nb.stem, {"status": "ok", "seconds": round(time.perf_counter() - t0, 1)})
+        render_html(out, html_dir / f"{nb.stem}.html")
+    report_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("summary.md",):
+        if (run.path / name).is_file():
+            shutil.copyfile(run.path / name, report_dir / name)
+    with atomic_path(report) as tmp:
+        shutil.copyfile(html_dir / f"{REPORT_NOTEBOOK}.html", tmp)
+    return report

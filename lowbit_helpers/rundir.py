@@ -1,0 +1,145 @@
+"""Run directories and their manifest: the contract between notebooks.
+
+``<runs_dir>/<run-id>/`` holds ``params.yaml`` (the validated config, paths absolute),
+``manifest.json`` and one folder per stage output (``baseline-onnx/``, ``calib/``,
+``baseline-coco/`` ...). Each finished stage records its key (a hash of its parameters
+and of its inputs' SHA-256) and its outputs with their SHA-256; a stage whose key matches
+and whose outputs are intact is not recomputed. Notebooks read earlier outputs through the
+manifest, never through globals, so any one of them can be rerun alone.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from .artifacts import read_json, sha256_file, write_json
+from .config import Config, load_config
+from .errors import LowbitError
+
+MANIFEST = "manifest.json"
+PARAMS = "params.yaml"
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def stage_key(params: Any, inputs: list[str | Path] = ()) -> str:
+    blob = json.dumps({"params": params, "inputs": [sha256_file(p) for p in inputs]}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+class RunDir:
+    def __init__(self, path: str | Path, cfg: Config):
+        self.path = Path(path)
+        self.cfg = cfg
+
+    # ------------------------------------------------------------ creation
+    @classmethod
+    def create(cls, cfg: Config, run_id: str | None = None) -> "RunDir":
+        """Make (or reuse) ``<runs_dir>/<run-id>`` for an already resolved config."""
+        run_id = run_id or cfg.name
+        if not run_id or "/" in run_id or run_id.startswith("."):
+            raise LowbitError(f"invalid run id {run_id!r}", "use letters, digits, '-', '_' and '.' only")
+        path = Path(cfg.output.runs_dir) / run_id
+        path.mkdir(parents=True, exist_ok=True)
+        run = cls(path, cfg)
+        from .artifacts import atomic_path
+
+        with atomic_path(path / PARAMS) as tmp:
+            tmp.write_text(cfg.to_yaml())
+        manifest = run.manifest() if (path / MANIFEST).is_file() else {"artifacts": {}, "stages": {}}
+        manifest.update(run_id=run_id, params_file=PARAMS, updated=_now())
+        manifest.setdefault("created", _now())
+        run._save(manifest)
+        return run
+
+    @classmethod
+    def open(cls, run_dir: str | Path) -> "RunDir":
+        path = Path(run_dir)
+        if not (path / PARAMS).is_file():
+            raise LowbitError(
+                f"{path} is not a run directory (no {PARAMS})",
+                "start with `python -m lowbit_helpers run PARAMS.yaml`, or open the notebook with run_dir empty",
+            )
+        return cls(path, load_config(path / PARAMS))
+
+    @property
+    def run_id(self) -> str:
+        return self.path.name
+
+    # ------------------------------------------------------------ manifest
+    def manifest(self) -> dict:
+        return read_json(self.path / MANIFEST)
+
+    def _save(self, manifest: dict) -> None:
+        write_json(self.path / MANIFEST, manifest)
+
+    def update(self, section: str, key: str, value: Any) -> None:
+        m = self.manifest()
+        m.setdefault(section, {})[key] = value
+        m["updated"] = _now()
+        self._save(m)
+
+    def file(self, rel: str) -> Path:
+        """Path of an output, relative to the run directory (folders created)."""
+        p = self.path / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return p
+
+    def artifact(self, rel: str) -> Path:
+        """An output an earlier stage recorded; refuses one that is missing or was altered."""
+        entry = self.manifest()["artifacts"].get(rel)
+        p = self.path / rel
+        if entry is None or not p.is_file():
+            raise LowbitError(
+                f"{rel} is not in {self.path / MANIFEST}; the stage that writes it has not run",
+                "run the earlier notebooks first (or the whole pipeline with `python -m lowbit_helpers run`)",
+            )
+        if sha256_file(p) != entry["sha256"]:
+            raise LowbitError(f"{p} changed after it was recorded", "rerun the stage that writes it")
+        return p
+
+    def has(self, rel: str) -> bool:
+        return rel in self.manifest()["artifacts"] and (self.path / rel).is_file()
+
+    # ------------------------------------------------------------ stages
+    def is_fresh(self, stage: str, key: str) -> bool:
+        """True when ``stage`` finished with this key and its outputs are unchanged."""
+        m = self.manifest()
+        entry = m["stages"].get(stage)
+        if not entry or entry.get("key") != key:
+            return False
+        for rel in entry["outputs"]:
+            art = m["artifacts"].get(rel)
+            p = self.path / rel
+            if art is None or not p.is_file() or sha256_file(p) != art["sha256"]:
+                return False
+        return True
+
+    def finish(self, stage: str, key: str, outputs: list[str], params: Any = None) -> None:
+        """Record ``outputs`` (paths relative to the run) as the complete result of ``stage``."""
+        m = self.manifest()
+        for rel in outputs:
+            p = self.path / rel
+            m["artifacts"][rel] = {"sha256": sha256_file(p), "bytes": p.stat().st_size, "stage": stage,
+                                   "params": params, "created": _now()}  # fmt: skip
+        m["stages"][stage] = {"key": key, "outputs": list(outputs), "finished": _now()}
+        m["updated"] = _now()
+        self._save(m)
+
+
+def open_run(params_path: str | Path = "", run_dir: str | Path = "") -> RunDir:
+    """What a notebook's first cell calls: the run papermill made, or a new one for interactive use."""
+    if run_dir:
+        return RunDir.open(run_dir)
+    if not params_path:
+        raise LowbitError("neither run_dir nor params_path is set", "set params_path in the notebook's parameters cell")
+    # Relative params paths mean "from the repository root"; a notebook opened in JupyterLab
+    # runs in notebooks/, one level below it.
+    base = Path.cwd().parent if Path.cwd().name == "notebooks" else Path.cwd()
+    return RunDir.create(load_config(base / params_path if not Path(params_path).is_absolute() else params_path).resolved(base))

@@ -1,0 +1,5 @@
+#!/usr/bin/env bash
+# The test suite: unit tests, the parity check on val500 and the smoke run of all six
+# notebooks. Extra arguments go to pytest (e.g. -m "not slow" for the fast tests alone).
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+exec .venv/bin/python -m pytest "$@"

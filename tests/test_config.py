@@ -1,0 +1,58 @@
+from pathlib import Path
+
+import pytest
+
+from lowbit_helpers.config import Config, load_config, parse_config
+from lowbit_helpers.errors import LowbitError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("name", ["default", "smoke", "yolov10m", "gpu"])
+def test_shipped_params_are_valid(name):
+    cfg = load_config(REPO / "params" / f"{name}.yaml")
+    assert cfg.name == name
+
+
+def test_default_yaml_lists_the_schema_defaults():
+    # params/default.yaml documents every key: it must equal the schema's own defaults
+    cfg = load_config(REPO / "params" / "default.yaml")
+    assert cfg.model_dump(exclude={"description"}) == Config(name="default").model_dump(exclude={"description"})
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(LowbitError) as e:
+        parse_config({"name": "x", "decode": {"iou_threshold": 0.5}})
+    assert "decode.iou_threshold: unknown key" in str(e.value)
+
+
+def test_wrong_type_is_named_with_what_was_found():
+    with pytest.raises(LowbitError) as e:
+        parse_config({"name": "x", "runtime": {"threads": "two"}})
+    msg = str(e.value)
+    assert "runtime.threads" in msg and "'two'" in msg and "fix:" in msg
+
+
+def test_out_of_range_and_missing_name():
+    with pytest.raises(LowbitError, match="decode.conf"):
+        parse_config({"name": "x", "decode": {"conf": 1.5}})
+    with pytest.raises(LowbitError, match="name"):
+        parse_config({})
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(LowbitError, match="params file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(LowbitError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_resolved_makes_paths_absolute(tmp_path):
+    cfg = parse_config({"name": "x", "model": {"weights": "m/model.onnx"}, "data": {"coco_root": "coco"}})
+    r = cfg.resolved(tmp_path)
+    assert r.data.coco_root == str(tmp_path / "coco")
+    assert r.model.weights == str(tmp_path / "m" / "model.onnx")
+    assert cfg.resolved(tmp_path).model.weights != "yolov10n"
+    assert parse_config({"name": "x"}).resolved(tmp_path).model.weights == "yolov10n"  # names stay names

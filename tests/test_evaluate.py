@@ -1,0 +1,93 @@
+import contextlib
+import io
+import json
+
+import numpy as np
+import pytest
+
+from lowbit_helpers.data import open_coco
+from lowbit_helpers.evaluate import (
+    _resample, bootstrap_difference, bootstrap_map, evaluate_coco,
+)  # fmt: skip
+
+from .conftest import VAL100
+
+
+def gt_as_detections(subset, score=1.0, jitter=0.0, seed=0):
+    rng = np.random.default_rng(seed)
+    dets = []
+    for ann in subset.coco.loadAnns(subset.coco.getAnnIds(imgIds=subset.ids)):
+        x, y, w, h = ann["bbox"]
+        dx = rng.normal(0, jitter * max(w, 1), 2) if jitter else (0, 0)
+        dets.append({"image_id": ann["image_id"], "category_id": ann["category_id"],
+                     "bbox": [x + dx[0], y + dx[1], w, h], "score": score if not jitter else float(rng.random())})  # fmt: skip
+    return dets
+
+
+@pytest.fixture(scope="module")
+def val100(coco_root):
+    return open_coco(coco_root, VAL100, "val100")
+
+
+def test_ground_truth_scores_perfectly(val100):
+    ev = evaluate_coco(val100, gt_as_detections(val100))
+    assert ev.metrics["mAP_50_95"] == pytest.approx(1.0)
+    assert ev.metrics["mAP_50"] == pytest.approx(1.0)
+    assert ev.metrics["num_images"] == 100
+    present = {val100.coco.cats[a["category_id"]]["name"] for a in val100.coco.loadAnns(val100.coco.getAnnIds())}
+    assert all(ev.per_class[n] == pytest.approx(1.0) for n in present)
+
+
+def test_no_detections_is_zero(val100):
+    ev = evaluate_coco(val100, [])
+    assert ev.metrics["mAP_50_95"] == 0.0 and ev.metrics["num_detections"] == 0
+
+
+def test_bootstrap_accumulation_reproduces_pycocotools(val100):
+    ev = evaluate_coco(val100, gt_as_detections(val100, jitter=0.08))
+    table = ev.bootstrap_table()
+    assert 0.2 < ev.metrics["mAP_50_95"] < 0.95
+    assert table.map_50_95(np.ones(100)) == pytest.approx(ev.metrics["mAP_50_95"], abs=1e-12)
+
+
+def test_weighted_resample_equals_literal_duplication(val100):
+    """Counting an image twice must equal pycocotools on a dataset where it appears twice."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    dets = gt_as_detections(val100, jitter=0.08)
+    table = evaluate_coco(val100, dets).bootstrap_table()
+    w = _resample(np.random.default_rng(3), 100)
+    gt = json.loads(val100.ann_file.read_text())
+    new = {"images": [], "annotations": [], "categories": gt["categories"]}
+    new_dets, next_id, ann_id = [], 1, 1
+    images = {im["id"]: im for im in gt["images"]}
+    for i, img_id in enumerate(val100.ids):
+        for _ in range(int(w[i])):
+            new["images"].append({**images[img_id], "id": next_id})
+            for a in val100.coco.imgToAnns[img_id]:
+                new["annotations"].append({**a, "id": ann_id, "image_id": next_id})
+                ann_id += 1
+            new_dets += [{**d, "image_id": next_id} for d in dets if d["image_id"] == img_id]
+            next_id += 1
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO()
+        coco.dataset = new
+        coco.createIndex()
+        e = COCOeval(coco, coco.loadRes(new_dets), "bbox")
+        e.evaluate()
+        e.accumulate()
+        e.summarize()
+    assert table.map_50_95(w) == pytest.approx(e.stats[0], abs=1e-6)
+
+
+def test_intervals(val100):
+    a = evaluate_coco(val100, gt_as_detections(val100, jitter=0.08, seed=0))
+    b = evaluate_coco(val100, gt_as_detections(val100, jitter=0.12, seed=1))
+    ci = bootstrap_map(a, n=100, seed=0)
+    assert ci["lo"] < a.metrics["mAP_50_95"] < ci["hi"] and ci["se"] > 0
+    same = bootstrap_difference(a, a, n=50)
+    assert same["delta"] == 0 and same["lo"] == 0 and same["hi"] == 0 and not same["significant"]
+    diff = bootstrap_difference(a, b, n=100)
+    assert diff["delta"] > 0 and diff["lo"] < diff["delta"] < diff["hi"]
+    assert bootstrap_map(a, n=100, seed=0) == ci  # seeded: reproducible
