@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from .artifacts import atomic_path
-from .config import load_config
+from .config import Config, load_config
 from .errors import LowbitError
 from .rundir import RunDir
 
@@ -28,12 +28,11 @@ def notebooks(folder: Path = NOTEBOOK_DIR) -> list[Path]:
     return found
 
 
-def preflight(run: RunDir) -> None:
-    """Fail fast, before any notebook runs, on a missing model or dataset."""
+def preflight(cfg: Config) -> None:
+    """Fail fast, before anything is written, on a missing model or dataset."""
     from .assets import resolve_model
     from .data import open_coco, read_image_list
 
-    cfg = run.cfg
     resolve_model(cfg.model.weights)
     open_coco(cfg.data.coco_root, cfg.data.annotations, cfg.data.subset)
     read_image_list(Path(cfg.data.coco_root) / cfg.data.calib_list)
@@ -59,8 +58,8 @@ def run_pipeline(params_path: str | Path, run_id: str | None = None, progress: b
     from papermill.exceptions import PapermillExecutionError
 
     cfg = load_config(params_path).resolved()
+    preflight(cfg)
     run = RunDir.create(cfg, run_id)
-    preflight(run)
     report_dir = Path(cfg.output.reports_dir) / run.run_id
     report = report_dir / "report.html"
     if report.exists():

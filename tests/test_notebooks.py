@@ -1,0 +1,79 @@
+"""Smoke runs of the whole main job: six notebooks via papermill, HTML via nbconvert."""
+
+import shutil
+from pathlib import Path
+
+import nbformat
+import pytest
+import yaml
+
+from lowbit_helpers.artifacts import read_json
+from lowbit_helpers.errors import LowbitError
+from lowbit_helpers.pipeline import NOTEBOOK_DIR, run_pipeline
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def smoke_params(tmp_path, coco_root, **model) -> Path:
+    p = yaml.safe_load((REPO / "params" / "smoke.yaml").read_text())
+    p["data"]["coco_root"] = str(coco_root)
+    p["output"] = {"runs_dir": str(tmp_path / "runs"), "reports_dir": str(tmp_path / "reports")}
+    p.setdefault("model", {}).update(model)
+    out = tmp_path / "smoke.yaml"
+    out.write_text(yaml.safe_dump(p))
+    return out
+
+
+def test_notebooks_are_committed_without_outputs():
+    for nb in sorted(NOTEBOOK_DIR.glob("*.ipynb")):
+        book = nbformat.read(str(nb), as_version=4)
+        assert any("parameters" in c.metadata.get("tags", []) for c in book.cells), nb.name
+        for c in book.cells:
+            assert c.cell_type != "code" or (not c.outputs and c.execution_count is None), nb.name
+
+
+@pytest.mark.slow
+def test_smoke_run_of_all_notebooks(tmp_path, coco_root):
+    report = run_pipeline(smoke_params(tmp_path, coco_root), run_id="smoke-test", progress=False)
+    assert report == tmp_path / "reports" / "smoke-test" / "report.html"
+    html = report.read_text()
+    assert "FP32 baseline" in html and "PASS: top-k decode" in html and "Traceback" not in html
+    assert "def " not in html  # code hidden
+    run = tmp_path / "runs" / "smoke-test"
+    manifest = read_json(run / "manifest.json")
+    assert set(manifest["stages"]) >= {"baseline_onnx", "calibration", "fp32_evaluation", "fp32_latency", "parity", "summary"}
+    assert all(v["status"] == "ok" for v in manifest["notebooks"].values()) and len(manifest["notebooks"]) == 6
+    for rel in ("baseline-onnx/model.onnx", "calib/calib.npy", "baseline-coco/metrics.json", "baseline-coco/parity.json"):
+        assert rel in manifest["artifacts"] and (run / rel).is_file()
+    assert read_json(run / "calib/calib.json")["shape"] == [4, 3, 640, 640]
+    assert (run / "summary.md").read_text() == (tmp_path / "reports" / "smoke-test" / "summary.md").read_text()
+
+    # a rerun with unchanged params reuses every stage
+    finished = {k: v["finished"] for k, v in manifest["stages"].items() if k != "summary"}
+    run_pipeline(smoke_params(tmp_path, coco_root), run_id="smoke-test", progress=False)
+    again = read_json(run / "manifest.json")["stages"]
+    assert {k: again[k]["finished"] for k in finished} == finished
+
+
+@pytest.mark.slow
+def test_structure_only_model_shows_no_accuracy(tmp_path, coco_root):
+    report = run_pipeline(smoke_params(tmp_path, coco_root, weights="random:yolov10n"), run_id="random", progress=False)
+    html = report.read_text()
+    assert "structure only" in html and "Parity check skipped" in html
+    metrics = read_json(tmp_path / "runs" / "random" / "baseline-coco" / "metrics.json")
+    assert metrics == {"structure_only": True, "reason": metrics["reason"]} and "no accuracy" in metrics["reason"]
+
+
+@pytest.mark.slow
+def test_failing_notebook_is_named_and_leaves_no_report(tmp_path, coco_root):
+    books = tmp_path / "notebooks"
+    shutil.copytree(NOTEBOOK_DIR, books)
+    nb = nbformat.read(str(books / "01_bootstrap_baseline.ipynb"), as_version=4)
+    nb.cells.append(nbformat.v4.new_code_cell("raise RuntimeError('deliberate failure')"))
+    nbformat.write(nb, str(books / "01_bootstrap_baseline.ipynb"))
+    params = smoke_params(tmp_path, coco_root)
+    with pytest.raises(LowbitError) as e:
+        run_pipeline(params, run_id="broken", progress=False, notebook_dir=books)
+    assert "01_bootstrap_baseline.ipynb failed in cell" in e.value.cause and "deliberate failure" in e.value.cause
+    assert not (tmp_path / "reports" / "broken" / "report.html").exists()
+    assert read_json(tmp_path / "runs" / "broken" / "manifest.json")["notebooks"]["01_bootstrap_baseline"]["status"] == "failed"

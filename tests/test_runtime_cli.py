@@ -1,0 +1,97 @@
+"""The command line end to end on small inputs, and its bad-input paths."""
+
+import json
+import shutil
+
+import pytest
+
+from lowbit_helpers.__main__ import main
+from lowbit_helpers.errors import LowbitError
+from lowbit_helpers.runtime import bench_models, make_session
+
+from .conftest import VAL100
+
+
+def test_unknown_provider_is_refused(yolov10n_onnx):
+    with pytest.raises(LowbitError, match="TensorrtExecutionProvider not available"):
+        make_session(yolov10n_onnx, ["TensorrtExecutionProvider"])
+
+
+def test_bench_cli(yolov10n_onnx, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", str(yolov10n_onnx), str(yolov10n_onnx), "--threads", "1", "--warmup", "1", "--runs", "3",
+                 "--out", str(out)]) == 0  # fmt: skip
+    rows = json.loads(out.read_text())
+    assert [r["model"] for r in rows] == [str(yolov10n_onnx)] * 2
+    assert rows[0]["ratio_to_first"] == 1.0 and rows[1]["ratio_to_first"] > 0
+    assert all(r["p90_ms"] >= r["median_ms"] > 0 and r["runs"] == 3 for r in rows)
+
+
+def test_bench_stats_fields(yolov10n_onnx):
+    (row,) = bench_models([yolov10n_onnx], threads=1, warmup=0, runs=4)
+    assert {"mean_ms", "median_ms", "p90_ms", "p95_ms", "throughput_fps", "ratio_to_first"} <= set(row)
+
+
+def test_evaluate_cli(yolov10n_onnx, coco_root, tmp_path):
+    out = tmp_path / "metrics.json"
+    rc = main(["evaluate", str(yolov10n_onnx), "--coco-root", str(coco_root), "--ann", VAL100, "--max-images", "4",
+               "--bootstrap", "20", "--out", str(out), "--quiet"])  # fmt: skip
+    assert rc == 0
+    m = json.loads(out.read_text())
+    assert m["num_images"] == 4 and 0.2 < m["mAP_50_95"] <= 1.0 and m["mAP_50"] >= m["mAP_50_95"]
+    assert m["bootstrap"]["lo"] <= m["mAP_50_95"] <= m["bootstrap"]["hi"]
+
+
+def test_export_cli(tmp_path):
+    out = tmp_path / "n.onnx"
+    assert main(["export", "--weights", "random:yolov10n", "--out", str(out)]) == 0
+    assert out.is_file()
+
+
+def _fails(argv, capsys, *needles):
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert err.startswith("error: ") and "\n  fix: " in err and "Traceback" not in err
+    for n in needles:
+        assert n in err
+    return err
+
+
+def test_bad_inputs_exit_non_zero_with_one_message(yolov10n_onnx, coco_root, tmp_path, capsys):
+    out = tmp_path / "metrics.json"
+    _fails(["evaluate", str(tmp_path / "none.onnx"), "--coco-root", str(coco_root), "--ann", VAL100, "--out", str(out)],
+           capsys, "model not found")  # fmt: skip
+    _fails(["evaluate", str(yolov10n_onnx), "--coco-root", str(tmp_path / "nococo"), "--ann", VAL100, "--out", str(out)],
+           capsys, "COCO root not found")  # fmt: skip
+    _fails(["evaluate", str(yolov10n_onnx), "--coco-root", str(coco_root), "--ann", VAL100, "--threads", "0",
+            "--out", str(out)], capsys, "runtime.threads")  # fmt: skip
+    _fails(["bench", str(tmp_path / "none.onnx"), "--out", str(tmp_path / "b.json")], capsys, "model not found")
+    _fails(["export", "--weights", "yolov10q", "--out", str(tmp_path / "x.onnx")], capsys, "unknown YOLOv10 size")
+    assert not out.exists() and not (tmp_path / "b.json").exists() and not (tmp_path / "x.onnx").exists()
+
+
+def test_corrupt_image_stops_evaluation_without_output(yolov10n_onnx, coco_root, tmp_path, capsys):
+    root = tmp_path / "coco"
+    (root / "images" / "val2017").mkdir(parents=True)
+    (root / "annotations").mkdir()
+    shutil.copy(coco_root / VAL100, root / VAL100)
+    ids = json.loads((coco_root / VAL100).read_text())["images"][:3]
+    for im in ids:
+        shutil.copy(coco_root / "images" / "val2017" / im["file_name"], root / "images" / "val2017")
+    (root / "images" / "val2017" / ids[1]["file_name"]).write_bytes(b"\xff\xd8 truncated")
+    out = tmp_path / "metrics.json"
+    _fails(["evaluate", str(yolov10n_onnx), "--coco-root", str(root), "--ann", VAL100, "--max-images", "3",
+            "--out", str(out), "--quiet"], capsys, "cannot decode image", ids[1]["file_name"])  # fmt: skip
+    assert not out.exists()
+
+
+def test_run_with_bad_params_creates_nothing(tmp_path, capsys):
+    p = tmp_path / "bad.yaml"
+    p.write_text(f"name: bad\noutput: {{runs_dir: {tmp_path / 'runs'}}}\nlatency: {{runs: many}}\n")
+    _fails(["run", str(p)], capsys, "latency.runs", "'many'")
+    assert not (tmp_path / "runs").exists()
+    p.write_text(f"name: bad\noutput: {{runs_dir: {tmp_path / 'runs'}, reports_dir: {tmp_path / 'rep'}}}\n"
+                 f"data: {{coco_root: {tmp_path / 'missing'}}}\n")  # fmt: skip
+    _fails(["run", str(p)], capsys, "COCO root not found")
+    assert not (tmp_path / "rep").exists() and not (tmp_path / "runs").exists()
