@@ -16,6 +16,11 @@ def _cmd_run(args) -> int:
     t0 = time.perf_counter()
     report = run_pipeline(args.params, args.run_id)
     print(f"report: {report}  ({time.perf_counter() - t0:.0f} s)")
+    if args.update_readme:
+        from .report import update_readme
+
+        update_readme(args.update_readme, report.parent / "summary.md", report.parent.name)
+        print(f"updated the results block of {args.update_readme}")
     return 0
 
 
@@ -81,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="the main job: six notebooks and the HTML report")
     r.add_argument("params", help="params YAML, e.g. params/default.yaml")
     r.add_argument("--run-id", help="run directory name (default: the params' name)")
+    r.add_argument("--update-readme", metavar="README", help="also copy the run's summary into README's results block")
     r.set_defaults(func=_cmd_run)
 
     e = sub.add_parser("export", help="export YOLOv10 to ONNX with the raw one-to-one head [1,144,8400]")

@@ -132,3 +132,20 @@ def write_summary(run: RunDir) -> str:
     write_json(run.file("results/summary.json"), {"baseline": baseline_table(run).to_dict(orient="records")})
     run.finish("summary", "always", ["summary.md", "results/summary.json"])
     return text
+
+
+README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def update_readme(readme, summary_md, run_id: str) -> None:
+    """Replace the README's results block with a run's ``summary.md`` (headings demoted)."""
+    from pathlib import Path
+
+    readme, text = Path(readme), Path(summary_md).read_text()
+    body = "\n".join("##" + line if line.startswith("#") else line for line in text.splitlines())
+    block = f"{README_START}\n_From `reports/{run_id}/summary.md`, written by the run itself._\n\n{body.strip()}\n{README_END}"
+    current = readme.read_text()
+    if README_START not in current or README_END not in current:
+        raise ValueError(f"{readme} has no {README_START} … {README_END} block")
+    head, rest = current.split(README_START, 1)
+    readme.write_text(head + block + rest.split(README_END, 1)[1])
