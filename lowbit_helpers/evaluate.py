@@ -152,20 +152,21 @@ class _MatchTable:
             w = w[keep]
             tp = np.cumsum(tps[:, keep] * w, axis=1)
             fp = np.cumsum(fps[:, keep] * w, axis=1)
-            for t in range(tp.shape[0]):
-                values.append(self._precision_at_recalls(tp[t], fp[t], npig))
+            values.append(self._precision_at_recalls(tp, fp, npig).ravel())
         return float(np.mean(np.concatenate(values))) if values else 0.0
 
     def _precision_at_recalls(self, tp: np.ndarray, fp: np.ndarray, npig: float) -> np.ndarray:
-        q = np.zeros(len(self.rec_thrs))
-        if tp.size == 0:
+        """(T, D) cumulative TP/FP -> (T, R) interpolated precision at the recall thresholds."""
+        q = np.zeros((tp.shape[0], len(self.rec_thrs)))
+        if tp.shape[1] == 0:
             return q
         rc = tp / npig
         pr = tp / (fp + tp + np.spacing(1))
-        pr = np.maximum.accumulate(pr[::-1])[::-1]  # the precision envelope
-        inds = np.searchsorted(rc, self.rec_thrs, side="left")
-        valid = inds < len(pr)
-        q[valid] = pr[inds[valid]]
+        pr = np.maximum.accumulate(pr[:, ::-1], axis=1)[:, ::-1]  # the precision envelope
+        for t in range(tp.shape[0]):
+            inds = np.searchsorted(rc[t], self.rec_thrs, side="left")
+            valid = inds < pr.shape[1]
+            q[t, valid] = pr[t, inds[valid]]
         return q
 
 

@@ -100,5 +100,6 @@ def test_calibration_tensor_matches_preprocess(coco_root):
 
 def test_calibration_images_are_disjoint_from_evaluation(coco_root):
     paths = read_image_list(coco_root / "calib160.txt")
-    eval_files = {open_coco(coco_root, VAL500, "val500").image_path(i).name for i in open_coco(coco_root, VAL500, "val500").ids}
+    val500 = open_coco(coco_root, VAL500, "val500")
+    eval_files = {val500.image_path(i).name for i in val500.ids}
     assert not eval_files & {p.name for p in paths}
