@@ -79,6 +79,38 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+def _cmd_quantize_int8(args) -> int:
+    import json
+
+    from .data import calibration_tensor, read_image_list
+    from .quant.calibration import load_calibration
+
+    model = Path(args.model)
+    if not model.is_file():
+        raise LowbitError(f"model not found: {model}", "give an existing raw-head .onnx")
+    if args.calib_npy:
+        calib = load_calibration(args.calib_npy, args.images)
+    else:
+        paths = read_image_list(args.calib)
+        calib = calibration_tensor(paths, min(args.images, len(paths)) if args.images else len(paths))
+    method = args.method or ("percentile" if args.backend == "ort" else "entropy")
+    if args.backend == "ort":
+        from .quant.ort_int8 import quantize_int8_ort
+
+        recipe = quantize_int8_ort(model, args.out, calib, method=method, head_policy=args.head_policy,
+                                   exclude=args.exclude, percentile=args.percentile, stride=args.stride)  # fmt: skip
+    else:
+        from .quant.modelopt_int8 import quantize_int8_modelopt
+
+        recipe = quantize_int8_modelopt(model, args.out, calib, method=method, head_policy=args.head_policy,
+                                        exclude=args.exclude, op_types_to_exclude=args.exclude_op_type,
+                                        calibration_eps=args.calibration_eps,
+                                        high_precision_dtype=args.high_precision_dtype)  # fmt: skip
+    print(json.dumps({k: recipe[k] for k in ("backend", "method", "head_policy", "seconds")}))
+    print(f"wrote {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m lowbit_helpers", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -112,6 +144,25 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--detections", help="also write the detections (COCO results json)")
     v.add_argument("--quiet", action="store_true")
     v.set_defaults(func=_cmd_evaluate)
+
+    q = sub.add_parser("quantize-int8", help="INT8 Q/DQ: ORT quantize_static (CPU) or ModelOpt (TensorRT)")
+    q.add_argument("model")
+    q.add_argument("--backend", choices=["ort", "modelopt"], required=True)
+    src = q.add_mutually_exclusive_group(required=True)
+    src.add_argument("--calib", help="text file of calibration image paths, relative to the file's folder")
+    src.add_argument("--calib-npy", help="instead: an N x 3 x 640 x 640 float32 .npy (a run's calib/calib.npy)")
+    q.add_argument("--out", required=True)
+    q.add_argument("--method", choices=["minmax", "percentile", "entropy", "max"],
+                   help="ort: minmax | percentile | entropy (default percentile); modelopt: max | entropy (default entropy)")
+    q.add_argument("--images", type=int, default=128, help="calibration images (the first N of the list)")
+    q.add_argument("--head-policy", choices=["none", "conservative", "head"], default="conservative")
+    q.add_argument("--exclude", nargs="*", default=[], help="ONNX node names kept in float")
+    q.add_argument("--exclude-op-type", nargs="*", default=[], help="modelopt: op types kept in float")
+    q.add_argument("--percentile", type=float, default=99.999)
+    q.add_argument("--stride", type=int, default=4, help="ort: calibration images per slice (bounds memory)")
+    q.add_argument("--calibration-eps", nargs="+", default=["cpu"], help="modelopt: cpu | cuda:0 | trt")
+    q.add_argument("--high-precision-dtype", choices=["fp32", "fp16"], default="fp32")
+    q.set_defaults(func=_cmd_quantize_int8)
 
     b = sub.add_parser("bench", help="time ONNX models in one process with the same session options")
     b.add_argument("models", nargs="+")

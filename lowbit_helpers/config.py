@@ -71,6 +71,38 @@ class ParityCfg(_Section):
     ultralytics_pt: bool = Field(True, description="also score Ultralytics predicting from the .pt")
 
 
+class Int8Variant(_Section):
+    name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    backend: Literal["ort", "modelopt"]
+    method: Literal["minmax", "percentile", "entropy", "max"]
+    head_policy: Literal["none", "conservative", "head"] = "conservative"
+
+
+def _default_variants() -> list[Int8Variant]:
+    return [
+        Int8Variant(name="ort-minmax-naive", backend="ort", method="minmax", head_policy="none"),
+        Int8Variant(name="ort-minmax", backend="ort", method="minmax"),
+        Int8Variant(name="ort-percentile", backend="ort", method="percentile"),
+        Int8Variant(name="ort-entropy", backend="ort", method="entropy"),
+        Int8Variant(name="modelopt-max", backend="modelopt", method="max"),
+        Int8Variant(name="modelopt-entropy", backend="modelopt", method="entropy"),
+    ]
+
+
+class Int8Cfg(_Section):
+    enabled: bool = True
+    variants: list[Int8Variant] = Field(default_factory=_default_variants)
+    calib_images: int | None = Field(None, ge=1, description="default: data.calib_images")
+    exclude_nodes: list[str] = Field(default_factory=list, description="ONNX node names kept in float (all variants)")
+    exclude_op_types: list[str] = Field(default_factory=list, description="ModelOpt: op types kept in float")
+    percentile: float = Field(99.999, gt=90.0, le=100.0)
+    calib_stride: int = Field(4, ge=1, description="images per calibration slice (bounds calibration memory)")
+    calibration_eps: list[str] = Field(default_factory=lambda: ["cpu"], description="ModelOpt: cpu | cuda:0 | trt")
+    high_precision_dtype: Literal["fp32", "fp16"] = "fp32"
+    eval_subsets: list[str] = Field(default_factory=lambda: ["val100", "val500"])
+    fidelity_images: int = Field(16, ge=1, description="evaluation images for the raw-head SQNR / cosine")
+
+
 class OutputCfg(_Section):
     runs_dir: str = "runs"
     reports_dir: str = "reports"
@@ -86,6 +118,7 @@ class Config(_Section):
     runtime: RuntimeCfg = RuntimeCfg()
     latency: LatencyCfg = LatencyCfg()
     parity: ParityCfg = ParityCfg()
+    int8: Int8Cfg = Int8Cfg()
     output: OutputCfg = OutputCfg()
 
     def resolved(self, base: str | Path | None = None) -> "Config":

@@ -49,36 +49,47 @@ def anchors(size: int = 640, strides: tuple[int, ...] = STRIDES) -> tuple[np.nda
     return np.concatenate(points), np.concatenate(stride_of)
 
 
-def dfl_boxes(raw: np.ndarray, size: int = 640) -> np.ndarray:
-    """(144, N) raw head -> (N, 4) xyxy boxes in input pixels via the DFL integral."""
+def dfl_boxes(raw: np.ndarray, size: int = 640, idx: np.ndarray | None = None) -> np.ndarray:
+    """(144, N) raw head -> (N, 4) xyxy boxes in input pixels via the DFL integral.
+
+    With ``idx``, only those anchors are decoded (rows in ``idx`` order).
+    """
     n = raw.shape[1]
-    logits = raw[: 4 * REG_MAX].reshape(4, REG_MAX, n).astype(np.float32)
-    logits = logits - logits.max(axis=1, keepdims=True)
-    p = np.exp(logits)
-    p /= p.sum(axis=1, keepdims=True)
-    dist = np.einsum("sbn,b->sn", p, np.arange(REG_MAX, dtype=np.float32))  # (4, N): l, t, r, b
     pts, stride = anchors(size)
     if len(pts) != n:
         raise ValueError(f"raw head has {n} anchors; {size}x{size} with strides {STRIDES} gives {len(pts)}")
-    x1y1 = pts - dist[:2].T
-    x2y2 = pts + dist[2:].T
-    return np.concatenate([x1y1, x2y2], 1) * stride[:, None]
+    if idx is None:
+        idx = np.arange(n)
+    logits = raw[: 4 * REG_MAX, idx].reshape(4, REG_MAX, len(idx)).astype(np.float32)
+    logits = logits - logits.max(axis=1, keepdims=True)
+    p = np.exp(logits)
+    p /= p.sum(axis=1, keepdims=True)
+    dist = np.einsum("sbn,b->sn", p, np.arange(REG_MAX, dtype=np.float32))  # (4, K): l, t, r, b
+    x1y1 = pts[idx] - dist[:2].T
+    x2y2 = pts[idx] + dist[2:].T
+    return np.concatenate([x1y1, x2y2], 1) * stride[idx, None]
+
+
+def class_logits(raw: np.ndarray) -> np.ndarray:
+    """(144, N) raw head -> (N, 80) class logits (sigmoid is monotonic: select on logits)."""
+    return raw[4 * REG_MAX : 4 * REG_MAX + NUM_CLASSES].T
 
 
 def class_scores(raw: np.ndarray) -> np.ndarray:
     """(144, N) raw head -> (N, 80) sigmoid class scores."""
-    logits = raw[4 * REG_MAX : 4 * REG_MAX + NUM_CLASSES].T.astype(np.float32)
-    return expit(logits)
+    return expit(class_logits(raw).astype(np.float32))
 
 
 def decode(raw: np.ndarray, cfg: DecodeCfg, size: int = 640) -> Detections:
-    """One image's raw head output (144, N) or (1, 144, N) -> detections."""
+    """One image's raw head output (144, N) or (1, 144, N) -> detections.
+
+    Scores and boxes are computed only for the anchors that can survive ``conf`` (or the
+    top-k), which is what keeps decoding at a few milliseconds an image.
+    """
     raw = raw[0] if raw.ndim == 3 else raw
-    scores = class_scores(raw)
-    boxes = dfl_boxes(raw, size)
     if cfg.mode == "topk":
-        return _topk(boxes, scores, cfg)
-    return _nms(boxes, scores, cfg)
+        return _topk(raw, cfg, size)
+    return _nms(raw, cfg, size)
 
 
 def _top(values: np.ndarray, k: int) -> np.ndarray:
@@ -89,36 +100,48 @@ def _top(values: np.ndarray, k: int) -> np.ndarray:
     return np.argsort(-values, kind="stable")
 
 
-def _topk(boxes: np.ndarray, scores: np.ndarray, cfg: DecodeCfg) -> Detections:
-    k = min(cfg.max_det, len(scores))
-    best_anchor = _top(scores.max(1), k)
-    sub = scores[best_anchor]  # (k, 80)
+def _logit(p: float) -> float:
+    return float("-inf") if p <= 0 else float("inf") if p >= 1 else float(np.log(p / (1 - p)))
+
+
+def _empty() -> Detections:
+    return Detections(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64))
+
+
+def _topk(raw: np.ndarray, cfg: DecodeCfg, size: int) -> Detections:
+    logits = class_logits(raw)
+    k = min(cfg.max_det, len(logits))
+    best_anchor = _top(logits.max(1), k)
+    sub = logits[best_anchor]  # (k, 80)
     flat = _top(sub.ravel(), k)
     anchor = best_anchor[flat // NUM_CLASSES]
     cls = flat % NUM_CLASSES
-    conf = sub.ravel()[flat]
+    conf = expit(sub.ravel()[flat].astype(np.float32))
     keep = conf > cfg.conf
-    return Detections(boxes[anchor[keep]], conf[keep], cls[keep])
+    return Detections(dfl_boxes(raw, size, anchor[keep]), conf[keep], cls[keep])
 
 
-def _nms(boxes: np.ndarray, scores: np.ndarray, cfg: DecodeCfg) -> Detections:
+def _nms(raw: np.ndarray, cfg: DecodeCfg, size: int) -> Detections:
     import torch
     from torchvision.ops import batched_nms
 
+    logits = class_logits(raw)
+    threshold = _logit(cfg.conf)
     if cfg.multi_label:
-        anchor, cls = np.nonzero(scores > cfg.conf)
-        conf = scores[anchor, cls]
+        anchor, cls = np.nonzero(logits > threshold)
     else:
-        cls = scores.argmax(1)
-        conf = scores[np.arange(len(scores)), cls]
-        anchor = np.nonzero(conf > cfg.conf)[0]
-        cls, conf = cls[anchor], conf[anchor]
+        best = logits.argmax(1)
+        anchor = np.nonzero(logits[np.arange(len(logits)), best] > threshold)[0]
+        cls = best[anchor]
+    conf = expit(logits[anchor, cls].astype(np.float32))
+    keep = conf > cfg.conf  # exact comparison on the score itself
+    anchor, cls, conf = anchor[keep], cls[keep], conf[keep]
     if len(conf) > cfg.pre_nms_topk:
         top = _top(conf, cfg.pre_nms_topk)
         anchor, cls, conf = anchor[top], cls[top], conf[top]
     if len(conf) == 0:
-        return Detections(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64))
-    b = torch.from_numpy(np.ascontiguousarray(boxes[anchor]))
-    keep = batched_nms(b, torch.from_numpy(conf), torch.from_numpy(cls.astype(np.int64)), cfg.iou)
+        return _empty()
+    boxes = dfl_boxes(raw, size, anchor)
+    keep = batched_nms(torch.from_numpy(boxes), torch.from_numpy(conf), torch.from_numpy(cls.astype(np.int64)), cfg.iou)
     keep = keep[: cfg.max_det].numpy()
-    return Detections(boxes[anchor[keep]], conf[keep], cls[keep])
+    return Detections(boxes[keep], conf[keep], cls[keep])

@@ -115,7 +115,7 @@ def provenance(run: RunDir) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def write_summary(run: RunDir) -> str:
+def write_summary(run: RunDir, int8_result: dict | None = None) -> str:
     """``summary.md`` in the run directory: the tables of this report as markdown."""
     parts = [f"# {run.cfg.name}: FP32 baseline", "", run.cfg.description.strip(), ""]
     parts += ["## Model", "", model_table(read_json(run.artifact(stages.MODEL_INFO))).to_markdown(), ""]
@@ -124,6 +124,8 @@ def write_summary(run: RunDir) -> str:
     parts += ["## Parity with Ultralytics", "", parity_verdict(run), ""]
     if pt is not None:
         parts += [pt.drop(columns=["what"]).to_markdown(), ""]
+    if int8_result and "skipped" not in int8_result:
+        parts += ["## INT8 baselines", "", int8_table(int8_result).to_markdown(), "", int8_conclusion(int8_result), ""]
     text = "\n".join(parts)
     from .artifacts import atomic_path
 
@@ -149,3 +151,82 @@ def update_readme(readme, summary_md, run_id: str) -> None:
         raise ValueError(f"{readme} has no {README_START} … {README_END} block")
     head, rest = current.split(README_START, 1)
     readme.write_text(head + block + rest.split(README_END, 1)[1])
+
+
+# ------------------------------------------------------------------ notebook 03: INT8
+def int8_table(result: dict) -> pd.DataFrame:
+    """One row per INT8 variant (and FP32): accuracy with Δ and interval, fidelity, size, latency, fusion."""
+    lat = {r["name"]: r for r in result["latency"]}
+    fp32 = lat["fp32"]
+    rows = [{"variant": "fp32", "backend": "—", "calibration": "—", "head policy": "—",
+             f"median ms ({fp32['threads']} thr)": round(fp32["median_ms"], 1), "× FP32": 1.0}]  # fmt: skip
+    for name, val in result["validations"].items():
+        rec = result["recipes"][name]
+        row = {"variant": name, "backend": rec["backend"], "calibration": rec["method"], "head policy": rec["head_policy"]}
+        for subset, c in val.get("coco", {}).items():
+            d = c["delta_vs_fp32"]
+            row[f"mAP50-95 {subset}"] = _pct(c["metrics"]["mAP_50_95"])
+            row[f"Δ {subset} [95%]"] = f"{100 * d['delta']:+.2f} [{100 * d['lo']:+.2f}, {100 * d['hi']:+.2f}]"
+        if "fidelity" in val:
+            row["SQNR dB"] = round(val["fidelity"]["sqnr_db"], 1)
+            row["cosine"] = round(val["fidelity"]["cosine"], 4)
+        row.update({
+            f"median ms ({fp32['threads']} thr)": round(lat[name]["median_ms"], 1),
+            "× FP32": round(lat[name]["median_ms"] / fp32["median_ms"], 3),
+            "size (MiB)": round(val["size_bytes"] / 2**20, 1),
+            "Q/DQ nodes": val["qdq"]["QuantizeLinear"] + val["qdq"]["DequantizeLinear"],
+            "QLinearConv / Conv (ORT CPU)": f"{val['ort_cpu']['QLinearConv']} / {val['qdq']['Conv']}",
+            "calib s": round(rec["calibration"]["seconds"]),
+            "calib peak RSS (MiB)": round(rec["calibration"]["peak_rss_mb"]),
+        })  # fmt: skip
+        rows.append(row)
+    return _tidy(pd.DataFrame(rows).set_index("variant"))
+
+
+def _tidy(df: pd.DataFrame) -> pd.DataFrame:
+    """Blank cells as '—', and whole numbers without a trailing .0 (pandas made them floats)."""
+
+    def fmt(x):
+        if isinstance(x, float) and math.isnan(x):
+            return "—"
+        if isinstance(x, float) and x.is_integer() and abs(x) >= 10:
+            return str(int(x))
+        return x
+
+    return df.astype(object).apply(lambda col: col.map(fmt))
+
+
+def int8_conclusion(result: dict, target_points: float = 0.5) -> str:
+    """Which variant to ship for CPU and for TensorRT, computed from the measurements."""
+    if result.get("structure_only"):
+        return "Structure-only model: no accuracy, so no recommendation; latency and fusion above are real."
+    lat = {r["name"]: r["median_ms"] for r in result["latency"]}
+    vals = result["validations"]
+    subset = list(next(iter(vals.values()))["coco"])[-1]  # the last (largest) evaluation subset
+
+    def delta(name):
+        return vals[name]["coco"][subset]["delta_vs_fp32"]
+
+    lines = []
+    cpu = [n for n, v in vals.items() if result["recipes"][n]["backend"] == "ort" and lat[n] < lat["fp32"]]
+    if cpu:
+        best = max(cpu, key=lambda n: delta(n)["delta"])
+        d = delta(best)
+        met = "meets" if -d["delta"] * 100 <= target_points else "misses"
+        lines.append(
+            f"**CPU (ONNX Runtime):** ship `{best}`: mAP50-95 {100 * d['delta']:+.2f} points vs FP32 on {subset} "
+            f"(95% interval [{100 * d['lo']:+.2f}, {100 * d['hi']:+.2f}]), {lat[best] / lat['fp32']:.2f}× FP32 latency, "
+            f"{vals[best]['ort_cpu']['QLinearConv']} of {vals[best]['qdq']['Conv']} Convs as QLinearConv. "
+            f"It {met} the {target_points}-point drop target."
+        )  # fmt: skip
+    trt = [n for n in vals if result["recipes"][n]["backend"] == "modelopt"]
+    if trt:
+        best = max(trt, key=lambda n: delta(n)["delta"])
+        d = delta(best)
+        lines.append(
+            f"**TensorRT (ModelOpt Q/DQ):** ship `{best}`: {100 * d['delta']:+.2f} points on {subset} "
+            f"([{100 * d['lo']:+.2f}, {100 * d['hi']:+.2f}]). On ORT CPU it runs at {lat[best] / lat['fp32']:.2f}× FP32 "
+            f"latency, since ORT fuses only {vals[best]['ort_cpu']['QLinearConv']} of its Convs: its placement is for "
+            "TensorRT, whose speed this CPU machine cannot measure."
+        )  # fmt: skip
+    return "\n\n".join(lines)

@@ -1,0 +1,178 @@
+"""Notebook 03: INT8 variants, each quantized in its own process and validated alike.
+
+For every variant of ``params.int8.variants``: ``python -m lowbit_helpers quantize-int8`` in a
+subprocess (the exact command, its log and its peak RSS are kept beside the ONNX), then ORT
+smoke, raw-head fidelity against FP32 (SQNR, cosine), COCO mAP on each evaluation subset with
+the paired-bootstrap interval of the difference to FP32, Q/DQ counts and the Convs ORT runs as
+QLinearConv. Latency of FP32 and every variant is measured together in one process.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .artifacts import read_json, write_json
+from .config import Config, Int8Variant
+from .errors import LowbitError
+from .rundir import RunDir, stage_key
+from . import stages
+
+ORT_METHODS = {"minmax", "percentile", "entropy"}
+MODELOPT_METHODS = {"max", "entropy"}
+
+
+def check_variants(cfg: Config) -> None:
+    seen = set()
+    for v in cfg.int8.variants:
+        allowed = ORT_METHODS if v.backend == "ort" else MODELOPT_METHODS
+        if v.method not in allowed:
+            raise LowbitError(f"int8.variants: {v.name}: method {v.method!r} is not available for backend {v.backend}",
+                              f"use one of {sorted(allowed)} for {v.backend}")  # fmt: skip
+        if v.name in seen:
+            raise LowbitError(f"int8.variants: the name {v.name!r} is used twice", "give each variant its own name")
+        seen.add(v.name)
+
+
+def quantize_command(cfg: Config, v: Int8Variant, model: Path, calib: Path, out: Path) -> list[str]:
+    q = cfg.int8
+    cmd = [sys.executable, "-m", "lowbit_helpers", "quantize-int8", str(model), "--backend", v.backend,
+           "--method", v.method, "--calib-npy", str(calib), "--images", str(q.calib_images or cfg.data.calib_images),
+           "--head-policy", v.head_policy, "--out", str(out)]  # fmt: skip
+    if q.exclude_nodes:
+        cmd += ["--exclude", *q.exclude_nodes]
+    if v.backend == "ort":
+        cmd += ["--percentile", str(q.percentile), "--stride", str(q.calib_stride)]
+    else:
+        cmd += ["--calibration-eps", *q.calibration_eps, "--high-precision-dtype", q.high_precision_dtype]
+        if q.exclude_op_types:
+            cmd += ["--exclude-op-type", *q.exclude_op_types]
+    return cmd
+
+
+def run_measured(cmd: list[str], log: Path) -> dict:
+    """Run ``cmd`` to completion, output into ``log``; wall time and the child's peak RSS."""
+    t0 = time.perf_counter()
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        _, status, usage = os.wait4(proc.pid, 0)
+    rc = os.waitstatus_to_exitcode(status)
+    if rc != 0:
+        tail = log.read_text()[-1500:]
+        raise LowbitError(f"quantization failed (exit {rc}): {shlex.join(cmd)}\n{tail}", f"see the full log in {log}")
+    return {"seconds": time.perf_counter() - t0, "peak_rss_mb": usage.ru_maxrss / 1024}
+
+
+def quantize_variant(run: RunDir, v: Int8Variant) -> dict:
+    cfg = run.cfg
+    model, calib = run.artifact(stages.MODEL), run.artifact(stages.CALIB)
+    rel = f"onnx/{v.name}.onnx"
+    out = run.file(rel)
+    cmd = quantize_command(cfg, v, model, calib, out)
+    key = stage_key({"cmd": cmd[3:], "versions": stages._versions()}, [model, calib])
+    outputs = [rel, f"onnx/{v.name}.recipe.json", f"onnx/{v.name}.log"]
+    if not run.is_fresh(f"int8:{v.name}", key):
+        measured = run_measured(cmd, run.file(f"onnx/{v.name}.log"))
+        recipe = read_json(out.with_suffix(".recipe.json"))
+        recipe.update(command=shlex.join(["python", *cmd[1:]]), calibration=measured)
+        write_json(out.with_suffix(".recipe.json"), recipe)
+        if v.backend == "modelopt":
+            outputs.append(f"onnx/{v.name}.modelopt.log")
+        run.finish(f"int8:{v.name}", key, outputs, {"variant": v.model_dump()})
+    return read_json(run.artifact(f"onnx/{v.name}.recipe.json"))
+
+
+def fp32_on(run: RunDir, subset: str):
+    """FP32 detections on ``subset`` (reused from notebook 02 when it is the same subset)."""
+    from .data import open_coco
+    from .evaluate import evaluate_coco
+
+    cfg = run.cfg
+    rel = f"int8-coco/fp32_{subset}.detections.json"
+    model = run.artifact(stages.MODEL)
+    key = stage_key({"subset": subset, "data": cfg.data.model_dump(), "decode": cfg.decode.model_dump()}, [model])
+    if not run.is_fresh(f"fp32:{subset}", key):
+        _, dets = stages.evaluate_model(model, cfg.model_copy(update={"evaluation": cfg.evaluation.model_copy(update={"bootstrap": 0})}), subset, progress=False)
+        write_json(run.file(rel), dets)
+        run.finish(f"fp32:{subset}", key, [rel])
+    sub = open_coco(cfg.data.coco_root, cfg.data.annotations, subset)
+    return sub, evaluate_coco(sub, read_json(run.artifact(rel)))
+
+
+def validate_variant(run: RunDir, v: Int8Variant) -> dict:
+    from .data import open_coco, preprocess
+    from .evaluate import bootstrap_difference, evaluate_coco, predict_onnx
+    from .quant.inspect import head_fidelity, ort_executed_ops, qdq_counts
+    from .runtime import make_session
+
+    cfg = run.cfg
+    q = run.artifact(f"onnx/{v.name}.onnx")
+    model = run.artifact(stages.MODEL)
+    rel = f"int8-coco/{v.name}.json"
+    params = {"subsets": cfg.int8.eval_subsets, "decode": cfg.decode.model_dump(), "data": cfg.data.model_dump(),
+              "evaluation": cfg.evaluation.model_dump(), "fidelity_images": cfg.int8.fidelity_images}  # fmt: skip
+    key = stage_key(params, [model, q])
+    if not run.is_fresh(f"int8-eval:{v.name}", key):
+        smoke = stages.ort_smoke(q, cfg)
+        session = make_session(q, cfg.runtime.providers, cfg.runtime.threads)
+        fid_subset = open_coco(cfg.data.coco_root, cfg.data.annotations, cfg.data.subset)
+        images = [preprocess(fid_subset.image_path(i))[0] for i in fid_subset.ids[: cfg.int8.fidelity_images]]
+        fidelity = head_fidelity(make_session(model, threads=cfg.runtime.threads), session, images)
+        e = cfg.evaluation
+        coco = {}
+        for subset in cfg.int8.eval_subsets:
+            sub, fp32 = fp32_on(run, subset)
+            ev = evaluate_coco(sub, predict_onnx(session, sub, cfg.decode))
+            diff = bootstrap_difference(ev, fp32, e.bootstrap or 200, e.confidence, e.seed)
+            coco[subset] = {"num_images": len(sub), "metrics": ev.metrics, "fp32_mAP_50_95": fp32.metrics["mAP_50_95"],
+                            "delta_vs_fp32": diff}  # fmt: skip
+        result = {"variant": v.model_dump(), "smoke": smoke, "fidelity": fidelity, "coco": coco,
+                  "qdq": qdq_counts(q), "ort_cpu": ort_executed_ops(q, cfg.runtime.threads),
+                  "size_bytes": q.stat().st_size}  # fmt: skip
+        write_json(run.file(rel), result)
+        run.finish(f"int8-eval:{v.name}", key, [rel], params)
+    return read_json(run.artifact(rel))
+
+
+def latency(run: RunDir) -> list[dict]:
+    """FP32 and every variant, timed in one process with the same session options."""
+    from .runtime import bench_models, environment
+
+    cfg = run.cfg
+    models = [run.artifact(stages.MODEL)] + [run.artifact(f"onnx/{v.name}.onnx") for v in cfg.int8.variants]
+    params = {"runtime": cfg.runtime.model_dump(), "latency": cfg.latency.model_dump()}
+    key = stage_key(params, models)
+    rel = "int8-coco/latency.json"
+    if not run.is_fresh("int8-latency", key):
+        rows = bench_models(models, cfg.runtime.threads, cfg.runtime.providers, cfg.latency.warmup, cfg.latency.runs)
+        for r, name in zip(rows, ["fp32"] + [v.name for v in cfg.int8.variants]):
+            r["name"] = name
+        write_json(run.file(rel), {"rows": rows, "environment": environment()})
+        run.finish("int8-latency", key, [rel], params)
+    return read_json(run.artifact(rel))["rows"]
+
+
+def run_int8(run: RunDir) -> dict:
+    """Everything notebook 03 shows: per-variant recipes and validations, and the latency table."""
+    cfg = run.cfg
+    if not cfg.int8.enabled:
+        return {"skipped": "int8.enabled is false in the params"}
+    check_variants(cfg)
+    recipes = {v.name: quantize_variant(run, v) for v in cfg.int8.variants}
+    info = read_json(run.artifact(stages.MODEL_INFO))
+    if info["structure_only"]:
+        validations = {}
+        for v in cfg.int8.variants:
+            from .quant.inspect import ort_executed_ops, qdq_counts
+
+            q = run.artifact(f"onnx/{v.name}.onnx")
+            validations[v.name] = {"variant": v.model_dump(), "structure_only": True, "smoke": stages.ort_smoke(q, cfg),
+                                   "qdq": qdq_counts(q), "ort_cpu": ort_executed_ops(q, cfg.runtime.threads),
+                                   "size_bytes": q.stat().st_size}  # fmt: skip
+    else:
+        validations = {v.name: validate_variant(run, v) for v in cfg.int8.variants}
+    return {"recipes": recipes, "validations": validations, "latency": latency(run), "structure_only": info["structure_only"]}

@@ -1,0 +1,67 @@
+"""What a quantized graph holds and what ORT makes of it; fidelity of its raw head to FP32."""
+
+from __future__ import annotations
+
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+
+def qdq_counts(model_path: str | Path) -> dict:
+    """Q/DQ nodes, and Convs whose weight comes through a DequantizeLinear (i.e. quantized Convs)."""
+    g = onnx.load(str(model_path), load_external_data=False).graph
+    ops = Counter(n.op_type for n in g.node)
+    producer = {o: n for n in g.node for o in n.output}
+    convs = [n for n in g.node if n.op_type == "Conv"]
+    quantized = [n.name for n in convs if len(n.input) > 1 and getattr(producer.get(n.input[1]), "op_type", "") == "DequantizeLinear"]
+    return {"QuantizeLinear": ops.get("QuantizeLinear", 0), "DequantizeLinear": ops.get("DequantizeLinear", 0),
+            "Conv": len(convs), "quantized_convs": len(quantized), "float_convs": len(convs) - len(quantized)}  # fmt: skip
+
+
+def ort_executed_ops(model_path: str | Path, threads: int = 2) -> dict:
+    """Operator counts of the graph ORT actually runs on CPU (after its Q/DQ fusions)."""
+    from ..runtime import make_session
+
+    with tempfile.TemporaryDirectory() as tmp:
+        opt = Path(tmp) / "optimized.onnx"
+        make_session(model_path, ["CPUExecutionProvider"], threads, optimized_path=opt)
+        ops = Counter(n.op_type for n in onnx.load(str(opt), load_external_data=False).graph.node)
+    float_conv = ops.get("Conv", 0) + ops.get("FusedConv", 0)
+    return {"QLinearConv": ops.get("QLinearConv", 0), "float_Conv": float_conv,
+            "QuantizeLinear": ops.get("QuantizeLinear", 0), "DequantizeLinear": ops.get("DequantizeLinear", 0),
+            "ops": dict(ops.most_common())}  # fmt: skip
+
+
+def sqnr_db(reference: np.ndarray, test: np.ndarray) -> float:
+    """10 log10(signal power / error power) over all elements."""
+    ref = reference.astype(np.float64)
+    err = np.sum((ref - test.astype(np.float64)) ** 2)
+    return float("inf") if err == 0 else float(10 * np.log10(np.sum(ref**2) / err))
+
+
+def cosine(reference: np.ndarray, test: np.ndarray) -> float:
+    a, b = reference.astype(np.float64).ravel(), test.astype(np.float64).ravel()
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def head_fidelity(fp32_session, test_session, images: list[np.ndarray]) -> dict:
+    """SQNR and cosine of the raw head against FP32, over ``images`` (1x3x640x640 tensors).
+
+    Reported for the whole output and for its two parts: DFL box logits (0-63) and class
+    logits (64-143).
+    """
+    from ..runtime import run_head
+
+    refs, outs = [], []
+    for x in images:
+        refs.append(run_head(fp32_session, x))
+        outs.append(run_head(test_session, x))
+    ref, out = np.concatenate(refs), np.concatenate(outs)
+    return {
+        "images": len(images),
+        "sqnr_db": sqnr_db(ref, out), "cosine": cosine(ref, out),
+        "sqnr_db_dfl": sqnr_db(ref[:, :64], out[:, :64]), "sqnr_db_cls": sqnr_db(ref[:, 64:], out[:, 64:]),
+    }  # fmt: skip

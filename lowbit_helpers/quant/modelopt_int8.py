@@ -1,0 +1,58 @@
+"""INT8 Q/DQ with NVIDIA ModelOpt's ONNX PTQ: the TensorRT-targeted recipe.
+
+ModelOpt places Q/DQ where TensorRT fuses them (inputs of Conv and friends; no Q/DQ after
+every activation), so on ORT CPU most of it runs as float with extra Q/DQ and is *slower*
+than FP32: the latency shown for it on CPU is honest, not its deployment speed.
+
+ModelOpt patches ONNX Runtime's calibrator classes process-wide when it runs; call this in
+its own process (the pipeline does, through ``python -m lowbit_helpers quantize-int8``) so
+that ORT's own ``quantize_static`` elsewhere is unaffected.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from ..artifacts import atomic_path, sha256_file, write_json
+from ..errors import LowbitError
+from .policy import excluded_nodes
+
+MODELOPT_METHODS = ("max", "entropy")
+
+
+def quantize_int8_modelopt(model_in: str | Path, model_out: str | Path, calib: np.ndarray, method: str = "entropy",
+                           head_policy: str = "conservative", exclude: list[str] | None = None,
+                           op_types_to_exclude: list[str] | None = None, calibration_eps: list[str] | None = None,
+                           high_precision_dtype: str = "fp32") -> dict:  # fmt: skip
+    from modelopt.onnx.quantization import quantize
+
+    if method not in MODELOPT_METHODS:
+        raise LowbitError(f"unknown ModelOpt calibration method {method!r}", f"use one of {', '.join(MODELOPT_METHODS)}")
+    if len(calib) == 0:
+        raise LowbitError("no calibration images", "build the calibration tensor with at least one image")
+    model_out = Path(model_out)
+    excluded = excluded_nodes(onnx.load(str(model_in), load_external_data=False), head_policy, exclude)
+    call = {
+        "api": "modelopt.onnx.quantization.quantize",
+        "quantize_mode": "int8", "calibration_method": method, "calibration_eps": calibration_eps or ["cpu"],
+        "high_precision_dtype": high_precision_dtype, "nodes_to_exclude": excluded,
+        "op_types_to_exclude": op_types_to_exclude or [], "calibration_images": len(calib),
+    }  # fmt: skip
+    log = model_out.with_suffix(".modelopt.log")
+    t0 = time.perf_counter()
+    with atomic_path(model_out) as tmp:
+        quantize(
+            onnx_path=str(model_in), quantize_mode="int8", calibration_data=np.asarray(calib),
+            calibration_method=method, calibration_eps=call["calibration_eps"], nodes_to_exclude=excluded or None,
+            op_types_to_exclude=op_types_to_exclude or None, high_precision_dtype=high_precision_dtype,
+            output_path=str(tmp), log_file=str(log), log_level="INFO",
+        )  # fmt: skip
+    recipe = {"backend": "modelopt", "method": method, "head_policy": head_policy, "call": call,
+              "seconds": time.perf_counter() - t0, "log": log.name, "input": str(model_in),
+              "input_sha256": sha256_file(model_in), "output_sha256": sha256_file(model_out)}  # fmt: skip
+    write_json(model_out.with_suffix(".recipe.json"), recipe)
+    return recipe

@@ -1,0 +1,63 @@
+"""INT8 Q/DQ with ONNX Runtime's ``quantize_static``: the CPU-deployable recipe.
+
+uint8 activations (asymmetric) and int8 per-channel weights (symmetric), QDQ format: on x86
+ORT fuses every such Conv into QLinearConv. int8 activations (S8S8) fuse almost nothing
+there and run slower, so they are not offered. Calibration: MinMax, Percentile or Entropy,
+all streamed (see :mod:`.calibration`).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from ..artifacts import atomic_path, sha256_file, write_json
+from ..errors import LowbitError
+from .calibration import ArrayReader, largest_divisor_at_most
+from .policy import excluded_nodes
+
+ORT_METHODS = ("minmax", "percentile", "entropy")
+
+
+def quantize_int8_ort(model_in: str | Path, model_out: str | Path, calib: np.ndarray, method: str = "percentile",
+                      head_policy: str = "conservative", exclude: list[str] | None = None,
+                      percentile: float = 99.999, stride: int = 4) -> dict:  # fmt: skip
+    """Quantize ``model_in`` to ``model_out``; returns (and saves beside it) the exact recipe."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    if method not in ORT_METHODS:
+        raise LowbitError(f"unknown ORT calibration method {method!r}", f"use one of {', '.join(ORT_METHODS)}")
+    if len(calib) == 0:
+        raise LowbitError("no calibration images", "build the calibration tensor with at least one image")
+    model_out = Path(model_out)
+    excluded = excluded_nodes(onnx.load(str(model_in), load_external_data=False), head_policy, exclude)
+    stride = largest_divisor_at_most(len(calib), stride)
+    # CalibTensorRangeSymmetric False: ORT's Percentile calibrator otherwise defaults to a
+    # symmetric |x| histogram, i.e. a [-t, t] range that wastes half of uint8 on SiLU outputs
+    # (-0.28 .. t); measured here: 1.8 points of YOLOv10n mAP50-95 on val100.
+    extra = {"CalibStridedMinMax": stride, "ActivationSymmetric": False, "WeightSymmetric": True,
+             "CalibTensorRangeSymmetric": False}  # fmt: skip
+    if method == "percentile":
+        extra["CalibPercentile"] = percentile
+    call = {
+        "api": "onnxruntime.quantization.quantize_static",
+        "quant_format": "QDQ", "activation_type": "QUInt8", "weight_type": "QInt8", "per_channel": True,
+        "calibrate_method": {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}[method],
+        "nodes_to_exclude": excluded, "extra_options": extra, "calibration_images": len(calib),
+    }  # fmt: skip
+    t0 = time.perf_counter()
+    with atomic_path(model_out) as tmp:
+        quantize_static(
+            str(model_in), str(tmp), ArrayReader(calib),
+            quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+            per_channel=True, calibrate_method=getattr(CalibrationMethod, call["calibrate_method"]),
+            nodes_to_exclude=excluded, extra_options=extra,
+        )  # fmt: skip
+    recipe = {"backend": "ort", "method": method, "head_policy": head_policy, "call": call,
+              "seconds": time.perf_counter() - t0, "input": str(model_in), "input_sha256": sha256_file(model_in),
+              "output_sha256": sha256_file(model_out)}  # fmt: skip
+    write_json(model_out.with_suffix(".recipe.json"), recipe)
+    return recipe

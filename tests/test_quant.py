@@ -1,0 +1,133 @@
+"""INT8 quantization end to end on a real (small) model, the calibrators, and bad input."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from lowbit_helpers.__main__ import main
+from lowbit_helpers.errors import LowbitError
+from lowbit_helpers.quant.calibration import ArrayReader, largest_divisor_at_most, load_calibration
+from lowbit_helpers.quant.inspect import cosine, ort_executed_ops, qdq_counts, sqnr_db
+from lowbit_helpers.quant.policy import excluded_nodes
+
+
+@pytest.fixture(scope="module")
+def calib(coco_root, tmp_path_factory):
+    from lowbit_helpers.data import calibration_tensor, read_image_list
+
+    arr = calibration_tensor(read_image_list(coco_root / "calib160.txt"), 4)
+    path = tmp_path_factory.mktemp("calib") / "calib.npy"
+    np.save(path, arr)
+    return path
+
+
+def test_head_policies(yolov10n_onnx):
+    m = onnx.load(str(yolov10n_onnx))
+    cons = excluded_nodes(m, "conservative")
+    finals = [n for n in cons if n.endswith("/Conv")]
+    assert len(finals) == 6 and all(".2/Conv" in n for n in finals)
+    assert set(cons) > set(finals)  # and the reshape/concat after them
+    head = excluded_nodes(m, "head")
+    assert set(cons) < set(head) and all(n.startswith("/model.23/") or n in cons for n in head)
+    assert excluded_nodes(m, "none") == []
+    with pytest.raises(LowbitError, match="not in the graph"):
+        excluded_nodes(m, "none", ["/model.99/Conv"])
+
+
+def test_ort_int8_end_to_end(yolov10n_onnx, calib, tmp_path):
+    out = tmp_path / "ort.onnx"
+    assert main(["quantize-int8", str(yolov10n_onnx), "--backend", "ort", "--method", "percentile",
+                 "--calib-npy", str(calib), "--images", "4", "--stride", "2", "--out", str(out)]) == 0  # fmt: skip
+    recipe = json.loads(out.with_suffix(".recipe.json").read_text())
+    assert recipe["call"]["activation_type"] == "QUInt8" and recipe["call"]["per_channel"]
+    counts = qdq_counts(out)
+    assert counts["Conv"] == 82 and counts["quantized_convs"] == 76 and counts["float_convs"] == 6
+    assert counts["QuantizeLinear"] > 100 and counts["DequantizeLinear"] > counts["QuantizeLinear"]
+    executed = ort_executed_ops(out, threads=1)
+    assert executed["QLinearConv"] == 76 and executed["float_Conv"] == 6  # every quantized Conv fused on CPU
+
+
+def test_modelopt_int8_end_to_end(yolov10n_onnx, calib, tmp_path):
+    # in its own process, as the pipeline runs it: ModelOpt patches ORT's calibrators process-wide
+    out = tmp_path / "mo.onnx"
+    proc = subprocess.run([sys.executable, "-m", "lowbit_helpers", "quantize-int8", str(yolov10n_onnx), "--backend",
+                           "modelopt", "--method", "max", "--calib-npy", str(calib), "--images", "2", "--out", str(out)],
+                          capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    recipe = json.loads(out.with_suffix(".recipe.json").read_text())
+    assert recipe["call"]["high_precision_dtype"] == "fp32" and recipe["call"]["calibration_eps"] == ["cpu"]
+    assert out.with_suffix(".modelopt.log").is_file()
+    counts = qdq_counts(out)
+    assert counts["quantized_convs"] == 76 and counts["float_convs"] == 6 and counts["QuantizeLinear"] > 0
+    assert ort_executed_ops(out, threads=1)["QLinearConv"] < 10  # TensorRT placement: ORT CPU fuses almost none
+
+
+def _one_conv_model(path):
+    w = numpy_helper.from_array(np.random.default_rng(0).normal(size=(4, 3, 3, 3)).astype(np.float32), "w")
+    g = helper.make_graph(
+        [helper.make_node("Conv", ["images", "w"], ["y"], pads=[1, 1, 1, 1], name="conv")], "g",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])], [w],
+    )  # fmt: skip
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 19)]), str(path))
+    return path
+
+
+def test_streamed_minmax_calibration_equals_numpy(tmp_path):
+    """Calibration in slices (as the pipeline runs it) gives exactly the numpy min/max of each tensor."""
+    import onnxruntime as ort
+    from onnxruntime.quantization import CalibrationMethod
+    from onnxruntime.quantization.calibrate import create_calibrator
+
+    model = _one_conv_model(tmp_path / "c.onnx")
+    data = np.random.default_rng(1).normal(size=(6, 3, 8, 8)).astype(np.float32) * 3
+    cal = create_calibrator(str(model), ["Conv"], augmented_model_path=str(tmp_path / "aug.onnx"),
+                            calibrate_method=CalibrationMethod.MinMax)  # fmt: skip
+    reader = ArrayReader(data)
+    for start in range(0, 6, 2):
+        reader.set_range(start, start + 2)
+        cal.collect_data(reader)
+    ranges = cal.compute_data()
+    sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    y = np.concatenate([sess.run(None, {"images": data[i : i + 1]})[0] for i in range(6)])
+    lo, hi = (float(np.asarray(v).ravel()[0]) for v in ranges["y"].range_value)
+    assert lo == pytest.approx(min(y.min(), 0.0), rel=1e-6) and hi == pytest.approx(max(y.max(), 0.0), rel=1e-6)
+    lo, hi = (float(np.asarray(v).ravel()[0]) for v in ranges["images"].range_value)
+    assert lo == pytest.approx(min(data.min(), 0.0)) and hi == pytest.approx(max(data.max(), 0.0))
+
+
+def test_reader_slices_and_helpers():
+    data = np.zeros((5, 3, 2, 2), np.float32)
+    r = ArrayReader(data)
+    assert len(r) == 5 and sum(1 for _ in iter(r.get_next, None)) == 5
+    r.set_range(1, 3)
+    assert sum(1 for _ in iter(r.get_next, None)) == 2
+    assert largest_divisor_at_most(128, 4) == 4 and largest_divisor_at_most(7, 4) == 1 and largest_divisor_at_most(6, 4) == 3
+    ref = np.random.default_rng(0).normal(size=1000)
+    assert sqnr_db(ref, ref + 0.01 * ref) == pytest.approx(40.0, abs=1e-6)
+    assert cosine(ref, 2 * ref) == pytest.approx(1.0)
+
+
+def test_bad_calibration_input(yolov10n_onnx, tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    out = tmp_path / "q.onnx"
+    assert main(["quantize-int8", str(yolov10n_onnx), "--backend", "ort", "--calib", str(empty), "--out", str(out)]) == 2
+    assert "is empty" in capsys.readouterr().err
+    (tmp_path / "bad.jpg").write_bytes(b"\x89PNG broken")
+    lst = tmp_path / "list.txt"
+    lst.write_text("bad.jpg\n")
+    assert main(["quantize-int8", str(yolov10n_onnx), "--backend", "ort", "--calib", str(lst), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "cannot decode image" in err and "bad.jpg" in err
+    np.save(tmp_path / "wrong.npy", np.zeros((2, 3, 320, 320), np.float32))
+    with pytest.raises(LowbitError, match="expected N x 3 x 640 x 640"):
+        load_calibration(tmp_path / "wrong.npy")
+    assert main(["quantize-int8", str(yolov10n_onnx), "--backend", "modelopt", "--method", "minmax",
+                 "--calib-npy", str(tmp_path / "wrong.npy"), "--out", str(out)]) == 2  # fmt: skip
+    assert not out.exists()
