@@ -15,11 +15,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnx
 
 from ..artifacts import atomic_path, sha256_file, write_json
-from ..errors import LowbitError
-from .policy import excluded_nodes
+from .policy import checked_exclusions
 
 MODELOPT_METHODS = ("max", "entropy")
 
@@ -30,12 +28,8 @@ def quantize_int8_modelopt(model_in: str | Path, model_out: str | Path, calib: n
                            high_precision_dtype: str = "fp32") -> dict:  # fmt: skip
     from modelopt.onnx.quantization import quantize
 
-    if method not in MODELOPT_METHODS:
-        raise LowbitError(f"unknown ModelOpt calibration method {method!r}", f"use one of {', '.join(MODELOPT_METHODS)}")
-    if len(calib) == 0:
-        raise LowbitError("no calibration images", "build the calibration tensor with at least one image")
     model_out = Path(model_out)
-    excluded = excluded_nodes(onnx.load(str(model_in), load_external_data=False), head_policy, exclude)
+    excluded = checked_exclusions(model_in, calib, method, MODELOPT_METHODS, "ModelOpt", head_policy, exclude)
     call = {
         "api": "modelopt.onnx.quantization.quantize",
         "quantize_mode": "int8", "calibration_method": method, "calibration_eps": calibration_eps or ["cpu"],

@@ -12,12 +12,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnx
-
 from ..artifacts import atomic_path, sha256_file, write_json
-from ..errors import LowbitError
 from .calibration import ArrayReader, largest_divisor_at_most
-from .policy import excluded_nodes
+from .policy import checked_exclusions
 
 ORT_METHODS = ("minmax", "percentile", "entropy")
 
@@ -28,12 +25,8 @@ def quantize_int8_ort(model_in: str | Path, model_out: str | Path, calib: np.nda
     """Quantize ``model_in`` to ``model_out``; returns (and saves beside it) the exact recipe."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    if method not in ORT_METHODS:
-        raise LowbitError(f"unknown ORT calibration method {method!r}", f"use one of {', '.join(ORT_METHODS)}")
-    if len(calib) == 0:
-        raise LowbitError("no calibration images", "build the calibration tensor with at least one image")
     model_out = Path(model_out)
-    excluded = excluded_nodes(onnx.load(str(model_in), load_external_data=False), head_policy, exclude)
+    excluded = checked_exclusions(model_in, calib, method, ORT_METHODS, "ORT", head_policy, exclude)
     stride = largest_divisor_at_most(len(calib), stride)
     # CalibTensorRangeSymmetric False: ORT's Percentile calibrator otherwise defaults to a
     # symmetric |x| histogram, i.e. a [-t, t] range that wastes half of uint8 on SiLU outputs

@@ -62,3 +62,17 @@ def _downstream(model, start: list[str]) -> list[str]:
                 seen.add(n.name)
                 stack.extend(n.output)
     return [n for n in seen if n not in start]
+
+
+def checked_exclusions(model_path, calib, method: str, methods: tuple[str, ...], backend: str, head_policy: str,
+                       exclude: list[str] | None) -> list[str]:  # fmt: skip
+    """The checks both INT8 backends make before calibrating; returns the nodes kept in float."""
+    import onnx
+
+    from ..errors import LowbitError
+
+    if method not in methods:
+        raise LowbitError(f"unknown {backend} calibration method {method!r}", f"use one of {', '.join(methods)}")
+    if len(calib) == 0:
+        raise LowbitError("no calibration images", "build the calibration tensor with at least one image")
+    return excluded_nodes(onnx.load(str(model_path), load_external_data=False), head_policy, exclude)
