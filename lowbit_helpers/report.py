@@ -30,7 +30,7 @@ def model_table(info: dict) -> pd.DataFrame:
     ]
     if "torch_vs_onnx_max_abs" in info:
         d = info["torch_vs_onnx_max_abs"]
-        rows.append(("ONNX vs torch, raw head", f"max |Δ| {d['max_abs']:.1e} (DFL {d['max_abs_dfl']:.1e}, class logits "
+        rows.append(("ONNX vs torch, raw head", f"max abs Δ {d['max_abs']:.1e} (DFL {d['max_abs_dfl']:.1e}, class logits "
                      f"{d['max_abs_cls_logit']:.1e}, scores {d['max_abs_cls_score']:.1e}, relative {d['max_rel']:.1e}) "
                      f"on {d['image']}; torch float32 vs float64: {d['float32_floor']:.1e}"))
     return pd.DataFrame(rows, columns=["", "value"]).set_index("")
@@ -117,7 +117,7 @@ def provenance(run: RunDir) -> pd.DataFrame:
 
 def write_summary(run: RunDir, int8_result: dict | None = None) -> str:
     """``summary.md`` in the run directory: the tables of this report as markdown."""
-    parts = [f"# {run.cfg.name}: FP32 baseline", "", run.cfg.description.strip(), ""]
+    parts = [f"# {run.cfg.name}: YOLOv10 low-bit report", "", run.cfg.description.strip(), ""]
     parts += ["## Model", "", model_table(read_json(run.artifact(stages.MODEL_INFO))).to_markdown(), ""]
     parts += ["## FP32 baseline", "", baseline_table(run).to_markdown(index=False), ""]
     pt = parity_table(run)

@@ -62,6 +62,7 @@ def test_modelopt_int8_end_to_end(yolov10n_onnx, calib, tmp_path):
     recipe = json.loads(out.with_suffix(".recipe.json").read_text())
     assert recipe["call"]["high_precision_dtype"] == "fp32" and recipe["call"]["calibration_eps"] == ["cpu"]
     assert out.with_suffix(".modelopt.log").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mo.modelopt.log", "mo.onnx", "mo.recipe.json"]  # no leftovers
     counts = qdq_counts(out)
     assert counts["quantized_convs"] == 76 and counts["float_convs"] == 6 and counts["QuantizeLinear"] > 0
     assert ort_executed_ops(out, threads=1)["QLinearConv"] < 10  # TensorRT placement: ORT CPU fuses almost none

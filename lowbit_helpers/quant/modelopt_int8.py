@@ -11,6 +11,8 @@ that ORT's own ``quantize_static`` elsewhere is unaffected.
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -38,13 +40,17 @@ def quantize_int8_modelopt(model_in: str | Path, model_out: str | Path, calib: n
     }  # fmt: skip
     log = model_out.with_suffix(".modelopt.log")
     t0 = time.perf_counter()
-    with atomic_path(model_out) as tmp:
+    # ModelOpt leaves intermediate models (model_named.onnx, ...) beside its output: let it
+    # work in a scratch folder and move only the result into place.
+    with tempfile.TemporaryDirectory(dir=model_out.parent) as scratch, atomic_path(model_out) as tmp:
+        work = Path(scratch) / model_out.name
         quantize(
             onnx_path=str(model_in), quantize_mode="int8", calibration_data=np.asarray(calib),
             calibration_method=method, calibration_eps=call["calibration_eps"], nodes_to_exclude=excluded or None,
             op_types_to_exclude=op_types_to_exclude or None, high_precision_dtype=high_precision_dtype,
-            output_path=str(tmp), log_file=str(log), log_level="INFO",
+            output_path=str(work), log_file=str(log), log_level="INFO",
         )  # fmt: skip
+        os.replace(work, tmp)
     recipe = {"backend": "modelopt", "method": method, "head_policy": head_policy, "call": call,
               "seconds": time.perf_counter() - t0, "log": log.name, "input": str(model_in),
               "input_sha256": sha256_file(model_in), "output_sha256": sha256_file(model_out)}  # fmt: skip
