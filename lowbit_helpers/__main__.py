@@ -93,7 +93,7 @@ def _cmd_quantize_int8(args) -> int:
     else:
         paths = read_image_list(args.calib)
         calib = calibration_tensor(paths, min(args.images, len(paths)) if args.images else len(paths))
-    method = args.method or ("percentile" if args.backend == "ort" else "entropy")
+    method = args.method or ("avgminmax" if args.backend == "ort" else "entropy")
     if args.backend == "ort":
         from .quant.ort_int8 import quantize_int8_ort
 
@@ -152,8 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--calib", help="text file of calibration image paths, relative to the file's folder")
     src.add_argument("--calib-npy", help="instead: an N x 3 x 640 x 640 float32 .npy (a run's calib/calib.npy)")
     q.add_argument("--out", required=True)
-    q.add_argument("--method", choices=["minmax", "percentile", "entropy", "max"],
-                   help="ort: minmax | percentile | entropy (default percentile); modelopt: max | entropy (default entropy)")
+    q.add_argument("--method", choices=["avgminmax", "minmax", "percentile", "entropy", "max"],
+                   help="ort: avgminmax (default) | minmax | percentile | entropy; modelopt: max | entropy (default entropy)")
     q.add_argument("--images", type=int, default=128, help="calibration images (the first N of the list)")
     q.add_argument("--head-policy", choices=["none", "conservative", "head"], default="conservative")
     q.add_argument("--exclude", nargs="*", default=[], help="ONNX node names kept in float")

@@ -74,7 +74,7 @@ class ParityCfg(_Section):
 class Int8Variant(_Section):
     name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     backend: Literal["ort", "modelopt"]
-    method: Literal["minmax", "percentile", "entropy", "max"]
+    method: Literal["avgminmax", "minmax", "percentile", "entropy", "max"]
     head_policy: Literal["none", "conservative", "head"] = "conservative"
 
 
@@ -82,6 +82,7 @@ def _default_variants() -> list[Int8Variant]:
     return [
         Int8Variant(name="ort-minmax-naive", backend="ort", method="minmax", head_policy="none"),
         Int8Variant(name="ort-minmax", backend="ort", method="minmax"),
+        Int8Variant(name="ort-avgminmax", backend="ort", method="avgminmax"),
         Int8Variant(name="ort-percentile", backend="ort", method="percentile"),
         Int8Variant(name="ort-entropy", backend="ort", method="entropy"),
         Int8Variant(name="modelopt-max", backend="modelopt", method="max"),

@@ -23,7 +23,7 @@ from .rundir import RunDir, stage_key
 from . import stages
 
 # the methods each backend offers (kept here, beside the variant checks, without importing the backends)
-ORT_METHODS = {"minmax", "percentile", "entropy"}
+ORT_METHODS = {"avgminmax", "minmax", "percentile", "entropy"}
 MODELOPT_METHODS = {"max", "entropy"}
 
 

@@ -39,12 +39,14 @@ def test_head_policies(yolov10n_onnx):
         excluded_nodes(m, "none", ["/model.99/Conv"])
 
 
-def test_ort_int8_end_to_end(yolov10n_onnx, calib, tmp_path):
+@pytest.mark.parametrize("method", ["percentile", "avgminmax"])
+def test_ort_int8_end_to_end(yolov10n_onnx, calib, tmp_path, method):
     out = tmp_path / "ort.onnx"
-    assert main(["quantize-int8", str(yolov10n_onnx), "--backend", "ort", "--method", "percentile",
+    assert main(["quantize-int8", str(yolov10n_onnx), "--backend", "ort", "--method", method,
                  "--calib-npy", str(calib), "--images", "4", "--stride", "2", "--out", str(out)]) == 0  # fmt: skip
     recipe = json.loads(out.with_suffix(".recipe.json").read_text())
-    assert recipe["call"]["activation_type"] == "QUInt8" and recipe["call"]["per_channel"]
+    assert recipe["call"]["activation_type"] == "QUInt8" and recipe["call"]["per_channel"] and recipe["method"] == method
+    assert recipe["call"]["extra_options"].get("CalibMovingAverage", False) == (method == "avgminmax")
     counts = qdq_counts(out)
     assert counts["Conv"] == 82 and counts["quantized_convs"] == 76 and counts["float_convs"] == 6
     assert counts["QuantizeLinear"] > 100 and counts["DequantizeLinear"] > counts["QuantizeLinear"]

@@ -3,7 +3,11 @@
 uint8 activations (asymmetric) and int8 per-channel weights (symmetric), QDQ format: on x86
 ORT fuses every such Conv into QLinearConv. int8 activations (S8S8) fuse almost nothing
 there and run slower, so they are not offered. Calibration: MinMax, Percentile or Entropy,
-all streamed (see :mod:`.calibration`).
+all streamed (see :mod:`.calibration`), or ``avgminmax``: each tensor's range is the mean of its
+per-image min and max (ORT's MinMax with ``CalibMovingAverage`` over one slice holding every
+image; MinMax keeps only reduced values, so memory stays small). Outlier images then widen a
+range by 1/N of their excess instead of setting it: on YOLOv10n val500 this lost 1.45 points
+where plain MinMax lost 3.8 and Percentile 1.8, so it is the default.
 """
 
 from __future__ import annotations
@@ -16,10 +20,10 @@ from ..artifacts import atomic_path, sha256_file, write_json
 from .calibration import ArrayReader, largest_divisor_at_most
 from .policy import checked_exclusions
 
-ORT_METHODS = ("minmax", "percentile", "entropy")
+ORT_METHODS = ("avgminmax", "minmax", "percentile", "entropy")
 
 
-def quantize_int8_ort(model_in: str | Path, model_out: str | Path, calib: np.ndarray, method: str = "percentile",
+def quantize_int8_ort(model_in: str | Path, model_out: str | Path, calib: np.ndarray, method: str = "avgminmax",
                       head_policy: str = "conservative", exclude: list[str] | None = None,
                       percentile: float = 99.999, stride: int = 4) -> dict:  # fmt: skip
     """Quantize ``model_in`` to ``model_out``; returns (and saves beside it) the exact recipe."""
@@ -27,7 +31,7 @@ def quantize_int8_ort(model_in: str | Path, model_out: str | Path, calib: np.nda
 
     model_out = Path(model_out)
     excluded = checked_exclusions(model_in, calib, method, ORT_METHODS, "ORT", head_policy, exclude)
-    stride = largest_divisor_at_most(len(calib), stride)
+    stride = len(calib) if method == "avgminmax" else largest_divisor_at_most(len(calib), stride)
     # CalibTensorRangeSymmetric False: ORT's Percentile calibrator otherwise defaults to a
     # symmetric |x| histogram, i.e. a [-t, t] range that wastes half of uint8 on SiLU outputs
     # (-0.28 .. t); measured here: 1.8 points of YOLOv10n mAP50-95 on val100.
@@ -35,10 +39,12 @@ def quantize_int8_ort(model_in: str | Path, model_out: str | Path, calib: np.nda
              "CalibTensorRangeSymmetric": False}  # fmt: skip
     if method == "percentile":
         extra["CalibPercentile"] = percentile
+    if method == "avgminmax":
+        extra["CalibMovingAverage"] = True  # within one slice: the mean of per-image min / max
     call = {
         "api": "onnxruntime.quantization.quantize_static",
         "quant_format": "QDQ", "activation_type": "QUInt8", "weight_type": "QInt8", "per_channel": True,
-        "calibrate_method": {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}[method],
+        "calibrate_method": {"avgminmax": "MinMax", "minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}[method],
         "nodes_to_exclude": excluded, "extra_options": extra, "calibration_images": len(calib),
     }  # fmt: skip
     t0 = time.perf_counter()
