@@ -33,7 +33,7 @@ def predict_onnx(session, subset: CocoSubset, decode_cfg: DecodeCfg, progress: b
 
 def predict_onnx_multi(session, subset: CocoSubset, decode_cfgs: list[DecodeCfg], progress: bool = False) -> list[list[dict]]:
     """One forward pass per image, decoded once per config (e.g. NMS and top-k side by side)."""
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # plain tqdm: tqdm.auto warns in notebooks without ipywidgets
 
     from .runtime import run_head
 

@@ -44,7 +44,7 @@ def export_ultralytics_e2e(source: ModelSource, out_dir: str | Path, opset: int 
 def ultralytics_predictions(model_file: str | Path, subset: CocoSubset, conf: float = 0.001, max_det: int = 300,
                             progress: bool = False, **predict_args) -> list[dict]:  # fmt: skip
     """Detections of ``YOLO(model_file).predict`` on every subset image, in COCO results format."""
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # plain tqdm: tqdm.auto warns in notebooks without ipywidgets
     from ultralytics import YOLO
 
     model = YOLO(str(model_file), task="detect")
