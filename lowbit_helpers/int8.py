@@ -74,7 +74,7 @@ def quantize_variant(run: RunDir, v: Int8Variant) -> dict:
     rel = f"onnx/{v.name}.onnx"
     out = run.file(rel)
     cmd = quantize_command(cfg, v, model, calib, out)
-    key = stage_key({"cmd": cmd[3:], "versions": stages._versions()}, [model, calib])
+    key = stage_key({"cmd": cmd[3:], "versions": stages.versions()}, [model, calib])
     outputs = [rel, f"onnx/{v.name}.recipe.json", f"onnx/{v.name}.log"]
     if not run.is_fresh(f"int8:{v.name}", key):
         measured = run_measured(cmd, run.file(f"onnx/{v.name}.log"))
@@ -97,7 +97,8 @@ def fp32_on(run: RunDir, subset: str):
     model = run.artifact(stages.MODEL)
     key = stage_key({"subset": subset, "data": cfg.data.model_dump(), "decode": cfg.decode.model_dump()}, [model])
     if not run.is_fresh(f"fp32:{subset}", key):
-        _, dets = stages.evaluate_model(model, cfg.model_copy(update={"evaluation": cfg.evaluation.model_copy(update={"bootstrap": 0})}), subset, progress=False)
+        no_bootstrap = cfg.model_copy(update={"evaluation": cfg.evaluation.model_copy(update={"bootstrap": 0})})
+        _, dets = stages.evaluate_model(model, no_bootstrap, subset, progress=False)
         write_json(run.file(rel), dets)
         run.finish(f"fp32:{subset}", key, [rel])
     sub = open_coco(cfg.data.coco_root, cfg.data.annotations, subset)
@@ -166,10 +167,10 @@ def run_int8(run: RunDir) -> dict:
     recipes = {v.name: quantize_variant(run, v) for v in cfg.int8.variants}
     info = read_json(run.artifact(stages.MODEL_INFO))
     if info["structure_only"]:
+        from .quant.inspect import ort_executed_ops, qdq_counts
+
         validations = {}
         for v in cfg.int8.variants:
-            from .quant.inspect import ort_executed_ops, qdq_counts
-
             q = run.artifact(f"onnx/{v.name}.onnx")
             validations[v.name] = {"variant": v.model_dump(), "structure_only": True, "smoke": stages.ort_smoke(q, cfg),
                                    "qdq": qdq_counts(q), "ort_cpu": ort_executed_ops(q, cfg.runtime.threads),

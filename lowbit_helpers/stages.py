@@ -32,7 +32,8 @@ PARITY = "baseline-coco/parity.json"
 PARITY_TOLERANCE = 0.002
 
 
-def _versions() -> dict:
+def versions() -> dict:
+    """Library versions that change exported or quantized models (part of stage keys)."""
     import onnx
     import onnxruntime
     import torch
@@ -55,7 +56,7 @@ def baseline_onnx(run: RunDir) -> dict:
     cfg = run.cfg
     source = model_source(cfg)
     params = {"source": source.name, "kind": source.kind, "sha256": source.sha256, "opset": cfg.model.opset,
-              "versions": _versions()}  # fmt: skip
+              "versions": versions()}  # fmt: skip
     key = stage_key(params)
     if not run.is_fresh("baseline_onnx", key):
         out = run.file(MODEL)
@@ -226,7 +227,7 @@ def parity(run: RunDir, progress: bool = True) -> dict:
         return result
     model = run.artifact(MODEL)
     params = {"subset": cfg.parity.subset, "pt": cfg.parity.ultralytics_pt, "decode": cfg.decode.model_dump(),
-              "data": cfg.data.model_dump(), "versions": _versions(), "source": info["source_sha256"]}  # fmt: skip
+              "data": cfg.data.model_dump(), "versions": versions(), "source": info["source_sha256"]}  # fmt: skip
     key = stage_key(params, [model])
     if not run.is_fresh("parity", key):
         source = model_source(cfg)
