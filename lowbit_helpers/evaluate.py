@@ -69,6 +69,8 @@ class CocoEvaluation:
     _eval: object  # COCOeval after evaluate() and accumulate()
 
     def bootstrap_table(self) -> "_MatchTable":
+        if self._eval is None:  # no detections at all: every resample scores 0
+            return _MatchTable([], self.metrics["num_images"], np.zeros(0))
         return _MatchTable.from_cocoeval(self._eval)
 
 

@@ -21,10 +21,10 @@ from .config import Config, Int8Variant
 from .errors import LowbitError
 from .rundir import RunDir, stage_key
 from . import stages
+from .quant.modelopt_int8 import MODELOPT_METHODS
+from .quant.ort_int8 import ORT_METHODS
 
 # the methods each backend offers (kept here, beside the variant checks, without importing the backends)
-ORT_METHODS = {"avgminmax", "minmax", "percentile", "entropy"}
-MODELOPT_METHODS = {"max", "entropy"}
 
 
 def check_variants(cfg: Config) -> None:

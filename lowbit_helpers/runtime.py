@@ -100,9 +100,9 @@ def bench_models(
 
 def environment() -> dict:
     """What the numbers were measured on."""
-    import onnxruntime as ort
-
     import os
+
+    import onnxruntime as ort
 
     return {
         "python": platform.python_version(),
