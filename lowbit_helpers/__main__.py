@@ -1,4 +1,4 @@
-"""Command line: ``python -m lowbit_helpers {run,export,evaluate,bench} ...``."""
+"""Command line: ``python -m lowbit_helpers {run,export,evaluate,quantize-int8,sensitivity,schemes,bench} ...``."""
 
 from __future__ import annotations
 
@@ -111,6 +111,51 @@ def _cmd_quantize_int8(args) -> int:
     return 0
 
 
+def _cmd_sensitivity(args) -> int:
+    from .artifacts import write_json
+    from .assets import validate_raw_onnx
+    from .data import calibration_tensor, read_image_list
+    from .quant.formats import get_format
+    from .quant.sensitivity import measure
+
+    model = Path(args.model)
+    if not model.is_file():
+        raise LowbitError(f"model not found: {model}", "give an existing raw-head .onnx")
+    validate_raw_onnx(model)
+    formats = [get_format(f) for f in args.format]
+    paths = read_image_list(Path(args.coco_root) / args.calib_list)
+    need = args.range_images + args.images
+    if len(paths) < need:
+        raise LowbitError(f"{args.calib_list} lists {len(paths)} images; --range-images {args.range_images} + "
+                          f"--images {args.images} need {need}", "lower --images / --range-images or list more images")  # fmt: skip
+    calib = calibration_tensor(paths, need)
+    sens = measure(model, calib[args.range_images :], calib[: args.range_images], formats, args.directions,
+                   args.chunk, args.threads, args.naive_check, progress=print)  # fmt: skip
+    sens["calibration"].update(list=str(Path(args.coco_root) / args.calib_list), range_images=[0, args.range_images],
+                               sweep_images=[args.range_images, need])  # fmt: skip
+    write_json(args.out, sens)
+    for name, r in sens["formats"].items():
+        naive = r.get("naive", {})
+        print(f"{name}: {len(r['records'])} Convs x {r['directions']} on {r['images']} images in "
+              f"{r['seconds']['total']:.0f} s (naive, extrapolated: {naive.get('estimated_seconds', float('nan')):.0f} s); "
+              f"all-{name} SQNR {r['all_sqnr_db']:.2f} dB")  # fmt: skip
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _cmd_schemes(args) -> int:
+    from .quant.schemes import write_schemes
+
+    from .artifacts import read_json
+
+    paths = write_schemes(args.sens, args.out_dir, args.top_k, args.budgets, args.low, args.high)
+    missing = [f for f in (args.low, args.high) if f not in read_json(args.sens)["formats"]]
+    if args.budgets and missing:
+        print(f"note: no budgeted schemes: the sensitivity file has no {' / '.join(missing)} sweep")
+    print(f"wrote {len(paths)} schemes and index.json to {args.out_dir}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m lowbit_helpers", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -163,6 +208,29 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calibration-eps", nargs="+", default=["cpu"], help="modelopt: cpu | cuda:0 | trt")
     q.add_argument("--high-precision-dtype", choices=["fp32", "fp16"], default="fp32")
     q.set_defaults(func=_cmd_quantize_int8)
+
+    s = sub.add_parser("sensitivity", help="per-Conv sensitivity of a raw-head ONNX (alone / kept, raw-head SQNR)")
+    s.add_argument("model")
+    s.add_argument("--format", nargs="+", default=["w4a16"], choices=["w8a8", "w4a16", "w4a8", "fp8"])
+    s.add_argument("--coco-root", required=True, help="its calibration list gives the (evaluation-disjoint) images")
+    s.add_argument("--calib-list", default="calib160.txt", help="relative to --coco-root")
+    s.add_argument("--images", type=int, default=64, help="sweep images: list entries [R, R+N)")
+    s.add_argument("--range-images", type=int, default=32, help="activation ranges from list entries [0, R)")
+    s.add_argument("--directions", nargs="+", default=["alone", "kept"], choices=["alone", "kept"])
+    s.add_argument("--chunk", type=int, default=8, help="images per cache chunk (bounds memory)")
+    s.add_argument("--naive-check", type=int, default=2, help="Convs per format also computed naively")
+    s.add_argument("--threads", type=int, default=2)
+    s.add_argument("--out", required=True, help="sens.json")
+    s.set_defaults(func=_cmd_sensitivity)
+
+    c = sub.add_parser("schemes", help="top-K and budgeted mixed-precision schemes from a sensitivity file")
+    c.add_argument("sens", help="the JSON `sensitivity` wrote")
+    c.add_argument("--out-dir", required=True)
+    c.add_argument("--top-k", nargs="+", type=int, default=[0, 5, 10, 20])
+    c.add_argument("--budgets", nargs="+", type=float, default=[25, 50, 75, 90], help="percent of conv weights in 4-bit")
+    c.add_argument("--low", default="w4a8", choices=["w4a16", "w4a8"], help="4-bit format of budgeted schemes")
+    c.add_argument("--high", default="w8a8", choices=["w8a8", "fp8"], help="8-bit format of budgeted schemes")
+    c.set_defaults(func=_cmd_schemes)
 
     b = sub.add_parser("bench", help="time ONNX models in one process with the same session options")
     b.add_argument("models", nargs="+")

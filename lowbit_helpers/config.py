@@ -104,6 +104,28 @@ class Int8Cfg(_Section):
     fidelity_images: int = Field(16, ge=1, description="evaluation images for the raw-head SQNR / cosine")
 
 
+Fmt = Literal["w8a8", "w4a16", "w4a8", "fp8"]
+
+
+class SensitivityCfg(_Section):
+    enabled: bool = True
+    formats: list[Fmt] = Field(default_factory=lambda: ["w8a8", "w4a16", "w4a8"])
+    directions: list[Literal["alone", "kept"]] = Field(default_factory=lambda: ["alone", "kept"])
+    range_images: int = Field(32, ge=1, description="calibration images [0, R) for the activation ranges")
+    images: int = Field(64, ge=1, description="sweep images: calibration images [R, R+N), evaluation-disjoint")
+    chunk: int = Field(8, ge=1, description="images per cache chunk (bounds memory)")
+    naive_check: int = Field(2, ge=0, description="Convs per format also computed naively (equality + naive cost)")
+    map_format: Fmt = "w4a8"
+    map_layers: int = Field(12, ge=0, description="layers scored by mAP (alone, map_format): half the most sensitive")
+    map_subset: str = "first:100"
+    proxy: bool = Field(True, description="the plan's Torch proxy sweep (alone, proxy_format) and its transfer")
+    proxy_format: Fmt = "w4a8"
+    top_k: list[int] = Field(default_factory=lambda: [0, 5, 10, 20])
+    budgets: list[float] = Field(default_factory=lambda: [25.0, 50.0, 75.0, 90.0])
+    budget_low: Fmt = "w4a8"
+    budget_high: Fmt = "w8a8"
+
+
 class OutputCfg(_Section):
     runs_dir: str = "runs"
     reports_dir: str = "reports"
@@ -120,6 +142,7 @@ class Config(_Section):
     latency: LatencyCfg = LatencyCfg()
     parity: ParityCfg = ParityCfg()
     int8: Int8Cfg = Int8Cfg()
+    sensitivity: SensitivityCfg = SensitivityCfg()
     output: OutputCfg = OutputCfg()
 
     def resolved(self, base: str | Path | None = None) -> "Config":

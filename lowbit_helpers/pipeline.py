@@ -88,6 +88,10 @@ def run_pipeline(params_path: str | Path, run_id: str | None = None, progress: b
     for name in ("summary.md",):
         if (run.path / name).is_file():
             shutil.copyfile(run.path / name, report_dir / name)
+    schemes = run.path / "schemes"
+    if schemes.is_dir():  # the scheme files are a product of the run: they travel with the report
+        shutil.rmtree(report_dir / "schemes", ignore_errors=True)
+        shutil.copytree(schemes, report_dir / "schemes")
     with atomic_path(report) as tmp:
         shutil.copyfile(html_dir / f"{REPORT_NOTEBOOK}.html", tmp)
     return report

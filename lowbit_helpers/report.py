@@ -115,7 +115,7 @@ def provenance(run: RunDir) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def write_summary(run: RunDir, int8_result: dict | None = None) -> str:
+def write_summary(run: RunDir, int8_result: dict | None = None, sensitivity_result: dict | None = None) -> str:
     """``summary.md`` in the run directory: the tables of this report as markdown."""
     parts = [f"# {run.cfg.name}: YOLOv10 low-bit report", "", run.cfg.description.strip(), ""]
     parts += ["## Model", "", model_table(read_json(run.artifact(stages.MODEL_INFO))).to_markdown(), ""]
@@ -126,6 +126,12 @@ def write_summary(run: RunDir, int8_result: dict | None = None) -> str:
         parts += [pt.drop(columns=["what"]).to_markdown(), ""]
     if int8_result and "skipped" not in int8_result:
         parts += ["## INT8 baselines", "", int8_table(int8_result).to_markdown(), "", int8_conclusion(int8_result), ""]
+    if sensitivity_result and "skipped" not in sensitivity_result:
+        from . import report_sensitivity as rs
+
+        parts += ["## Per-layer sensitivity", "", rs.cost_table(sensitivity_result).to_markdown(), "",
+                  rs.conclusion(sensitivity_result), "", "Schemes (JSON in `schemes/` beside this report):", "",
+                  rs.scheme_table(sensitivity_result["schemes"], sensitivity_result["sensitivity"]["params"]).to_markdown(), ""]  # fmt: skip
     text = "\n".join(parts)
     from .artifacts import atomic_path
 

@@ -1,0 +1,138 @@
+"""Numeric formats of the sensitivity sweep and the mixed schemes, as fake quantization.
+
+A format is a weight precision plus an activation precision for a Conv:
+
+* ``w8a8``: int8 weights (per output channel, symmetric) and uint8 input activations
+  (per tensor, asymmetric, range from calibration) - what ORT / TensorRT INT8 deploy;
+* ``w4a16``: int4 weights (per output channel, symmetric), float activations;
+* ``w4a8``: int4 weights and uint8 input activations;
+* ``fp8``: float8 e4m3 weights (per output channel scale) and float8 e4m3 input
+  activations (per tensor scale), through ONNX QuantizeLinear / DequantizeLinear, which
+  ONNX Runtime runs on CPU.
+
+Weights are rounded in numpy (the float Conv then sees exactly the dequantized values) and
+activations go through a QuantizeLinear -> DequantizeLinear pair inserted in front of the
+Conv, so ORT computes the same numbers a real low-bit kernel would, in float. No installed
+library fake-quantizes individual nodes of an ONNX graph (ORT and ModelOpt quantize whole
+graphs into deployable Q/DQ), hence this small module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+FP8_MAX = 448.0  # largest finite float8 e4m3fn
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str
+    weight_bits: int  # 4 or 8
+    act_bits: int | None  # 8, or None for float activations
+    fp8: bool = False
+
+    @property
+    def bits_saved(self) -> int:
+        """Bits per weight saved against 8-bit weights (what a budget of 4-bit weights buys)."""
+        return 8 - self.weight_bits
+
+
+FORMATS = {
+    "w8a8": Format("w8a8", 8, 8),
+    "w4a16": Format("w4a16", 4, None),
+    "w4a8": Format("w4a8", 4, 8),
+    "fp8": Format("fp8", 8, 8, fp8=True),
+}
+
+
+def get_format(name: str) -> Format:
+    from ..errors import LowbitError
+
+    if name not in FORMATS:
+        raise LowbitError(f"unknown format {name!r}", f"use one of {sorted(FORMATS)}")
+    return FORMATS[name]
+
+
+def quantize_weight(w: np.ndarray, fmt: Format) -> np.ndarray:
+    """Fake-quantized copy of a Conv weight [Cout, Cin/g, kh, kw], one scale per output channel.
+
+    Integer formats are symmetric with the narrow range (int8 -127..127, int4 -7..7) and the
+    scale max|w| / qmax of the channel; fp8 scales the channel's max to 448 and rounds to e4m3.
+    """
+    w = np.asarray(w, dtype=np.float32)
+    amax = np.abs(w).reshape(w.shape[0], -1).max(axis=1).reshape(-1, *([1] * (w.ndim - 1)))
+    amax = np.where(amax == 0, 1.0, amax).astype(np.float32)
+    if fmt.fp8:
+        import ml_dtypes
+
+        scale = amax / FP8_MAX
+        return ((w / scale).astype(ml_dtypes.float8_e4m3fn).astype(np.float32) * scale).astype(np.float32)
+    qmax = 2 ** (fmt.weight_bits - 1) - 1
+    scale = amax / qmax
+    return (np.clip(np.round(w / scale), -qmax, qmax) * scale).astype(np.float32)
+
+
+def activation_qparams(lo: float, hi: float, fmt: Format) -> tuple[np.ndarray, np.ndarray]:
+    """Scale and zero point (ONNX tensors' values) of one activation tensor with range [lo, hi]."""
+    if fmt.fp8:
+        amax = max(abs(lo), abs(hi), 1e-8)
+        return np.array(amax / FP8_MAX, np.float32), np.array(0, np.float32)
+    lo, hi = min(lo, 0.0), max(hi, 0.0)  # the range must hold 0 exactly (padding, ReLU zeros)
+    qmax = 2**fmt.act_bits - 1
+    scale = max(hi - lo, 1e-8) / qmax
+    zero = int(np.clip(np.round(-lo / scale), 0, qmax))
+    return np.array(scale, np.float32), np.array(zero, np.uint8)
+
+
+def apply_format(model: onnx.ModelProto, convs: set[str] | list[str], fmt: Format, ranges: dict) -> onnx.ModelProto:
+    """Copy of ``model`` in which the named Conv nodes compute in ``fmt`` (fake-quantized).
+
+    ``ranges`` maps each Conv's input tensor name to its calibrated (min, max); it is only
+    read for formats with quantized activations. Names of existing tensors do not change,
+    so a sub-graph and the full graph can be perturbed alike.
+    """
+    convs = set(convs)
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    inits = {i.name: i for i in g.initializer}
+    new_nodes = []
+    done = set()
+    for node in g.node:
+        if node.op_type == "Conv" and node.name in convs:
+            done.add(node.name)
+            w_name = node.input[1]
+            wq = numpy_helper.from_array(quantize_weight(numpy_helper.to_array(inits[w_name]), fmt), f"{w_name}::{fmt.name}")
+            g.initializer.append(wq)
+            node.input[1] = wq.name
+            if fmt.act_bits is not None:
+                x = node.input[0]
+                if x not in ranges:
+                    raise KeyError(f"no calibrated range for {x} (input of {node.name})")
+                scale, zero = activation_qparams(*ranges[x], fmt)
+                s_name, z_name, q_name, dq_name = (f"{node.name}::{fmt.name}::{k}" for k in ("scale", "zero", "q", "dq"))
+                g.initializer.append(numpy_helper.from_array(scale, s_name))
+                if fmt.fp8:
+                    z = helper.make_tensor(z_name, onnx.TensorProto.FLOAT8E4M3FN, [], [0.0])
+                else:
+                    z = numpy_helper.from_array(zero, z_name)
+                g.initializer.append(z)
+                new_nodes.append(helper.make_node("QuantizeLinear", [x, s_name, z_name], [q_name], name=q_name))
+                new_nodes.append(helper.make_node("DequantizeLinear", [q_name, s_name, z_name], [dq_name], name=dq_name))
+                node.input[0] = dq_name
+        new_nodes.append(node)
+    missing = convs - done
+    if missing:
+        raise KeyError(f"Conv node(s) not in the graph: {sorted(missing)[:5]}")
+    del g.node[:]
+    g.node.extend(new_nodes)
+    # drop float weights no Conv reads any more (keeps perturbed copies small)
+    used = {i for n in g.node for i in n.input}
+    keep = [i for i in g.initializer if i.name in used]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    return out

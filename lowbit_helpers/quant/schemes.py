@@ -1,0 +1,118 @@
+"""Mixed-precision schemes chosen from a sensitivity file: node -> precision, as JSON.
+
+Two families (notebook 04 states the rules beside the list):
+
+* ``top-K`` for a format F: every Conv in F except the K layers whose float precision buys
+  the most (largest *kept* gain, i.e. SQNR of all-in-F with the layer kept minus SQNR of
+  all-in-F; the *alone* SQNR ranks when no *kept* sweep exists), which stay in ``fp32``.
+* ``budget-P``: at least P % of the conv weight parameters in 4-bit (``low`` format), the
+  rest in 8-bit (``high`` format). The cost of moving a layer to 4-bit is the extra output
+  noise power it causes alone, ``noise(low) - noise(high)`` with ``noise = 10^(-SQNR/10)``
+  (noise powers of independent small perturbations add); the gain is its parameters x the
+  bits saved per weight. Greedy by cost per bit saved until the budget is reached, then
+  layers are dropped again, most costly first, while the budget still holds, so no layer
+  is in 4-bit that the budget does not need.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from ..artifacts import read_json, write_json
+from ..errors import LowbitError
+from .formats import FORMATS
+
+
+def _noise(sqnr_db: float) -> float:
+    return 0.0 if math.isinf(sqnr_db) else 10 ** (-sqnr_db / 10)
+
+
+def ranking(sens: dict, fmt: str) -> tuple[list[str], str]:
+    """Conv nodes, most sensitive first, for ``fmt``; and which direction ranked them."""
+    sweep = sens["formats"].get(fmt)
+    if sweep is None:
+        raise LowbitError(f"the sensitivity file has no {fmt} sweep (it has {sorted(sens['formats'])})",
+                          f"rerun `sensitivity` with --format {fmt}")  # fmt: skip
+    recs = sweep["records"]
+    if all("kept_sqnr_db" in r for r in recs.values()):
+        return sorted(recs, key=lambda n: -recs[n]["kept_sqnr_db"]), "kept"
+    return sorted(recs, key=lambda n: recs[n]["alone_sqnr_db"]), "alone"
+
+
+def top_k_scheme(sens: dict, fmt: str, k: int) -> dict:
+    order, direction = ranking(sens, fmt)
+    if not 0 <= k <= len(order):
+        raise LowbitError(f"top-K: K={k} is outside 0..{len(order)} for this graph", "choose K within that range")
+    keep = order[:k]
+    nodes = {n: ("fp32" if n in keep else fmt) for n in sens["convs"]}
+    return {"kind": "top-k", "name": f"{fmt}-top{k}", "format": fmt, "k": k, "fallback": "fp32",
+            "ranked_by": f"{fmt} {direction} SQNR", "kept": keep, "nodes": nodes}  # fmt: skip
+
+
+def budget_scheme(sens: dict, percent: float, low: str = "w4a8", high: str = "w8a8") -> dict:
+    if FORMATS[low].weight_bits >= FORMATS[high].weight_bits:
+        raise LowbitError(f"budget schemes need a lower-bit 'low' format than 'high' (got {low}, {high})",
+                          "use low: w4a8 (or w4a16) and high: w8a8")  # fmt: skip
+    for f in (low, high):
+        if f not in sens["formats"]:
+            raise LowbitError(f"the sensitivity file has no {f} sweep", f"rerun `sensitivity` with --format {f}")
+    params = sens["params"]
+    total = sum(params[n] for n in sens["convs"])
+    target = percent / 100 * total
+    lo, hi = sens["formats"][low]["records"], sens["formats"][high]["records"]
+    bits = FORMATS[high].weight_bits - FORMATS[low].weight_bits
+    cost = {n: max(0.0, _noise(lo[n]["alone_sqnr_db"]) - _noise(hi[n]["alone_sqnr_db"])) for n in sens["convs"]}
+    order = sorted(sens["convs"], key=lambda n: (cost[n] / (params[n] * bits), n))
+    chosen, covered = [], 0
+    for n in order:
+        if covered >= target:
+            break
+        chosen.append(n)
+        covered += params[n]
+    for n in sorted(chosen, key=lambda n: -cost[n]):  # drop what the budget does not need
+        if covered - params[n] >= target:
+            chosen.remove(n)
+            covered -= params[n]
+    nodes = {n: (low if n in chosen else high) for n in sens["convs"]}
+    return {"kind": "budget", "name": f"budget{int(percent)}-{low}-{high}", "budget_percent": percent,
+            "low": low, "high": high, "four_bit_params": covered, "conv_params": total,
+            "four_bit_fraction": covered / total, "predicted_noise": sum(cost[n] for n in chosen),
+            "rule": "greedy by (noise(low) - noise(high)) / (params x bits saved), then drop unneeded layers",
+            "nodes": nodes}  # fmt: skip
+
+
+def make_schemes(sens: dict, top_k: list[int], budgets: list[float], low: str = "w4a8", high: str = "w8a8",
+                 formats: list[str] | None = None) -> list[dict]:  # fmt: skip
+    """Every top-K scheme for each swept format (or ``formats``) and every budgeted scheme."""
+    calibration = sens.get("calibration", {})
+    out = []
+    for fmt in formats or list(sens["formats"]):
+        for k in top_k:
+            out.append(top_k_scheme(sens, fmt, k))
+    if low in sens["formats"] and high in sens["formats"]:
+        out += [budget_scheme(sens, p, low, high) for p in budgets]
+    for s in out:
+        s["calibration"] = calibration
+        s["source"] = {"model": sens.get("model"), "model_sha256": sens.get("model_sha256")}
+    return out
+
+
+def write_schemes(sens_path: str | Path, out_dir: str | Path, top_k: list[int], budgets: list[float],
+                  low: str = "w4a8", high: str = "w8a8") -> list[Path]:  # fmt: skip
+    """``schemes`` command: one JSON per scheme in ``out_dir``, plus ``index.json``."""
+    path = Path(sens_path)
+    if not path.is_file():
+        raise LowbitError(f"sensitivity file not found: {path}", "make one with `python -m lowbit_helpers sensitivity`")
+    sens = read_json(path)
+    if "formats" not in sens or "convs" not in sens:
+        raise LowbitError(f"{path} is not a sensitivity file (no 'formats' / 'convs')", "pass the JSON `sensitivity` wrote")
+    out_dir = Path(out_dir)
+    schemes = make_schemes(sens, top_k, budgets, low, high)
+    paths = []
+    for s in schemes:
+        p = out_dir / f"{s['name']}.json"
+        write_json(p, s)
+        paths.append(p)
+    write_json(out_dir / "index.json", [{"name": s["name"], "kind": s["kind"], "file": f"{s['name']}.json"} for s in schemes])
+    return paths
