@@ -76,6 +76,8 @@ class Int8Variant(_Section):
     backend: Literal["ort", "modelopt"]
     method: Literal["avgminmax", "minmax", "percentile", "entropy", "max"]
     head_policy: Literal["none", "conservative", "head"] = "conservative"
+    keep_sensitive: int = Field(0, ge=0, description="also keep the N Convs with the largest w8a8 kept gain "
+                                "(notebook 04's sweep, computed on first need) in float")
 
 
 def _default_variants() -> list[Int8Variant]:
@@ -83,6 +85,7 @@ def _default_variants() -> list[Int8Variant]:
         Int8Variant(name="ort-minmax-naive", backend="ort", method="minmax", head_policy="none"),
         Int8Variant(name="ort-minmax", backend="ort", method="minmax"),
         Int8Variant(name="ort-avgminmax", backend="ort", method="avgminmax"),
+        Int8Variant(name="ort-avgminmax-keep6", backend="ort", method="avgminmax", keep_sensitive=6),
         Int8Variant(name="ort-percentile", backend="ort", method="percentile"),
         Int8Variant(name="ort-entropy", backend="ort", method="entropy"),
         Int8Variant(name="modelopt-max", backend="modelopt", method="max"),

@@ -40,7 +40,6 @@ def graph_info(path: str | Path) -> dict:
             w = shapes.get(node.input[1])
             out = shapes.get(node.output[0])
             if w and out and all(isinstance(d, int) for d in out):
-                next((a.i for a in node.attribute if a.name == "group"), 1)
                 # w: [Cout, Cin/group, kh, kw]; every output element costs Cin/group * kh * kw MACs
                 m = int(np.prod(out)) * int(np.prod(w[1:]))
                 conv_macs[node.name] = m

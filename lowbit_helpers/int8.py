@@ -39,13 +39,29 @@ def check_variants(cfg: Config) -> None:
         seen.add(v.name)
 
 
-def quantize_command(cfg: Config, v: Int8Variant, model: Path, calib: Path, out: Path) -> list[str]:
+def sensitive_convs(run: RunDir, n: int) -> list[str]:
+    """The ``n`` Convs whose float precision buys the most in an all-w8a8 graph (notebook 04's sweep)."""
+    if n == 0:
+        return []
+    if "w8a8" not in run.cfg.sensitivity.formats:
+        raise LowbitError("an INT8 variant sets keep_sensitive, which ranks Convs by the w8a8 sensitivity sweep, "
+                          "but sensitivity.formats has no w8a8", "add w8a8 to sensitivity.formats")  # fmt: skip
+    from . import sweep
+    from .quant.schemes import ranking
+
+    order, _ = ranking(sweep.onnx_sweep(run), "w8a8")
+    return order[:n]
+
+
+def quantize_command(cfg: Config, v: Int8Variant, model: Path, calib: Path, out: Path,
+                     sensitive: list[str] = ()) -> list[str]:  # fmt: skip
     q = cfg.int8
     cmd = [sys.executable, "-m", "lowbit_helpers", "quantize-int8", str(model), "--backend", v.backend,
            "--method", v.method, "--calib-npy", str(calib), "--images", str(q.calib_images or cfg.data.calib_images),
            "--head-policy", v.head_policy, "--out", str(out)]  # fmt: skip
-    if q.exclude_nodes:
-        cmd += ["--exclude", *q.exclude_nodes]
+    exclude = list(q.exclude_nodes) + [n for n in sensitive if n not in q.exclude_nodes]
+    if exclude:
+        cmd += ["--exclude", *exclude]
     if v.backend == "ort":
         cmd += ["--percentile", str(q.percentile), "--stride", str(q.calib_stride)]
     else:
@@ -73,7 +89,7 @@ def quantize_variant(run: RunDir, v: Int8Variant) -> dict:
     model, calib = run.artifact(stages.MODEL), run.artifact(stages.CALIB)
     rel = f"onnx/{v.name}.onnx"
     out = run.file(rel)
-    cmd = quantize_command(cfg, v, model, calib, out)
+    cmd = quantize_command(cfg, v, model, calib, out, sensitive_convs(run, v.keep_sensitive))
     key = stage_key({"cmd": cmd[3:], "versions": stages.versions()}, [model, calib])
     outputs = [rel, f"onnx/{v.name}.recipe.json", f"onnx/{v.name}.log"]
     if not run.is_fresh(f"int8:{v.name}", key):

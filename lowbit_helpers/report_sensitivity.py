@@ -14,7 +14,7 @@ def _gain(rec: dict, all_db: float) -> float:
 
 
 def layer_frame(result: dict) -> pd.DataFrame:
-    """One row per Conv in network order, with every format's alone SQNR and kept gain (dB)."""
+    """One row per Conv in network (layer) order, with every format's alone SQNR and kept gain (dB)."""
     rows = []
     sens = result["sensitivity"]
     for i, layer in enumerate(result["layers"]):
@@ -25,7 +25,11 @@ def layer_frame(result: dict) -> pd.DataFrame:
             row[f"{fmt} alone dB"] = rec.get("alone_sqnr_db", math.nan)
             row[f"{fmt} kept gain dB"] = _gain(rec, sweep["all_sqnr_db"])
         rows.append(row)
-    return pd.DataFrame(rows)
+    # network order = Ultralytics layer order (the ONNX graph interleaves the head's branches
+    # with the neck's last layers); within a layer, graph order
+    df = pd.DataFrame(rows).sort_values(["layer", "#"], kind="stable").reset_index(drop=True)
+    df["#"] = range(len(df))
+    return df
 
 
 def cost_table(result: dict) -> pd.DataFrame:

@@ -244,3 +244,19 @@ def test_cli_sensitivity_on_yolov10n(yolov10n_onnx, coco_root, tmp_path, capsys)
     assert main(["sensitivity", str(yolov10n_onnx), "--coco-root", str(coco_root), "--images", "200",
                  "--out", str(tmp_path / "x.json")]) == 2  # fmt: skip
     assert "lists 160 images" in capsys.readouterr().err
+
+
+def test_keep_sensitive_needs_a_w8a8_sweep():
+    from types import SimpleNamespace
+
+    from lowbit_helpers.config import parse_config
+    from lowbit_helpers.int8 import quantize_command, sensitive_convs
+
+    cfg = parse_config({"name": "x", "sensitivity": {"formats": ["w4a16"]},
+                        "int8": {"variants": [{"name": "k", "backend": "ort", "method": "avgminmax", "keep_sensitive": 3}]}})  # fmt: skip
+    run = SimpleNamespace(cfg=cfg)
+    assert sensitive_convs(run, 0) == []
+    with pytest.raises(LowbitError, match="no w8a8"):
+        sensitive_convs(run, 3)
+    cmd = quantize_command(cfg, cfg.int8.variants[0], "m.onnx", "c.npy", "o.onnx", ["/model.0/conv/Conv"])
+    assert cmd[cmd.index("--exclude") + 1 :][:1] == ["/model.0/conv/Conv"]
