@@ -76,8 +76,8 @@ class Int8Variant(_Section):
     backend: Literal["ort", "modelopt"]
     method: Literal["avgminmax", "minmax", "percentile", "entropy", "max"]
     head_policy: Literal["none", "conservative", "head"] = "conservative"
-    keep_sensitive: int = Field(0, ge=0, description="also keep the N Convs with the largest w8a8 kept gain "
-                                "(notebook 04's sweep, computed on first need) in float")
+    keep_sensitive: int = Field(0, ge=0, description="also exclude the N Convs with the largest w8a8 kept gain "
+                                "(notebook 04's sweep, computed on first need) from quantization")
 
 
 def _default_variants() -> list[Int8Variant]:

@@ -40,7 +40,14 @@ def check_variants(cfg: Config) -> None:
 
 
 def sensitive_convs(run: RunDir, n: int) -> list[str]:
-    """The ``n`` Convs whose float precision buys the most in an all-w8a8 graph (notebook 04's sweep)."""
+    """The ``n`` Convs whose float precision buys the most in an all-w8a8 graph (notebook 04's sweep).
+
+    They are excluded from quantization: ``quantize_static`` puts no Q/DQ on them. ORT (1.24)
+    then re-quantizes at load time the weights of an excluded Conv whose input and output are
+    still Q/DQ (its WeightBiasQuantization transformer) and fuses it into QLinearConv after all;
+    what stays float is the activation quantization around the excluded nodes. The table's
+    QLinearConv column counts what ORT really runs, and accuracy and latency are measured on it.
+    """
     if n == 0:
         return []
     if "w8a8" not in run.cfg.sensitivity.formats:
