@@ -99,6 +99,8 @@ def scatter_figure(proxy: dict, check: dict):
     """Torch proxy vs ONNX SQNR, and the cheap metric vs mAP of the checked layers."""
     import matplotlib.pyplot as plt
 
+    proxy = proxy if proxy.get("rows") else {"skipped": "no mapped layers"}
+    check = check if check.get("rows") else {"skipped": "no layers checked"}
     panels = [p for p in (proxy, check) if "skipped" not in p]
     if not panels:
         return None
