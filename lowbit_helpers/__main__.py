@@ -10,6 +10,18 @@ from pathlib import Path
 from .errors import LowbitError
 
 
+def _raw_onnx(path: str, check_output: bool = True) -> Path:
+    """The model argument of a command: an existing raw-head ONNX, or one clear error."""
+    model = Path(path)
+    if not model.is_file():
+        raise LowbitError(f"model not found: {model}", "give an existing raw-head .onnx")
+    if check_output:
+        from .assets import validate_raw_onnx
+
+        validate_raw_onnx(model)
+    return model
+
+
 def _cmd_run(args) -> int:
     from .pipeline import run_pipeline
 
@@ -35,14 +47,10 @@ def _cmd_export(args) -> int:
 
 def _cmd_evaluate(args) -> int:
     from .artifacts import write_json
-    from .assets import validate_raw_onnx
     from .config import parse_config
     from .stages import evaluate_model
 
-    model = Path(args.model)
-    if not model.is_file():
-        raise LowbitError(f"model not found: {model}", "give an existing raw-head .onnx")
-    validate_raw_onnx(model)
+    model = _raw_onnx(args.model)
     subset = args.subset or (f"first:{args.max_images}" if args.max_images else "all")
     cfg = parse_config({
         "name": "evaluate",
@@ -85,9 +93,7 @@ def _cmd_quantize_int8(args) -> int:
     from .data import calibration_tensor, read_image_list
     from .quant.calibration import load_calibration
 
-    model = Path(args.model)
-    if not model.is_file():
-        raise LowbitError(f"model not found: {model}", "give an existing raw-head .onnx")
+    model = _raw_onnx(args.model, check_output=False)
     if args.calib_npy:
         calib = load_calibration(args.calib_npy, args.images)
     else:
@@ -113,15 +119,11 @@ def _cmd_quantize_int8(args) -> int:
 
 def _cmd_sensitivity(args) -> int:
     from .artifacts import write_json
-    from .assets import validate_raw_onnx
     from .data import calibration_tensor, read_image_list
     from .quant.formats import get_format
     from .quant.sensitivity import measure
 
-    model = Path(args.model)
-    if not model.is_file():
-        raise LowbitError(f"model not found: {model}", "give an existing raw-head .onnx")
-    validate_raw_onnx(model)
+    model = _raw_onnx(args.model)
     formats = [get_format(f) for f in args.format]
     paths = read_image_list(Path(args.coco_root) / args.calib_list)
     need = args.range_images + args.images

@@ -148,7 +148,7 @@ def scheme_table(schemes: list[dict], params: dict) -> pd.DataFrame:
         rows.append({"scheme": s["name"], "kind": s["kind"],
                      "layers per precision": ", ".join(f"{k} {v}" for k, v in sorted(counts.items())),
                      "4-bit weight share %": round(100 * four / total, 2),
-                     "rule": s.get("ranked_by") and f"keep top {s['k']} by {s['ranked_by']} in fp32" or s.get("rule", "")})  # fmt: skip
+                     "rule": f"keep top {s['k']} by {s['ranked_by']} in fp32" if s["kind"] == "top-k" else s["rule"]})  # fmt: skip
     return pd.DataFrame(rows).set_index("scheme")
 
 

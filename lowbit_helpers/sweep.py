@@ -189,7 +189,7 @@ def torch_proxy(run: RunDir, sens: dict) -> dict:
         result = torch_sweep(tm, modules, images, get_format(s.proxy_format), ranges, s.chunk)
         result["seconds_with_ranges"] = time.perf_counter() - t0
         onnx_recs = sens["formats"][s.proxy_format]["records"]
-        pairs = [(node, mod) for node, mod in mapping["mapping"].items()]
+        pairs = list(mapping["mapping"].items())
         onnx_vals = [onnx_recs[n]["alone_sqnr_db"] for n, _ in pairs]
         torch_vals = [result["sqnr_db"][m] for _, m in pairs]
         onnx_rank = {n: r for r, n in enumerate(sorted(onnx_recs, key=lambda c: onnx_recs[c]["alone_sqnr_db"]), 1)}
