@@ -83,6 +83,18 @@ def _cmd_bench(args) -> int:
     for r in rows:
         r["environment"] = env
         print(f"{r['model']}: median {r['median_ms']:.1f} ms, p90 {r['p90_ms']:.1f} ms, x{r['ratio_to_first']:.3f}")
+    if args.profile:
+        from .runtime import compare_profiles, profile_model
+
+        print(f"ORT profiler, {args.profile} runs each; int8 ISA of this CPU: {', '.join(env['cpu_int8_isa']) or 'none'}")
+        profiles = [profile_model(m, args.threads, args.providers, args.profile) for m in args.models]
+        for r, prof in zip(rows, profiles):
+            cmp = compare_profiles(profiles[0], prof)
+            r["profile"], r["profile_vs_first"] = prof, cmp
+            top = ", ".join(f"{op} {ms:.1f}" for op, ms in list(prof["by_op_type"].items())[:4])
+            print(f"{r['model']}: kernels {prof['kernel_ms']:.1f} ms (x{cmp['kernel_ratio']:.3f}); "
+                  f"Conv kernels {cmp['conv_ms'][1]:.1f} ms (x{cmp['conv_ratio']:.3f} over {cmp['convs_matched']} Convs); "
+                  f"top: {top}")  # fmt: skip
     write_json(args.out, rows)
     return 0
 
@@ -206,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--exclude", nargs="*", default=[], help="ONNX node names kept in float")
     q.add_argument("--exclude-op-type", nargs="*", default=[], help="modelopt: op types kept in float")
     q.add_argument("--percentile", type=float, default=99.999)
-    q.add_argument("--stride", type=int, default=4, help="ort: calibration images per slice (bounds memory)")
+    q.add_argument("--stride", type=int, default=1, help="ort percentile/entropy: calibration images per histogram slice (bounds memory)")
     q.add_argument("--calibration-eps", nargs="+", default=["cpu"], help="modelopt: cpu | cuda:0 | trt")
     q.add_argument("--high-precision-dtype", choices=["fp32", "fp16"], default="fp32")
     q.set_defaults(func=_cmd_quantize_int8)
@@ -240,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--providers", nargs="+", default=["CPUExecutionProvider"])
     b.add_argument("--warmup", type=int, default=10)
     b.add_argument("--runs", type=int, default=50)
+    b.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="also run each model N times under ORT's profiler: time per op type, Conv kernels vs the first model")  # fmt: skip
     b.add_argument("--out", required=True, help="bench.json")
     b.set_defaults(func=_cmd_bench)
     return p

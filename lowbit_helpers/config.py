@@ -63,6 +63,7 @@ class RuntimeCfg(_Section):
 class LatencyCfg(_Section):
     warmup: int = Field(10, ge=0)
     runs: int = Field(50, ge=1)
+    profile_runs: int = Field(5, ge=0, description="runs per model under ORT's profiler (0: none): where the time goes")
 
 
 class ParityCfg(_Section):
@@ -100,7 +101,7 @@ class Int8Cfg(_Section):
     exclude_nodes: list[str] = Field(default_factory=list, description="ONNX node names kept in float (all variants)")
     exclude_op_types: list[str] = Field(default_factory=list, description="ModelOpt: op types kept in float")
     percentile: float = Field(99.999, gt=90.0, le=100.0)
-    calib_stride: int = Field(4, ge=1, description="images per calibration slice (bounds calibration memory)")
+    calib_stride: int = Field(1, ge=1, description="images per calibration slice of the histogram methods (bounds memory)")
     calibration_eps: list[str] = Field(default_factory=lambda: ["cpu"], description="ModelOpt: cpu | cuda:0 | trt")
     high_precision_dtype: Literal["fp32", "fp16"] = "fp32"
     eval_subsets: list[str] = Field(default_factory=lambda: ["val100", "val500"])

@@ -69,8 +69,10 @@ def quantize_command(cfg: Config, v: Int8Variant, model: Path, calib: Path, out:
     exclude = list(q.exclude_nodes) + [n for n in sensitive if n not in q.exclude_nodes]
     if exclude:
         cmd += ["--exclude", *exclude]
-    if v.backend == "ort":
-        cmd += ["--percentile", str(q.percentile), "--stride", str(q.calib_stride)]
+    if v.backend == "ort" and v.method == "percentile":
+        cmd += ["--percentile", str(q.percentile)]
+    if v.backend == "ort" and v.method in ("percentile", "entropy"):  # only histograms need slices to bound memory
+        cmd += ["--stride", str(q.calib_stride)]
     else:
         cmd += ["--calibration-eps", *q.calibration_eps, "--high-precision-dtype", q.high_precision_dtype]
         if q.exclude_op_types:
@@ -163,22 +165,32 @@ def validate_variant(run: RunDir, v: Int8Variant) -> dict:
     return read_json(run.artifact(rel))
 
 
-def latency(run: RunDir) -> list[dict]:
-    """FP32 and every variant, timed in one process with the same session options."""
-    from .runtime import bench_models, environment
+def latency(run: RunDir) -> dict:
+    """FP32 and every variant, timed in one process with the same session options.
+
+    With ``latency.profile_runs`` each model also runs under ORT's profiler, which says where
+    the time goes (per operator type, and Conv by Conv against FP32).
+    """
+    from .runtime import bench_models, environment, profile_model
 
     cfg = run.cfg
+    names = ["fp32"] + [v.name for v in cfg.int8.variants]
     models = [run.artifact(stages.MODEL)] + [run.artifact(f"onnx/{v.name}.onnx") for v in cfg.int8.variants]
     params = {"runtime": cfg.runtime.model_dump(), "latency": cfg.latency.model_dump()}
     key = stage_key(params, models)
     rel = "int8-coco/latency.json"
     if not run.is_fresh("int8-latency", key):
-        rows = bench_models(models, cfg.runtime.threads, cfg.runtime.providers, cfg.latency.warmup, cfg.latency.runs)
-        for r, name in zip(rows, ["fp32"] + [v.name for v in cfg.int8.variants]):
+        lat = cfg.latency
+        rows = bench_models(models, cfg.runtime.threads, cfg.runtime.providers, lat.warmup, lat.runs)
+        for r, name in zip(rows, names):
             r["name"] = name
-        write_json(run.file(rel), {"rows": rows, "environment": environment()})
+        profiles = {}
+        if lat.profile_runs:
+            profiles = {name: profile_model(m, cfg.runtime.threads, cfg.runtime.providers, lat.profile_runs)
+                        for name, m in zip(names, models)}  # fmt: skip
+        write_json(run.file(rel), {"rows": rows, "profiles": profiles, "environment": environment()})
         run.finish("int8-latency", key, [rel], params)
-    return read_json(run.artifact(rel))["rows"]
+    return read_json(run.artifact(rel))
 
 
 def run_int8(run: RunDir) -> dict:
@@ -200,4 +212,6 @@ def run_int8(run: RunDir) -> dict:
                                    "size_bytes": q.stat().st_size}  # fmt: skip
     else:
         validations = {v.name: validate_variant(run, v) for v in cfg.int8.variants}
-    return {"recipes": recipes, "validations": validations, "latency": latency(run), "structure_only": info["structure_only"]}
+    lat = latency(run)
+    return {"recipes": recipes, "validations": validations, "latency": lat["rows"], "profiles": lat.get("profiles", {}),
+            "environment": lat["environment"], "structure_only": info["structure_only"]}  # fmt: skip

@@ -126,6 +126,9 @@ def write_summary(run: RunDir, int8_result: dict | None = None, sensitivity_resu
         parts += [pt.drop(columns=["what"]).to_markdown(), ""]
     if int8_result and "skipped" not in int8_result:
         parts += ["## INT8 baselines", "", int8_table(int8_result).to_markdown(), "", int8_conclusion(int8_result), ""]
+        breakdown = latency_breakdown(int8_result)
+        if breakdown is not None:
+            parts += ["Where the time goes (ORT profiler, kernel time per run):", "", breakdown.to_markdown(), ""]
     if sensitivity_result and "skipped" not in sensitivity_result:
         from . import report_sensitivity as rs
 
@@ -202,11 +205,62 @@ def _tidy(df: pd.DataFrame) -> pd.DataFrame:
     return df.astype(object).apply(lambda col: col.map(fmt))
 
 
+def latency_breakdown(result: dict) -> pd.DataFrame | None:
+    """Where each model's time goes under ORT's profiler: Conv kernels against FP32's, and the rest.
+
+    The INT8 speed-up is bounded by the Conv kernels' ratio, which depends on the CPU's int8
+    instructions (``cpu_int8_isa``), and by what the Q/DQ graph adds outside the Convs
+    (QLinearSigmoid + QLinearMul for SiLU instead of FP32's fused QuickGelu, for instance).
+    """
+    from .runtime import compare_profiles
+
+    profiles = result.get("profiles") or {}
+    if "fp32" not in profiles:
+        return None
+    fp32 = profiles["fp32"]
+    rows = []
+    for name, prof in profiles.items():
+        cmp = compare_profiles(fp32, prof)
+        others = [(op, ms) for op, ms in prof["by_op_type"].items() if op not in ("Conv", "FusedConv", "QLinearConv")]
+        rows.append({
+            "model": name,
+            "kernel ms": round(prof["kernel_ms"], 1),
+            "× FP32": round(cmp["kernel_ratio"], 3),
+            "Conv ms": round(cmp["conv_ms"][1], 1),
+            "Conv × FP32": round(cmp["conv_ratio"], 3),
+            "other ms": round(cmp["other_ms"][1], 1),
+            "other × FP32": round(cmp["other_ms"][1] / cmp["other_ms"][0], 3) if cmp["other_ms"][0] else math.nan,
+            "largest other kernels (ms)": ", ".join(f"{op} {ms:.1f}" for op, ms in others[:3]),
+            "Convs slower than FP32": len(cmp["slower_convs"]),
+        })  # fmt: skip
+    return _tidy(pd.DataFrame(rows).set_index("model"))
+
+
+def _isa_sentence(result: dict) -> str:
+    isa = (result.get("environment") or {}).get("cpu_int8_isa")
+    if isa is None:
+        return ""
+    vnni = [f for f in isa if "vnni" in f or "amx" in f]
+    return (f" This CPU's int8 instructions: {', '.join(isa) or 'none detected'}"
+            + ("." if vnni else " (no VNNI: ORT's u8s8 kernels multiply through vpmaddubsw, far slower than vpdpbusd)."))  # fmt: skip
+
+
 def int8_conclusion(result: dict, target_points: float = 0.5) -> str:
     """Which variant to ship for CPU and for TensorRT, computed from the measurements."""
-    if result.get("structure_only"):
-        return "Structure-only model: no accuracy, so no recommendation; latency and fusion above are real."
     lat = {r["name"]: r["median_ms"] for r in result["latency"]}
+    if result.get("structure_only"):
+        text = "Structure-only model: no accuracy, so no recommendation; latency and fusion above are real."
+        ort = [n for n in result["validations"] if result["recipes"][n]["backend"] == "ort"]
+        if ort:
+            fastest = min(ort, key=lat.get)
+            text += f" Fastest ORT variant: `{fastest}` at {lat[fastest] / lat['fp32']:.3f}× FP32 latency."
+            profiles = result.get("profiles") or {}
+            if "fp32" in profiles and fastest in profiles:
+                from .runtime import compare_profiles
+
+                cmp = compare_profiles(profiles["fp32"], profiles[fastest])
+                text += f" Its Conv kernels take {cmp['conv_ratio']:.2f}× the time of FP32's." + _isa_sentence(result)
+        return text
     vals = result["validations"]
     subset = list(next(iter(vals.values()))["coco"])[-1]  # the last (largest) evaluation subset
 
@@ -225,6 +279,16 @@ def int8_conclusion(result: dict, target_points: float = 0.5) -> str:
             f"{vals[best]['ort_cpu']['QLinearConv']} of {vals[best]['qdq']['Conv']} Convs as QLinearConv. "
             f"It {met} the {target_points}-point drop target."
         )  # fmt: skip
+        profiles = result.get("profiles") or {}
+        if "fp32" in profiles and best in profiles:
+            from .runtime import compare_profiles
+
+            cmp = compare_profiles(profiles["fp32"], profiles[best])
+            lines[-1] += (
+                f" Under ORT's profiler its Conv kernels take {cmp['conv_ratio']:.2f}× the time of FP32's and everything "
+                f"else {cmp['other_ms'][1] / cmp['other_ms'][0]:.2f}×, so the Conv kernels bound the speed-up."
+                + _isa_sentence(result)
+            )  # fmt: skip
     trt = [n for n in vals if result["recipes"][n]["backend"] == "modelopt"]
     if trt:
         best = max(trt, key=lambda n: delta(n)["delta"])

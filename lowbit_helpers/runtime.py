@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+import re
 import time
 from pathlib import Path
 
@@ -98,6 +99,97 @@ def bench_models(
     return rows
 
 
+def profile_model(model: str | Path, threads: int = 2, providers: list[str] | None = None, runs: int = 5,
+                  warmup: int = 2, seed: int = 0) -> dict:  # fmt: skip
+    """Where one inference spends its time: ORT's own profiler, summed per operator type and per Conv.
+
+    Kernel times (ms per run) come from the nodes of the graph ORT actually runs, after its
+    fusions. ORT renames fused nodes (``/model.0/conv/Conv_token_44``, ``..._output_0_nchwc``),
+    so each Conv-like kernel is keyed by the ONNX Conv it came from (:func:`conv_key`).
+    """
+    import json
+    import tempfile
+
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.log_severity_level = 3
+        so.enable_profiling = True
+        so.profile_file_prefix = str(Path(tmp) / "profile")
+        session = ort.InferenceSession(str(model), sess_options=so, providers=providers or ["CPUExecutionProvider"])
+        shape = [d if isinstance(d, int) else 1 for d in session.get_inputs()[0].shape]
+        x = np.random.default_rng(seed).random(shape, dtype=np.float32)
+        for _ in range(warmup + runs):
+            run_head(session, x)
+        events = json.loads(Path(session.end_profiling()).read_text())
+    # ORT's profiler records every run, warm-up included: count only the kernels of the timed runs.
+    starts = sorted(e["ts"] for e in events if e.get("cat") == "Session" and e["name"] == "model_run")
+    if len(starts) != warmup + runs:
+        raise LowbitError(f"ORT's profile of {model} holds {len(starts)} runs, expected {warmup + runs}",
+                          "report this with the onnxruntime version")  # fmt: skip
+    cut_us = starts[warmup]
+    aliases = _conv_aliases(model)
+    by_op: dict[str, float] = {}
+    by_conv: dict[str, float] = {}
+    for e in events:
+        if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time") or e["ts"] < cut_us:
+            continue
+        op, ms = e["args"]["op_name"], e["dur"] / 1000.0 / runs
+        by_op[op] = by_op.get(op, 0.0) + ms
+        if op in ("Conv", "FusedConv", "QLinearConv", "ConvInteger"):
+            key = conv_key(e["name"][: -len("_kernel_time")], aliases)
+            by_conv[key] = by_conv.get(key, 0.0) + ms
+    return {"model": str(model), "runs": runs, "threads": threads, "kernel_ms": sum(by_op.values()),
+            "by_op_type": dict(sorted(by_op.items(), key=lambda kv: -kv[1])), "by_conv": by_conv}  # fmt: skip
+
+
+def conv_key(kernel_name: str, aliases: dict[str, str] | None = None) -> str:
+    """The ONNX Conv behind a kernel of ORT's optimized graph.
+
+    ORT names a QDQ-fused node ``<node>_token_<n>`` and an NCHWc-converted one
+    ``<output tensor>_nchwc``; ``aliases`` maps node and output names to the node's name.
+    """
+    base = re.sub(r"(_token_\d+|_nchwc)+$", "", kernel_name)
+    return (aliases or {}).get(base, base)
+
+
+def _conv_aliases(model: str | Path) -> dict[str, str]:
+    import onnx
+
+    graph = onnx.load(str(model), load_external_data=False).graph
+    aliases = {}
+    for n in graph.node:
+        if n.op_type == "Conv" and n.name:
+            aliases.update({n.name: n.name, n.output[0]: n.name})
+    return aliases
+
+
+def compare_profiles(reference: dict, other: dict) -> dict:
+    """Per-Conv and whole-graph time of ``other`` against ``reference`` (e.g. INT8 against FP32)."""
+    common = sorted(set(reference["by_conv"]) & set(other["by_conv"]))
+    ref_conv = sum(reference["by_conv"][k] for k in common)
+    oth_conv = sum(other["by_conv"][k] for k in common)
+    slower = sorted(((k, reference["by_conv"][k], other["by_conv"][k]) for k in common
+                     if other["by_conv"][k] > reference["by_conv"][k]), key=lambda r: r[1] - r[2])  # fmt: skip
+    return {
+        "convs_matched": len(common),
+        "conv_ms": [ref_conv, oth_conv],
+        "conv_ratio": oth_conv / ref_conv if ref_conv else float("nan"),
+        "other_ms": [reference["kernel_ms"] - ref_conv, other["kernel_ms"] - oth_conv],
+        "kernel_ratio": other["kernel_ms"] / reference["kernel_ms"],
+        "slower_convs": [{"conv": k, "reference_ms": a, "ms": b} for k, a, b in slower],
+    }
+
+
+# ISA extensions that decide how fast ORT's int8 kernels can be on x86: without VNNI, u8s8
+# GEMMs go through vpmaddubsw/vpmaddwd and gain far less over FP32 FMA than with vpdpbusd.
+INT8_ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8")
+
+
 def environment() -> dict:
     """What the numbers were measured on."""
     import os
@@ -108,10 +200,23 @@ def environment() -> dict:
         "python": platform.python_version(),
         "machine": platform.machine(),
         "processor": platform.processor() or _cpu_model(),
+        "cpu_model": _cpu_model(),
         "cpu_count": os.cpu_count(),
+        "cpu_int8_isa": _cpu_flags(INT8_ISA_FLAGS),
         "onnxruntime": ort.__version__,
         "providers_available": ort.get_available_providers(),
     }
+
+
+def _cpu_flags(wanted: tuple[str, ...]) -> list[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                return [f for f in wanted if f in have]
+    except OSError:
+        pass
+    return []
 
 
 def _cpu_model() -> str:

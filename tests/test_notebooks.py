@@ -44,6 +44,9 @@ def test_smoke_run_of_all_notebooks(tmp_path, coco_root):
     assert set(manifest["stages"]) >= {"baseline_onnx", "calibration", "fp32_evaluation", "fp32_latency", "parity", "summary",
                                        "int8:ort-percentile", "int8:modelopt-max", "int8-eval:ort-percentile", "int8-latency"}
     assert "INT8 baselines" in html and "CPU (ONNX Runtime):" in html and "quantize-int8" in (run / "html" / "03_int8_ptq.html").read_text()
+    # each model also ran under ORT's profiler: the Conv kernels against FP32's, in the table and the conclusion
+    assert "Conv kernels take" in html and "Conv × FP32" in (run / "html" / "03_int8_ptq.html").read_text()
+    assert "Where the time goes" in (run / "summary.md").read_text()
     assert all(v["status"] == "ok" for v in manifest["notebooks"].values()) and len(manifest["notebooks"]) == 6
     for rel in ("baseline-onnx/model.onnx", "calib/calib.npy", "baseline-coco/metrics.json", "baseline-coco/parity.json"):
         assert rel in manifest["artifacts"] and (run / rel).is_file()
@@ -62,6 +65,7 @@ def test_structure_only_model_shows_no_accuracy(tmp_path, coco_root):
     report = run_pipeline(smoke_params(tmp_path, coco_root, weights="random:yolov10n"), run_id="random", progress=False)
     html = report.read_text()
     assert "structure only" in html and "Parity check skipped" in html and "Structure-only model: no accuracy" in html
+    assert "Fastest ORT variant" in html and "Its Conv kernels take" in html
     metrics = read_json(tmp_path / "runs" / "random" / "baseline-coco" / "metrics.json")
     assert metrics == {"structure_only": True, "reason": metrics["reason"]} and "no accuracy" in metrics["reason"]
 

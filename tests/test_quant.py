@@ -134,3 +134,31 @@ def test_bad_calibration_input(yolov10n_onnx, tmp_path, capsys):
     assert main(["quantize-int8", str(yolov10n_onnx), "--backend", "modelopt", "--method", "minmax",
                  "--calib-npy", str(tmp_path / "wrong.npy"), "--out", str(out)]) == 2  # fmt: skip
     assert not out.exists()
+
+
+def test_profile_keys_kernels_by_their_onnx_conv(tmp_path):
+    """ORT's profile of a float and an int8 model: per op type, per Conv, and the Conv ratio between them."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    from lowbit_helpers.report import latency_breakdown
+    from lowbit_helpers.runtime import compare_profiles, conv_key, profile_model
+
+    aliases = {"/model.0/conv/Conv": "/model.0/conv/Conv", "/model.0/conv/Conv_output_0": "/model.0/conv/Conv"}
+    assert conv_key("/model.0/conv/Conv_token_44", aliases) == "/model.0/conv/Conv"
+    assert conv_key("/model.0/conv/Conv_output_0_nchwc", aliases) == "/model.0/conv/Conv"
+    assert conv_key("other_nchwc", aliases) == "other"
+    model = _one_conv_model(tmp_path / "c.onnx")
+    data = np.random.default_rng(1).normal(size=(4, 3, 8, 8)).astype(np.float32)
+    q = tmp_path / "q.onnx"
+    quantize_static(str(model), str(q), ArrayReader(data), quant_format=QuantFormat.QDQ,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True)  # fmt: skip
+    fp, iq = profile_model(model, threads=1, runs=3), profile_model(q, threads=1, runs=3)
+    assert set(fp["by_conv"]) == set(iq["by_conv"]) == {"conv"}
+    assert "QLinearConv" in iq["by_op_type"] and "QLinearConv" not in fp["by_op_type"]
+    assert fp["kernel_ms"] == pytest.approx(sum(fp["by_op_type"].values())) and fp["runs"] == 3
+    cmp = compare_profiles(fp, iq)
+    assert cmp["convs_matched"] == 1
+    assert cmp["conv_ratio"] == pytest.approx(iq["by_conv"]["conv"] / fp["by_conv"]["conv"])
+    assert compare_profiles(fp, fp)["conv_ratio"] == 1.0 and compare_profiles(fp, fp)["slower_convs"] == []
+    table = latency_breakdown({"profiles": {"fp32": fp, "int8": iq}})
+    assert list(table.index) == ["fp32", "int8"] and table.loc["fp32", "Conv × FP32"] == 1.0

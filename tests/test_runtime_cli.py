@@ -20,11 +20,16 @@ def test_unknown_provider_is_refused(yolov10n_onnx):
 def test_bench_cli(yolov10n_onnx, tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert main(["bench", str(yolov10n_onnx), str(yolov10n_onnx), "--threads", "1", "--warmup", "1", "--runs", "3",
-                 "--out", str(out)]) == 0  # fmt: skip
+                 "--profile", "1", "--out", str(out)]) == 0  # fmt: skip
     rows = json.loads(out.read_text())
     assert [r["model"] for r in rows] == [str(yolov10n_onnx)] * 2
     assert rows[0]["ratio_to_first"] == 1.0 and rows[1]["ratio_to_first"] > 0
     assert all(r["p90_ms"] >= r["median_ms"] > 0 and r["runs"] == 3 for r in rows)
+    # the profile keys every one of the 82 Convs by its ONNX name, whatever ORT fused it into
+    for r in rows:
+        assert len(r["profile"]["by_conv"]) == 82 and r["profile_vs_first"]["convs_matched"] == 82
+        assert r["profile"]["by_conv"]["/model.0/conv/Conv"] > 0
+    assert "Conv kernels" in capsys.readouterr().out
 
 
 def test_bench_stats_fields(yolov10n_onnx):

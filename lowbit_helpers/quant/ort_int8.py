@@ -25,7 +25,7 @@ ORT_METHODS = ("avgminmax", "minmax", "percentile", "entropy")
 
 def quantize_int8_ort(model_in: str | Path, model_out: str | Path, calib: np.ndarray, method: str = "avgminmax",
                       head_policy: str = "conservative", exclude: list[str] | None = None,
-                      percentile: float = 99.999, stride: int = 4) -> dict:  # fmt: skip
+                      percentile: float = 99.999, stride: int = 1) -> dict:  # fmt: skip
     """Quantize ``model_in`` to ``model_out``; returns (and saves beside it) the exact recipe."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
