@@ -12,11 +12,13 @@ import numpy as np
 from .errors import LowbitError
 
 
-def make_session(model: str | Path, providers: list[str] | None = None, threads: int = 2, optimized_path: str | Path | None = None):
+def make_session(model: str | Path, providers: list[str] | None = None, threads: int = 2,
+                 optimized_path: str | Path | None = None, profile_prefix: str | Path | None = None):  # fmt: skip
     """An InferenceSession with fixed, documented options (the same for every variant).
 
     ``threads`` is the intra-op pool size; inter-op is 1 and execution sequential, so two
-    sessions compare fairly on the same cores. ``optimized_path`` saves the graph ORT runs.
+    sessions compare fairly on the same cores. ``optimized_path`` saves the graph ORT runs;
+    ``profile_prefix`` turns on ORT's profiler, writing there.
     """
     import onnxruntime as ort
 
@@ -40,6 +42,9 @@ def make_session(model: str | Path, providers: list[str] | None = None, threads:
     so.log_severity_level = 3
     if optimized_path:
         so.optimized_model_filepath = str(optimized_path)
+    if profile_prefix:
+        so.enable_profiling = True
+        so.profile_file_prefix = str(profile_prefix)
     try:
         return ort.InferenceSession(str(model), sess_options=so, providers=providers)
     except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
@@ -110,17 +115,8 @@ def profile_model(model: str | Path, threads: int = 2, providers: list[str] | No
     import json
     import tempfile
 
-    import onnxruntime as ort
-
     with tempfile.TemporaryDirectory() as tmp:
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        so.log_severity_level = 3
-        so.enable_profiling = True
-        so.profile_file_prefix = str(Path(tmp) / "profile")
-        session = ort.InferenceSession(str(model), sess_options=so, providers=providers or ["CPUExecutionProvider"])
+        session = make_session(model, providers, threads, profile_prefix=Path(tmp) / "profile")
         shape = [d if isinstance(d, int) else 1 for d in session.get_inputs()[0].shape]
         x = np.random.default_rng(seed).random(shape, dtype=np.float32)
         for _ in range(warmup + runs):
