@@ -7,7 +7,7 @@ import pytest
 
 from lowbit_helpers.__main__ import main
 from lowbit_helpers.errors import LowbitError
-from lowbit_helpers.runtime import bench_models, make_session
+from lowbit_helpers.runtime import INT8_ISA_FLAGS, bench_models, make_session
 
 from .conftest import VAL100
 
@@ -30,6 +30,9 @@ def test_bench_cli(yolov10n_onnx, tmp_path, capsys):
         assert len(r["profile"]["by_conv"]) == 82 and r["profile_vs_first"]["convs_matched"] == 82
         assert r["profile"]["by_conv"]["/model.0/conv/Conv"] > 0
     assert "Conv kernels" in capsys.readouterr().out
+    # the int8 instructions of the CPU decide the INT8 speed-up: recorded with every bench
+    isa = rows[0]["environment"]["cpu_int8_isa"]
+    assert isinstance(isa, list) and set(isa) <= set(INT8_ISA_FLAGS)
 
 
 def test_bench_stats_fields(yolov10n_onnx):
