@@ -69,10 +69,11 @@ def quantize_command(cfg: Config, v: Int8Variant, model: Path, calib: Path, out:
     exclude = list(q.exclude_nodes) + [n for n in sensitive if n not in q.exclude_nodes]
     if exclude:
         cmd += ["--exclude", *exclude]
-    if v.backend == "ort" and v.method == "percentile":
-        cmd += ["--percentile", str(q.percentile)]
-    if v.backend == "ort" and v.method in ("percentile", "entropy"):  # only histograms need slices to bound memory
-        cmd += ["--stride", str(q.calib_stride)]
+    if v.backend == "ort":
+        if v.method == "percentile":
+            cmd += ["--percentile", str(q.percentile)]
+        if v.method in ("percentile", "entropy"):  # only histograms need slices to bound memory
+            cmd += ["--stride", str(q.calib_stride)]
     else:
         cmd += ["--calibration-eps", *q.calibration_eps, "--high-precision-dtype", q.high_precision_dtype]
         if q.exclude_op_types:

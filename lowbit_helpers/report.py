@@ -212,7 +212,7 @@ def latency_breakdown(result: dict) -> pd.DataFrame | None:
     instructions (``cpu_int8_isa``), and by what the Q/DQ graph adds outside the Convs
     (QLinearSigmoid + QLinearMul for SiLU instead of FP32's fused QuickGelu, for instance).
     """
-    from .runtime import compare_profiles
+    from .runtime import CONV_OPS, compare_profiles
 
     profiles = result.get("profiles") or {}
     if "fp32" not in profiles:
@@ -221,7 +221,7 @@ def latency_breakdown(result: dict) -> pd.DataFrame | None:
     rows = []
     for name, prof in profiles.items():
         cmp = compare_profiles(fp32, prof)
-        others = [(op, ms) for op, ms in prof["by_op_type"].items() if op not in ("Conv", "FusedConv", "QLinearConv")]
+        others = [(op, ms) for op, ms in prof["by_op_type"].items() if op not in CONV_OPS]
         rows.append({
             "model": name,
             "kernel ms": round(prof["kernel_ms"], 1),

@@ -104,6 +104,10 @@ def bench_models(
     return rows
 
 
+# ORT kernels that run an ONNX Conv, float or quantized
+CONV_OPS = ("Conv", "FusedConv", "QLinearConv", "ConvInteger")
+
+
 def profile_model(model: str | Path, threads: int = 2, providers: list[str] | None = None, runs: int = 5,
                   warmup: int = 2, seed: int = 0) -> dict:  # fmt: skip
     """Where one inference spends its time: ORT's own profiler, summed per operator type and per Conv.
@@ -136,7 +140,7 @@ def profile_model(model: str | Path, threads: int = 2, providers: list[str] | No
             continue
         op, ms = e["args"]["op_name"], e["dur"] / 1000.0 / runs
         by_op[op] = by_op.get(op, 0.0) + ms
-        if op in ("Conv", "FusedConv", "QLinearConv", "ConvInteger"):
+        if op in CONV_OPS:
             key = conv_key(e["name"][: -len("_kernel_time")], aliases)
             by_conv[key] = by_conv.get(key, 0.0) + ms
     return {"model": str(model), "runs": runs, "threads": threads, "kernel_ms": sum(by_op.values()),

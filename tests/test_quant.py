@@ -162,3 +162,15 @@ def test_profile_keys_kernels_by_their_onnx_conv(tmp_path):
     assert compare_profiles(fp, fp)["conv_ratio"] == 1.0 and compare_profiles(fp, fp)["slower_convs"] == []
     table = latency_breakdown({"profiles": {"fp32": fp, "int8": iq}})
     assert list(table.index) == ["fp32", "int8"] and table.loc["fp32", "Conv × FP32"] == 1.0
+
+
+def test_quantize_command_passes_each_backend_only_its_options():
+    from lowbit_helpers.config import load_config
+    from lowbit_helpers.int8 import quantize_command
+
+    cfg = load_config("params/default.yaml")
+    for v in cfg.int8.variants:
+        cmd = quantize_command(cfg, v, "m.onnx", "c.npy", "o.onnx")
+        assert ("--calibration-eps" in cmd) == (v.backend == "modelopt"), v.name
+        assert ("--stride" in cmd) == (v.backend == "ort" and v.method in ("percentile", "entropy")), v.name
+        assert ("--percentile" in cmd) == (v.backend == "ort" and v.method == "percentile"), v.name
