@@ -29,9 +29,9 @@ def _cmd_run(args) -> int:
     report = run_pipeline(args.params, args.run_id)
     print(f"report: {report}  ({time.perf_counter() - t0:.0f} s)")
     if args.update_readme:
-        from .report import update_readme
+        from .report.summary import SUMMARY_MD, update_readme
 
-        update_readme(args.update_readme, report.parent / "summary.md", report.parent.name)
+        update_readme(args.update_readme, report.parent / SUMMARY_MD, report.parent.name)
         print(f"updated the results block of {args.update_readme}")
     return 0
 
@@ -48,7 +48,7 @@ def _cmd_export(args) -> int:
 def _cmd_evaluate(args) -> int:
     from .artifacts import write_json
     from .config import parse_config
-    from .stages import evaluate_model
+    from .steps.baseline import evaluate_model
 
     model = _raw_onnx(args.model)
     subset = args.subset or (f"first:{args.max_images}" if args.max_images else "all")

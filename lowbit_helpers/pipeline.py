@@ -14,7 +14,9 @@ from pathlib import Path
 from .artifacts import atomic_path
 from .config import Config, load_config
 from .errors import LowbitError
+from .report.summary import SUMMARY_MD
 from .rundir import RunDir
+from .steps.sensitivity import SCHEMES_DIR
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 REPORT_NOTEBOOK = "06_summary_report"
@@ -85,13 +87,13 @@ def run_pipeline(params_path: str | Path, run_id: str | None = None, progress: b
         run.update("notebooks", nb.stem, {"status": "ok", "seconds": round(time.perf_counter() - t0, 1)})
         render_html(out, html_dir / f"{nb.stem}.html")
     report_dir.mkdir(parents=True, exist_ok=True)
-    for name in ("summary.md",):
+    for name in (SUMMARY_MD,):
         if (run.path / name).is_file():
             shutil.copyfile(run.path / name, report_dir / name)
-    schemes = run.path / "schemes"
+    schemes = run.path / SCHEMES_DIR
     if schemes.is_dir():  # the scheme files are a product of the run: they travel with the report
-        shutil.rmtree(report_dir / "schemes", ignore_errors=True)
-        shutil.copytree(schemes, report_dir / "schemes")
+        shutil.rmtree(report_dir / SCHEMES_DIR, ignore_errors=True)
+        shutil.copytree(schemes, report_dir / SCHEMES_DIR)
     with atomic_path(report) as tmp:
         shutil.copyfile(html_dir / f"{REPORT_NOTEBOOK}.html", tmp)
     return report

@@ -3,7 +3,7 @@ import pytest
 
 from lowbit_helpers.assets import resolve_model, validate_raw_onnx
 from lowbit_helpers.graph import graph_info
-from lowbit_helpers.stages import torch_onnx_difference
+from lowbit_helpers.steps.baseline import torch_onnx_difference
 
 
 def test_raw_head_export(yolov10n_onnx):

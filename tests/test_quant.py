@@ -140,7 +140,7 @@ def test_profile_keys_kernels_by_their_onnx_conv(tmp_path):
     """ORT's profile of a float and an int8 model: per op type, per Conv, and the Conv ratio between them."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
-    from lowbit_helpers.report import latency_breakdown
+    from lowbit_helpers.report.int8 import latency_breakdown
     from lowbit_helpers.runtime import compare_profiles, conv_key, profile_model
 
     aliases = {"/model.0/conv/Conv": "/model.0/conv/Conv", "/model.0/conv/Conv_output_0": "/model.0/conv/Conv"}
@@ -166,7 +166,7 @@ def test_profile_keys_kernels_by_their_onnx_conv(tmp_path):
 
 def test_quantize_command_passes_each_backend_only_its_options():
     from lowbit_helpers.config import load_config
-    from lowbit_helpers.int8 import quantize_command
+    from lowbit_helpers.steps.int8 import quantize_command
 
     cfg = load_config("params/default.yaml")
     for v in cfg.int8.variants:

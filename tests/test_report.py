@@ -1,6 +1,6 @@
 import pytest
 
-from lowbit_helpers.report import update_readme
+from lowbit_helpers.report.summary import update_readme
 
 
 def test_update_readme_replaces_only_the_results_block(tmp_path):

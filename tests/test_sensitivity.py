@@ -250,7 +250,7 @@ def test_keep_sensitive_needs_a_w8a8_sweep():
     from types import SimpleNamespace
 
     from lowbit_helpers.config import parse_config
-    from lowbit_helpers.int8 import quantize_command, sensitive_convs
+    from lowbit_helpers.steps.int8 import quantize_command, sensitive_convs
 
     cfg = parse_config({"name": "x", "sensitivity": {"formats": ["w4a16"]},
                         "int8": {"variants": [{"name": "k", "backend": "ort", "method": "avgminmax", "keep_sensitive": 3}]}})  # fmt: skip

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .artifacts import atomic_path, read_json, write_json
-from .assets import ModelSource, resolve_model
-from .config import Config
-from .data import calibration_tensor, open_coco, preprocess, read_image_list
-from .errors import LowbitError
-from .rundir import RunDir, stage_key
+from ..artifacts import atomic_path, read_json, write_json
+from ..assets import ModelSource, resolve_model
+from ..config import Config
+from ..data import calibration_tensor, open_coco, preprocess, read_image_list
+from ..errors import LowbitError
+from ..rundir import RunDir, stage_key
 
 MODEL = "baseline-onnx/model.onnx"
 MODEL_INFO = "baseline-onnx/model_info.json"
@@ -29,6 +29,7 @@ FP32_METRICS = "baseline-coco/metrics.json"
 FP32_DETECTIONS = "baseline-coco/detections.json"
 FP32_LATENCY = "baseline-coco/latency.json"
 PARITY = "baseline-coco/parity.json"
+PARITY_EXPORT_DIR = "baseline-coco"  # parity puts Ultralytics' end-to-end ONNX here (not recorded)
 PARITY_TOLERANCE = 0.002
 
 
@@ -50,8 +51,8 @@ def model_source(cfg: Config) -> ModelSource:
 # ------------------------------------------------------------------ 01: baseline ONNX
 def baseline_onnx(run: RunDir) -> dict:
     """Resolve and check the model, put the raw-head ONNX in ``baseline-onnx/``, ORT smoke, graph facts."""
-    from .export import export_raw_onnx
-    from .graph import graph_info
+    from ..export import export_raw_onnx
+    from ..graph import graph_info
 
     cfg = run.cfg
     source = model_source(cfg)
@@ -92,8 +93,8 @@ def torch_onnx_difference(source: ModelSource, onnx_path: str | Path, image: str
     import torch
     from scipy.special import expit
 
-    from .export import load_torch_model
-    from .runtime import make_session, run_head
+    from ..export import load_torch_model
+    from ..runtime import make_session, run_head
 
     x, _ = preprocess(image)
     model = load_torch_model(source)
@@ -115,7 +116,7 @@ def torch_onnx_difference(source: ModelSource, onnx_path: str | Path, image: str
 
 def ort_smoke(model: str | Path, cfg: Config) -> dict:
     """One ORT run on a random tensor: loads, runs, right shape, finite."""
-    from .runtime import make_session, run_head
+    from ..runtime import make_session, run_head
 
     session = make_session(model, cfg.runtime.providers, cfg.runtime.threads)
     x = np.random.default_rng(0).random((1, 3, 640, 640), dtype=np.float32)
@@ -155,8 +156,8 @@ def calibration(run: RunDir) -> dict:
 # ------------------------------------------------------------------ 02: FP32 COCO evaluation
 def evaluate_model(model: str | Path, cfg: Config, subset_name: str | None = None, progress: bool = True) -> tuple[dict, list]:
     """mAP of one ONNX on a subset with the run's decode and runtime settings, with its interval."""
-    from .evaluate import bootstrap_map, evaluate_coco, predict_onnx
-    from .runtime import make_session
+    from ..evaluate import bootstrap_map, evaluate_coco, predict_onnx
+    from ..runtime import make_session
 
     subset = open_coco(cfg.data.coco_root, cfg.data.annotations, subset_name or cfg.data.subset)
     session = make_session(model, cfg.runtime.providers, cfg.runtime.threads)
@@ -192,7 +193,7 @@ def fp32_evaluation(run: RunDir) -> dict:
 
 # ------------------------------------------------------------------ 02: FP32 latency
 def fp32_latency(run: RunDir) -> dict:
-    from .runtime import bench_models, environment
+    from ..runtime import bench_models, environment
 
     cfg = run.cfg
     model = run.artifact(MODEL)
@@ -212,10 +213,10 @@ def parity(run: RunDir, progress: bool = True) -> dict:
 
     Pass: |mAP50-95(top-k decode) - mAP50-95(Ultralytics end-to-end ONNX)| <= 0.002.
     """
-    from .config import DecodeCfg
-    from .evaluate import bootstrap_difference, evaluate_coco, predict_onnx_multi
-    from .parity import export_ultralytics_e2e, ultralytics_predictions
-    from .runtime import make_session
+    from ..config import DecodeCfg
+    from ..evaluate import bootstrap_difference, evaluate_coco, predict_onnx_multi
+    from ..parity import export_ultralytics_e2e, ultralytics_predictions
+    from ..runtime import make_session
 
     cfg = run.cfg
     info = read_json(run.artifact(MODEL_INFO))
@@ -251,7 +252,7 @@ def parity(run: RunDir, progress: bool = True) -> dict:
         shared = "(seconds: one forward pass shared by both decodes)"
         score("ours_topk", f"this project: raw-head ONNX, square letterbox, one-to-one top-k decode {shared}", ours_topk, t_ours)
         score("ours_nms", f"this project: raw-head ONNX, square letterbox, NMS IoU {d.iou} {shared}", ours_nms, t_ours)
-        e2e = export_ultralytics_e2e(source, run.path / "baseline-coco", opset=cfg.model.opset)
+        e2e = export_ultralytics_e2e(source, run.path / PARITY_EXPORT_DIR, opset=cfg.model.opset)
         refs = [("ultralytics_onnx_e2e", "Ultralytics predict, its own NMS-free ONNX (square letterbox, top-300)", e2e, {})]
         if cfg.parity.ultralytics_pt:
             refs += [

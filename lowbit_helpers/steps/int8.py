@@ -16,13 +16,22 @@ import sys
 import time
 from pathlib import Path
 
-from .artifacts import read_json, write_json
-from .config import Config, Int8Variant
-from .errors import LowbitError
-from .rundir import RunDir, stage_key
-from . import stages
-from .quant.modelopt_int8 import MODELOPT_METHODS
-from .quant.ort_int8 import ORT_METHODS
+from ..artifacts import read_json, write_json
+from ..config import Config, Int8Variant
+from ..errors import LowbitError
+from ..quant.modelopt_int8 import MODELOPT_METHODS
+from ..quant.ort_int8 import ORT_METHODS
+from ..rundir import RunDir, stage_key
+from . import baseline
+
+# artifacts, relative to the run directory ({name}: the variant's name, {subset}: an evaluation subset)
+VARIANT_ONNX = "onnx/{name}.onnx"
+VARIANT_RECIPE = "onnx/{name}.recipe.json"  # written by quantize-int8 beside the ONNX, completed here
+VARIANT_LOG = "onnx/{name}.log"
+VARIANT_MODELOPT_LOG = "onnx/{name}.modelopt.log"  # written by the ModelOpt backend beside the ONNX
+VARIANT_EVAL = "int8-coco/{name}.json"
+FP32_SUBSET_DETECTIONS = "int8-coco/fp32_{subset}.detections.json"
+LATENCY = "int8-coco/latency.json"
 
 # the methods each backend offers (kept here, beside the variant checks, without importing the backends)
 
@@ -53,10 +62,10 @@ def sensitive_convs(run: RunDir, n: int) -> list[str]:
     if "w8a8" not in run.cfg.sensitivity.formats:
         raise LowbitError("an INT8 variant sets keep_sensitive, which ranks Convs by the w8a8 sensitivity sweep, "
                           "but sensitivity.formats has no w8a8", "add w8a8 to sensitivity.formats")  # fmt: skip
-    from . import sweep
-    from .quant.schemes import ranking
+    from ..quant.schemes import ranking
+    from .sensitivity import onnx_sweep
 
-    order, _ = ranking(sweep.onnx_sweep(run), "w8a8")
+    order, _ = ranking(onnx_sweep(run), "w8a8")
     return order[:n]
 
 
@@ -96,35 +105,35 @@ def run_measured(cmd: list[str], log: Path) -> dict:
 
 def quantize_variant(run: RunDir, v: Int8Variant) -> dict:
     cfg = run.cfg
-    model, calib = run.artifact(stages.MODEL), run.artifact(stages.CALIB)
-    rel = f"onnx/{v.name}.onnx"
+    model, calib = run.artifact(baseline.MODEL), run.artifact(baseline.CALIB)
+    rel, recipe_rel, log_rel = (p.format(name=v.name) for p in (VARIANT_ONNX, VARIANT_RECIPE, VARIANT_LOG))
     out = run.file(rel)
     cmd = quantize_command(cfg, v, model, calib, out, sensitive_convs(run, v.keep_sensitive))
-    key = stage_key({"cmd": cmd[3:], "versions": stages.versions()}, [model, calib])
-    outputs = [rel, f"onnx/{v.name}.recipe.json", f"onnx/{v.name}.log"]
+    key = stage_key({"cmd": cmd[3:], "versions": baseline.versions()}, [model, calib])
+    outputs = [rel, recipe_rel, log_rel]
     if not run.is_fresh(f"int8:{v.name}", key):
-        measured = run_measured(cmd, run.file(f"onnx/{v.name}.log"))
-        recipe = read_json(out.with_suffix(".recipe.json"))
+        measured = run_measured(cmd, run.file(log_rel))
+        recipe = read_json(run.file(recipe_rel))
         recipe.update(command=shlex.join(["python", *cmd[1:]]), calibration=measured)
-        write_json(out.with_suffix(".recipe.json"), recipe)
+        write_json(run.file(recipe_rel), recipe)
         if v.backend == "modelopt":
-            outputs.append(f"onnx/{v.name}.modelopt.log")
+            outputs.append(VARIANT_MODELOPT_LOG.format(name=v.name))
         run.finish(f"int8:{v.name}", key, outputs, {"variant": v.model_dump()})
-    return read_json(run.artifact(f"onnx/{v.name}.recipe.json"))
+    return read_json(run.artifact(recipe_rel))
 
 
 def fp32_on(run: RunDir, subset: str):
     """FP32 detections on ``subset`` (reused from notebook 02 when it is the same subset)."""
-    from .data import open_coco
-    from .evaluate import evaluate_coco
+    from ..data import open_coco
+    from ..evaluate import evaluate_coco
 
     cfg = run.cfg
-    rel = f"int8-coco/fp32_{subset}.detections.json"
-    model = run.artifact(stages.MODEL)
+    rel = FP32_SUBSET_DETECTIONS.format(subset=subset)
+    model = run.artifact(baseline.MODEL)
     key = stage_key({"subset": subset, "data": cfg.data.model_dump(), "decode": cfg.decode.model_dump()}, [model])
     if not run.is_fresh(f"fp32:{subset}", key):
         no_bootstrap = cfg.model_copy(update={"evaluation": cfg.evaluation.model_copy(update={"bootstrap": 0})})
-        _, dets = stages.evaluate_model(model, no_bootstrap, subset, progress=False)
+        _, dets = baseline.evaluate_model(model, no_bootstrap, subset, progress=False)
         write_json(run.file(rel), dets)
         run.finish(f"fp32:{subset}", key, [rel])
     sub = open_coco(cfg.data.coco_root, cfg.data.annotations, subset)
@@ -132,20 +141,20 @@ def fp32_on(run: RunDir, subset: str):
 
 
 def validate_variant(run: RunDir, v: Int8Variant) -> dict:
-    from .data import open_coco, preprocess
-    from .evaluate import bootstrap_difference, evaluate_coco, predict_onnx
-    from .quant.inspect import head_fidelity, ort_executed_ops, qdq_counts
-    from .runtime import make_session
+    from ..data import open_coco, preprocess
+    from ..evaluate import bootstrap_difference, evaluate_coco, predict_onnx
+    from ..quant.inspect import head_fidelity, ort_executed_ops, qdq_counts
+    from ..runtime import make_session
 
     cfg = run.cfg
-    q = run.artifact(f"onnx/{v.name}.onnx")
-    model = run.artifact(stages.MODEL)
-    rel = f"int8-coco/{v.name}.json"
+    q = run.artifact(VARIANT_ONNX.format(name=v.name))
+    model = run.artifact(baseline.MODEL)
+    rel = VARIANT_EVAL.format(name=v.name)
     params = {"subsets": cfg.int8.eval_subsets, "decode": cfg.decode.model_dump(), "data": cfg.data.model_dump(),
               "evaluation": cfg.evaluation.model_dump(), "fidelity_images": cfg.int8.fidelity_images}  # fmt: skip
     key = stage_key(params, [model, q])
     if not run.is_fresh(f"int8-eval:{v.name}", key):
-        smoke = stages.ort_smoke(q, cfg)
+        smoke = baseline.ort_smoke(q, cfg)
         session = make_session(q, cfg.runtime.providers, cfg.runtime.threads)
         fid_subset = open_coco(cfg.data.coco_root, cfg.data.annotations, cfg.data.subset)
         images = [preprocess(fid_subset.image_path(i))[0] for i in fid_subset.ids[: cfg.int8.fidelity_images]]
@@ -172,14 +181,15 @@ def latency(run: RunDir) -> dict:
     With ``latency.profile_runs`` each model also runs under ORT's profiler, which says where
     the time goes (per operator type, and Conv by Conv against FP32).
     """
-    from .runtime import bench_models, environment, profile_model
+    from ..runtime import bench_models, environment, profile_model
 
     cfg = run.cfg
     names = ["fp32"] + [v.name for v in cfg.int8.variants]
-    models = [run.artifact(stages.MODEL)] + [run.artifact(f"onnx/{v.name}.onnx") for v in cfg.int8.variants]
+    models = [run.artifact(baseline.MODEL)]
+    models += [run.artifact(VARIANT_ONNX.format(name=v.name)) for v in cfg.int8.variants]
     params = {"runtime": cfg.runtime.model_dump(), "latency": cfg.latency.model_dump()}
     key = stage_key(params, models)
-    rel = "int8-coco/latency.json"
+    rel = LATENCY
     if not run.is_fresh("int8-latency", key):
         lat = cfg.latency
         rows = bench_models(models, cfg.runtime.threads, cfg.runtime.providers, lat.warmup, lat.runs)
@@ -201,14 +211,14 @@ def run_int8(run: RunDir) -> dict:
         return {"skipped": "int8.enabled is false in the params"}
     check_variants(cfg)
     recipes = {v.name: quantize_variant(run, v) for v in cfg.int8.variants}
-    info = read_json(run.artifact(stages.MODEL_INFO))
+    info = read_json(run.artifact(baseline.MODEL_INFO))
     if info["structure_only"]:
-        from .quant.inspect import ort_executed_ops, qdq_counts
+        from ..quant.inspect import ort_executed_ops, qdq_counts
 
         validations = {}
         for v in cfg.int8.variants:
-            q = run.artifact(f"onnx/{v.name}.onnx")
-            validations[v.name] = {"variant": v.model_dump(), "structure_only": True, "smoke": stages.ort_smoke(q, cfg),
+            q = run.artifact(VARIANT_ONNX.format(name=v.name))
+            validations[v.name] = {"variant": v.model_dump(), "structure_only": True, "smoke": baseline.ort_smoke(q, cfg),
                                    "qdq": qdq_counts(q), "ort_cpu": ort_executed_ops(q, cfg.runtime.threads),
                                    "size_bytes": q.stat().st_size}  # fmt: skip
     else:

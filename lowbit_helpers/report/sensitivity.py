@@ -1,4 +1,7 @@
-"""Notebook 04's tables and figures, all read from :func:`lowbit_helpers.sweep.run_sensitivity`'s result."""
+"""Notebook 04's tables and figures (also shown by the summary).
+
+All read from :func:`lowbit_helpers.steps.sensitivity.run_sensitivity`'s result.
+"""
 
 from __future__ import annotations
 

@@ -3,12 +3,12 @@
 Stages (each cached in the run's manifest like the others):
 
 * ``onnx_sweep``: every Conv x every format of ``params.sensitivity.formats`` x {alone, kept},
-  raw-head SQNR on calibration images disjoint from evaluation (:mod:`.quant.sensitivity`);
+  raw-head SQNR on calibration images disjoint from evaluation (:mod:`lowbit_helpers.quant.sensitivity`);
 * ``map_check``: COCO mAP of single-layer perturbations for the most sensitive layers and a
   spread of the others, and the Spearman correlation of the cheap metric with mAP;
-* ``torch_proxy``: the plan's Torch sweep (:mod:`.quant.torch_proxy`), the verified name
+* ``torch_proxy``: the plan's Torch sweep (:mod:`lowbit_helpers.quant.torch_proxy`), the verified name
   mapping, and the Spearman correlation with the ONNX ranking;
-* ``schemes``: top-K and budgeted schemes (:mod:`.quant.schemes`) in ``schemes/``.
+* ``schemes``: top-K and budgeted schemes (:mod:`lowbit_helpers.quant.schemes`) in ``schemes/``.
 """
 
 from __future__ import annotations
@@ -18,24 +18,25 @@ from pathlib import Path
 
 import numpy as np
 
-from .artifacts import read_json, write_json
-from .errors import LowbitError
-from .rundir import RunDir, stage_key
-from . import stages
+from ..artifacts import read_json, write_json
+from ..errors import LowbitError
+from ..rundir import RunDir, stage_key
+from . import baseline
 
 SENS = "sensitivity/sensitivity.json"
 LAYERS = "sensitivity/layers.json"
 MAP_CHECK = "sensitivity/map_check.json"
 PROXY = "sensitivity/torch_proxy.json"
 SCHEMES_DIR = "schemes"
+SCHEMES_INDEX = f"{SCHEMES_DIR}/index.json"  # written by quant.schemes.write_schemes
 
 
 def _images(run: RunDir) -> tuple[np.ndarray, np.ndarray]:
     """(range images, sweep images): calibration images [0, R) and [R, R+N)."""
-    from .quant.calibration import load_calibration
+    from ..quant.calibration import load_calibration
 
     s = run.cfg.sensitivity
-    calib = load_calibration(run.artifact(stages.CALIB))
+    calib = load_calibration(run.artifact(baseline.CALIB))
     need = s.range_images + s.images
     if len(calib) < need:
         raise LowbitError(
@@ -49,21 +50,21 @@ def layer_table(run: RunDir) -> list[dict]:
     """One row per Conv in graph order: layer index, block type, section, torch module, params, MACs."""
     import onnx
 
-    from .graph import graph_info
-    from .quant.sensitivity import conv_params
-    from .quant.torch_proxy import onnx_to_torch_name
+    from ..graph import graph_info
+    from ..quant.sensitivity import conv_params
+    from ..quant.torch_proxy import onnx_to_torch_name
 
-    model_path = run.artifact(stages.MODEL)
-    key = stage_key({"versions": stages.versions()}, [model_path])
+    model_path = run.artifact(baseline.MODEL)
+    key = stage_key({"versions": baseline.versions()}, [model_path])
     if not run.is_fresh("sensitivity-layers", key):
         model = onnx.load(str(model_path))
         params = conv_params(model)
         macs = graph_info(model_path)["conv_macs"]
         types, n_backbone, n_layers = {}, None, None
-        if stages.model_source(run.cfg).kind != "onnx":
-            from .export import load_torch_model
+        if baseline.model_source(run.cfg).kind != "onnx":
+            from ..export import load_torch_model
 
-            tm = load_torch_model(stages.model_source(run.cfg))
+            tm = load_torch_model(baseline.model_source(run.cfg))
             types = {i: type(m).__name__ for i, m in enumerate(tm.model)}
             n_backbone, n_layers = len(tm.yaml["backbone"]), len(tm.model)
         rows = []
@@ -79,19 +80,19 @@ def layer_table(run: RunDir) -> list[dict]:
 
 
 def onnx_sweep(run: RunDir) -> dict:
-    from .quant.formats import get_format
-    from .quant.sensitivity import measure
+    from ..quant.formats import get_format
+    from ..quant.sensitivity import measure
 
     s = run.cfg.sensitivity
-    model = run.artifact(stages.MODEL)
+    model = run.artifact(baseline.MODEL)
     params = {k: getattr(s, k) for k in ("formats", "directions", "range_images", "images", "chunk", "naive_check")}
     params["threads"] = run.cfg.runtime.threads
-    key = stage_key({**params, "versions": stages.versions()}, [model, run.artifact(stages.CALIB)])
+    key = stage_key({**params, "versions": baseline.versions()}, [model, run.artifact(baseline.CALIB)])
     if not run.is_fresh("sensitivity", key):
         ranges, images = _images(run)
         sens = measure(model, images, ranges, [get_format(f) for f in s.formats], s.directions, s.chunk,
                        run.cfg.runtime.threads, s.naive_check)  # fmt: skip
-        sens["model"] = stages.MODEL
+        sens["model"] = baseline.MODEL
         sens["calibration"].update(list=str(Path(run.cfg.data.coco_root) / run.cfg.data.calib_list),
                                    range_images=[0, s.range_images], sweep_images=[s.range_images, s.range_images + s.images])  # fmt: skip
         write_json(run.file(SENS), sens)
@@ -119,18 +120,18 @@ def map_check(run: RunDir, sens: dict) -> dict:
     """mAP of single-layer perturbations, and how well the SQNR ranks them (Spearman)."""
     import onnx
 
-    from .data import open_coco
-    from .evaluate import evaluate_coco, predict_onnx
-    from .quant.formats import apply_format, get_format
-    from .quant.sensitivity import activation_ranges, session
+    from ..data import open_coco
+    from ..evaluate import evaluate_coco, predict_onnx
+    from ..quant.formats import apply_format, get_format
+    from ..quant.sensitivity import activation_ranges, session
 
     cfg, s = run.cfg, run.cfg.sensitivity
-    info = read_json(run.artifact(stages.MODEL_INFO))
+    info = read_json(run.artifact(baseline.MODEL_INFO))
     if s.map_layers == 0 or info["structure_only"] or s.map_format not in sens["formats"]:
         why = ("map_layers is 0" if s.map_layers == 0 else "random weights: no accuracy" if info["structure_only"]
                else f"map_format {s.map_format} is not among the swept formats")  # fmt: skip
         return {"skipped": why}
-    model_path = run.artifact(stages.MODEL)
+    model_path = run.artifact(baseline.MODEL)
     params = {"format": s.map_format, "layers": s.map_layers, "subset": s.map_subset, "decode": cfg.decode.model_dump(),
               "data": cfg.data.model_dump(), "range_images": s.range_images}  # fmt: skip
     key = stage_key(params, [model_path, run.artifact(SENS)])
@@ -162,22 +163,22 @@ def map_check(run: RunDir, sens: dict) -> dict:
 def torch_proxy(run: RunDir, sens: dict) -> dict:
     """The plan's Torch proxy on the same images and format, and its agreement with the ONNX sweep."""
     cfg, s = run.cfg, run.cfg.sensitivity
-    source = stages.model_source(cfg)
+    source = baseline.model_source(cfg)
     if not s.proxy or source.kind == "onnx" or s.proxy_format not in sens["formats"]:
         why = ("disabled in params" if not s.proxy else "the model is an ONNX file: no torch model"
                if source.kind == "onnx" else f"proxy_format {s.proxy_format} is not among the swept formats")  # fmt: skip
         return {"skipped": why}
-    model_path = run.artifact(stages.MODEL)
+    model_path = run.artifact(baseline.MODEL)
     params = {"format": s.proxy_format, "range_images": s.range_images, "images": s.images, "chunk": s.chunk,
-              "source": source.sha256, "versions": stages.versions()}  # fmt: skip
-    key = stage_key(params, [model_path, run.artifact(stages.CALIB), run.artifact(SENS)])
+              "source": source.sha256, "versions": baseline.versions()}  # fmt: skip
+    key = stage_key(params, [model_path, run.artifact(baseline.CALIB), run.artifact(SENS)])
     if not run.is_fresh("sensitivity-proxy", key):
         import onnx
         import torch
 
-        from .export import load_torch_model
-        from .quant.formats import get_format
-        from .quant.torch_proxy import map_convs, torch_ranges, torch_sweep
+        from ..export import load_torch_model
+        from ..quant.formats import get_format
+        from ..quant.torch_proxy import map_convs, torch_ranges, torch_sweep
 
         torch.set_num_threads(cfg.runtime.threads)
         tm = load_torch_model(source)
@@ -214,7 +215,7 @@ def torch_proxy(run: RunDir, sens: dict) -> dict:
 
 
 def scheme_files(run: RunDir) -> list[dict]:
-    from .quant.schemes import write_schemes
+    from ..quant.schemes import write_schemes
 
     s = run.cfg.sensitivity
     sens_path = run.artifact(SENS)
@@ -225,9 +226,9 @@ def scheme_files(run: RunDir) -> list[dict]:
         for old in out_dir.glob("*.json"):  # a scheme list from other params must not linger
             old.unlink()
         paths = write_schemes(sens_path, out_dir, s.top_k, s.budgets, s.budget_low, s.budget_high)
-        rels = [str(p.relative_to(run.path)) for p in paths] + [f"{SCHEMES_DIR}/index.json"]
+        rels = [str(p.relative_to(run.path)) for p in paths] + [SCHEMES_INDEX]
         run.finish("schemes", key, rels, params)
-    index = read_json(run.artifact(f"{SCHEMES_DIR}/index.json"))
+    index = read_json(run.artifact(SCHEMES_INDEX))
     return [read_json(run.artifact(f"{SCHEMES_DIR}/{e['file']}")) for e in index]
 
 

@@ -1,0 +1,67 @@
+"""Notebook 06: the summary (``summary.md``, ``results/summary.json``), provenance, and the README's results block."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from ..artifacts import atomic_path, read_json, write_json
+from ..rundir import RunDir
+from ..steps.baseline import MODEL_INFO
+from ..steps.sensitivity import SCHEMES_DIR
+from .baseline import baseline_table, model_table, parity_table, parity_verdict
+from .int8 import int8_conclusion, int8_table, latency_breakdown
+
+SUMMARY_MD = "summary.md"
+SUMMARY_JSON = "results/summary.json"
+
+
+def provenance(run: RunDir) -> pd.DataFrame:
+    m = run.manifest()
+    rows = [{"artifact": k, "sha256": v["sha256"][:16] + "…", "bytes": v["bytes"], "stage": v["stage"]}
+            for k, v in sorted(m["artifacts"].items())]  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def write_summary(run: RunDir, int8_result: dict | None = None, sensitivity_result: dict | None = None) -> str:
+    """``summary.md`` in the run directory: the tables of this report as markdown."""
+    parts = [f"# {run.cfg.name}: YOLOv10 low-bit report", "", run.cfg.description.strip(), ""]
+    parts += ["## Model", "", model_table(read_json(run.artifact(MODEL_INFO))).to_markdown(), ""]
+    parts += ["## FP32 baseline", "", baseline_table(run).to_markdown(index=False), ""]
+    pt = parity_table(run)
+    parts += ["## Parity with Ultralytics", "", parity_verdict(run), ""]
+    if pt is not None:
+        parts += [pt.drop(columns=["what"]).to_markdown(), ""]
+    if int8_result and "skipped" not in int8_result:
+        parts += ["## INT8 baselines", "", int8_table(int8_result).to_markdown(), "", int8_conclusion(int8_result), ""]
+        breakdown = latency_breakdown(int8_result)
+        if breakdown is not None:
+            parts += ["Where the time goes (ORT profiler, kernel time per run):", "", breakdown.to_markdown(), ""]
+    if sensitivity_result and "skipped" not in sensitivity_result:
+        from . import sensitivity as rs
+
+        parts += ["## Per-layer sensitivity", "", rs.cost_table(sensitivity_result).to_markdown(), "",
+                  rs.conclusion(sensitivity_result), "", f"Schemes (JSON in `{SCHEMES_DIR}/` beside this report):", "",
+                  rs.scheme_table(sensitivity_result["schemes"], sensitivity_result["sensitivity"]["params"]).to_markdown(), ""]  # fmt: skip
+    text = "\n".join(parts)
+    with atomic_path(run.file(SUMMARY_MD)) as tmp:
+        tmp.write_text(text)
+    write_json(run.file(SUMMARY_JSON), {"baseline": baseline_table(run).to_dict(orient="records")})
+    run.finish("summary", "always", [SUMMARY_MD, SUMMARY_JSON])
+    return text
+
+
+README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def update_readme(readme, summary_md, run_id: str) -> None:
+    """Replace the README's results block with a run's ``summary.md`` (headings demoted)."""
+    from pathlib import Path
+
+    readme, text = Path(readme), Path(summary_md).read_text()
+    body = "\n".join("##" + line if line.startswith("#") else line for line in text.splitlines())
+    block = f"{README_START}\n_From `reports/{run_id}/{SUMMARY_MD}`, written by the run itself._\n\n{body.strip()}\n{README_END}"
+    current = readme.read_text()
+    if README_START not in current or README_END not in current:
+        raise ValueError(f"{readme} has no {README_START} … {README_END} block")
+    head, rest = current.split(README_START, 1)
+    readme.write_text(head + block + rest.split(README_END, 1)[1])
