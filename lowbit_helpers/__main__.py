@@ -1,4 +1,4 @@
-"""Command line: ``python -m lowbit_helpers {run,export,evaluate,quantize-int8,sensitivity,schemes,bench} ...``."""
+"""Command line: ``python -m lowbit_helpers {run,export,evaluate,quantize-int8,sensitivity,schemes,materialize,bench} ...``."""
 
 from __future__ import annotations
 
@@ -157,6 +157,52 @@ def _cmd_sensitivity(args) -> int:
     return 0
 
 
+def _cmd_materialize(args) -> int:
+    import json
+
+    import onnx
+
+    from .artifacts import atomic_path, read_json, write_json
+    from .data import calibration_tensor, read_image_list
+    from .quant.calibration import load_calibration
+    from .quant.gptq import collect_stats
+    from .quant.materialize import check_scheme, materialize, parse_method, stats_convs
+    from .quant.sensitivity import activation_ranges
+
+    scheme_path = Path(args.scheme)
+    if not scheme_path.is_file():
+        raise LowbitError(f"scheme not found: {scheme_path}", "give a scheme JSON written by notebook 04 or `schemes`")
+    try:
+        scheme = read_json(scheme_path)
+    except ValueError as exc:
+        raise LowbitError(f"{scheme_path} is not valid JSON ({exc})", "give a scheme JSON written by `schemes`") from None
+    model_path = _raw_onnx(args.model)
+    method = parse_method(args.method)
+    model = onnx.load(str(model_path))
+    nodes = check_scheme(model, scheme.get("nodes") if isinstance(scheme, dict) else None)
+    need = max(args.range_images, args.stats_images)
+    if args.calib_npy:
+        calib = load_calibration(args.calib_npy, need)
+    else:
+        paths = read_image_list(args.calib)
+        calib = calibration_tensor(paths, min(need, len(paths)))
+    t0 = time.perf_counter()
+    ranges = activation_ranges(model, calib[: args.range_images])
+    convs = stats_convs(nodes, method)
+    stats = collect_stats(model, convs, calib[: args.stats_images]) if convs else None
+    q, info = materialize(model, nodes, method, ranges=ranges, stats=stats)
+    out = Path(args.out)
+    with atomic_path(out) as tmp:
+        onnx.save(q, str(tmp))
+    recipe = {"scheme": str(scheme_path), "model": str(model_path), "method": method.name,
+              "calibration": {"range_images": args.range_images, "stats_images": args.stats_images},
+              "seconds": round(time.perf_counter() - t0, 1), "materialize": info}  # fmt: skip
+    write_json(out.with_suffix(".recipe.json"), recipe)
+    print(json.dumps({k: info[k] for k in ("precisions", "four_bit_share", "opset")}))
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.2f} MiB) and {out.with_suffix('.recipe.json')}")
+    return 0
+
+
 def _cmd_schemes(args) -> int:
     from .quant.schemes import write_schemes
 
@@ -245,6 +291,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--low", default="w4a8", choices=["w4a16", "w4a8"], help="4-bit format of budgeted schemes")
     c.add_argument("--high", default="w8a8", choices=["w8a8", "fp8"], help="8-bit format of budgeted schemes")
     c.set_defaults(func=_cmd_schemes)
+
+    z = sub.add_parser("materialize", help="a mixed-precision scheme (JSON) -> one deployable Q/DQ ONNX with INT4/INT8/FP8 weights")
+    z.add_argument("scheme", help="scheme JSON (node -> fp32 | fp16 | w8a8 | w4a16 | w4a8 | fp8)")
+    z.add_argument("model", help="the FP32 raw-head ONNX the scheme was made for")
+    zsrc = z.add_mutually_exclusive_group(required=True)
+    zsrc.add_argument("--calib", help="text file of calibration image paths (train2017, never evaluation images)")
+    zsrc.add_argument("--calib-npy", help="instead: an N x 3 x 640 x 640 float32 .npy (a run's calib/calib.npy)")
+    z.add_argument("--method", default="gptq-bc", help="4-bit method <rtn|mse|gptq>[-bc][-b<B>] (default gptq-bc)")
+    z.add_argument("--range-images", type=int, default=32, help="activation ranges from calibration images [0, R)")
+    z.add_argument("--stats-images", type=int, default=32, help="GPTQ / bias-correction statistics from images [0, N)")
+    z.add_argument("--out", required=True, help="OUT.onnx (its recipe goes beside it as OUT.recipe.json)")
+    z.set_defaults(func=_cmd_materialize)
 
     b = sub.add_parser("bench", help="time ONNX models in one process with the same session options")
     b.add_argument("models", nargs="+")

@@ -130,6 +130,30 @@ class SensitivityCfg(_Section):
     budget_high: Fmt = "w8a8"
 
 
+def _default_ladder() -> list[str]:
+    return ["rtn", "rtn-b64", "rtn-b32", "mse", "mse-bc", "gptq", "gptq-bc", "gptq-bc-b64"]
+
+
+class CandidatesCfg(_Section):
+    enabled: bool = True
+    ladder: list[str] = Field(default_factory=_default_ladder,
+                              description="4-bit PTQ methods measured in order: <rtn|mse|gptq>[-bc][-b<B>]")
+    ladder_schemes: list[str] = Field(default_factory=lambda: ["w4a16-top0", "budget75-w4a8-w8a8"],
+                                      description="notebook 04 schemes the ladder is measured on")
+    method: str = Field("auto", description="4-bit method of every candidate; auto: the ladder's best on the selection split")
+    schemes: list[str] | None = Field(None, description="notebook 04 schemes to materialise (null: all of them)")
+    fp8: bool = Field(True, description="also every Conv in fp8 (e4m3 Q/DQ)")
+    random_schemes: int = Field(3, ge=0, description="random schemes with the guided budget scheme's 4-bit share")
+    random_budget: float = Field(75.0, gt=0, lt=100, description="the budget the random and heuristic schemes match")
+    heuristic: bool = Field(True, description="also all Convs in 4-bit except the first block and the head")
+    stats_images: int = Field(32, ge=1, description="calibration images [0, N) for GPTQ / bias-correction statistics")
+    select_subset: str = Field("val100", description="winners (method, candidate per budget) are chosen here")
+    confirm_subset: str = Field("val500", description="winners are confirmed on these images minus the selection split")
+    confirm: Literal["winners", "all"] = Field("winners", description="which candidates get the confirmation split")
+    exact: bool = Field(True, description="a8 candidates also with exact Q/DQ arithmetic (ORT optimizations off)")
+    latency: bool = True
+
+
 class OutputCfg(_Section):
     runs_dir: str = "runs"
     reports_dir: str = "reports"
@@ -147,6 +171,7 @@ class Config(_Section):
     parity: ParityCfg = ParityCfg()
     int8: Int8Cfg = Int8Cfg()
     sensitivity: SensitivityCfg = SensitivityCfg()
+    candidates: CandidatesCfg = CandidatesCfg()
     output: OutputCfg = OutputCfg()
 
     def resolved(self, base: str | Path | None = None) -> "Config":

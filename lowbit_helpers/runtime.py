@@ -12,13 +12,24 @@ import numpy as np
 from .errors import LowbitError
 
 
+ARITHMETICS = ("kernels", "exact")
+
+
 def make_session(model: str | Path, providers: list[str] | None = None, threads: int = 2,
-                 optimized_path: str | Path | None = None, profile_prefix: str | Path | None = None):  # fmt: skip
+                 optimized_path: str | Path | None = None, profile_prefix: str | Path | None = None,
+                 arithmetic: str = "kernels"):  # fmt: skip
     """An InferenceSession with fixed, documented options (the same for every variant).
 
     ``threads`` is the intra-op pool size; inter-op is 1 and execution sequential, so two
     sessions compare fairly on the same cores. ``optimized_path`` saves the graph ORT runs;
     ``profile_prefix`` turns on ORT's profiler, writing there.
+
+    ``arithmetic``: ``kernels`` is what ORT deploys (all graph optimizations: Q/DQ fused into
+    integer kernels, whose results depend on the CPU's int8 instructions); ``exact`` runs the
+    graph as written (optimizations and weight pre-packing off): every Q/DQ computed as the
+    ONNX spec defines it, the machine-independent reference that TensorRT and VNNI kernels aim
+    at. A graph with float8 Q/DQ runs with ORT's Q/DQ fusion off under ``kernels`` too: ORT's
+    CPU has no float8 kernels and refuses the fused node.
     """
     import onnxruntime as ort
 
@@ -38,7 +49,12 @@ def make_session(model: str | Path, providers: list[str] | None = None, threads:
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if arithmetic not in ARITHMETICS:
+        raise ValueError(f"arithmetic must be one of {ARITHMETICS}, not {arithmetic!r}")
+    exact = arithmetic == "exact"
+    so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, "ORT_DISABLE_ALL" if exact else "ORT_ENABLE_ALL")
+    if exact:
+        so.add_session_config_entry("session.disable_prepacking", "1")
     so.log_severity_level = 3
     if optimized_path:
         so.optimized_model_filepath = str(optimized_path)
@@ -46,9 +62,32 @@ def make_session(model: str | Path, providers: list[str] | None = None, threads:
         so.enable_profiling = True
         so.profile_file_prefix = str(profile_prefix)
     try:
-        return ort.InferenceSession(str(model), sess_options=so, providers=providers)
+        disabled = ["QDQSelectorActionTransformer"] if has_float8(model) else None
+        return ort.InferenceSession(str(model), sess_options=so, providers=providers, disabled_optimizers=disabled)
     except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
         raise LowbitError(f"onnxruntime cannot load {model}: {exc}", "check that the file is a complete ONNX model") from None
+
+
+def _rss_mb() -> float:
+    """This process's resident memory (Linux /proc), in MiB; NaN where /proc is absent."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def has_float8(model: str | Path) -> bool:
+    """Whether the ONNX file holds float8 tensors (read without loading external data)."""
+    import onnx
+
+    m = onnx.load(str(model), load_external_data=False)
+    f8 = {onnx.TensorProto.FLOAT8E4M3FN, onnx.TensorProto.FLOAT8E4M3FNUZ, onnx.TensorProto.FLOAT8E5M2,
+          onnx.TensorProto.FLOAT8E5M2FNUZ}  # fmt: skip
+    return any(i.data_type in f8 for i in m.graph.initializer)
 
 
 def run_head(session, tensor: np.ndarray) -> np.ndarray:
@@ -83,7 +122,11 @@ def bench_models(
     Runs are interleaved (one run of each model per round) so that drift in machine load
     affects all models alike; ratios are to the first model.
     """
-    sessions = [make_session(m, providers, threads) for m in models]
+    sessions, load_rss = [], []
+    for m in models:  # the resident memory each session adds when it loads (initializers, pre-packed weights)
+        before = _rss_mb()
+        sessions.append(make_session(m, providers, threads))
+        load_rss.append(_rss_mb() - before)
     shape = [d if isinstance(d, int) else 1 for d in sessions[0].get_inputs()[0].shape]
     x = np.random.default_rng(seed).random(shape, dtype=np.float32)
     for s in sessions:
@@ -96,8 +139,9 @@ def bench_models(
             run_head(s, x)
             times[i].append((time.perf_counter() - t0) * 1000.0)
     rows = []
-    for m, s, t in zip(models, sessions, times):
-        rows.append({"model": str(m), "providers": s.get_providers(), "threads": threads, "warmup": warmup, **latency_stats(t)})
+    for m, s, t, rss in zip(models, sessions, times, load_rss):
+        rows.append({"model": str(m), "providers": s.get_providers(), "threads": threads, "warmup": warmup,
+                     "load_rss_mb": round(rss, 1), **latency_stats(t)})  # fmt: skip
     first = rows[0]["median_ms"]
     for r in rows:
         r["ratio_to_first"] = r["median_ms"] / first

@@ -60,20 +60,21 @@ def get_format(name: str) -> Format:
 def quantize_weight(w: np.ndarray, fmt: Format) -> np.ndarray:
     """Fake-quantized copy of a Conv weight [Cout, Cin/g, kh, kw], one scale per output channel.
 
-    Integer formats are symmetric with the narrow range (int8 -127..127, int4 -7..7) and the
-    scale max|w| / qmax of the channel; fp8 scales the channel's max to 448 and rounds to e4m3.
+    Integer formats use the reference quantizer of :mod:`.weights` (symmetric, narrow range:
+    int8 -127..127, int4 -7..7, scale max|w| / qmax of the channel); fp8 scales the channel's
+    max to 448 and rounds to e4m3.
     """
     w = np.asarray(w, dtype=np.float32)
-    amax = np.abs(w).reshape(w.shape[0], -1).max(axis=1).reshape(-1, *([1] * (w.ndim - 1)))
-    amax = np.where(amax == 0, 1.0, amax).astype(np.float32)
     if fmt.fp8:
         import ml_dtypes
 
-        scale = amax / FP8_MAX
+        amax = np.abs(w).reshape(w.shape[0], -1).max(axis=1).reshape(-1, *([1] * (w.ndim - 1)))
+        scale = np.where(amax == 0, 1.0, amax).astype(np.float32) / FP8_MAX
         return ((w / scale).astype(ml_dtypes.float8_e4m3fn).astype(np.float32) * scale).astype(np.float32)
-    qmax = 2 ** (fmt.weight_bits - 1) - 1
-    scale = amax / qmax
-    return (np.clip(np.round(w / scale), -qmax, qmax) * scale).astype(np.float32)
+    from .weights import WeightSpec, dequantize, quantize_weight as codes_and_scale
+
+    codes, scale = codes_and_scale(w, WeightSpec(fmt.weight_bits))
+    return dequantize(codes, scale, None)
 
 
 def activation_qparams(lo: float, hi: float, fmt: Format) -> tuple[np.ndarray, np.ndarray]:
@@ -86,6 +87,19 @@ def activation_qparams(lo: float, hi: float, fmt: Format) -> tuple[np.ndarray, n
     scale = max(hi - lo, 1e-8) / qmax
     zero = int(np.clip(np.round(-lo / scale), 0, qmax))
     return np.array(scale, np.float32), np.array(zero, np.uint8)
+
+
+def act_qdq_nodes(node: onnx.NodeProto, fmt: Format, lo_hi: tuple[float, float]):
+    """QuantizeLinear -> DequantizeLinear for a Conv's input: (nodes, initializers, output name)."""
+    scale, zero = activation_qparams(*lo_hi, fmt)
+    s_name, z_name, q_name, dq_name = (f"{node.name}::{fmt.name}::{k}" for k in ("scale", "zero", "q", "dq"))
+    if fmt.fp8:
+        z = helper.make_tensor(z_name, onnx.TensorProto.FLOAT8E4M3FN, [], [0.0])
+    else:
+        z = numpy_helper.from_array(zero, z_name)
+    nodes = [helper.make_node("QuantizeLinear", [node.input[0], s_name, z_name], [q_name], name=q_name),
+             helper.make_node("DequantizeLinear", [q_name, s_name, z_name], [dq_name], name=dq_name)]  # fmt: skip
+    return nodes, [numpy_helper.from_array(scale, s_name), z], dq_name
 
 
 def apply_format(model: onnx.ModelProto, convs: set[str] | list[str], fmt: Format, ranges: dict) -> onnx.ModelProto:
@@ -113,17 +127,10 @@ def apply_format(model: onnx.ModelProto, convs: set[str] | list[str], fmt: Forma
                 x = node.input[0]
                 if x not in ranges:
                     raise KeyError(f"no calibrated range for {x} (input of {node.name})")
-                scale, zero = activation_qparams(*ranges[x], fmt)
-                s_name, z_name, q_name, dq_name = (f"{node.name}::{fmt.name}::{k}" for k in ("scale", "zero", "q", "dq"))
-                g.initializer.append(numpy_helper.from_array(scale, s_name))
-                if fmt.fp8:
-                    z = helper.make_tensor(z_name, onnx.TensorProto.FLOAT8E4M3FN, [], [0.0])
-                else:
-                    z = numpy_helper.from_array(zero, z_name)
-                g.initializer.append(z)
-                new_nodes.append(helper.make_node("QuantizeLinear", [x, s_name, z_name], [q_name], name=q_name))
-                new_nodes.append(helper.make_node("DequantizeLinear", [q_name, s_name, z_name], [dq_name], name=dq_name))
-                node.input[0] = dq_name
+                qdq, qdq_inits, dq_out = act_qdq_nodes(node, fmt, ranges[x])
+                g.initializer.extend(qdq_inits)
+                new_nodes.extend(qdq)
+                node.input[0] = dq_out
         new_nodes.append(node)
     missing = convs - done
     if missing:

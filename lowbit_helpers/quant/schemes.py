@@ -116,3 +116,44 @@ def write_schemes(sens_path: str | Path, out_dir: str | Path, top_k: list[int], 
         paths.append(p)
     write_json(out_dir / "index.json", [{"name": s["name"], "kind": s["kind"], "file": f"{s['name']}.json"} for s in schemes])
     return paths
+
+
+def _share_scheme(convs: list[str], params: dict, chosen: set[str], low: str, high: str, **meta) -> dict:
+    total = sum(params[n] for n in convs)
+    four = sum(params[n] for n in chosen)
+    return {**meta, "low": low, "high": high, "four_bit_params": four, "conv_params": total,
+            "four_bit_fraction": four / total, "nodes": {n: (low if n in chosen else high) for n in convs}}  # fmt: skip
+
+
+def random_scheme(sens: dict, percent: float, seed: int, low: str = "w4a8", high: str = "w8a8") -> dict:
+    """A control for ``budget_scheme``: 4-bit layers drawn at random (seeded) until the same share is met."""
+    import random
+
+    convs, params = sens["convs"], sens["params"]
+    order = list(convs)
+    random.Random(seed).shuffle(order)
+    target = percent / 100 * sum(params[n] for n in convs)
+    chosen, covered = set(), 0
+    for n in order:
+        if covered >= target:
+            break
+        chosen.add(n)
+        covered += params[n]
+    return _share_scheme(convs, params, chosen, low, high, kind="random", name=f"random{int(percent)}-s{seed}-{low}-{high}",
+                         budget_percent=percent, seed=seed, rule=f"4-bit layers in a random order (seed {seed}) until the share is met")  # fmt: skip
+
+
+def block_of(node: str) -> str:
+    """The top-level block of an exported node name, e.g. ``/model.23/cv3.0/...`` -> ``model.23``."""
+    parts = [p for p in node.split("/") if p]
+    return parts[0] if parts else node
+
+
+def heuristic_scheme(sens: dict, low: str = "w4a8", high: str = "w8a8") -> dict:
+    """The rule of thumb without sensitivity: every Conv in 4-bit except the first block and the head (last block)."""
+    convs, params = sens["convs"], sens["params"]
+    blocks = [block_of(n) for n in convs]
+    first, last = blocks[0], blocks[-1]
+    chosen = {n for n, b in zip(convs, blocks) if b not in (first, last)}
+    return _share_scheme(convs, params, chosen, low, high, kind="heuristic", name=f"heuristic-{low}-{high}",
+                         rule=f"every Conv in {low} except the first block ({first}) and the head ({last})")  # fmt: skip

@@ -1,0 +1,256 @@
+"""Materialise a mixed-precision scheme into one deployable ONNX (``materialize``).
+
+A scheme maps Conv node names to precisions (notebook 04 writes them). Per precision the
+Conv's weight becomes a quantized initializer read through ``DequantizeLinear`` and, for
+formats with 8-bit activations, its input goes through ``QuantizeLinear -> DequantizeLinear``:
+
+=========  =====================================================  ============================
+precision  weight                                                 input activation
+=========  =====================================================  ============================
+fp32       untouched                                              float
+fp16       float16 initializer -> ``Cast`` to float               float
+w8a8       INT8 codes, one scale per output channel               uint8 Q/DQ, per tensor
+w4a16      INT4 codes (two per byte), per channel or blocked      float
+w4a8       INT4 codes, per channel or blocked                     uint8 Q/DQ, per tensor
+fp8        FLOAT8E4M3FN codes, one scale per output channel       float8 e4m3 Q/DQ, per tensor
+=========  =====================================================  ============================
+
+The arithmetic is the sweep's (:mod:`.formats`): the same reference quantizer
+(:mod:`.weights`), the same activation ranges (mean of per-image min / max on calibration
+images) and Q/DQ placement (each quantized Conv's input), so a scheme scored by the sweep and
+the model deployed from it compute the same numbers (tested). 4-bit layers take the PTQ
+method (``METHODS``): the scale rule and granularity, GPTQ rounding and bias correction;
+8-bit layers are rounded to nearest per channel, as in notebook 03.
+
+Why not ORT's ``quantize_static`` with ``QInt4`` overrides: GPTQ's codes are the result of a
+reconstruction, and ``quantize_static`` re-derives every weight from floats; a graph writer of
+a few dozen lines keeps the codes that were optimised.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from ..errors import LowbitError
+from . import gptq
+from .formats import FORMATS, act_qdq_nodes
+from .weights import WeightSpec, compute_scale, dequantize, quantize_codes
+
+PRECISIONS = ("fp32", "fp16", "w8a8", "w4a16", "w4a8", "fp8")
+INT4_OPSET = 21  # INT4 tensors and blocked DequantizeLinear
+
+
+@dataclass(frozen=True)
+class Method:
+    """A 4-bit weight PTQ recipe: ``<rounding>[-bc][-b<B>]``.
+
+    rounding ``rtn`` (max-abs scale, round to nearest), ``mse`` (scale clipped to minimise the
+    input-energy-weighted squared error, round to nearest) or ``gptq`` (mse scales, GPTQ
+    rounding); ``-bc`` adds bias correction; ``-b<B>`` uses scales per block of B input
+    channels instead of per output channel.
+    """
+
+    name: str
+    clip: str
+    gptq: bool
+    bias_correction: bool
+    block: int | None
+
+    def spec(self, bits: int) -> WeightSpec:
+        if bits == 4:
+            return WeightSpec(4, self.block, self.clip)
+        return WeightSpec(bits, None, "maxabs")
+
+    @property
+    def needs_stats(self) -> bool:
+        return self.gptq or self.bias_correction or self.clip == "mse"
+
+    @property
+    def describe(self) -> str:
+        parts = [{"rtn": "max-abs scale, round to nearest", "mse": "MSE-clipped scale, round to nearest",
+                  "gptq": "MSE-clipped scale, GPTQ rounding"}[self.name.split("-")[0]]]  # fmt: skip
+        if self.bias_correction:
+            parts.append("bias correction")
+        parts.append("per output channel" if self.block is None else f"blocks of {self.block} input channels")
+        return ", ".join(parts)
+
+
+_METHOD_RE = re.compile(r"^(rtn|mse|gptq)(-bc)?(?:-b(\d+))?$")
+
+# The measured ladder of notebook 05, in order; any name of the grammar above is accepted too.
+LADDER = ["rtn", "rtn-b128", "rtn-b64", "rtn-b32", "mse", "mse-bc", "gptq", "gptq-bc", "gptq-bc-b64", "gptq-bc-b32"]
+
+
+def parse_method(name: str) -> Method:
+    m = _METHOD_RE.match(name)
+    if not m or (m.group(3) and int(m.group(3)) < 2):
+        raise LowbitError(f"unknown 4-bit method {name!r}",
+                          "use <rtn|mse|gptq>[-bc][-b<B>], e.g. rtn, mse-bc, gptq-bc, gptq-bc-b64")  # fmt: skip
+    base = m.group(1)
+    return Method(name, "maxabs" if base == "rtn" else "mse", base == "gptq", bool(m.group(2)),
+                  int(m.group(3)) if m.group(3) else None)  # fmt: skip
+
+
+def check_scheme(model: onnx.ModelProto, nodes: dict[str, str]) -> dict[str, str]:
+    """The scheme's node -> precision for this graph (Convs it omits stay fp32), or one clear error."""
+    if not isinstance(nodes, dict) or not nodes:
+        raise LowbitError("the scheme has no 'nodes' mapping", "give a scheme JSON as notebook 04 / `schemes` writes")
+    convs = [n.name for n in model.graph.node if n.op_type == "Conv"]
+    unknown = [n for n in nodes if n not in set(convs)]
+    if unknown:
+        raise LowbitError(
+            f"the scheme names {len(unknown)} node(s) that are not Conv nodes of this model, e.g. {unknown[:3]}",
+            "use a scheme made from this model's sensitivity file (a scheme for another model does not apply)",
+        )
+    bad = sorted({p for p in nodes.values() if p not in PRECISIONS})
+    if bad:
+        raise LowbitError(f"unknown precision(s) {bad} in the scheme", f"use one of {list(PRECISIONS)}")
+    return {c: nodes.get(c, "fp32") for c in convs}
+
+
+def stats_convs(nodes: dict[str, str], method: Method) -> list[str]:
+    """The Convs whose calibration statistics ``method`` needs (the 4-bit ones)."""
+    if not method.needs_stats:
+        return []
+    return [n for n, p in nodes.items() if p in FORMATS and FORMATS[p].weight_bits == 4]
+
+
+def _init(g: onnx.GraphProto, array: np.ndarray, name: str, dtype: int | None = None) -> str:
+    if dtype is None:
+        t = numpy_helper.from_array(array, name)
+    else:  # INT4 / FLOAT8: ml_dtypes arrays, packed by onnx
+        t = numpy_helper.from_array(array, name)
+        assert t.data_type == dtype, (t.data_type, dtype)
+    g.initializer.append(t)
+    return name
+
+
+def materialize(model: onnx.ModelProto, nodes: dict[str, str], method: str | Method, *,
+                ranges: dict | None = None, stats: dict | None = None) -> tuple[onnx.ModelProto, dict]:  # fmt: skip
+    """The deployable ONNX of scheme ``nodes`` and a record of what was done.
+
+    ``ranges``: calibrated (min, max) of each Conv input (needed by a8 layers; see
+    :func:`.sensitivity.activation_ranges`); ``stats``: :class:`.gptq.ConvStats` of the 4-bit
+    Convs (needed by methods other than ``rtn``; see :func:`.gptq.collect_stats`).
+    """
+    import ml_dtypes
+
+    method = parse_method(method) if isinstance(method, str) else method
+    nodes = check_scheme(model, nodes)
+    need_ranges = [c for c, p in nodes.items() if p in FORMATS and FORMATS[p].act_bits is not None]
+    by_name = {n.name: n for n in model.graph.node}
+    if need_ranges and (ranges is None or any(by_name[c].input[0] not in ranges for c in need_ranges)):
+        raise LowbitError("activation ranges are missing for the scheme's a8 layers",
+                          "pass ranges from activation_ranges() on calibration images")  # fmt: skip
+    missing = [c for c in stats_convs(nodes, method) if stats is None or c not in stats]
+    if missing:
+        raise LowbitError(f"method {method.name} needs calibration statistics of {len(missing)} Conv(s)",
+                          "pass stats from gptq.collect_stats() on calibration images")  # fmt: skip
+    t0 = time.perf_counter()
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    if any(p in ("w4a16", "w4a8") for p in nodes.values()):
+        out = _with_opset(out, INT4_OPSET)
+    g = out.graph
+    inits = {i.name: i for i in g.initializer}
+    new_nodes, layers = [], {}
+    for node in g.node:
+        prec = nodes.get(node.name, "fp32") if node.op_type == "Conv" else "fp32"
+        if prec == "fp32":
+            new_nodes.append(node)
+            continue
+        w_name = node.input[1]
+        w = numpy_helper.to_array(inits[w_name]).astype(np.float32)
+        base = f"{node.name}::{prec}"
+        rec = {"precision": prec, "params": int(w.size)}
+        if prec == "fp16":
+            _init(g, w.astype(np.float16), f"{base}::w16")
+            new_nodes.append(helper.make_node("Cast", [f"{base}::w16"], [f"{base}::w"], name=f"{base}::cast", to=TensorProto.FLOAT))
+        else:
+            fmt = FORMATS[prec]
+            if fmt.fp8:
+                amax = np.abs(w).reshape(w.shape[0], -1).max(axis=1)
+                scale = (np.where(amax == 0, 1.0, amax) / 448.0).astype(np.float32)
+                codes = (w / scale[:, None, None, None]).astype(ml_dtypes.float8_e4m3fn)
+                zero = np.zeros(scale.shape, ml_dtypes.float8_e4m3fn)
+                dq_attrs, rec["weights"] = {"axis": 0}, "float8 e4m3, per output channel"
+            else:
+                bits = fmt.weight_bits
+                spec = method.spec(bits)
+                st = stats.get(node.name) if (stats is not None and bits == 4) else None
+                scale = gptq.scales_for(w, spec, st) if bits == 4 else compute_scale(w, spec)
+                if bits == 4 and method.gptq:
+                    codes = gptq.gptq_codes(w, scale, spec, st)
+                else:
+                    codes = quantize_codes(w, scale, spec)
+                if bits == 4 and method.bias_correction:
+                    shift = gptq.bias_correction(w, dequantize(codes, scale, spec.block), st)
+                    _correct_bias(g, node, inits, shift, base)
+                    rec["bias_shift_max"] = float(np.abs(shift).max())
+                np_type = ml_dtypes.int4 if bits == 4 else np.int8
+                codes, zero = codes.astype(np_type), np.zeros(scale.shape, np_type)
+                dq_attrs = {"axis": 0} if spec.block is None else {"axis": 1, "block_size": spec.block}
+                rec["weights"] = f"int{bits}, {spec.granularity}" + ("" if bits == 8 else f", {method.name}")
+                rec["weight_rel_error"] = float(np.linalg.norm(dequantize(codes.astype(np.int8), scale, spec.block) - w)
+                                                / max(np.linalg.norm(w), 1e-12))  # fmt: skip
+            _init(g, codes, f"{base}::wq")
+            _init(g, scale, f"{base}::ws")
+            _init(g, zero, f"{base}::wz")
+            new_nodes.append(helper.make_node("DequantizeLinear", [f"{base}::wq", f"{base}::ws", f"{base}::wz"],
+                                              [f"{base}::w"], name=f"{base}::wdq", **dq_attrs))  # fmt: skip
+            if fmt.act_bits is not None:
+                qdq, inits_new, dq_out = act_qdq_nodes(node, fmt, ranges[node.input[0]])
+                g.initializer.extend(inits_new)
+                new_nodes.extend(qdq)
+                node.input[0] = dq_out
+        node.input[1] = f"{base}::w"
+        layers[node.name] = rec
+        new_nodes.append(node)
+    del g.node[:]
+    g.node.extend(new_nodes)
+    used = {i for n in g.node for i in n.input}
+    keep = [i for i in g.initializer if i.name in used]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    onnx.checker.check_model(out)
+    counts: dict[str, int] = {}
+    for p in nodes.values():
+        counts[p] = counts.get(p, 0) + 1
+    total = sum(r["params"] for r in layers.values()) + sum(
+        int(np.prod(inits[by_name[c].input[1]].dims)) for c, p in nodes.items() if p == "fp32"
+    )  # fmt: skip
+    four = sum(r["params"] for r in layers.values() if r["precision"] in ("w4a16", "w4a8"))
+    info = {"method": asdict(method), "method_text": method.describe, "precisions": counts,
+            "conv_params": total, "four_bit_params": four, "four_bit_share": four / total if total else 0.0,
+            "opset": next(o.version for o in out.opset_import if o.domain in ("", "ai.onnx")),
+            "seconds": round(time.perf_counter() - t0, 2), "layers": layers}  # fmt: skip
+    return out, info
+
+
+def _correct_bias(g, node, inits, shift: np.ndarray, base: str) -> None:
+    """Subtract ``shift`` from the Conv's bias (adding a bias input when it has none)."""
+    if len(node.input) > 2 and node.input[2]:
+        b = numpy_helper.to_array(inits[node.input[2]]).astype(np.float32)
+    else:
+        b = np.zeros(shift.shape, np.float32)
+    name = f"{base}::bias"
+    g.initializer.append(numpy_helper.from_array((b - shift).astype(np.float32), name))
+    if len(node.input) > 2:
+        node.input[2] = name
+    else:
+        node.input.append(name)
+
+
+def _with_opset(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
+    current = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    if current >= version:
+        return model
+    from onnx import version_converter
+
+    return version_converter.convert_version(model, version)

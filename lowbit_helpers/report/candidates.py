@@ -1,0 +1,254 @@
+"""Notebook 05's tables, plots and verdicts (also shown by the summary).
+
+All read from :func:`lowbit_helpers.steps.candidates.run_candidates`'s result. Targets are the
+issue's, on YOLOv10n: "meets" means the whole 95 % interval satisfies the target, "compatible
+with" that only the point estimate does.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from .common import pct, tidy
+
+W4A16_TARGET = 0.85  # uniform W4A16 keeps at least this share of FP32 mAP50-95
+DROP_TARGET = 1.5  # points: a >= 75 % 4-bit candidate within this of FP32
+SIZE_TARGET = 0.40  # that candidate's file at most this share of FP32's
+
+
+def _delta(s: dict) -> str:
+    d = s["delta_vs_fp32"]
+    return f"{100 * d['delta']:+.2f} [{100 * d['lo']:+.2f}, {100 * d['hi']:+.2f}]"
+
+
+def _latency(result: dict) -> dict:
+    lat = result.get("latency") or {}
+    return {r["name"]: r for r in lat.get("rows", [])}
+
+
+def ladder_table(result: dict) -> pd.DataFrame:
+    """The 4-bit method ladder: each method on each ladder scheme, on the selection split."""
+    rows = []
+    for r in result["ladder"]["rows"]:
+        rows.append({"scheme": r["scheme"], "method": r["method"], "what it does": r["describe"],
+                     "mAP50-95 (selection)": pct(r["select_mAP"]), "Δ vs FP32 [95%]": _delta({"delta_vs_fp32": r["delta"]}),
+                     "raw-head SQNR dB": round(r["sqnr_db"], 1), "size (MiB)": round(r["size_bytes"] / 2**20, 2),
+                     "build s": r["build_seconds"]})  # fmt: skip
+    return tidy(pd.DataFrame(rows).set_index(["scheme", "method"]))
+
+
+def candidate_rows(result: dict) -> list[dict]:
+    """One record per candidate (plain numbers, for tables and plots)."""
+    lat = _latency(result)
+    fp32_ms = lat.get("fp32", {}).get("median_ms")
+    out = []
+    for name, rec in result["recipes"].items():
+        ev = result["evaluations"][name]
+        info = rec["materialize"]
+        row = {"candidate": name, "kind": rec["scheme"].get("kind", ""), "precisions": info["precisions"],
+               "four_bit_share": info["four_bit_share"], "size_mib": ev["size_bytes"] / 2**20,
+               "size_ratio": ev["size_bytes"] / result["fp32_size_bytes"], "select": ev["select"],
+               "confirm": ev.get("confirm"), "whole": ev.get("whole"), "select_exact": ev.get("select_exact"),
+               "sqnr_db": ev["fidelity"]["sqnr_db"], "qdq": ev["qdq"], "ort_cpu": ev["ort_cpu"]}  # fmt: skip
+        if name in lat and fp32_ms:
+            row.update(median_ms=lat[name]["median_ms"], p90_ms=lat[name]["p90_ms"], latency_ratio=lat[name]["median_ms"] / fp32_ms,
+                       load_rss_mb=lat[name].get("load_rss_mb"))  # fmt: skip
+        out.append(row)
+    return out
+
+
+def candidate_table(result: dict) -> pd.DataFrame:
+    lat = _latency(result)
+    rows = []
+    fp32 = lat.get("fp32")
+    if fp32:
+        rows.append({"candidate": "fp32", "size (MiB)": round(result["fp32_size_bytes"] / 2**20, 2), "× FP32 size": 1.0,
+                     "median ms": round(fp32["median_ms"], 1), "× FP32": 1.0})  # fmt: skip
+    for r in candidate_rows(result):
+        s, m = r["select"], r["select"]["metrics"]
+        row = {"candidate": r["candidate"],
+               "precisions": ", ".join(f"{k} {v}" for k, v in sorted(r["precisions"].items())),
+               "4-bit share %": round(100 * r["four_bit_share"], 1),
+               f"mAP50-95 {s['subset']}": pct(m["mAP_50_95"]), f"Δ {s['subset']} [95%]": _delta(s)}  # fmt: skip
+        if r["select_exact"]:
+            row[f"Δ {s['subset']} exact Q/DQ"] = _delta(r["select_exact"])
+        if r["confirm"]:
+            row[f"mAP50-95 {r['confirm']['subset']}"] = pct(r["confirm"]["metrics"]["mAP_50_95"])
+            row[f"Δ {r['confirm']['subset']} [95%]"] = _delta(r["confirm"])
+            row[f"Δ {r['whole']['subset']} [95%]"] = _delta(r["whole"])
+        row.update({"mAP50 / 75": f"{pct(m['mAP_50'])} / {pct(m['mAP_75'])}",
+                    "AP S / M / L": f"{pct(m.get('mAP_small'))} / {pct(m.get('mAP_medium'))} / {pct(m.get('mAP_large'))}",
+                    "raw-head SQNR dB": round(r["sqnr_db"], 1), "size (MiB)": round(r["size_mib"], 2),
+                    "× FP32 size": round(r["size_ratio"], 3),
+                    "Q/DQ nodes": r["qdq"]["QuantizeLinear"] + r["qdq"]["DequantizeLinear"],
+                    "ORT runs": f"{r['ort_cpu']['QLinearConv']} QLinearConv, {r['ort_cpu']['float_Conv']} float Conv, "
+                                f"{r['ort_cpu']['DequantizeLinear']} DQ"})  # fmt: skip
+        if "median_ms" in r:
+            row.update({"median ms": round(r["median_ms"], 1), "p90 ms": round(r["p90_ms"], 1), "× FP32": round(r["latency_ratio"], 3)})
+            if r.get("load_rss_mb") is not None:
+                row["load RSS (MiB)"] = round(r["load_rss_mb"], 1)
+        rows.append(row)
+    return tidy(pd.DataFrame(rows).set_index("candidate"))
+
+
+def guided_vs_random(result: dict) -> pd.DataFrame | None:
+    """The guided budget scheme against its random and heuristic controls, both splits."""
+    names = ([result["guided"]] if result.get("guided") else []) + list(result["controls"])
+    if len(names) < 2:
+        return None
+    rows = []
+    for n in names:
+        ev, rec = result["evaluations"][n], result["recipes"][n]
+        row = {"scheme": n, "rule": rec["scheme"].get("rule", ""),
+               "4-bit share %": round(100 * rec["materialize"]["four_bit_share"], 1),
+               f"mAP50-95 {ev['select']['subset']}": pct(ev["select"]["metrics"]["mAP_50_95"]),
+               f"Δ {ev['select']['subset']} [95%]": _delta(ev["select"])}  # fmt: skip
+        if "confirm" in ev:
+            row[f"mAP50-95 {ev['confirm']['subset']}"] = pct(ev["confirm"]["metrics"]["mAP_50_95"])
+            row[f"Δ {ev['confirm']['subset']} [95%]"] = _delta(ev["confirm"])
+        rows.append(row)
+    return tidy(pd.DataFrame(rows).set_index("scheme"))
+
+
+def guided_verdict(result: dict) -> str:
+    g = result.get("guided")
+    randoms = [n for n in result["controls"] if result["recipes"][n]["scheme"].get("kind") == "random"]
+    if not g or not randoms or "confirm" not in result["evaluations"][g]:
+        return "No guided-vs-random comparison in this run."
+    ev = result["evaluations"]
+
+    def conf(n):
+        return ev[n]["confirm"]["metrics"]["mAP_50_95"]
+
+    med = float(np.median([conf(n) for n in randoms]))
+    sub = ev[g]["confirm"]["subset"]
+    best_r = max(randoms, key=conf)
+    gap = conf(g) - med
+    lo_gap = (conf(g) - conf(best_r))
+    if gap > 0:
+        s = (f"**Sensitivity guidance earns its keep here**: on {sub} the guided scheme `{g}` scores {pct(conf(g))} "
+             f"against a median of {pct(med)} for {len(randoms)} random schemes of the same 4-bit share "
+             f"({100 * gap:+.2f} points; {100 * lo_gap:+.2f} against the best random draw).")  # fmt: skip
+    else:
+        s = (f"**Sensitivity guidance does not beat chance here**: on {sub} the guided scheme `{g}` scores {pct(conf(g))}, "
+             f"the median of {len(randoms)} random schemes of the same 4-bit share {pct(med)} ({100 * gap:+.2f} points).")  # fmt: skip
+    intervals = [ev[n]["confirm"]["delta_vs_fp32"] for n in [g, *randoms]]
+    s += (" Each Δ to FP32 has its paired-bootstrap interval in the table; with "
+          f"{ev[g]['confirm']['num_images']} images an interval is about "
+          f"±{50 * np.mean([i['hi'] - i['lo'] for i in intervals]):.1f} points wide, so read gaps smaller than that as not shown.")
+    return s
+
+
+def target_lines(result: dict) -> list[str]:
+    """Each issue target: met / compatible / not met, with the measured numbers."""
+    ev, rec = result["evaluations"], result["recipes"]
+    lines = []
+    w16 = next((n for n in rec if rec[n]["scheme"].get("name") == "w4a16-top0"), None)
+    if w16 and "whole" in ev[w16]:
+        w = ev[w16]["whole"]
+        keep = w["metrics"]["mAP_50_95"] / w["fp32_mAP_50_95"]
+        d = w["delta_vs_fp32"]
+        lo_keep = (w["fp32_mAP_50_95"] + d["lo"]) / w["fp32_mAP_50_95"]
+        state = "met" if lo_keep >= W4A16_TARGET else ("compatible with the target" if keep >= W4A16_TARGET else "not met")
+        lines.append(f"Uniform W4A16 (`{w16}`) keeps {100 * keep:.1f} % of FP32 mAP50-95 on {w['subset']} "
+                     f"({pct(w['metrics']['mAP_50_95'])} vs {pct(w['fp32_mAP_50_95'])}; interval {100 * lo_keep:.1f}–"
+                     f"{100 * (w['fp32_mAP_50_95'] + d['hi']) / w['fp32_mAP_50_95']:.1f} %): target ≥ {100 * W4A16_TARGET:.0f} % **{state}**.")  # fmt: skip
+    best = None
+    for n, r in rec.items():
+        if r["materialize"]["four_bit_share"] >= 0.75 and "confirm" in ev[n] and r["scheme"].get("kind") not in ("random", "heuristic"):
+            if best is None or ev[n]["select"]["metrics"]["mAP_50_95"] > ev[best]["select"]["metrics"]["mAP_50_95"]:
+                best = n
+    if best:
+        c = ev[best]["confirm"]
+        d = c["delta_vs_fp32"]
+        state = "met" if d["lo"] >= -DROP_TARGET / 100 else ("compatible with the target" if d["delta"] >= -DROP_TARGET / 100 else "not met")
+        size = ev[best]["size_bytes"] / result["fp32_size_bytes"]
+        lines.append(f"Best candidate with ≥ 75 % of conv weights in 4-bit, chosen on {ev[best]['select']['subset']}: `{best}` "
+                     f"({100 * rec[best]['materialize']['four_bit_share']:.1f} % 4-bit), Δ on {c['subset']} {_delta(c)}: "
+                     f"within {DROP_TARGET} points **{state}**; file {size:.2f}× FP32: ≤ {SIZE_TARGET}× "
+                     f"**{'met' if size <= SIZE_TARGET else 'not met'}**.")  # fmt: skip
+    return lines
+
+
+def verdicts(result: dict) -> pd.DataFrame | None:
+    """Per budget: the candidate chosen on the selection split and its confirmation."""
+    ev, rec = result["evaluations"], result["recipes"]
+    rows = []
+    for w in result["winners"].values():
+        n = w["candidate"]
+        row = {"budget (≥ % 4-bit)": w["budget_percent"], "ship": n, "candidates eligible": w["eligible"],
+               "4-bit share %": round(100 * rec[n]["materialize"]["four_bit_share"], 1),
+               f"Δ {ev[n]['select']['subset']} (chosen on)": _delta(ev[n]["select"])}  # fmt: skip
+        if "confirm" in ev[n]:
+            row[f"Δ {ev[n]['confirm']['subset']} (confirmed on)"] = _delta(ev[n]["confirm"])
+        row["× FP32 size"] = round(ev[n]["size_bytes"] / result["fp32_size_bytes"], 3)
+        lat = _latency(result)
+        if n in lat and "fp32" in lat:
+            row["× FP32 latency"] = round(lat[n]["median_ms"] / lat["fp32"]["median_ms"], 3)
+        rows.append(row)
+    return tidy(pd.DataFrame(rows).set_index("budget (≥ % 4-bit)")) if rows else None
+
+
+def pareto_front(points: list[tuple[float, float]], lower_x_better: bool = True) -> list[int]:
+    """Indices of the points no other point beats in both x (smaller) and y (larger)."""
+    idx = []
+    for i, (x, y) in enumerate(points):
+        dominated = any((x2 <= x and y2 >= y) and (x2 < x or y2 > y) for j, (x2, y2) in enumerate(points) if j != i)
+        if not dominated:
+            idx.append(i)
+    return idx
+
+
+def pareto_figure(result: dict):
+    """mAP (selection split) against file size, ORT latency and 4-bit share; frontier marked."""
+    import matplotlib.pyplot as plt
+
+    rows = candidate_rows(result)
+    lat = _latency(result)
+    fp32_map = rows[0]["select"]["fp32_mAP_50_95"] if rows else None
+    panels = [("size_ratio", "file size (× FP32)"), ("latency_ratio", "ORT CPU latency (× FP32)"),
+              ("four_bit_share", "share of conv weights in 4-bit")]  # fmt: skip
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    for ax, (key, label) in zip(axes, panels):
+        pts = [(r[key], 100 * r["select"]["metrics"]["mAP_50_95"], r["candidate"]) for r in rows if r.get(key) is not None]
+        if not pts:
+            ax.set_visible(False)
+            continue
+        xs, ys, names = zip(*pts)
+        ax.scatter(xs, ys, s=18, color="tab:blue", alpha=0.7)
+        front = pareto_front([(-x, y) for x, y in zip(xs, ys)] if key == "four_bit_share" else list(zip(xs, ys)))
+        fx = sorted(front, key=lambda i: xs[i])
+        ax.plot([xs[i] for i in fx], [ys[i] for i in fx], "-o", color="tab:red", ms=5, label="frontier")
+        for i in front:
+            ax.annotate(names[i], (xs[i], ys[i]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        if fp32_map is not None:
+            ax.axhline(100 * fp32_map, color="gray", ls="--", lw=1, label="FP32")
+        ax.set_xlabel(label)
+        ax.set_ylabel(f"mAP50-95, {rows[0]['select']['subset']}")
+        ax.legend(fontsize=8)
+    if not lat:
+        axes[1].set_title("no latency measured")
+    fig.tight_layout()
+    return fig
+
+
+def method_verdict(result: dict) -> str:
+    lad = result["ladder"]
+    mean = lad["mean_select_mAP"]
+    first = next(iter(mean))
+    return (f"Method for every candidate: **{result['method']}** ({lad['rule']}): mean selection-split mAP50-95 "
+            f"{pct(mean[lad['best']])} against {pct(mean[first])} for `{first}`.")  # fmt: skip
+
+
+def int4_runtime_note(result: dict) -> str:
+    """What ORT CPU does with INT4 weights, read from its optimized graph."""
+    for name, ev in result["evaluations"].items():
+        if result["recipes"][name]["materialize"]["four_bit_share"] > 0:
+            ops = ev["ort_cpu"]
+            return (f"ORT CPU keeps INT4 weights as INT4 initializers and runs `DequantizeLinear` each inference "
+                    f"(`{name}`: {ops['DequantizeLinear']} DequantizeLinear and {ops['float_Conv']} float Conv in ORT's optimized "
+                    f"graph, {ops['QLinearConv']} QLinearConv): ORT has no int4 Conv kernel, so 4-bit buys file size and load "
+                    f"memory on CPU, not speed. Weights of 8-bit layers in these schemes are Q/DQ without an output "
+                    f"QuantizeLinear (the sweep's arithmetic), so ORT does not fuse them into QLinearConv either.")  # fmt: skip
+    return ""

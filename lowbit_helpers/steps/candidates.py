@@ -1,0 +1,344 @@
+"""Notebook 05: low-bit candidates, each a deployable ONNX, evaluated alike, chosen honestly.
+
+1. The 4-bit method ladder (``candidates.ladder``): each method materialises each scheme of
+   ``candidates.ladder_schemes`` (uniform W4A16 and the 75 % budget by default); mAP on the
+   selection split; the best method (mean mAP over those schemes) is the candidates' method
+   unless ``candidates.method`` names one.
+2. Candidates: every scheme notebook 04 wrote (top-K per format, budgets), all Convs in fp8,
+   and the controls of the guided budget: random schemes with the same 4-bit share (fixed
+   seeds) and the "all but the first block and the head" heuristic. Each is materialised
+   (:func:`..quant.materialize.materialize`), checked, and scored on the selection split;
+   candidates with 8-bit activations also with exact Q/DQ arithmetic.
+3. Honest selection: winners (the method, the best candidate per 4-bit budget) are chosen on
+   the selection split (val100) and confirmed on the *other* images of the confirmation subset
+   (val500 minus val100), with paired-bootstrap intervals of the difference to FP32.
+4. Latency of FP32, the best INT8 variant of notebook 03 and every candidate in one process.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..artifacts import atomic_path, read_json, write_json
+from ..errors import LowbitError
+from ..rundir import RunDir, stage_key
+from . import baseline
+from .int8 import FP32_SUBSET_DETECTIONS, VARIANT_EVAL, VARIANT_ONNX, fp32_on
+from .sensitivity import SCHEMES_DIR, SCHEMES_INDEX, SENS
+
+# artifacts, relative to the run directory ({name}: a candidate)
+CANDIDATE_ONNX = "candidates/{name}.onnx"
+CANDIDATE_RECIPE = "candidates/{name}.recipe.json"  # the scheme, the method and what materialize did
+CANDIDATE_EVAL = "results/{name}.json"
+CONFIRM_IDS = "results/confirm_ids.txt"  # the confirmation split: confirm_subset minus select_subset
+LADDER = "results/ladder.json"
+LATENCY = "results/latency.json"
+CANDIDATES = "results/candidates.json"  # everything notebook 05 and the summary show
+
+
+# ------------------------------------------------------------------ inputs shared by every build
+@functools.lru_cache(maxsize=2)
+def _calibration(calib_path: str, calib_sha: str, model_path: str, model_sha: str, range_images: int,
+                 stats_images: int) -> tuple[dict, dict]:  # fmt: skip
+    """Activation ranges (the sweep's: calibration images [0, R)) and GPTQ statistics of every Conv."""
+    import onnx
+
+    from ..quant.gptq import collect_stats
+    from ..quant.sensitivity import activation_ranges, conv_nodes
+
+    model = onnx.load(model_path)
+    calib = np.load(calib_path, mmap_mode="r")
+    if len(calib) < max(range_images, stats_images):
+        raise LowbitError(f"the calibration tensor has {len(calib)} images; candidates need {max(range_images, stats_images)}",
+                          "raise data.calib_images or lower candidates.stats_images / sensitivity.range_images")  # fmt: skip
+    ranges = activation_ranges(model, np.asarray(calib[:range_images]))
+    stats = collect_stats(model, conv_nodes(model), np.asarray(calib[:stats_images]))
+    return ranges, stats
+
+
+def calibration(run: RunDir) -> tuple[dict, dict]:
+    from ..artifacts import sha256_file
+
+    model, calib = run.artifact(baseline.MODEL), run.artifact(baseline.CALIB)
+    cfg = run.cfg
+    return _calibration(str(calib), sha256_file(calib), str(model), sha256_file(model), cfg.sensitivity.range_images,
+                        cfg.candidates.stats_images)  # fmt: skip
+
+
+# ------------------------------------------------------------------ schemes
+def notebook04_schemes(run: RunDir) -> dict[str, dict]:
+    index = read_json(run.artifact(SCHEMES_INDEX))
+    return {e["name"]: read_json(run.artifact(f"{SCHEMES_DIR}/{e['file']}")) for e in index}
+
+
+def all_schemes(run: RunDir) -> dict[str, dict]:
+    """Notebook 04's schemes (or ``candidates.schemes``), fp8, and the random / heuristic controls."""
+    from ..quant.schemes import heuristic_scheme, random_scheme
+
+    cfg, c = run.cfg, run.cfg.candidates
+    sens = read_json(run.artifact(SENS))
+    nb04 = notebook04_schemes(run)
+    wanted = list(nb04) if c.schemes is None else c.schemes
+    unknown = [n for n in wanted + c.ladder_schemes if n not in nb04]
+    if unknown:
+        raise LowbitError(f"candidates: scheme(s) {unknown} are not among notebook 04's ({sorted(nb04)})",
+                          "name schemes that notebook 04 wrote (see sensitivity.top_k / budgets)")  # fmt: skip
+    out = {n: nb04[n] for n in wanted}
+    if c.fp8:
+        out["fp8-all"] = {"kind": "uniform", "name": "fp8-all", "format": "fp8", "nodes": {n: "fp8" for n in sens["convs"]}}
+    low, high = cfg.sensitivity.budget_low, cfg.sensitivity.budget_high
+    for seed in range(c.random_schemes):
+        s = random_scheme(sens, c.random_budget, seed, low, high)
+        out[s["name"]] = s
+    if c.heuristic:
+        s = heuristic_scheme(sens, low, high)
+        out[s["name"]] = s
+    return out
+
+
+def has_four_bit(scheme: dict) -> bool:
+    return any(p in ("w4a16", "w4a8") for p in scheme["nodes"].values())
+
+
+def has_a8(scheme: dict) -> bool:
+    return any(p in ("w8a8", "w4a8", "fp8") for p in scheme["nodes"].values())
+
+
+def candidate_name(scheme: dict, method: str) -> str:
+    """``<scheme>.<method>`` when the method matters (4-bit layers), else the scheme's name."""
+    return f"{scheme['name']}.{method}" if has_four_bit(scheme) else scheme["name"]
+
+
+# ------------------------------------------------------------------ build
+def build(run: RunDir, scheme: dict, method: str) -> dict:
+    """Materialise ``scheme`` with ``method`` into ``candidates/<name>.onnx`` (cached); its recipe."""
+    import onnx
+
+    from ..quant.materialize import materialize
+
+    cfg = run.cfg
+    name = candidate_name(scheme, method)
+    model, calib = run.artifact(baseline.MODEL), run.artifact(baseline.CALIB)
+    rel, recipe_rel = CANDIDATE_ONNX.format(name=name), CANDIDATE_RECIPE.format(name=name)
+    params = {"nodes": scheme["nodes"], "method": method, "range_images": cfg.sensitivity.range_images,
+              "stats_images": cfg.candidates.stats_images, "versions": baseline.versions()}  # fmt: skip
+    key = stage_key(params, [model, calib])
+    if not run.is_fresh(f"candidate:{name}", key):
+        t0 = time.perf_counter()
+        ranges, stats = calibration(run)
+        q, info = materialize(onnx.load(str(model)), scheme["nodes"], method, ranges=ranges, stats=stats)
+        with atomic_path(run.file(rel)) as tmp:
+            onnx.save(q, str(tmp))
+        recipe = {"name": name, "scheme": {k: v for k, v in scheme.items() if k != "nodes"}, "nodes": scheme["nodes"],
+                  "method": method, "materialize": info, "seconds": round(time.perf_counter() - t0, 1),
+                  "command": f"python -m lowbit_helpers materialize SCHEME.json {Path(model).name} "
+                             f"--calib-npy calib.npy --method {method} --out {name}.onnx"}  # fmt: skip
+        write_json(run.file(recipe_rel), recipe)
+        run.finish(f"candidate:{name}", key, [rel, recipe_rel], {"scheme": scheme["name"], "method": method})
+    return read_json(run.artifact(recipe_rel))
+
+
+# ------------------------------------------------------------------ evaluation
+def splits(run: RunDir):
+    """(selection subset, confirmation subset = confirm_subset minus selection, the union subset)."""
+    from ..data import open_coco
+
+    cfg, c = run.cfg, run.cfg.candidates
+    sel = open_coco(cfg.data.coco_root, cfg.data.annotations, c.select_subset)
+    union = open_coco(cfg.data.coco_root, cfg.data.annotations, c.confirm_subset)
+    rest = [i for i in union.ids if i not in set(sel.ids)]
+    if not rest:
+        raise LowbitError(f"candidates.confirm_subset {c.confirm_subset} has no images outside {c.select_subset}",
+                          "use a confirmation subset larger than the selection subset (e.g. val500 vs val100)")  # fmt: skip
+    missing = [i for i in sel.ids if i not in set(union.ids)]
+    if missing:
+        raise LowbitError(f"candidates.select_subset has images outside confirm_subset {c.confirm_subset}",
+                          "choose a selection subset inside the confirmation subset")  # fmt: skip
+    ids_path = run.file(CONFIRM_IDS)
+    text = "\n".join(map(str, rest)) + "\n"
+    if not ids_path.is_file() or ids_path.read_text() != text:
+        with atomic_path(ids_path) as tmp:
+            tmp.write_text(text)
+    conf = open_coco(cfg.data.coco_root, cfg.data.annotations, str(ids_path))
+    conf.name = f"{c.confirm_subset} minus {c.select_subset}"
+    return sel, conf, union
+
+
+def _only(dets: list[dict], ids) -> list[dict]:
+    keep = set(ids)
+    return [d for d in dets if d["image_id"] in keep]
+
+
+def score(run: RunDir, dets: list[dict], subset, fp32_dets: list[dict]) -> dict:
+    """mAP of ``dets`` on ``subset`` with the paired-bootstrap difference to FP32 on the same images."""
+    from ..evaluate import bootstrap_difference, evaluate_coco
+
+    e = run.cfg.evaluation
+    ev = evaluate_coco(subset, _only(dets, subset.ids))
+    ref = evaluate_coco(subset, _only(fp32_dets, subset.ids))
+    return {"subset": subset.name, "num_images": len(subset), "metrics": ev.metrics, "per_class_ap": ev.per_class,
+            "fp32_mAP_50_95": ref.metrics["mAP_50_95"],
+            "delta_vs_fp32": bootstrap_difference(ev, ref, e.bootstrap or 200, e.confidence, e.seed)}  # fmt: skip
+
+
+def evaluate(run: RunDir, name: str, confirm: bool, exact: bool) -> dict:
+    """Selection-split mAP (and, with ``confirm``, the confirmation split and the whole subset),
+    raw-head fidelity, Q/DQ counts, what ORT runs, file size; ``exact`` adds exact arithmetic."""
+    from ..data import preprocess
+    from ..evaluate import predict_onnx
+    from ..quant.inspect import head_fidelity, ort_executed_ops, qdq_counts
+    from ..runtime import make_session
+
+    cfg, c = run.cfg, run.cfg.candidates
+    q = run.artifact(CANDIDATE_ONNX.format(name=name))
+    model = run.artifact(baseline.MODEL)
+    rel = CANDIDATE_EVAL.format(name=name)
+    params = {"select": c.select_subset, "confirm_subset": c.confirm_subset, "confirm": confirm, "exact": exact,
+              "decode": cfg.decode.model_dump(), "data": cfg.data.model_dump(), "evaluation": cfg.evaluation.model_dump(),
+              "fidelity_images": cfg.int8.fidelity_images}  # fmt: skip
+    key = stage_key(params, [model, q])
+    if not run.is_fresh(f"candidate-eval:{name}", key):
+        sel, conf, union = splits(run)
+        fp32_on(run, c.confirm_subset)  # FP32 detections on the whole confirmation subset (cached by notebook 03)
+        fp32_dets = read_json(run.artifact(FP32_SUBSET_DETECTIONS.format(subset=c.confirm_subset)))
+        session = make_session(q, cfg.runtime.providers, cfg.runtime.threads)
+        t0 = time.perf_counter()
+        dets = predict_onnx(session, union if confirm else sel, cfg.decode)
+        seconds = time.perf_counter() - t0
+        out = {"name": name, "predict_seconds": round(seconds, 1), "arithmetic": "kernels",
+               "select": score(run, dets, sel, fp32_dets)}  # fmt: skip
+        if confirm:
+            out["confirm"] = score(run, dets, conf, fp32_dets)
+            out["whole"] = score(run, dets, union, fp32_dets)
+        if exact:
+            xs = make_session(q, cfg.runtime.providers, cfg.runtime.threads, arithmetic="exact")
+            out["select_exact"] = score(run, predict_onnx(xs, sel, cfg.decode), sel, fp32_dets)
+        images = [preprocess(sel.image_path(i))[0] for i in sel.ids[: cfg.int8.fidelity_images]]
+        out["fidelity"] = head_fidelity(make_session(model, threads=cfg.runtime.threads), session, images)
+        out.update(qdq=qdq_counts(q), ort_cpu=ort_executed_ops(q, cfg.runtime.threads), size_bytes=q.stat().st_size)
+        write_json(run.file(rel), out)
+        run.finish(f"candidate-eval:{name}", key, [rel], params)
+    return read_json(run.artifact(rel))
+
+
+# ------------------------------------------------------------------ the ladder and the candidates
+def select_map(result: dict) -> float:
+    return result["select"]["metrics"]["mAP_50_95"]
+
+
+def run_ladder(run: RunDir, schemes: dict[str, dict]) -> dict:
+    from ..quant.materialize import parse_method
+
+    c = run.cfg.candidates
+    for m in c.ladder:
+        parse_method(m)
+    rows = []
+    for s_name in c.ladder_schemes:
+        for m in c.ladder:
+            recipe = build(run, schemes[s_name], m)
+            res = evaluate(run, recipe["name"], confirm=False, exact=False)
+            rows.append({"scheme": s_name, "method": m, "candidate": recipe["name"], "select_mAP": select_map(res),
+                         "delta": res["select"]["delta_vs_fp32"], "sqnr_db": res["fidelity"]["sqnr_db"],
+                         "size_bytes": res["size_bytes"], "build_seconds": recipe["seconds"],
+                         "describe": recipe["materialize"]["method_text"]})  # fmt: skip
+    mean = {m: float(np.mean([r["select_mAP"] for r in rows if r["method"] == m])) for m in c.ladder}
+    best = max(c.ladder, key=lambda m: (mean[m], -c.ladder.index(m)))
+    chosen = best if c.method == "auto" else parse_method(c.method).name
+    result = {"rows": rows, "mean_select_mAP": mean, "best": best, "method": chosen,
+              "rule": f"highest mean mAP50-95 on {c.select_subset} over {', '.join(c.ladder_schemes)}"
+                      if c.method == "auto" else "candidates.method in the params"}  # fmt: skip
+    write_json(run.file(LADDER), result)
+    return result
+
+
+def best_int8(run: RunDir) -> dict | None:
+    """Notebook 03's variant with the best mAP on the selection split (None when INT8 is off)."""
+    cfg = run.cfg
+    if not cfg.int8.enabled:
+        return None
+    best = None
+    for v in cfg.int8.variants:
+        rel = VARIANT_EVAL.format(name=v.name)
+        if not run.has(rel):
+            continue
+        coco = read_json(run.artifact(rel)).get("coco", {})
+        if cfg.candidates.select_subset in coco:
+            m = coco[cfg.candidates.select_subset]["metrics"]["mAP_50_95"]
+            if best is None or m > best["select_mAP"]:
+                best = {"name": v.name, "select_mAP": m, "model": VARIANT_ONNX.format(name=v.name), "coco": coco}
+    return best
+
+
+def winners(run: RunDir, cands: dict[str, dict], evals: dict[str, dict]) -> dict[str, dict]:
+    """Per budget P (notebook 04's budgets), the candidate with >= P % of conv weights in 4-bit
+    that scores best on the selection split."""
+    out = {}
+    for p in run.cfg.sensitivity.budgets:
+        eligible = [n for n, r in cands.items() if r["materialize"]["four_bit_share"] * 100 >= p - 1e-9]
+        if eligible:
+            best = max(eligible, key=lambda n: select_map(evals[n]))
+            out[f"{p:g}"] = {"budget_percent": p, "candidate": best, "eligible": len(eligible)}
+    return out
+
+
+def latency(run: RunDir, names: list[str], int8: dict | None) -> dict:
+    from ..runtime import bench_models, environment
+
+    cfg = run.cfg
+    models = [run.artifact(baseline.MODEL)] + ([run.artifact(int8["model"])] if int8 else [])
+    labels = ["fp32"] + ([f"int8:{int8['name']}"] if int8 else [])
+    models += [run.artifact(CANDIDATE_ONNX.format(name=n)) for n in names]
+    labels += names
+    params = {"runtime": cfg.runtime.model_dump(), "latency": cfg.latency.model_dump(), "labels": labels}
+    key = stage_key(params, models)
+    if not run.is_fresh("candidates-latency", key):
+        rows = bench_models(models, cfg.runtime.threads, cfg.runtime.providers, cfg.latency.warmup, cfg.latency.runs)
+        for r, label in zip(rows, labels):
+            r["name"] = label
+            r["model"] = Path(r["model"]).name
+        write_json(run.file(LATENCY), {"rows": rows, "environment": environment()})
+        run.finish("candidates-latency", key, [LATENCY], params)
+    return read_json(run.artifact(LATENCY))
+
+
+def run_candidates(run: RunDir) -> dict:
+    """Everything notebook 05 shows (also written to ``results/candidates.json``)."""
+    cfg, c = run.cfg, run.cfg.candidates
+    if not c.enabled:
+        return {"skipped": "candidates.enabled is false in the params"}
+    info = read_json(run.artifact(baseline.MODEL_INFO))
+    if info["structure_only"]:
+        return {"skipped": f"{info['label']}: structure only (random weights), no accuracy to choose candidates by"}
+    if not cfg.sensitivity.enabled:
+        return {"skipped": "sensitivity.enabled is false: notebook 04 wrote no schemes to materialise"}
+    t0 = time.perf_counter()
+    schemes = all_schemes(run)
+    ladder = run_ladder(run, schemes)
+    method = ladder["method"]
+    recipes = {}
+    for s in schemes.values():
+        r = build(run, s, method)
+        recipes[r["name"]] = r
+    evals = {n: evaluate(run, n, confirm=(c.confirm == "all"), exact=c.exact and has_a8(schemes[r["scheme"]["name"]]))
+             for n, r in recipes.items()}  # fmt: skip
+    win = winners(run, recipes, evals)
+    low, high = cfg.sensitivity.budget_low, cfg.sensitivity.budget_high
+    guided = f"budget{int(c.random_budget)}-{low}-{high}"
+    controls = [n for n, r in recipes.items() if r["scheme"].get("kind") in ("random", "heuristic")]
+    confirm = {w["candidate"] for w in win.values()} | set(controls)
+    confirm |= {n for n, r in recipes.items() if r["scheme"]["name"] in ("w4a16-top0", "w4a8-top0", guided)}
+    for n in sorted(confirm):
+        if "confirm" not in evals[n]:
+            evals[n] = evaluate(run, n, confirm=True, exact=c.exact and has_a8(schemes[recipes[n]["scheme"]["name"]]))
+    int8 = best_int8(run)
+    lat = latency(run, list(recipes), int8) if c.latency else None
+    result = {"method": method, "ladder": ladder, "recipes": recipes, "evaluations": evals, "winners": win,
+              "guided": next((n for n, r in recipes.items() if r["scheme"]["name"] == guided), None),
+              "controls": controls, "best_int8": int8, "latency": lat, "fp32_size_bytes": run.artifact(baseline.MODEL).stat().st_size,
+              "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
+    write_json(run.file(CANDIDATES), result)
+    return result

@@ -1,0 +1,272 @@
+"""Low-bit candidates: the reference weight quantizer, GPTQ and bias correction, materialised ONNX."""
+
+import json
+
+import ml_dtypes
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from lowbit_helpers.__main__ import main
+from lowbit_helpers.errors import LowbitError
+from lowbit_helpers.quant import gptq
+from lowbit_helpers.quant.formats import FORMATS, apply_format
+from lowbit_helpers.quant.materialize import LADDER, materialize, parse_method
+from lowbit_helpers.quant.schemes import block_of, heuristic_scheme, random_scheme
+from lowbit_helpers.quant.sensitivity import activation_ranges, conv_nodes
+from lowbit_helpers.quant.weights import WeightSpec, compute_scale, dequantize, quantize_codes, quantize_weight
+from lowbit_helpers.runtime import make_session
+
+
+def _run(model: onnx.ModelProto, x: np.ndarray, arithmetic: str = "exact", tmp=None) -> np.ndarray:
+    path = tmp / "m.onnx"
+    onnx.save(model, str(path))
+    s = make_session(path, threads=1, arithmetic=arithmetic)
+    return np.concatenate([s.run(None, {s.get_inputs()[0].name: xi[None]})[0] for xi in x])
+
+
+# ------------------------------------------------------------------ reference quantizer
+@pytest.mark.parametrize("block", [None, 16, 32])
+def test_int4_dequantize_linear_in_ort_equals_the_reference(block, tmp_path):
+    """ORT's DequantizeLinear on packed INT4 codes (per channel or blocked, partial last block)
+    returns exactly the reference quantizer's values."""
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(8, 40, 3, 3)).astype(np.float32)
+    spec = WeightSpec(4, block)
+    codes, scale = quantize_weight(w, spec)
+    assert codes.min() >= -7 and codes.max() <= 7
+    attrs = {"axis": 0} if block is None else {"axis": 1, "block_size": block}
+    inits = [numpy_helper.from_array(codes.astype(ml_dtypes.int4), "q"), numpy_helper.from_array(scale, "s"),
+             numpy_helper.from_array(np.zeros(scale.shape, ml_dtypes.int4), "z")]  # fmt: skip
+    assert inits[0].data_type == TensorProto.INT4 and len(inits[0].raw_data) == w.size // 2  # two codes per byte
+    g = helper.make_graph([helper.make_node("DequantizeLinear", ["q", "s", "z"], ["w"], **attrs)], "g", [],
+                          [helper.make_tensor_value_info("w", TensorProto.FLOAT, list(w.shape))], inits)  # fmt: skip
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+    m.ir_version = 10
+    got = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {})[0]
+    assert np.array_equal(got, dequantize(codes, scale, block))
+    # every weight within half a step of its group's scale
+    s_full = dequantize(np.ones_like(codes), scale, block)
+    assert np.all(np.abs(dequantize(codes, scale, block) - w) <= s_full / 2 + 1e-6)
+
+
+def test_blocked_scales_cover_blocks_of_input_channels():
+    w = np.zeros((2, 40, 1, 1), np.float32)
+    w[0, 33, 0, 0] = 7.0  # only the third block of channel 0 sees this value
+    w[0, 0, 0, 0] = 0.7
+    _, scale = quantize_weight(w, WeightSpec(4, 16))
+    assert scale.shape == (2, 3, 1, 1)
+    assert np.isclose(scale[0, 2, 0, 0], 1.0) and np.isclose(scale[0, 0, 0, 0], 0.1)
+    codes, _ = quantize_weight(w, WeightSpec(4, 16))
+    assert codes[0, 0, 0, 0] == 7  # per channel it would round to 1 step of 1.0: 0.7 -> 1
+
+
+def test_mse_clip_never_loses_to_max_abs():
+    w = np.random.default_rng(1).standard_t(3, size=(16, 32, 3, 3)).astype(np.float32)  # heavy tails
+    for block in (None, 32):
+        errs = {}
+        for clip in ("maxabs", "mse"):
+            spec = WeightSpec(4, block, clip)
+            s = compute_scale(w, spec)
+            errs[clip] = float(((dequantize(quantize_codes(w, s, spec), s, block) - w) ** 2).sum())
+        assert errs["mse"] < errs["maxabs"]
+
+
+def test_method_names():
+    m = parse_method("gptq-bc-b64")
+    assert (m.clip, m.gptq, m.bias_correction, m.block) == ("mse", True, True, 64)
+    assert parse_method("rtn").spec(4) == WeightSpec(4, None, "maxabs")
+    assert parse_method("gptq-b32").spec(8) == WeightSpec(8, None, "maxabs")  # 8-bit layers stay round-to-nearest
+    for name in LADDER:
+        assert parse_method(name).name == name
+    for bad in ("gptq+bc", "adaround", "rtn-b1", ""):
+        with pytest.raises(LowbitError, match="unknown 4-bit method"):
+            parse_method(bad)
+
+
+# ------------------------------------------------------------------ GPTQ and bias correction
+def _conv_graph(w: np.ndarray, b: np.ndarray, group: int = 1) -> onnx.ModelProto:
+    cin = w.shape[1] * group
+    g = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w", "b"], ["y"], name="/model.0/conv/Conv", pads=[1, 1, 1, 1], group=group)],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, cin, 12, 12])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, w.shape[0], 12, 12])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")],
+    )  # fmt: skip
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 19)])
+    m.ir_version = 9
+    return m
+
+
+def _correlated_inputs(rng, n: int, c: int) -> np.ndarray:
+    """Correlated across channels and between neighbouring pixels (smooth), as feature maps are."""
+    common = rng.normal(size=(n, 1, 6, 6))
+    own = rng.normal(size=(n, c, 6, 6))
+    smooth = np.repeat(np.repeat(0.8 * common + 0.6 * own, 2, axis=2), 2, axis=3)
+    return (smooth + 0.1 * rng.normal(size=(n, c, 12, 12)) + rng.normal(size=(1, c, 1, 1))).astype(np.float32)
+
+
+@pytest.mark.parametrize("group", [1, 8])
+def test_gptq_and_bias_correction_reduce_output_error(group, tmp_path):
+    """On correlated inputs GPTQ's output error is well below round-to-nearest's with the same
+    scales (dense and depthwise Convs), and bias correction removes the mean output error."""
+    rng = np.random.default_rng(2)
+    w = rng.normal(size=(8, 8 // group, 3, 3)).astype(np.float32)
+    b = rng.normal(size=8).astype(np.float32)
+    model = _conv_graph(w, b, group)
+    x = _correlated_inputs(rng, 24, 8)
+    stats = gptq.collect_stats(model, ["/model.0/conv/Conv"], x, threads=1)["/model.0/conv/Conv"]
+    assert stats.count == 24 * 144 and stats.xxt.shape == (group, 72 // group, 72 // group)
+    ref = _run(model, x, tmp=tmp_path)
+    spec = WeightSpec(4, None, "maxabs")
+    scale = compute_scale(w, spec)
+    errors = {}
+    for name, codes in (("rtn", quantize_codes(w, scale, spec)), ("gptq", gptq.gptq_codes(w, scale, spec, stats))):
+        wq = dequantize(codes, scale, None)
+        out = _run(_conv_graph(wq, b, group), x, tmp=tmp_path)
+        errors[name] = float(((out - ref) ** 2).mean())
+        shifted = _run(_conv_graph(wq, b - gptq.bias_correction(w, wq, stats), group), x, tmp=tmp_path)
+        mean_err = np.abs((shifted - ref).mean(axis=(0, 2, 3)))
+        assert mean_err.max() < 1e-4 + 1e-3 * np.abs((out - ref).mean(axis=(0, 2, 3))).max() + 1e-3
+    assert errors["gptq"] < 0.8 * errors["rtn"], errors
+
+
+# ------------------------------------------------------------------ materialize
+def _net() -> onnx.ModelProto:
+    """Dense 3x3, depthwise 3x3 and 1x1 Convs with SiLU between them, 40 channels."""
+    rng = np.random.default_rng(3)
+    ws = [rng.normal(0, 0.3, (40, 3, 3, 3)), rng.normal(0, 0.3, (40, 1, 3, 3)), rng.normal(0, 0.2, (16, 40, 1, 1))]
+    nodes = [
+        helper.make_node("Conv", ["x", "w0", "b0"], ["a"], name="/model.0/conv/Conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Sigmoid", ["a"], ["as"], name="/model.0/act/Sigmoid"),
+        helper.make_node("Mul", ["a", "as"], ["a2"], name="/model.0/act/Mul"),
+        helper.make_node("Conv", ["a2", "w1", "b1"], ["c"], name="/model.1/conv/Conv", pads=[1, 1, 1, 1], group=40),
+        helper.make_node("Conv", ["c", "w2", "b2"], ["y"], name="/model.2/conv/Conv"),
+    ]
+    inits = [numpy_helper.from_array(w.astype(np.float32), f"w{i}") for i, w in enumerate(ws)]
+    inits += [numpy_helper.from_array(rng.normal(0, 0.1, w.shape[0]).astype(np.float32), f"b{i}") for i, w in enumerate(ws)]
+    g = helper.make_graph(nodes, "net", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, 16, 16])], inits)  # fmt: skip
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 19)])
+    m.ir_version = 9
+    return m
+
+
+@pytest.mark.parametrize("fmt", ["w8a8", "w4a16", "w4a8", "fp8"])
+def test_materialized_model_computes_what_the_sweep_scored(fmt, tmp_path):
+    """Round-to-nearest materialisation equals the sweep's fake quantization bit for bit under
+    exact Q/DQ arithmetic, and within float noise through ORT's optimized kernels (w4a16)."""
+    model = _net()
+    x = np.random.default_rng(4).normal(size=(6, 3, 16, 16)).astype(np.float32)
+    convs = conv_nodes(model)
+    ranges = activation_ranges(model, x[:3], threads=1)
+    q, info = materialize(model, {c: fmt for c in convs}, "rtn", ranges=ranges)
+    sweep = apply_format(model, convs, FORMATS[fmt], ranges)
+    assert np.array_equal(_run(q, x, tmp=tmp_path), _run(sweep, x, tmp=tmp_path))
+    if fmt == "w4a16":
+        assert np.abs(_run(q, x, "kernels", tmp_path) - _run(sweep, x, "kernels", tmp_path)).max() < 1e-4
+    assert info["precisions"] == {fmt: 3}
+    types = {i.name.split("::")[-1]: i.data_type for i in q.graph.initializer if "::wq" in i.name}
+    want = {"w8a8": TensorProto.INT8, "w4a16": TensorProto.INT4, "w4a8": TensorProto.INT4, "fp8": TensorProto.FLOAT8E4M3FN}
+    assert set(types.values()) == {want[fmt]}
+    if fmt.startswith("w4"):
+        assert next(o.version for o in q.opset_import if o.domain == "") == 21
+        assert info["four_bit_share"] == 1.0
+
+
+def test_materialize_mixed_scheme_with_every_method(tmp_path):
+    model = _net()
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(8, 3, 16, 16)).astype(np.float32)
+    convs = conv_nodes(model)
+    nodes = {convs[0]: "w8a8", convs[1]: "w4a8", convs[2]: "w4a16"}
+    ranges = activation_ranges(model, x[:4], threads=1)
+    stats = gptq.collect_stats(model, convs, x[:4], threads=1)
+    ref = _run(model, x, tmp=tmp_path)
+    errs = {}
+    for method in ("rtn", "mse-bc", "gptq-bc", "gptq-bc-b16"):
+        q, info = materialize(model, nodes, method, ranges=ranges, stats=stats)
+        onnx.checker.check_model(q, full_check=True)
+        errs[method] = float(((_run(q, x, tmp=tmp_path) - ref) ** 2).mean())
+        assert info["layers"][convs[2]]["weights"].startswith("int4") and info["layers"][convs[0]]["weights"] == "int8, per-channel"
+        assert 0 < info["four_bit_share"] < 1
+    blocked = [i for i in q.graph.node if i.op_type == "DequantizeLinear" and any(a.name == "block_size" for a in i.attribute)]
+    assert len(blocked) == 2  # the two 4-bit layers
+    assert errs["gptq-bc"] < errs["rtn"]
+
+
+def test_materialize_refuses_bad_schemes():
+    model = _net()
+    convs = conv_nodes(model)
+    with pytest.raises(LowbitError, match="not Conv nodes of this model"):
+        materialize(model, {"/model.9/conv/Conv": "w4a16"}, "rtn")
+    with pytest.raises(LowbitError, match="unknown precision"):
+        materialize(model, {convs[0]: "w3a8"}, "rtn")
+    with pytest.raises(LowbitError, match="activation ranges"):
+        materialize(model, {convs[0]: "w8a8"}, "rtn")
+    with pytest.raises(LowbitError, match="needs calibration statistics"):
+        materialize(model, {convs[0]: "w4a16"}, "gptq")
+
+
+def test_cli_materialize(tmp_path, capsys):
+    model = _net()
+    onnx.save(model, str(tmp_path / "net.onnx"))
+    np.save(tmp_path / "calib.npy", np.random.default_rng(6).normal(size=(4, 3, 16, 16)).astype(np.float32))
+    convs = conv_nodes(model)
+    (tmp_path / "s.json").write_text(json.dumps({"name": "s", "nodes": {c: "w4a16" for c in convs}}))
+    out = tmp_path / "out.onnx"
+    args = ["materialize", str(tmp_path / "s.json"), str(tmp_path / "net.onnx"), "--calib-npy", str(tmp_path / "calib.npy"),
+            "--range-images", "2", "--stats-images", "2", "--out", str(out)]  # fmt: skip
+    # the CLI checks a raw-head output; this tiny net has none, so call the command function's core path directly
+    rc = main(args)
+    err = capsys.readouterr().err
+    assert rc == 2 and "error:" in err and "fix:" in err and not out.exists()
+    (tmp_path / "bad.json").write_text(json.dumps({"nodes": {"/nope/Conv": "w4a16"}}))
+    rc = main(["materialize", str(tmp_path / "bad.json"), str(tmp_path / "missing.onnx"), "--calib-npy", "x.npy", "--out", str(out)])
+    assert rc == 2 and "model not found" in capsys.readouterr().err and not out.exists()
+
+
+def test_cli_materialize_on_yolov10n(yolov10n_onnx, coco_root, tmp_path, capsys):
+    """The real graph: a scheme naming another model's node is refused; a valid one is written,
+    INT4 packed, and runs."""
+    m = onnx.load(str(yolov10n_onnx))
+    convs = conv_nodes(m)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"nodes": {"/model.99/conv/Conv": "w4a16"}}))
+    out = tmp_path / "q.onnx"
+    base = [str(yolov10n_onnx), "--calib", str(coco_root / "calib160.txt"), "--range-images", "2", "--stats-images", "2"]
+    assert main(["materialize", str(bad), *base, "--out", str(out)]) == 2
+    assert "another model" in capsys.readouterr().err and not out.exists()
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({"nodes": {c: "w4a16" for c in convs}}))
+    assert main(["materialize", str(good), *base, "--method", "rtn", "--out", str(out)]) == 0
+    size = out.stat().st_size
+    assert size < 0.2 * yolov10n_onnx.stat().st_size  # 4-bit weights: under a fifth of the FP32 file
+    recipe = json.loads(out.with_suffix(".recipe.json").read_text())
+    assert recipe["materialize"]["four_bit_share"] == 1.0
+    s = make_session(out, threads=2)
+    assert s.run(None, {"images": np.zeros((1, 3, 640, 640), np.float32)})[0].shape == (1, 144, 8400)
+
+
+# ------------------------------------------------------------------ control schemes
+def _sens(n=20):
+    convs = [f"/model.{i}/conv/Conv" for i in range(n)]
+    return {"convs": convs, "params": {c: (i + 1) * 100 for i, c in enumerate(convs)}}
+
+
+def test_random_schemes_match_the_share_and_differ_by_seed():
+    sens = _sens()
+    a, b = random_scheme(sens, 75, 0), random_scheme(sens, 75, 1)
+    for s in (a, b):
+        assert s["four_bit_fraction"] >= 0.75 and s["kind"] == "random"
+        assert set(s["nodes"].values()) <= {"w4a8", "w8a8"}
+    assert a["nodes"] != b["nodes"] and a == random_scheme(sens, 75, 0)
+
+
+def test_heuristic_keeps_first_block_and_head():
+    sens = _sens()
+    s = heuristic_scheme(sens)
+    assert s["nodes"]["/model.0/conv/Conv"] == "w8a8" and s["nodes"]["/model.19/conv/Conv"] == "w8a8"
+    assert all(v == "w4a8" for k, v in s["nodes"].items() if block_of(k) not in ("model.0", "model.19"))
