@@ -1,4 +1,4 @@
-"""Command line: ``python -m lowbit_helpers {run,export,evaluate,quantize-int8,sensitivity,schemes,materialize,bench} ...``."""
+"""Command line: ``python -m lowbit_helpers {run,export,evaluate,quantize-int8,sensitivity,schemes,materialize,bench,gpu-bench} ...``."""
 
 from __future__ import annotations
 
@@ -203,6 +203,16 @@ def _cmd_materialize(args) -> int:
     return 0
 
 
+def _cmd_gpu_bench(args) -> int:
+    from .gpu import describe, gpu_bench
+
+    result = gpu_bench(args.run_dir, args.out, args.models, args.runs)
+    for line in describe(result):
+        print(line)
+    print(f"wrote {args.out}")
+    return 0
+
+
 def _cmd_schemes(args) -> int:
     from .quant.schemes import write_schemes
 
@@ -303,6 +313,13 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("--stats-images", type=int, default=32, help="GPTQ / bias-correction statistics from images [0, N)")
     z.add_argument("--out", required=True, help="OUT.onnx (its recipe goes beside it as OUT.recipe.json)")
     z.set_defaults(func=_cmd_materialize)
+
+    gb = sub.add_parser("gpu-bench", help="ORT CUDA EP and TensorRT (strongly typed) latency of a run's candidates")
+    gb.add_argument("run_dir", help="a run directory after notebook 05, e.g. runs/default")
+    gb.add_argument("--models", choices=["winners", "all"], default="winners", help="FP32, best INT8 and the winners, or every candidate")
+    gb.add_argument("--runs", type=int, default=200)
+    gb.add_argument("--out", required=True, help="gpu.json")
+    gb.set_defaults(func=_cmd_gpu_bench)
 
     b = sub.add_parser("bench", help="time ONNX models in one process with the same session options")
     b.add_argument("models", nargs="+")

@@ -131,7 +131,7 @@ class SensitivityCfg(_Section):
 
 
 def _default_ladder() -> list[str]:
-    return ["rtn", "rtn-b64", "rtn-b32", "mse", "mse-bc", "gptq", "gptq-bc", "gptq-bc-b64"]
+    return ["rtn", "rtn-b128", "rtn-b64", "rtn-b32", "mse", "mse-bc", "gptq", "gptq-bc", "gptq-bc-b64", "gptq-bc-b32"]
 
 
 class CandidatesCfg(_Section):

@@ -47,6 +47,23 @@ def test_smoke_run_of_all_notebooks(tmp_path, coco_root):
     # each model also ran under ORT's profiler: the Conv kernels against FP32's, in the table and the conclusion
     assert "Conv kernels take" in html and "Conv × FP32" in (run / "html" / "03_int8_ptq.html").read_text()
     assert "Where the time goes" in (run / "summary.md").read_text()
+    # notebook 05: the ladder, every candidate materialised and scored, the guided-vs-random controls
+    nb05 = (run / "html" / "05_lowbit_candidates.html").read_text()
+    assert "The 4-bit method ladder" in nb05 and "Traceback" not in nb05 and "Method for every candidate" in nb05
+    assert {"candidate:w4a8-top0.rtn", "candidate:w4a8-top0.gptq-bc-b64", "candidate:w8a8-top5", "candidate:fp8-all",
+            "candidates-latency"} <= set(manifest["stages"])  # fmt: skip
+    cands = read_json(run / "results" / "candidates.json")
+    assert cands["guided"] and len(cands["controls"]) == 2 and cands["winners"]
+    assert all("confirm" in cands["evaluations"][n] for n in cands["controls"])
+    assert "Low-bit candidates" in html and "Low-bit candidates" in (run / "summary.md").read_text()
+    # the GPU benchmark script runs as is on a machine without a GPU: one clear line per model, nothing guessed
+    from lowbit_helpers.__main__ import main
+
+    assert main(["gpu-bench", str(run), "--runs", "2", "--out", str(tmp_path / "gpu.json")]) == 0
+    gpu = read_json(tmp_path / "gpu.json")
+    assert "fp32" in gpu["models"] and len(gpu["models"]) >= 2
+    assert all("skipped" in r or "failed" in r or "median_ms" in r for r in gpu["tensorrt"].values())
+    assert all("skipped" in r for r in gpu["cuda_ep"].values()) or "CUDAExecutionProvider" in str(gpu["cuda_ep"])
     assert all(v["status"] == "ok" for v in manifest["notebooks"].values()) and len(manifest["notebooks"]) == 6
     for rel in ("baseline-onnx/model.onnx", "calib/calib.npy", "baseline-coco/metrics.json", "baseline-coco/parity.json"):
         assert rel in manifest["artifacts"] and (run / rel).is_file()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from ..steps.candidates import CONTROL_KINDS
 from .common import pct, tidy
 
 W4A16_TARGET = 0.85  # uniform W4A16 keeps at least this share of FP32 mAP50-95
@@ -156,7 +157,7 @@ def target_lines(result: dict) -> list[str]:
                      f"{100 * (w['fp32_mAP_50_95'] + d['hi']) / w['fp32_mAP_50_95']:.1f} %): target ≥ {100 * W4A16_TARGET:.0f} % **{state}**.")  # fmt: skip
     best = None
     for n, r in rec.items():
-        if r["materialize"]["four_bit_share"] >= 0.75 and "confirm" in ev[n] and r["scheme"].get("kind") not in ("random", "heuristic"):
+        if r["materialize"]["four_bit_share"] >= 0.75 and "confirm" in ev[n] and r["scheme"].get("kind") not in CONTROL_KINDS:
             if best is None or ev[n]["select"]["metrics"]["mAP_50_95"] > ev[best]["select"]["metrics"]["mAP_50_95"]:
                 best = n
     if best:

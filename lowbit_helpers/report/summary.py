@@ -22,7 +22,8 @@ def provenance(run: RunDir) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def write_summary(run: RunDir, int8_result: dict | None = None, sensitivity_result: dict | None = None) -> str:
+def write_summary(run: RunDir, int8_result: dict | None = None, sensitivity_result: dict | None = None,
+                  candidates_result: dict | None = None) -> str:  # fmt: skip
     """``summary.md`` in the run directory: the tables of this report as markdown."""
     parts = [f"# {run.cfg.name}: YOLOv10 low-bit report", "", run.cfg.description.strip(), ""]
     parts += ["## Model", "", model_table(read_json(run.artifact(MODEL_INFO))).to_markdown(), ""]
@@ -42,6 +43,20 @@ def write_summary(run: RunDir, int8_result: dict | None = None, sensitivity_resu
         parts += ["## Per-layer sensitivity", "", rs.cost_table(sensitivity_result).to_markdown(), "",
                   rs.conclusion(sensitivity_result), "", f"Schemes (JSON in `{SCHEMES_DIR}/` beside this report):", "",
                   rs.scheme_table(sensitivity_result["schemes"], sensitivity_result["sensitivity"]["params"]).to_markdown(), ""]  # fmt: skip
+    if candidates_result and "skipped" not in candidates_result:
+        from . import candidates as rc
+
+        c = candidates_result
+        parts += ["## Low-bit candidates", "", rc.method_verdict(c), "", "The 4-bit method ladder (selection split):", "",
+                  rc.ladder_table(c).to_markdown(), "", "Verdict per budget (chosen on the selection split, confirmed on the other images):", ""]  # fmt: skip
+        verdicts = rc.verdicts(c)
+        if verdicts is not None:
+            parts += [verdicts.to_markdown(), ""]
+        parts += [f"- {line}" for line in rc.target_lines(c)] + ["", rc.guided_verdict(c), ""]
+        table = rc.guided_vs_random(c)
+        if table is not None:
+            parts += [table.to_markdown(), ""]
+        parts += ["All candidates:", "", rc.candidate_table(c).to_markdown(), "", rc.int4_runtime_note(c), ""]
     text = "\n".join(parts)
     with atomic_path(run.file(SUMMARY_MD)) as tmp:
         tmp.write_text(text)

@@ -33,11 +33,14 @@ from .sensitivity import SCHEMES_DIR, SCHEMES_INDEX, SENS
 # artifacts, relative to the run directory ({name}: a candidate)
 CANDIDATE_ONNX = "candidates/{name}.onnx"
 CANDIDATE_RECIPE = "candidates/{name}.recipe.json"  # the scheme, the method and what materialize did
-CANDIDATE_EVAL = "results/{name}.json"
+CANDIDATE_EVAL = "results/{name}.json"  # selection split, fidelity, graph facts
+CANDIDATE_EXACT = "results/{name}.exact.json"  # selection split with exact Q/DQ arithmetic (a8 candidates)
+CANDIDATE_CONFIRM = "results/{name}.confirm.json"  # confirmation split and the whole confirmation subset
 CONFIRM_IDS = "results/confirm_ids.txt"  # the confirmation split: confirm_subset minus select_subset
 LADDER = "results/ladder.json"
 LATENCY = "results/latency.json"
 CANDIDATES = "results/candidates.json"  # everything notebook 05 and the summary show
+CONTROL_KINDS = ("random", "heuristic")  # schemes that test the guidance, never shipped
 
 
 # ------------------------------------------------------------------ inputs shared by every build
@@ -185,43 +188,87 @@ def score(run: RunDir, dets: list[dict], subset, fp32_dets: list[dict]) -> dict:
             "delta_vs_fp32": bootstrap_difference(ev, ref, e.bootstrap or 200, e.confidence, e.seed)}  # fmt: skip
 
 
-def evaluate(run: RunDir, name: str, confirm: bool, exact: bool) -> dict:
-    """Selection-split mAP (and, with ``confirm``, the confirmation split and the whole subset),
-    raw-head fidelity, Q/DQ counts, what ORT runs, file size; ``exact`` adds exact arithmetic."""
+def _eval_params(run: RunDir, **extra) -> dict:
+    cfg, c = run.cfg, run.cfg.candidates
+    return {"select": c.select_subset, "confirm_subset": c.confirm_subset, "decode": cfg.decode.model_dump(),
+            "data": cfg.data.model_dump(), "evaluation": cfg.evaluation.model_dump(), **extra}  # fmt: skip
+
+
+def _fp32_detections(run: RunDir) -> list[dict]:
+    """FP32 detections on the whole confirmation subset (computed once, shared with notebook 03)."""
+    subset = run.cfg.candidates.confirm_subset
+    fp32_on(run, subset)
+    return read_json(run.artifact(FP32_SUBSET_DETECTIONS.format(subset=subset)))
+
+
+def evaluate(run: RunDir, name: str) -> dict:
+    """Selection-split mAP with Δ to FP32, raw-head fidelity, Q/DQ counts, what ORT runs, file size."""
     from ..data import preprocess
     from ..evaluate import predict_onnx
     from ..quant.inspect import head_fidelity, ort_executed_ops, qdq_counts
     from ..runtime import make_session
 
-    cfg, c = run.cfg, run.cfg.candidates
+    cfg = run.cfg
     q = run.artifact(CANDIDATE_ONNX.format(name=name))
     model = run.artifact(baseline.MODEL)
     rel = CANDIDATE_EVAL.format(name=name)
-    params = {"select": c.select_subset, "confirm_subset": c.confirm_subset, "confirm": confirm, "exact": exact,
-              "decode": cfg.decode.model_dump(), "data": cfg.data.model_dump(), "evaluation": cfg.evaluation.model_dump(),
-              "fidelity_images": cfg.int8.fidelity_images}  # fmt: skip
+    params = _eval_params(run, fidelity_images=cfg.int8.fidelity_images)
     key = stage_key(params, [model, q])
     if not run.is_fresh(f"candidate-eval:{name}", key):
-        sel, conf, union = splits(run)
-        fp32_on(run, c.confirm_subset)  # FP32 detections on the whole confirmation subset (cached by notebook 03)
-        fp32_dets = read_json(run.artifact(FP32_SUBSET_DETECTIONS.format(subset=c.confirm_subset)))
+        sel, _, _ = splits(run)
+        fp32_dets = _fp32_detections(run)
         session = make_session(q, cfg.runtime.providers, cfg.runtime.threads)
         t0 = time.perf_counter()
-        dets = predict_onnx(session, union if confirm else sel, cfg.decode)
-        seconds = time.perf_counter() - t0
-        out = {"name": name, "predict_seconds": round(seconds, 1), "arithmetic": "kernels",
+        dets = predict_onnx(session, sel, cfg.decode)
+        out = {"name": name, "predict_seconds": round(time.perf_counter() - t0, 1), "arithmetic": "kernels",
                "select": score(run, dets, sel, fp32_dets)}  # fmt: skip
-        if confirm:
-            out["confirm"] = score(run, dets, conf, fp32_dets)
-            out["whole"] = score(run, dets, union, fp32_dets)
-        if exact:
-            xs = make_session(q, cfg.runtime.providers, cfg.runtime.threads, arithmetic="exact")
-            out["select_exact"] = score(run, predict_onnx(xs, sel, cfg.decode), sel, fp32_dets)
         images = [preprocess(sel.image_path(i))[0] for i in sel.ids[: cfg.int8.fidelity_images]]
         out["fidelity"] = head_fidelity(make_session(model, threads=cfg.runtime.threads), session, images)
         out.update(qdq=qdq_counts(q), ort_cpu=ort_executed_ops(q, cfg.runtime.threads), size_bytes=q.stat().st_size)
         write_json(run.file(rel), out)
         run.finish(f"candidate-eval:{name}", key, [rel], params)
+    return read_json(run.artifact(rel))
+
+
+def exact(run: RunDir, name: str) -> dict:
+    """The selection split once more with exact Q/DQ arithmetic (ORT's graph optimizations off)."""
+    from ..evaluate import predict_onnx
+    from ..runtime import make_session
+
+    cfg = run.cfg
+    q = run.artifact(CANDIDATE_ONNX.format(name=name))
+    rel = CANDIDATE_EXACT.format(name=name)
+    params = _eval_params(run)
+    key = stage_key(params, [run.artifact(baseline.MODEL), q])
+    if not run.is_fresh(f"candidate-exact:{name}", key):
+        sel, _, _ = splits(run)
+        xs = make_session(q, cfg.runtime.providers, cfg.runtime.threads, arithmetic="exact")
+        write_json(run.file(rel), {"select_exact": score(run, predict_onnx(xs, sel, cfg.decode), sel, _fp32_detections(run))})
+        run.finish(f"candidate-exact:{name}", key, [rel], params)
+    return read_json(run.artifact(rel))
+
+
+def confirm(run: RunDir, name: str) -> dict:
+    """The confirmation split (confirm_subset minus the selection split) and the whole
+    confirmation subset, each with Δ to FP32 and its paired-bootstrap interval."""
+    from ..evaluate import predict_onnx
+    from ..runtime import make_session
+
+    cfg = run.cfg
+    q = run.artifact(CANDIDATE_ONNX.format(name=name))
+    model = run.artifact(baseline.MODEL)
+    rel = CANDIDATE_CONFIRM.format(name=name)
+    params = _eval_params(run)
+    key = stage_key(params, [model, q])
+    if not run.is_fresh(f"candidate-confirm:{name}", key):
+        _, conf, union = splits(run)
+        fp32_dets = _fp32_detections(run)
+        t0 = time.perf_counter()
+        dets = predict_onnx(make_session(q, cfg.runtime.providers, cfg.runtime.threads), union, cfg.decode)
+        out = {"confirm_predict_seconds": round(time.perf_counter() - t0, 1), "confirm": score(run, dets, conf, fp32_dets),
+               "whole": score(run, dets, union, fp32_dets)}  # fmt: skip
+        write_json(run.file(rel), out)
+        run.finish(f"candidate-confirm:{name}", key, [rel], params)
     return read_json(run.artifact(rel))
 
 
@@ -240,7 +287,7 @@ def run_ladder(run: RunDir, schemes: dict[str, dict]) -> dict:
     for s_name in c.ladder_schemes:
         for m in c.ladder:
             recipe = build(run, schemes[s_name], m)
-            res = evaluate(run, recipe["name"], confirm=False, exact=False)
+            res = evaluate(run, recipe["name"])
             rows.append({"scheme": s_name, "method": m, "candidate": recipe["name"], "select_mAP": select_map(res),
                          "delta": res["select"]["delta_vs_fp32"], "sqnr_db": res["fidelity"]["sqnr_db"],
                          "size_bytes": res["size_bytes"], "build_seconds": recipe["seconds"],
@@ -275,10 +322,11 @@ def best_int8(run: RunDir) -> dict | None:
 
 def winners(run: RunDir, cands: dict[str, dict], evals: dict[str, dict]) -> dict[str, dict]:
     """Per budget P (notebook 04's budgets), the candidate with >= P % of conv weights in 4-bit
-    that scores best on the selection split."""
+    that scores best on the selection split (the random and heuristic controls are not candidates)."""
     out = {}
     for p in run.cfg.sensitivity.budgets:
-        eligible = [n for n, r in cands.items() if r["materialize"]["four_bit_share"] * 100 >= p - 1e-9]
+        eligible = [n for n, r in cands.items() if r["materialize"]["four_bit_share"] * 100 >= p - 1e-9
+                    and r["scheme"].get("kind") not in CONTROL_KINDS]  # fmt: skip
         if eligible:
             best = max(eligible, key=lambda n: select_map(evals[n]))
             out[f"{p:g}"] = {"budget_percent": p, "candidate": best, "eligible": len(eligible)}
@@ -323,17 +371,21 @@ def run_candidates(run: RunDir) -> dict:
     for s in schemes.values():
         r = build(run, s, method)
         recipes[r["name"]] = r
-    evals = {n: evaluate(run, n, confirm=(c.confirm == "all"), exact=c.exact and has_a8(schemes[r["scheme"]["name"]]))
-             for n, r in recipes.items()}  # fmt: skip
+    evals = {n: evaluate(run, n) for n in recipes}
+    for n, r in recipes.items():
+        if c.exact and has_a8(schemes[r["scheme"]["name"]]):
+            evals[n] = {**evals[n], **exact(run, n)}
     win = winners(run, recipes, evals)
     low, high = cfg.sensitivity.budget_low, cfg.sensitivity.budget_high
     guided = f"budget{int(c.random_budget)}-{low}-{high}"
-    controls = [n for n, r in recipes.items() if r["scheme"].get("kind") in ("random", "heuristic")]
-    confirm = {w["candidate"] for w in win.values()} | set(controls)
-    confirm |= {n for n, r in recipes.items() if r["scheme"]["name"] in ("w4a16-top0", "w4a8-top0", guided)}
-    for n in sorted(confirm):
-        if "confirm" not in evals[n]:
-            evals[n] = evaluate(run, n, confirm=True, exact=c.exact and has_a8(schemes[recipes[n]["scheme"]["name"]]))
+    controls = [n for n, r in recipes.items() if r["scheme"].get("kind") in CONTROL_KINDS]
+    if c.confirm == "all":
+        confirmed = set(recipes)
+    else:
+        confirmed = {w["candidate"] for w in win.values()} | set(controls)
+        confirmed |= {n for n, r in recipes.items() if r["scheme"]["name"] in ("w4a16-top0", "w4a8-top0", guided)}
+    for n in sorted(confirmed):
+        evals[n] = {**evals[n], **confirm(run, n)}
     int8 = best_int8(run)
     lat = latency(run, list(recipes), int8) if c.latency else None
     result = {"method": method, "ladder": ladder, "recipes": recipes, "evaluations": evals, "winners": win,
