@@ -118,9 +118,9 @@ class StatsCollector:
         for x in images:
             values = dict(zip(self._names, self._session.run(None, {self._feed: x[None]})))
             for name, st in self.stats.items():
-                cols = unfold(values[self._inputs[name]], st.geometry).double()
-                st.xxt += torch.bmm(cols, cols.transpose(1, 2)).numpy()
-                st.xsum += cols.sum(dim=2).numpy()
+                cols = unfold(values[self._inputs[name]], st.geometry)  # float32 products, float64 sums
+                st.xxt += torch.bmm(cols, cols.transpose(1, 2)).double().numpy()
+                st.xsum += cols.double().sum(dim=2).numpy()
                 st.count += cols.shape[2]
 
 

@@ -132,12 +132,16 @@ def _init(g: onnx.GraphProto, array: np.ndarray, name: str, dtype: int | None = 
 
 
 def materialize(model: onnx.ModelProto, nodes: dict[str, str], method: str | Method, *,
-                ranges: dict | None = None, stats: dict | None = None) -> tuple[onnx.ModelProto, dict]:  # fmt: skip
+                ranges: dict | None = None, stats: dict | None = None,
+                cache: dict | None = None) -> tuple[onnx.ModelProto, dict]:  # fmt: skip
     """The deployable ONNX of scheme ``nodes`` and a record of what was done.
 
     ``ranges``: calibrated (min, max) of each Conv input (needed by a8 layers; see
     :func:`.sensitivity.activation_ranges`); ``stats``: :class:`.gptq.ConvStats` of the 4-bit
-    Convs (needed by methods other than ``rtn``; see :func:`.gptq.collect_stats`).
+    Convs (needed by methods other than ``rtn``; see :func:`.gptq.collect_stats`). ``cache``: a
+    dict kept by the caller for one model and one set of statistics; a layer's codes depend only
+    on its weight, its statistics and the method, so schemes that share a 4-bit layer compute it
+    once.
     """
     import ml_dtypes
 
@@ -184,13 +188,21 @@ def materialize(model: onnx.ModelProto, nodes: dict[str, str], method: str | Met
                 bits = fmt.weight_bits
                 spec = method.spec(bits)
                 st = stats.get(node.name) if (stats is not None and bits == 4) else None
-                scale = gptq.scales_for(w, spec, st) if bits == 4 else compute_scale(w, spec)
-                if bits == 4 and method.gptq:
-                    codes = gptq.gptq_codes(w, scale, spec, st)
+                ckey = (node.name, bits, method.name)
+                if cache is not None and ckey in cache:
+                    scale, codes, shift = cache[ckey]
                 else:
-                    codes = quantize_codes(w, scale, spec)
-                if bits == 4 and method.bias_correction:
-                    shift = gptq.bias_correction(w, dequantize(codes, scale, spec.block), st)
+                    scale = gptq.scales_for(w, spec, st) if bits == 4 else compute_scale(w, spec)
+                    if bits == 4 and method.gptq:
+                        codes = gptq.gptq_codes(w, scale, spec, st)
+                    else:
+                        codes = quantize_codes(w, scale, spec)
+                    shift = None
+                    if bits == 4 and method.bias_correction:
+                        shift = gptq.bias_correction(w, dequantize(codes, scale, spec.block), st)
+                    if cache is not None:
+                        cache[ckey] = (scale, codes, shift)
+                if shift is not None:
                     _correct_bias(g, node, inits, shift, base)
                     rec["bias_shift_max"] = float(np.abs(shift).max())
                 np_type = ml_dtypes.int4 if bits == 4 else np.int8

@@ -234,6 +234,17 @@ def pareto_figure(result: dict):
     return fig
 
 
+def sweep_match_line(result: dict) -> str:
+    m = result.get("sweep_match") or {}
+    if not m:
+        return ""
+    parts = [f"{fmt} {r['max_abs_diff']:.1e}" for fmt, r in m.items()]
+    same = all(r["max_abs_diff"] == 0.0 for r in m.values())
+    return (f"Deployed = ranked: every Conv materialised in each swept format against the sweep's fake quantization, "
+            f"max |Δ| of the raw head with exact Q/DQ arithmetic on {next(iter(m.values()))['images']} calibration images: "
+            f"{', '.join(parts)}" + (" (identical)." if same else "."))  # fmt: skip
+
+
 def method_verdict(result: dict) -> str:
     lad = result["ladder"]
     mean = lad["mean_select_mAP"]

@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import functools
+import tempfile
 import time
 from pathlib import Path
 
@@ -46,8 +47,9 @@ CONTROL_KINDS = ("random", "heuristic")  # schemes that test the guidance, never
 # ------------------------------------------------------------------ inputs shared by every build
 @functools.lru_cache(maxsize=2)
 def _calibration(calib_path: str, calib_sha: str, model_path: str, model_sha: str, range_images: int,
-                 stats_images: int) -> tuple[dict, dict]:  # fmt: skip
-    """Activation ranges (the sweep's: calibration images [0, R)) and GPTQ statistics of every Conv."""
+                 stats_images: int) -> tuple[dict, dict, dict]:  # fmt: skip
+    """Activation ranges (the sweep's: calibration images [0, R)), GPTQ statistics of every Conv,
+    and the per-layer weight cache that :func:`materialize` fills (one per model and statistics)."""
     import onnx
 
     from ..quant.gptq import collect_stats
@@ -60,10 +62,10 @@ def _calibration(calib_path: str, calib_sha: str, model_path: str, model_sha: st
                           "raise data.calib_images or lower candidates.stats_images / sensitivity.range_images")  # fmt: skip
     ranges = activation_ranges(model, np.asarray(calib[:range_images]))
     stats = collect_stats(model, conv_nodes(model), np.asarray(calib[:stats_images]))
-    return ranges, stats
+    return ranges, stats, {}
 
 
-def calibration(run: RunDir) -> tuple[dict, dict]:
+def calibration(run: RunDir) -> tuple[dict, dict, dict]:
     from ..artifacts import sha256_file
 
     model, calib = run.artifact(baseline.MODEL), run.artifact(baseline.CALIB)
@@ -132,8 +134,8 @@ def build(run: RunDir, scheme: dict, method: str) -> dict:
     key = stage_key(params, [model, calib])
     if not run.is_fresh(f"candidate:{name}", key):
         t0 = time.perf_counter()
-        ranges, stats = calibration(run)
-        q, info = materialize(onnx.load(str(model)), scheme["nodes"], method, ranges=ranges, stats=stats)
+        ranges, stats, cache = calibration(run)
+        q, info = materialize(onnx.load(str(model)), scheme["nodes"], method, ranges=ranges, stats=stats, cache=cache)
         with atomic_path(run.file(rel)) as tmp:
             onnx.save(q, str(tmp))
         recipe = {"name": name, "scheme": {k: v for k, v in scheme.items() if k != "nodes"}, "nodes": scheme["nodes"],
@@ -272,6 +274,47 @@ def confirm(run: RunDir, name: str) -> dict:
     return read_json(run.artifact(rel))
 
 
+SWEEP_MATCH = "results/sweep_match.json"
+
+
+def sweep_match(run: RunDir, images: int = 2) -> dict:
+    """Per swept format, the materialised all-Conv model (round to nearest) against the sweep's
+    fake quantization of the same graph: max |difference| of the raw head under exact Q/DQ
+    arithmetic on calibration images the sweep scored (0.0: the same numbers)."""
+    import onnx
+
+    from ..quant.formats import FORMATS, apply_format
+    from ..quant.materialize import materialize
+    from ..quant.sensitivity import conv_nodes
+    from ..runtime import make_session
+
+    cfg = run.cfg
+    model_path, calib_path = run.artifact(baseline.MODEL), run.artifact(baseline.CALIB)
+    params = {"formats": cfg.sensitivity.formats, "images": images, "range_images": cfg.sensitivity.range_images}
+    key = stage_key(params, [model_path, calib_path])
+    if not run.is_fresh("candidates-sweep-match", key):
+        model = onnx.load(str(model_path))
+        convs = conv_nodes(model)
+        ranges, _, _ = calibration(run)
+        r0 = cfg.sensitivity.range_images
+        x = np.asarray(np.load(calib_path, mmap_mode="r")[r0 : r0 + images])
+        out = {}
+        for fmt in cfg.sensitivity.formats:
+            q, _ = materialize(model, {c: fmt for c in convs}, "rtn", ranges=ranges)
+            ref = apply_format(model, convs, FORMATS[fmt], ranges)
+            heads = []
+            for m in (q, ref):
+                with tempfile.TemporaryDirectory() as tmp:
+                    onnx.save(m, f"{tmp}/m.onnx")
+                    s = make_session(f"{tmp}/m.onnx", threads=cfg.runtime.threads, arithmetic="exact")
+                heads.append(np.concatenate([s.run(None, {s.get_inputs()[0].name: xi[None]})[0] for xi in x]))
+            out[fmt] = {"max_abs_diff": float(np.abs(heads[0] - heads[1]).max()), "images": images,
+                        "head_max_abs": float(np.abs(heads[1]).max())}  # fmt: skip
+        write_json(run.file(SWEEP_MATCH), out)
+        run.finish("candidates-sweep-match", key, [SWEEP_MATCH], params)
+    return read_json(run.artifact(SWEEP_MATCH))
+
+
 # ------------------------------------------------------------------ the ladder and the candidates
 def select_map(result: dict) -> float:
     return result["select"]["metrics"]["mAP_50_95"]
@@ -364,6 +407,7 @@ def run_candidates(run: RunDir) -> dict:
     if not cfg.sensitivity.enabled:
         return {"skipped": "sensitivity.enabled is false: notebook 04 wrote no schemes to materialise"}
     t0 = time.perf_counter()
+    match = sweep_match(run)
     schemes = all_schemes(run)
     ladder = run_ladder(run, schemes)
     method = ladder["method"]
@@ -388,7 +432,7 @@ def run_candidates(run: RunDir) -> dict:
         evals[n] = {**evals[n], **confirm(run, n)}
     int8 = best_int8(run)
     lat = latency(run, list(recipes), int8) if c.latency else None
-    result = {"method": method, "ladder": ladder, "recipes": recipes, "evaluations": evals, "winners": win,
+    result = {"method": method, "ladder": ladder, "sweep_match": match, "recipes": recipes, "evaluations": evals, "winners": win,
               "guided": next((n for n, r in recipes.items() if r["scheme"]["name"] == guided), None),
               "controls": controls, "best_int8": int8, "latency": lat, "fp32_size_bytes": run.artifact(baseline.MODEL).stat().st_size,
               "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
