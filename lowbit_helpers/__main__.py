@@ -22,6 +22,16 @@ def _raw_onnx(path: str, check_output: bool = True) -> Path:
     return model
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def _cmd_run(args) -> int:
     from .pipeline import run_pipeline
 
@@ -162,7 +172,7 @@ def _cmd_materialize(args) -> int:
 
     import onnx
 
-    from .artifacts import atomic_path, read_json, write_json
+    from .artifacts import atomic_path, read_json, sha256_file, write_json
     from .data import calibration_tensor, read_image_list
     from .quant.calibration import load_calibration
     from .quant.gptq import collect_stats
@@ -179,13 +189,23 @@ def _cmd_materialize(args) -> int:
     model_path = _raw_onnx(args.model)
     method = parse_method(args.method)
     model = onnx.load(str(model_path))
+    source = (scheme.get("source") or {}).get("model_sha256") if isinstance(scheme, dict) else None
+    if source and source != sha256_file(model_path):
+        raise LowbitError(f"{scheme_path} was made for another model (SHA-256 {source[:12]}…, not {model_path.name}'s)",
+                          "materialize the scheme with the model its sensitivity was measured on, or drop its 'source' "
+                          "entry to apply its node precisions to this model anyway")  # fmt: skip
     nodes = check_scheme(model, scheme.get("nodes") if isinstance(scheme, dict) else None)
     need = max(args.range_images, args.stats_images)
     if args.calib_npy:
         calib = load_calibration(args.calib_npy, need)
     else:
+        if not Path(args.calib).is_file():
+            raise LowbitError(f"calibration list not found: {args.calib}", "pass --calib a text file of train2017 image paths")
         paths = read_image_list(args.calib)
-        calib = calibration_tensor(paths, min(need, len(paths)))
+        if len(paths) < need:
+            raise LowbitError(f"{args.calib} lists {len(paths)} images; --range-images {args.range_images} / "
+                              f"--stats-images {args.stats_images} need {need}", "lower them or list more images")  # fmt: skip
+        calib = calibration_tensor(paths, need)
     t0 = time.perf_counter()
     ranges = activation_ranges(model, calib[: args.range_images])
     convs = stats_convs(nodes, method)
@@ -309,8 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     zsrc.add_argument("--calib", help="text file of calibration image paths (train2017, never evaluation images)")
     zsrc.add_argument("--calib-npy", help="instead: an N x 3 x 640 x 640 float32 .npy (a run's calib/calib.npy)")
     z.add_argument("--method", default="gptq-bc", help="4-bit method <rtn|mse|gptq>[-bc][-b<B>] (default gptq-bc)")
-    z.add_argument("--range-images", type=int, default=32, help="activation ranges from calibration images [0, R)")
-    z.add_argument("--stats-images", type=int, default=32, help="GPTQ / bias-correction statistics from images [0, N)")
+    z.add_argument("--range-images", type=_positive, default=32, help="activation ranges from calibration images [0, R)")
+    z.add_argument("--stats-images", type=_positive, default=32, help="GPTQ / bias-correction statistics from images [0, N)")
     z.add_argument("--out", required=True, help="OUT.onnx (its recipe goes beside it as OUT.recipe.json)")
     z.set_defaults(func=_cmd_materialize)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import LowbitError
 
@@ -136,9 +136,9 @@ def _default_ladder() -> list[str]:
 
 class CandidatesCfg(_Section):
     enabled: bool = True
-    ladder: list[str] = Field(default_factory=_default_ladder,
+    ladder: list[str] = Field(default_factory=_default_ladder, min_length=1,
                               description="4-bit PTQ methods measured in order: <rtn|mse|gptq>[-bc][-b<B>]")
-    ladder_schemes: list[str] = Field(default_factory=lambda: ["w4a16-top0", "budget75-w4a8-w8a8"],
+    ladder_schemes: list[str] = Field(default_factory=lambda: ["w4a16-top0", "budget75-w4a8-w8a8"], min_length=1,
                                       description="notebook 04 schemes the ladder is measured on")
     method: str = Field("auto", description="4-bit method of every candidate; auto: the ladder's best on the selection split")
     schemes: list[str] | None = Field(None, description="notebook 04 schemes to materialise (null: all of them)")
@@ -152,6 +152,28 @@ class CandidatesCfg(_Section):
     confirm: Literal["winners", "all"] = Field("winners", description="which candidates get the confirmation split")
     exact: bool = Field(True, description="a8 candidates also with exact Q/DQ arithmetic (ORT optimizations off)")
     latency: bool = True
+
+    @field_validator("ladder")
+    @classmethod
+    def _known_methods(cls, v: list[str]) -> list[str]:
+        for name in v:
+            _check_method(name)
+        return v
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        return v if v == "auto" else _check_method(v)
+
+
+def _check_method(name: str) -> str:
+    from .quant.materialize import METHOD_GRAMMAR, parse_method
+
+    try:
+        parse_method(name)
+    except LowbitError:
+        raise ValueError(f"unknown 4-bit method {name!r}; use {METHOD_GRAMMAR}") from None
+    return name
 
 
 class OutputCfg(_Section):

@@ -53,15 +53,19 @@ def bench_cuda_ep(models: dict[str, Path], warmup: int = 20, runs: int = 200) ->
                 for n in models}  # fmt: skip
     from .runtime import bench_models
 
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    keys = ("median_ms", "p90_ms", "ratio_to_first", "providers")
     out = {}
     try:
-        rows = bench_models(list(models.values()), 1, ["CUDAExecutionProvider", "CPUExecutionProvider"], warmup, runs)
-    except Exception as exc:  # a model CUDA cannot run: time them one by one against FP32
-        rows = None
-        out["_error"] = str(exc)
-    if rows:
-        for n, r in zip(models, rows):
-            out[n] = {k: r[k] for k in ("median_ms", "p90_ms", "ratio_to_first", "providers")}
+        rows = bench_models(list(models.values()), 1, providers, warmup, runs)
+        return {n: {k: r[k] for k in keys} for n, r in zip(models, rows)}
+    except Exception:  # a model the CUDA EP cannot load: time each one against FP32 alone
+        first = next(iter(models.values()))
+        for n, p in models.items():
+            try:
+                out[n] = {k: bench_models([first, p], 1, providers, warmup, runs)[1][k] for k in keys}
+            except Exception as exc:
+                out[n] = {"failed": f"CUDA EP could not run {n}: {type(exc).__name__}: {str(exc)[:300]}"}
     return out
 
 
@@ -127,7 +131,7 @@ def describe(result: dict) -> list[str]:
     for n in result["models"]:
         c, t = result["cuda_ep"].get(n, {}), result["tensorrt"].get(n, {})
         cuda = (f"CUDA EP {c['median_ms']:.2f} ms (x{c['ratio_to_first']:.2f})" if "median_ms" in c
-                else c.get("skipped", result["cuda_ep"].get("_error", "not measured")))  # fmt: skip
+                else c.get("skipped") or c.get("failed", "not measured"))  # fmt: skip
         trt = (f"TensorRT {t['median_ms']:.2f} ms (x{t.get('ratio_to_fp32', float('nan')):.2f}), layers {t['layer_precisions']}"
                if "median_ms" in t else t.get("skipped") or t.get("failed"))  # fmt: skip
         lines.append(f"{n}: {cuda}; {trt}")

@@ -219,8 +219,7 @@ def test_cli_materialize(tmp_path, capsys):
     out = tmp_path / "out.onnx"
     args = ["materialize", str(tmp_path / "s.json"), str(tmp_path / "net.onnx"), "--calib-npy", str(tmp_path / "calib.npy"),
             "--range-images", "2", "--stats-images", "2", "--out", str(out)]  # fmt: skip
-    # the CLI checks a raw-head output; this tiny net has none, so call the command function's core path directly
-    rc = main(args)
+    rc = main(args)  # the CLI takes raw-head detectors only: this tiny net's output is refused
     err = capsys.readouterr().err
     assert rc == 2 and "error:" in err and "fix:" in err and not out.exists()
     (tmp_path / "bad.json").write_text(json.dumps({"nodes": {"/nope/Conv": "w4a16"}}))
@@ -239,6 +238,22 @@ def test_cli_materialize_on_yolov10n(yolov10n_onnx, coco_root, tmp_path, capsys)
     base = [str(yolov10n_onnx), "--calib", str(coco_root / "calib160.txt"), "--range-images", "2", "--stats-images", "2"]
     assert main(["materialize", str(bad), *base, "--out", str(out)]) == 2
     assert "another model" in capsys.readouterr().err and not out.exists()
+    for scheme, message in ((bad, "another model"),
+                            ({"nodes": {convs[0]: "w3a8"}}, "unknown precision"),
+                            ({"nodes": {convs[0]: "w4a16"}, "source": {"model_sha256": "0" * 64}}, "made for another model")):  # fmt: skip
+        path = tmp_path / "s.json"
+        path.write_text(json.dumps(scheme) if isinstance(scheme, dict) else bad.read_text())
+        assert main(["materialize", str(path), *base, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "fix:" in err and not out.exists()
+    short = tmp_path / "short.txt"
+    short.write_text(str(coco_root / (coco_root / "calib160.txt").read_text().splitlines()[0]) + "\n")
+    valid = tmp_path / "valid.json"
+    valid.write_text(json.dumps({"nodes": {c: "w4a16" for c in convs}}))
+    assert main(["materialize", str(valid), str(yolov10n_onnx), "--calib", str(short), "--out", str(out)]) == 2
+    assert "need 32" in capsys.readouterr().err and not out.exists()
+    with pytest.raises(SystemExit):
+        main(["materialize", str(bad), str(yolov10n_onnx), "--calib", str(short), "--range-images", "0", "--out", str(out)])
     good = tmp_path / "good.json"
     good.write_text(json.dumps({"nodes": {c: "w4a16" for c in convs}}))
     assert main(["materialize", str(good), *base, "--method", "rtn", "--out", str(out)]) == 0
@@ -250,6 +265,24 @@ def test_cli_materialize_on_yolov10n(yolov10n_onnx, coco_root, tmp_path, capsys)
     assert s.run(None, {"images": np.zeros((1, 3, 640, 640), np.float32)})[0].shape == (1, 144, 8400)
 
 
+def test_weight_cache_returns_what_a_fresh_build_computes(tmp_path):
+    model = _net()
+    x = np.random.default_rng(7).normal(size=(4, 3, 16, 16)).astype(np.float32)
+    convs = conv_nodes(model)
+    stats = gptq.collect_stats(model, convs, x, threads=1)
+    ranges = activation_ranges(model, x, threads=1)
+    cache: dict = {}
+    a, _ = materialize(model, {c: "w4a16" for c in convs}, "gptq-bc", ranges=ranges, stats=stats, cache=cache)
+    assert len(cache) == 3
+    b, _ = materialize(model, {convs[0]: "w4a8", convs[1]: "w4a16", convs[2]: "w4a16"}, "gptq-bc", ranges=ranges,
+                       stats=stats, cache=cache)  # fmt: skip
+    fresh, _ = materialize(model, {convs[0]: "w4a8", convs[1]: "w4a16", convs[2]: "w4a16"}, "gptq-bc", ranges=ranges, stats=stats)
+    assert np.array_equal(_run(b, x, tmp=tmp_path), _run(fresh, x, tmp=tmp_path))
+    other = gptq.collect_stats(model, convs, x[:2] * 3, threads=1)  # other statistics: not served from the cache
+    c, _ = materialize(model, {c: "w4a16" for c in convs}, "gptq-bc", ranges=ranges, stats=other, cache=cache)
+    assert not np.array_equal(_run(a, x, tmp=tmp_path), _run(c, x, tmp=tmp_path))
+
+
 # ------------------------------------------------------------------ control schemes
 def _sens(n=20):
     convs = [f"/model.{i}/conv/Conv" for i in range(n)]
@@ -259,8 +292,12 @@ def _sens(n=20):
 def test_random_schemes_match_the_share_and_differ_by_seed():
     sens = _sens()
     a, b = random_scheme(sens, 75, 0), random_scheme(sens, 75, 1)
+    total = sum(sens["params"].values())
     for s in (a, b):
         assert s["four_bit_fraction"] >= 0.75 and s["kind"] == "random"
+        # minimal: no 4-bit layer can go back to 8 bits without breaking the share
+        four = [n for n, p in s["nodes"].items() if p == "w4a8"]
+        assert all(s["four_bit_params"] - sens["params"][n] < 0.75 * total for n in four)
         assert set(s["nodes"].values()) <= {"w4a8", "w8a8"}
     assert a["nodes"] != b["nodes"] and a == random_scheme(sens, 75, 0)
 

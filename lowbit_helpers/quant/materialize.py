@@ -43,6 +43,9 @@ from .formats import FORMATS, act_qdq_nodes
 from .weights import WeightSpec, compute_scale, dequantize, quantize_codes
 
 PRECISIONS = ("fp32", "fp16", "w8a8", "w4a16", "w4a8", "fp8")
+# Part of every candidate's cache key: bump it when the arithmetic of weights.py / gptq.py /
+# this module changes (clip grid, damping, act-order, statistics), so old builds are not reused.
+QUANT_VERSION = 1
 INT4_OPSET = 21  # INT4 tensors and blocked DequantizeLinear
 
 
@@ -87,11 +90,13 @@ _METHOD_RE = re.compile(r"^(rtn|mse|gptq)(-bc)?(?:-b(\d+))?$")
 LADDER = ["rtn", "rtn-b128", "rtn-b64", "rtn-b32", "mse", "mse-bc", "gptq", "gptq-bc", "gptq-bc-b64", "gptq-bc-b32"]
 
 
+METHOD_GRAMMAR = "<rtn|mse|gptq>[-bc][-b<B>], e.g. rtn, mse-bc, gptq-bc, gptq-bc-b64"
+
+
 def parse_method(name: str) -> Method:
-    m = _METHOD_RE.match(name)
+    m = _METHOD_RE.match(name) if isinstance(name, str) else None
     if not m or (m.group(3) and int(m.group(3)) < 2):
-        raise LowbitError(f"unknown 4-bit method {name!r}",
-                          "use <rtn|mse|gptq>[-bc][-b<B>], e.g. rtn, mse-bc, gptq-bc, gptq-bc-b64")  # fmt: skip
+        raise LowbitError(f"unknown 4-bit method {name!r}", f"use {METHOD_GRAMMAR}")
     base = m.group(1)
     return Method(name, "maxabs" if base == "rtn" else "mse", base == "gptq", bool(m.group(2)),
                   int(m.group(3)) if m.group(3) else None)  # fmt: skip
@@ -108,7 +113,7 @@ def check_scheme(model: onnx.ModelProto, nodes: dict[str, str]) -> dict[str, str
             f"the scheme names {len(unknown)} node(s) that are not Conv nodes of this model, e.g. {unknown[:3]}",
             "use a scheme made from this model's sensitivity file (a scheme for another model does not apply)",
         )
-    bad = sorted({p for p in nodes.values() if p not in PRECISIONS})
+    bad = sorted({str(p) for p in nodes.values() if not isinstance(p, str) or p not in PRECISIONS})
     if bad:
         raise LowbitError(f"unknown precision(s) {bad} in the scheme", f"use one of {list(PRECISIONS)}")
     return {c: nodes.get(c, "fp32") for c in convs}
@@ -188,7 +193,7 @@ def materialize(model: onnx.ModelProto, nodes: dict[str, str], method: str | Met
                 bits = fmt.weight_bits
                 spec = method.spec(bits)
                 st = stats.get(node.name) if (stats is not None and bits == 4) else None
-                ckey = (node.name, bits, method.name)
+                ckey = (node.name, bits, method.name, id(st))  # the caller's cache holds one model; id: these stats
                 if cache is not None and ckey in cache:
                     scale, codes, shift = cache[ckey]
                 else:

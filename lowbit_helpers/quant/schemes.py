@@ -133,12 +133,17 @@ def random_scheme(sens: dict, percent: float, seed: int, low: str = "w4a8", high
     order = list(convs)
     random.Random(seed).shuffle(order)
     target = percent / 100 * sum(params[n] for n in convs)
-    chosen, covered = set(), 0
+    chosen, covered = [], 0
     for n in order:
         if covered >= target:
             break
-        chosen.add(n)
+        chosen.append(n)
         covered += params[n]
+    for n in sorted(chosen, key=lambda n: -params[n]):  # as budget_scheme: no layer the share does not need
+        if covered - params[n] >= target:
+            chosen.remove(n)
+            covered -= params[n]
+    chosen = set(chosen)
     return _share_scheme(convs, params, chosen, low, high, kind="random", name=f"random{int(percent)}-s{seed}-{low}-{high}",
                          budget_percent=percent, seed=seed, rule=f"4-bit layers in a random order (seed {seed}) until the share is met")  # fmt: skip
 

@@ -65,12 +65,34 @@ def _calibration(calib_path: str, calib_sha: str, model_path: str, model_sha: st
     return ranges, stats, {}
 
 
-def calibration(run: RunDir) -> tuple[dict, dict, dict]:
+@functools.lru_cache(maxsize=8)
+def _digest(path: str, mtime_ns: int, size: int) -> str:
     from ..artifacts import sha256_file
 
-    model, calib = run.artifact(baseline.MODEL), run.artifact(baseline.CALIB)
+    return sha256_file(path)
+
+
+def inputs(run: RunDir) -> tuple[Path, Path, str, str]:
+    """The FP32 model and the calibration tensor with their SHA-256, hashed once per file version
+    (the tensor is ~630 MB: hashing it for each of ~50 stages would cost minutes)."""
+    out = []
+    for rel in (baseline.MODEL, baseline.CALIB):
+        p = run.path / rel
+        if not run.has(rel):
+            run.artifact(rel)  # raises the clear "stage has not run" error
+        st = p.stat()
+        digest = _digest(str(p), st.st_mtime_ns, st.st_size)
+        if digest != run.manifest()["artifacts"][rel]["sha256"]:
+            raise LowbitError(f"{p} changed after it was recorded", "rerun the stage that writes it")
+        out.append((p, digest))
+    (model, model_sha), (calib, calib_sha) = out
+    return model, calib, model_sha, calib_sha
+
+
+def calibration(run: RunDir) -> tuple[dict, dict, dict]:
+    model, calib, model_sha, calib_sha = inputs(run)
     cfg = run.cfg
-    return _calibration(str(calib), sha256_file(calib), str(model), sha256_file(model), cfg.sensitivity.range_images,
+    return _calibration(str(calib), calib_sha, str(model), model_sha, cfg.sensitivity.range_images,
                         cfg.candidates.stats_images)  # fmt: skip
 
 
@@ -126,12 +148,15 @@ def build(run: RunDir, scheme: dict, method: str) -> dict:
     from ..quant.materialize import materialize
 
     cfg = run.cfg
+    from ..quant.materialize import QUANT_VERSION
+
     name = candidate_name(scheme, method)
-    model, calib = run.artifact(baseline.MODEL), run.artifact(baseline.CALIB)
+    model, _, model_sha, calib_sha = inputs(run)
     rel, recipe_rel = CANDIDATE_ONNX.format(name=name), CANDIDATE_RECIPE.format(name=name)
-    params = {"nodes": scheme["nodes"], "method": method, "range_images": cfg.sensitivity.range_images,
-              "stats_images": cfg.candidates.stats_images, "versions": baseline.versions()}  # fmt: skip
-    key = stage_key(params, [model, calib])
+    params = {"nodes": scheme["nodes"], "method": method if has_four_bit(scheme) else None,
+              "range_images": cfg.sensitivity.range_images, "stats_images": cfg.candidates.stats_images,
+              "quant_version": QUANT_VERSION, "versions": baseline.versions(), "model": model_sha, "calib": calib_sha}  # fmt: skip
+    key = stage_key(params)
     if not run.is_fresh(f"candidate:{name}", key):
         t0 = time.perf_counter()
         ranges, stats, cache = calibration(run)
@@ -212,7 +237,7 @@ def evaluate(run: RunDir, name: str) -> dict:
 
     cfg = run.cfg
     q = run.artifact(CANDIDATE_ONNX.format(name=name))
-    model = run.artifact(baseline.MODEL)
+    model = inputs(run)[0]
     rel = CANDIDATE_EVAL.format(name=name)
     params = _eval_params(run, fidelity_images=cfg.int8.fidelity_images)
     key = stage_key(params, [model, q])
@@ -241,7 +266,7 @@ def exact(run: RunDir, name: str) -> dict:
     q = run.artifact(CANDIDATE_ONNX.format(name=name))
     rel = CANDIDATE_EXACT.format(name=name)
     params = _eval_params(run)
-    key = stage_key(params, [run.artifact(baseline.MODEL), q])
+    key = stage_key(params, [inputs(run)[0], q])
     if not run.is_fresh(f"candidate-exact:{name}", key):
         sel, _, _ = splits(run)
         xs = make_session(q, cfg.runtime.providers, cfg.runtime.threads, arithmetic="exact")
@@ -258,7 +283,7 @@ def confirm(run: RunDir, name: str) -> dict:
 
     cfg = run.cfg
     q = run.artifact(CANDIDATE_ONNX.format(name=name))
-    model = run.artifact(baseline.MODEL)
+    model = inputs(run)[0]
     rel = CANDIDATE_CONFIRM.format(name=name)
     params = _eval_params(run)
     key = stage_key(params, [model, q])
@@ -289,9 +314,10 @@ def sweep_match(run: RunDir, images: int = 2) -> dict:
     from ..runtime import make_session
 
     cfg = run.cfg
-    model_path, calib_path = run.artifact(baseline.MODEL), run.artifact(baseline.CALIB)
-    params = {"formats": cfg.sensitivity.formats, "images": images, "range_images": cfg.sensitivity.range_images}
-    key = stage_key(params, [model_path, calib_path])
+    model_path, calib_path, model_sha, calib_sha = inputs(run)
+    params = {"formats": cfg.sensitivity.formats, "images": images, "range_images": cfg.sensitivity.range_images,
+              "model": model_sha, "calib": calib_sha}  # fmt: skip
+    key = stage_key(params)
     if not run.is_fresh("candidates-sweep-match", key):
         model = onnx.load(str(model_path))
         convs = conv_nodes(model)
