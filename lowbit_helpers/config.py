@@ -150,7 +150,7 @@ class CandidatesCfg(_Section):
     select_subset: str = Field("val100", description="winners (method, candidate per budget) are chosen here")
     confirm_subset: str = Field("val500", description="winners are confirmed on these images minus the selection split")
     confirm: Literal["winners", "all"] = Field("winners", description="which candidates get the confirmation split")
-    exact: bool = Field(True, description="a8 candidates also with exact Q/DQ arithmetic (ORT optimizations off)")
+    exact: bool = Field(True, description="candidates ORT runs through integer kernels also with exact Q/DQ arithmetic")
     latency: bool = True
 
     @field_validator("ladder")

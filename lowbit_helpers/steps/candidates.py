@@ -8,7 +8,8 @@
    and the controls of the guided budget: random schemes with the same 4-bit share (fixed
    seeds) and the "all but the first block and the head" heuristic. Each is materialised
    (:func:`..quant.materialize.materialize`), checked, and scored on the selection split;
-   candidates with 8-bit activations also with exact Q/DQ arithmetic.
+   candidates that ORT runs through integer kernels (QLinearConv in its optimized graph) also
+   with exact Q/DQ arithmetic, since those kernels' results depend on the CPU.
 3. Honest selection: winners (the method, the best candidate per 4-bit budget) are chosen on
    the selection split (val100) and confirmed on the *other* images of the confirmation subset
    (val500 minus val100), with paired-bootstrap intervals of the difference to FP32.
@@ -442,8 +443,8 @@ def run_candidates(run: RunDir) -> dict:
         r = build(run, s, method)
         recipes[r["name"]] = r
     evals = {n: evaluate(run, n) for n in recipes}
-    for n, r in recipes.items():
-        if c.exact and has_a8(schemes[r["scheme"]["name"]]):
+    for n in recipes:  # exact Q/DQ arithmetic where ORT runs integer kernels (they depend on the CPU's int8 ISA)
+        if c.exact and evals[n]["ort_cpu"]["QLinearConv"] > 0:
             evals[n] = {**evals[n], **exact(run, n)}
     win = winners(run, recipes, evals)
     low, high = cfg.sensitivity.budget_low, cfg.sensitivity.budget_high
