@@ -140,6 +140,7 @@ class CandidatesCfg(_Section):
                               description="4-bit PTQ methods measured in order: <rtn|mse|gptq>[-bc][-b<B>]")
     ladder_schemes: list[str] = Field(default_factory=lambda: ["w4a16-top0", "budget75-w4a8-w8a8"], min_length=1,
                                       description="notebook 04 schemes the ladder is measured on")
+    ladder_confirm: bool = Field(False, description="also every ladder rung on the confirmation split (slow; the pick stays on select)")
     method: str = Field("auto", description="4-bit method of every candidate; auto: the ladder's best on the selection split")
     schemes: list[str] | None = Field(None, description="notebook 04 schemes to materialise (null: all of them)")
     fp8: bool = Field(True, description="also every Conv in fp8 (e4m3 Q/DQ)")

@@ -32,10 +32,17 @@ def ladder_table(result: dict) -> pd.DataFrame:
     """The 4-bit method ladder: each method on each ladder scheme, on the selection split."""
     rows = []
     for r in result["ladder"]["rows"]:
-        rows.append({"scheme": r["scheme"], "method": r["method"], "what it does": r["describe"],
-                     "mAP50-95 (selection)": pct(r["select_mAP"]), "Δ vs FP32 [95%]": _delta({"delta_vs_fp32": r["delta"]}),
-                     "raw-head SQNR dB": round(r["sqnr_db"], 1), "size (MiB)": round(r["size_bytes"] / 2**20, 2),
-                     "build s": r["build_seconds"]})  # fmt: skip
+        sub = r.get("select_subset", "selection")
+        row = {"scheme": r["scheme"], "method": r["method"], "what it does": r["describe"],
+               f"mAP50-95 {sub}": pct(r["select_mAP"]), f"Δ {sub} [95%]": _delta({"delta_vs_fp32": r["delta"]})}  # fmt: skip
+        if "confirm_mAP" in r:
+            row.update({f"mAP50-95 {r['confirm_subset']}": pct(r["confirm_mAP"]),
+                        f"Δ {r['confirm_subset']} [95%]": _delta({"delta_vs_fp32": r["confirm_delta"]}),
+                        f"mAP50-95 {r['whole_subset']}": pct(r["whole_mAP"]),
+                        f"Δ {r['whole_subset']} [95%]": _delta({"delta_vs_fp32": r["whole_delta"]})})  # fmt: skip
+        row.update({"raw-head SQNR dB": round(r["sqnr_db"], 1), "size (MiB)": round(r["size_bytes"] / 2**20, 2),
+                    "build s": r["build_seconds"]})  # fmt: skip
+        rows.append(row)
     return tidy(pd.DataFrame(rows).set_index(["scheme", "method"]))
 
 

@@ -358,10 +358,16 @@ def run_ladder(run: RunDir, schemes: dict[str, dict]) -> dict:
         for m in c.ladder:
             recipe = build(run, schemes[s_name], m)
             res = evaluate(run, recipe["name"])
-            rows.append({"scheme": s_name, "method": m, "candidate": recipe["name"], "select_mAP": select_map(res),
-                         "delta": res["select"]["delta_vs_fp32"], "sqnr_db": res["fidelity"]["sqnr_db"],
-                         "size_bytes": res["size_bytes"], "build_seconds": recipe["seconds"],
-                         "describe": recipe["materialize"]["method_text"]})  # fmt: skip
+            row = {"scheme": s_name, "method": m, "candidate": recipe["name"], "select_mAP": select_map(res),
+                   "select_subset": res["select"]["subset"], "delta": res["select"]["delta_vs_fp32"],
+                   "sqnr_db": res["fidelity"]["sqnr_db"], "size_bytes": res["size_bytes"],
+                   "build_seconds": recipe["seconds"], "describe": recipe["materialize"]["method_text"]}  # fmt: skip
+            if c.ladder_confirm:  # every rung also on the confirmation split (measurement only; the pick stays on select)
+                conf = confirm(run, recipe["name"])
+                row.update(confirm_subset=conf["confirm"]["subset"], confirm_mAP=conf["confirm"]["metrics"]["mAP_50_95"],
+                           confirm_delta=conf["confirm"]["delta_vs_fp32"], whole_subset=conf["whole"]["subset"],
+                           whole_mAP=conf["whole"]["metrics"]["mAP_50_95"], whole_delta=conf["whole"]["delta_vs_fp32"])  # fmt: skip
+            rows.append(row)
     mean = {m: float(np.mean([r["select_mAP"] for r in rows if r["method"] == m])) for m in c.ladder}
     best = max(c.ladder, key=lambda m: (mean[m], -c.ladder.index(m)))
     chosen = best if c.method == "auto" else parse_method(c.method).name
