@@ -135,11 +135,16 @@ def apply_format(model: onnx.ModelProto, convs: set[str] | list[str], fmt: Forma
     missing = convs - done
     if missing:
         raise KeyError(f"Conv node(s) not in the graph: {sorted(missing)[:5]}")
+    replace_nodes(g, new_nodes)
+    return out
+
+
+def replace_nodes(g: onnx.GraphProto, nodes: list) -> None:
+    """Give ``g`` these nodes and drop the initializers no node reads any more (the float weights
+    a quantized copy replaced: keeps perturbed and materialised models small)."""
     del g.node[:]
-    g.node.extend(new_nodes)
-    # drop float weights no Conv reads any more (keeps perturbed copies small)
+    g.node.extend(nodes)
     used = {i for n in g.node for i in n.input}
     keep = [i for i in g.initializer if i.name in used]
     del g.initializer[:]
     g.initializer.extend(keep)
-    return out

@@ -39,7 +39,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import LowbitError
 from . import gptq
-from .formats import FORMATS, act_qdq_nodes
+from .formats import FORMATS, act_qdq_nodes, replace_nodes
 from .weights import WeightSpec, compute_scale, dequantize, quantize_codes
 
 PRECISIONS = ("fp32", "fp16", "w8a8", "w4a16", "w4a8", "fp8")
@@ -229,12 +229,7 @@ def materialize(model: onnx.ModelProto, nodes: dict[str, str], method: str | Met
         node.input[1] = f"{base}::w"
         layers[node.name] = rec
         new_nodes.append(node)
-    del g.node[:]
-    g.node.extend(new_nodes)
-    used = {i for n in g.node for i in n.input}
-    keep = [i for i in g.initializer if i.name in used]
-    del g.initializer[:]
-    g.initializer.extend(keep)
+    replace_nodes(g, new_nodes)
     onnx.checker.check_model(out)
     counts: dict[str, int] = {}
     for p in nodes.values():

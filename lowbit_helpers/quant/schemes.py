@@ -28,6 +28,22 @@ def _noise(sqnr_db: float) -> float:
     return 0.0 if math.isinf(sqnr_db) else 10 ** (-sqnr_db / 10)
 
 
+def fill_share(order: list[str], params: dict, target: float, drop_first) -> tuple[list[str], int]:
+    """Layers taken in ``order`` until their parameters reach ``target``, then dropped again (in
+    the order of ``drop_first``) while the target still holds: no layer the share does not need."""
+    chosen, covered = [], 0
+    for n in order:
+        if covered >= target:
+            break
+        chosen.append(n)
+        covered += params[n]
+    for n in sorted(chosen, key=drop_first):
+        if covered - params[n] >= target:
+            chosen.remove(n)
+            covered -= params[n]
+    return chosen, covered
+
+
 def ranking(sens: dict, fmt: str) -> tuple[list[str], str]:
     """Conv nodes, most sensitive first, for ``fmt``; and which direction ranked them."""
     sweep = sens["formats"].get(fmt)
@@ -64,16 +80,7 @@ def budget_scheme(sens: dict, percent: float, low: str = "w4a8", high: str = "w8
     bits = FORMATS[high].weight_bits - FORMATS[low].weight_bits
     cost = {n: max(0.0, _noise(lo[n]["alone_sqnr_db"]) - _noise(hi[n]["alone_sqnr_db"])) for n in sens["convs"]}
     order = sorted(sens["convs"], key=lambda n: (cost[n] / (params[n] * bits), n))
-    chosen, covered = [], 0
-    for n in order:
-        if covered >= target:
-            break
-        chosen.append(n)
-        covered += params[n]
-    for n in sorted(chosen, key=lambda n: -cost[n]):  # drop what the budget does not need
-        if covered - params[n] >= target:
-            chosen.remove(n)
-            covered -= params[n]
+    chosen, covered = fill_share(order, params, target, drop_first=lambda n: -cost[n])
     nodes = {n: (low if n in chosen else high) for n in sens["convs"]}
     return {"kind": "budget", "name": f"budget{int(percent)}-{low}-{high}", "budget_percent": percent,
             "low": low, "high": high, "four_bit_params": covered, "conv_params": total,
@@ -133,16 +140,7 @@ def random_scheme(sens: dict, percent: float, seed: int, low: str = "w4a8", high
     order = list(convs)
     random.Random(seed).shuffle(order)
     target = percent / 100 * sum(params[n] for n in convs)
-    chosen, covered = [], 0
-    for n in order:
-        if covered >= target:
-            break
-        chosen.append(n)
-        covered += params[n]
-    for n in sorted(chosen, key=lambda n: -params[n]):  # as budget_scheme: no layer the share does not need
-        if covered - params[n] >= target:
-            chosen.remove(n)
-            covered -= params[n]
+    chosen, _ = fill_share(order, params, target, drop_first=lambda n: -params[n])
     chosen = set(chosen)
     return _share_scheme(convs, params, chosen, low, high, kind="random", name=f"random{int(percent)}-s{seed}-{low}-{high}",
                          budget_percent=percent, seed=seed, rule=f"4-bit layers in a random order (seed {seed}) until the share is met")  # fmt: skip
