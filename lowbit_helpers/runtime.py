@@ -68,16 +68,38 @@ def make_session(model: str | Path, providers: list[str] | None = None, threads:
         raise LowbitError(f"onnxruntime cannot load {model}: {exc}", "check that the file is a complete ONNX model") from None
 
 
-def _rss_mb() -> float:
-    """This process's resident memory (Linux /proc), in MiB; NaN where /proc is absent."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
+_LOAD_PROBE = """
+import sys
+import numpy as np
+import onnxruntime as ort
+if len(sys.argv) > 1:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = int(sys.argv[2])
+    s = ort.InferenceSession(sys.argv[1], so, providers=["CPUExecutionProvider"])
+    shape = [d if isinstance(d, int) else 1 for d in s.get_inputs()[0].shape]
+    s.run(None, {s.get_inputs()[0].name: np.zeros(shape, np.float32)})
+"""
+
+
+def _peak_rss_mb(args: list[str]) -> float:
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", _LOAD_PROBE, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise LowbitError(f"onnxruntime could not load and run {args[0]} in a fresh process", "check the model with `bench`")
+    return usage.ru_maxrss / 1024
+
+
+def load_memory(models: list[str | Path], threads: int = 2) -> list[float]:
+    """Memory each model costs at load and first run on ORT CPU: the peak RSS of a fresh process
+    that opens it and runs it once, minus that of the same process without a model (Python,
+    numpy, ORT). Measured in separate processes: inside one, freed memory is reused and a
+    session's cost does not show."""
+    base = _peak_rss_mb([])
+    return [round(_peak_rss_mb([str(m), str(threads)]) - base, 1) for m in models]
 
 
 def has_float8(model: str | Path) -> bool:
@@ -122,11 +144,7 @@ def bench_models(
     Runs are interleaved (one run of each model per round) so that drift in machine load
     affects all models alike; ratios are to the first model.
     """
-    sessions, load_rss = [], []
-    for m in models:  # the resident memory each session adds when it loads (initializers, pre-packed weights)
-        before = _rss_mb()
-        sessions.append(make_session(m, providers, threads))
-        load_rss.append(_rss_mb() - before)
+    sessions = [make_session(m, providers, threads) for m in models]
     shape = [d if isinstance(d, int) else 1 for d in sessions[0].get_inputs()[0].shape]
     x = np.random.default_rng(seed).random(shape, dtype=np.float32)
     for s in sessions:
@@ -139,9 +157,8 @@ def bench_models(
             run_head(s, x)
             times[i].append((time.perf_counter() - t0) * 1000.0)
     rows = []
-    for m, s, t, rss in zip(models, sessions, times, load_rss):
-        rows.append({"model": str(m), "providers": s.get_providers(), "threads": threads, "warmup": warmup,
-                     "load_rss_mb": round(rss, 1), **latency_stats(t)})  # fmt: skip
+    for m, s, t in zip(models, sessions, times):
+        rows.append({"model": str(m), "providers": s.get_providers(), "threads": threads, "warmup": warmup, **latency_stats(t)})
     first = rows[0]["median_ms"]
     for r in rows:
         r["ratio_to_first"] = r["median_ms"] / first

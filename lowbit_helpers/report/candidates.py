@@ -61,30 +61,55 @@ def candidate_rows(result: dict) -> list[dict]:
                "sqnr_db": ev["fidelity"]["sqnr_db"], "qdq": ev["qdq"], "ort_cpu": ev["ort_cpu"]}  # fmt: skip
         if name in lat and fp32_ms:
             row.update(median_ms=lat[name]["median_ms"], p90_ms=lat[name]["p90_ms"], latency_ratio=lat[name]["median_ms"] / fp32_ms,
-                       load_rss_mb=lat[name].get("load_rss_mb"))  # fmt: skip
+                       load_mb=lat[name].get("load_mb"))  # fmt: skip
         out.append(row)
     return out
 
 
-def candidate_table(result: dict) -> pd.DataFrame:
+def _reference_rows(result: dict) -> list[dict]:
+    """FP32 and notebook 03's best INT8 variant, from the same latency run as the candidates."""
     lat = _latency(result)
-    rows = []
     fp32 = lat.get("fp32")
-    if fp32:
-        rows.append({"candidate": "fp32", "size (MiB)": round(result["fp32_size_bytes"] / 2**20, 2), "× FP32 size": 1.0,
-                     "median ms": round(fp32["median_ms"], 1), "× FP32": 1.0})  # fmt: skip
-    for r in candidate_rows(result):
+    rows = [{"candidate": "fp32", "precisions": "fp32 (all)", "size (MiB)": round(result["fp32_size_bytes"] / 2**20, 2),
+             "× FP32 size": 1.0}]  # fmt: skip
+    best = result.get("best_int8")
+    if best:
+        for subset, c in best["coco"].items():
+            if subset == result["evaluations"][next(iter(result["evaluations"]))]["select"]["subset"]:
+                d = c["delta_vs_fp32"]
+                rows.append({"candidate": f"int8:{best['name']} (notebook 03)", "precisions": "ORT quantize_static",
+                             f"mAP50-95 {subset}": pct(c["metrics"]["mAP_50_95"]),
+                             f"Δ {subset} [95%]": f"{100 * d['delta']:+.2f} [{100 * d['lo']:+.2f}, {100 * d['hi']:+.2f}]"})  # fmt: skip
+    for row in rows:
+        key = "fp32" if row["candidate"] == "fp32" else f"int8:{best['name']}"
+        if key in lat and fp32:
+            r = lat[key]
+            row.update({"median ms": round(r["median_ms"], 1), "p90 ms": round(r["p90_ms"], 1),
+                        "× FP32": round(r["median_ms"] / fp32["median_ms"], 3), "load MiB": r.get("load_mb")})  # fmt: skip
+            if "size_bytes" in r:
+                row.update({"size (MiB)": round(r["size_bytes"] / 2**20, 2), "× FP32 size": round(r["size_bytes"] / result["fp32_size_bytes"], 3)})
+    return rows
+
+
+def candidate_table(result: dict) -> pd.DataFrame:
+    """Every candidate (with FP32 and the best INT8 variant above them): accuracy on both splits,
+    fidelity, size, what ORT runs, latency and load memory."""
+    rows = _reference_rows(result)
+    cands = candidate_rows(result)
+    confirmed = next((r for r in cands if r["confirm"]), None)
+    for r in cands:
         s, m = r["select"], r["select"]["metrics"]
         row = {"candidate": r["candidate"],
                "precisions": ", ".join(f"{k} {v}" for k, v in sorted(r["precisions"].items())),
                "4-bit share %": round(100 * r["four_bit_share"], 1),
                f"mAP50-95 {s['subset']}": pct(m["mAP_50_95"]), f"Δ {s['subset']} [95%]": _delta(s)}  # fmt: skip
-        if r["select_exact"]:
-            row[f"Δ {s['subset']} exact Q/DQ"] = _delta(r["select_exact"])
-        if r["confirm"]:
-            row[f"mAP50-95 {r['confirm']['subset']}"] = pct(r["confirm"]["metrics"]["mAP_50_95"])
-            row[f"Δ {r['confirm']['subset']} [95%]"] = _delta(r["confirm"])
-            row[f"Δ {r['whole']['subset']} [95%]"] = _delta(r["whole"])
+        if any(x["select_exact"] for x in cands):
+            row[f"Δ {s['subset']} exact Q/DQ"] = _delta(r["select_exact"]) if r["select_exact"] else None
+        if confirmed:  # the same columns for every row ("—" where a candidate was not confirmed)
+            c, w = confirmed["confirm"]["subset"], confirmed["whole"]["subset"]
+            row[f"mAP50-95 {c}"] = pct(r["confirm"]["metrics"]["mAP_50_95"]) if r["confirm"] else None
+            row[f"Δ {c} [95%]"] = _delta(r["confirm"]) if r["confirm"] else None
+            row[f"Δ {w} [95%]"] = _delta(r["whole"]) if r["whole"] else None
         row.update({"mAP50 / 75": f"{pct(m['mAP_50'])} / {pct(m['mAP_75'])}",
                     "AP S / M / L": f"{pct(m.get('mAP_small'))} / {pct(m.get('mAP_medium'))} / {pct(m.get('mAP_large'))}",
                     "raw-head SQNR dB": round(r["sqnr_db"], 1), "size (MiB)": round(r["size_mib"], 2),
@@ -93,11 +118,11 @@ def candidate_table(result: dict) -> pd.DataFrame:
                     "ORT runs": f"{r['ort_cpu']['QLinearConv']} QLinearConv, {r['ort_cpu']['float_Conv']} float Conv, "
                                 f"{r['ort_cpu']['DequantizeLinear']} DQ"})  # fmt: skip
         if "median_ms" in r:
-            row.update({"median ms": round(r["median_ms"], 1), "p90 ms": round(r["p90_ms"], 1), "× FP32": round(r["latency_ratio"], 3)})
-            if r.get("load_rss_mb") is not None:
-                row["load RSS (MiB)"] = round(r["load_rss_mb"], 1)
+            row.update({"median ms": round(r["median_ms"], 1), "p90 ms": round(r["p90_ms"], 1),
+                        "× FP32": round(r["latency_ratio"], 3), "load MiB": r.get("load_mb")})  # fmt: skip
         rows.append(row)
-    return tidy(pd.DataFrame(rows).set_index("candidate"))
+    columns = list(dict.fromkeys([k for row in rows[-1:] for k in row] + [k for row in rows for k in row]))
+    return tidy(pd.DataFrame(rows, columns=columns).set_index("candidate"))
 
 
 def guided_vs_random(result: dict) -> pd.DataFrame | None:
@@ -222,12 +247,16 @@ def pareto_figure(result: dict):
               ("four_bit_share", "share of conv weights in 4-bit")]  # fmt: skip
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
     for ax, (key, label) in zip(axes, panels):
-        pts = [(r[key], 100 * r["select"]["metrics"]["mAP_50_95"], r["candidate"]) for r in rows if r.get(key) is not None]
+        pts = [(r[key], 100 * r["select"]["metrics"]["mAP_50_95"], r["candidate"]) for r in rows
+               if r.get(key) is not None and r["kind"] not in CONTROL_KINDS]  # fmt: skip
+        ctrl = [(r[key], 100 * r["select"]["metrics"]["mAP_50_95"]) for r in rows if r.get(key) is not None and r["kind"] in CONTROL_KINDS]
         if not pts:
             ax.set_visible(False)
             continue
         xs, ys, names = zip(*pts)
-        ax.scatter(xs, ys, s=18, color="tab:blue", alpha=0.7)
+        ax.scatter(xs, ys, s=18, color="tab:blue", alpha=0.7, label="candidates")
+        if ctrl:
+            ax.scatter(*zip(*ctrl), s=22, marker="x", color="gray", label="random / heuristic controls")
         front = pareto_front([(-x, y) for x, y in zip(xs, ys)] if key == "four_bit_share" else list(zip(xs, ys)))
         fx = sorted(front, key=lambda i: xs[i])
         ax.plot([xs[i] for i in fx], [ys[i] for i in fx], "-o", color="tab:red", ms=5, label="frontier")

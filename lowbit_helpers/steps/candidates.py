@@ -410,7 +410,7 @@ def winners(run: RunDir, cands: dict[str, dict], evals: dict[str, dict]) -> dict
 
 
 def latency(run: RunDir, names: list[str], int8: dict | None) -> dict:
-    from ..runtime import bench_models, environment
+    from ..runtime import bench_models, environment, load_memory
 
     cfg = run.cfg
     models = [run.artifact(baseline.MODEL)] + ([run.artifact(int8["model"])] if int8 else [])
@@ -421,9 +421,9 @@ def latency(run: RunDir, names: list[str], int8: dict | None) -> dict:
     key = stage_key(params, models)
     if not run.is_fresh("candidates-latency", key):
         rows = bench_models(models, cfg.runtime.threads, cfg.runtime.providers, cfg.latency.warmup, cfg.latency.runs)
-        for r, label in zip(rows, labels):
-            r["name"] = label
-            r["model"] = Path(r["model"]).name
+        memory = load_memory(models, cfg.runtime.threads)
+        for r, label, mem in zip(rows, labels, memory):
+            r.update(name=label, model=Path(r["model"]).name, load_mb=mem, size_bytes=Path(models[labels.index(label)]).stat().st_size)
         write_json(run.file(LATENCY), {"rows": rows, "environment": environment()})
         run.finish("candidates-latency", key, [LATENCY], params)
     return read_json(run.artifact(LATENCY))
