@@ -71,11 +71,9 @@ def make_session(model: str | Path, providers: list[str] | None = None, threads:
 _LOAD_PROBE = """
 import sys
 import numpy as np
-import onnxruntime as ort
+from lowbit_helpers.runtime import make_session
 if len(sys.argv) > 1:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = int(sys.argv[2])
-    s = ort.InferenceSession(sys.argv[1], so, providers=["CPUExecutionProvider"])
+    s = make_session(sys.argv[1], threads=int(sys.argv[2]))
     shape = [d if isinstance(d, int) else 1 for d in s.get_inputs()[0].shape]
     s.run(None, {s.get_inputs()[0].name: np.zeros(shape, np.float32)})
 """
