@@ -76,19 +76,22 @@ if len(sys.argv) > 1:
     s = make_session(sys.argv[1], threads=int(sys.argv[2]))
     shape = [d if isinstance(d, int) else 1 for d in s.get_inputs()[0].shape]
     s.run(None, {s.get_inputs()[0].name: np.zeros(shape, np.float32)})
+print(next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM:")))
 """
 
 
 def _peak_rss_mb(args: list[str]) -> float:
-    import os
     import subprocess
     import sys
 
-    proc = subprocess.Popen([sys.executable, "-c", _LOAD_PROBE, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _, status, usage = os.wait4(proc.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise LowbitError(f"onnxruntime could not load and run {args[0]} in a fresh process", "check the model with `bench`")
-    return usage.ru_maxrss / 1024
+    # The child reports its own high-water mark (VmHWM): getrusage's ru_maxrss of a child starts
+    # at the parent's peak on Linux, which hides a small model behind a large parent.
+    proc = subprocess.run([sys.executable, "-c", _LOAD_PROBE, *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        what = args[0] if args else "onnxruntime"
+        raise LowbitError(f"could not load and run {what} in a fresh process: {proc.stderr.strip()[-300:]}",
+                          "check the model with `bench`")  # fmt: skip
+    return int(proc.stdout.split()[-1]) / 1024
 
 
 def load_memory(models: list[str | Path], threads: int = 2) -> list[float]:

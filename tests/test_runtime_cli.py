@@ -103,3 +103,19 @@ def test_run_with_bad_params_creates_nothing(tmp_path, capsys):
                  f"data: {{coco_root: {tmp_path / 'missing'}}}\n")  # fmt: skip
     _fails(["run", str(p)], capsys, "COCO root not found")
     assert not (tmp_path / "rep").exists() and not (tmp_path / "runs").exists()
+
+
+def test_load_memory_is_measured_in_a_fresh_process(yolov10n_onnx, tmp_path):
+    """A model's load + first-run memory shows even when the calling process is large."""
+    import numpy as np
+
+    from lowbit_helpers.errors import LowbitError
+    from lowbit_helpers.runtime import load_memory
+
+    ballast = np.ones((300, 1024, 1024), np.uint8)  # 300 MB in this process must not hide the child's cost
+    (mem,) = load_memory([yolov10n_onnx], threads=1)
+    assert 10 < mem < ballast.nbytes / 2**20
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not onnx")
+    with pytest.raises(LowbitError, match="fresh process"):
+        load_memory([bad])

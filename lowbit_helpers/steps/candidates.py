@@ -418,7 +418,7 @@ def latency(run: RunDir, names: list[str], int8: dict | None) -> dict:
     models += [run.artifact(CANDIDATE_ONNX.format(name=n)) for n in names]
     labels += names
     params = {"runtime": cfg.runtime.model_dump(), "latency": cfg.latency.model_dump(), "labels": labels,
-              "load_memory": "fresh-process peak RSS"}  # fmt: skip
+              "load_memory": "fresh-process VmHWM"}  # fmt: skip
     key = stage_key(params, models)
     if not run.is_fresh("candidates-latency", key):
         rows = bench_models(models, cfg.runtime.threads, cfg.runtime.providers, cfg.latency.warmup, cfg.latency.runs)
