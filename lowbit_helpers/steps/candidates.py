@@ -29,7 +29,7 @@ from ..artifacts import atomic_path, read_json, write_json
 from ..errors import LowbitError
 from ..rundir import RunDir, stage_key
 from . import baseline
-from .int8 import FP32_SUBSET_DETECTIONS, VARIANT_EVAL, VARIANT_ONNX, fp32_on
+from .int8 import VARIANT_EVAL, VARIANT_ONNX, fp32_detections
 from .sensitivity import SCHEMES_DIR, SCHEMES_INDEX, SENS
 
 # artifacts, relative to the run directory ({name}: a candidate)
@@ -204,16 +204,28 @@ def _only(dets: list[dict], ids) -> list[dict]:
     return [d for d in dets if d["image_id"] in keep]
 
 
+_FP32_CACHE: dict = {}  # (detections file version, image ids, n, seed) -> FP32 evaluation and its resamples
+
+
 def score(run: RunDir, dets: list[dict], subset, fp32_dets: list[dict]) -> dict:
-    """mAP of ``dets`` on ``subset`` with the paired-bootstrap difference to FP32 on the same images."""
-    from ..evaluate import bootstrap_difference, evaluate_coco
+    """mAP of ``dets`` on ``subset`` with the paired-bootstrap difference to FP32 on the same images.
+
+    FP32's evaluation and resamples are the same for every candidate (same images, same seed):
+    computed once per process. The interval is exactly :func:`..evaluate.bootstrap_difference`'s.
+    """
+    from ..evaluate import bootstrap_samples, difference_interval, evaluate_coco
 
     e = run.cfg.evaluation
+    n = e.bootstrap or 200
+    key = (id(fp32_dets), tuple(subset.ids), n, e.seed)
+    if key not in _FP32_CACHE:
+        ref = evaluate_coco(subset, _only(fp32_dets, subset.ids))
+        _FP32_CACHE[key] = (fp32_dets, ref, bootstrap_samples(ref, n, e.seed))  # holding the list keeps its id unique
+    _, ref, ref_samples = _FP32_CACHE[key]
     ev = evaluate_coco(subset, _only(dets, subset.ids))
-    ref = evaluate_coco(subset, _only(fp32_dets, subset.ids))
     return {"subset": subset.name, "num_images": len(subset), "metrics": ev.metrics, "per_class_ap": ev.per_class,
             "fp32_mAP_50_95": ref.metrics["mAP_50_95"],
-            "delta_vs_fp32": bootstrap_difference(ev, ref, e.bootstrap or 200, e.confidence, e.seed)}  # fmt: skip
+            "delta_vs_fp32": difference_interval(ev, bootstrap_samples(ev, n, e.seed), ref, ref_samples, e.confidence)}  # fmt: skip
 
 
 def _eval_params(run: RunDir, **extra) -> dict:
@@ -223,10 +235,16 @@ def _eval_params(run: RunDir, **extra) -> dict:
 
 
 def _fp32_detections(run: RunDir) -> list[dict]:
-    """FP32 detections on the whole confirmation subset (computed once, shared with notebook 03)."""
-    subset = run.cfg.candidates.confirm_subset
-    fp32_on(run, subset)
-    return read_json(run.artifact(FP32_SUBSET_DETECTIONS.format(subset=subset)))
+    """FP32 detections on the whole confirmation subset (computed once, shared with notebook 03;
+    read once per process and file version)."""
+    p = fp32_detections(run, run.cfg.candidates.confirm_subset)
+    st = p.stat()
+    return _read_detections(str(p), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _read_detections(path: str, mtime_ns: int, size: int) -> list[dict]:
+    return read_json(path)
 
 
 def evaluate(run: RunDir, name: str) -> dict:

@@ -122,11 +122,8 @@ def quantize_variant(run: RunDir, v: Int8Variant) -> dict:
     return read_json(run.artifact(recipe_rel))
 
 
-def fp32_on(run: RunDir, subset: str):
-    """FP32 detections on ``subset`` (reused from notebook 02 when it is the same subset)."""
-    from ..data import open_coco
-    from ..evaluate import evaluate_coco
-
+def fp32_detections(run: RunDir, subset: str) -> Path:
+    """FP32 detections on ``subset``, computed when missing or stale; the file's path."""
     cfg = run.cfg
     rel = FP32_SUBSET_DETECTIONS.format(subset=subset)
     model = run.artifact(baseline.MODEL)
@@ -136,8 +133,17 @@ def fp32_on(run: RunDir, subset: str):
         _, dets = baseline.evaluate_model(model, no_bootstrap, subset, progress=False)
         write_json(run.file(rel), dets)
         run.finish(f"fp32:{subset}", key, [rel])
-    sub = open_coco(cfg.data.coco_root, cfg.data.annotations, subset)
-    return sub, evaluate_coco(sub, read_json(run.artifact(rel)))
+    return run.path / rel
+
+
+def fp32_on(run: RunDir, subset: str):
+    """FP32 detections on ``subset`` and their evaluation."""
+    from ..data import open_coco
+    from ..evaluate import evaluate_coco
+
+    path = fp32_detections(run, subset)
+    sub = open_coco(run.cfg.data.coco_root, run.cfg.data.annotations, subset)
+    return sub, evaluate_coco(sub, read_json(path))
 
 
 def validate_variant(run: RunDir, v: Int8Variant) -> dict:
