@@ -53,15 +53,20 @@ def head_fidelity(fp32_session, test_session, images: list[np.ndarray]) -> dict:
     Reported for the whole output and for its two parts: DFL box logits (0-63) and class
     logits (64-143).
     """
+    return fidelity(raw_heads(fp32_session, images), raw_heads(test_session, images))
+
+
+def raw_heads(session, images: list[np.ndarray]) -> np.ndarray:
     from ..runtime import run_head
 
-    refs, outs = [], []
-    for x in images:
-        refs.append(run_head(fp32_session, x))
-        outs.append(run_head(test_session, x))
-    ref, out = np.concatenate(refs), np.concatenate(outs)
+    return np.concatenate([run_head(session, x) for x in images])
+
+
+def fidelity(ref: np.ndarray, out: np.ndarray) -> dict:
+    """SQNR and cosine of raw heads ``out`` against ``ref`` (whole output, DFL part, class part)."""
+    images = ref.shape[0]
     return {
-        "images": len(images),
+        "images": images,
         "sqnr_db": sqnr_db(ref, out), "cosine": cosine(ref, out),
         "sqnr_db_dfl": sqnr_db(ref[:, :64], out[:, :64]), "sqnr_db_cls": sqnr_db(ref[:, 64:], out[:, 64:]),
     }  # fmt: skip

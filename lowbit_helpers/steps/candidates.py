@@ -247,11 +247,21 @@ def _read_detections(path: str, mtime_ns: int, size: int) -> list[dict]:
     return read_json(path)
 
 
+@functools.lru_cache(maxsize=2)
+def _fp32_heads(model: str, model_sha: str, paths: tuple, threads: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """The fidelity images and FP32's raw head on them (the same for every candidate)."""
+    from ..data import preprocess
+    from ..quant.inspect import raw_heads
+    from ..runtime import make_session
+
+    images = [preprocess(p)[0] for p in paths]
+    return images, raw_heads(make_session(model, threads=threads), images)
+
+
 def evaluate(run: RunDir, name: str) -> dict:
     """Selection-split mAP with Δ to FP32, raw-head fidelity, Q/DQ counts, what ORT runs, file size."""
-    from ..data import preprocess
     from ..evaluate import predict_onnx
-    from ..quant.inspect import head_fidelity, ort_executed_ops, qdq_counts
+    from ..quant.inspect import fidelity, ort_executed_ops, qdq_counts, raw_heads
     from ..runtime import make_session
 
     cfg = run.cfg
@@ -268,8 +278,9 @@ def evaluate(run: RunDir, name: str) -> dict:
         dets = predict_onnx(session, sel, cfg.decode)
         out = {"name": name, "predict_seconds": round(time.perf_counter() - t0, 1), "arithmetic": "kernels",
                "select": score(run, dets, sel, fp32_dets)}  # fmt: skip
-        images = [preprocess(sel.image_path(i))[0] for i in sel.ids[: cfg.int8.fidelity_images]]
-        out["fidelity"] = head_fidelity(make_session(model, threads=cfg.runtime.threads), session, images)
+        images, ref = _fp32_heads(str(model), inputs(run)[2], tuple(sel.image_path(i) for i in sel.ids[: cfg.int8.fidelity_images]),
+                                  cfg.runtime.threads)  # fmt: skip
+        out["fidelity"] = fidelity(ref, raw_heads(session, images))
         out.update(qdq=qdq_counts(q), ort_cpu=ort_executed_ops(q, cfg.runtime.threads), size_bytes=q.stat().st_size)
         write_json(run.file(rel), out)
         run.finish(f"candidate-eval:{name}", key, [rel], params)
