@@ -42,6 +42,7 @@ CONFIRM_IDS = "results/confirm_ids.txt"  # the confirmation split: confirm_subse
 LADDER = "results/ladder.json"
 LATENCY = "results/latency.json"
 CANDIDATES = "results/candidates.json"  # everything notebook 05 and the summary show
+SWEEP_MATCH = "results/sweep_match.json"  # materialised model vs the sweep's fake quantization
 CONTROL_KINDS = ("random", "heuristic")  # schemes that test the guidance, never shipped
 
 
@@ -329,9 +330,6 @@ def confirm(run: RunDir, name: str) -> dict:
     return read_json(run.artifact(rel))
 
 
-SWEEP_MATCH = "results/sweep_match.json"
-
-
 def sweep_match(run: RunDir, images: int = 2) -> dict:
     """Per swept format, the materialised all-Conv model (round to nearest) against the sweep's
     fake quantization of the same graph: max |difference| of the raw head under exact Q/DQ
@@ -404,6 +402,7 @@ def run_ladder(run: RunDir, schemes: dict[str, dict]) -> dict:
               "rule": f"highest mean mAP50-95 on {c.select_subset} over {', '.join(c.ladder_schemes)}"
                       if c.method == "auto" else "candidates.method in the params"}  # fmt: skip
     write_json(run.file(LADDER), result)
+    run.finish("candidates-ladder", "derived", [LADDER])  # a summary of cached stages, rewritten each time
     return result
 
 
@@ -500,4 +499,5 @@ def run_candidates(run: RunDir) -> dict:
               "controls": controls, "best_int8": int8, "latency": lat, "fp32_size_bytes": run.artifact(baseline.MODEL).stat().st_size,
               "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
     write_json(run.file(CANDIDATES), result)
+    run.finish("candidates", "derived", [CANDIDATES])
     return result
