@@ -86,7 +86,7 @@ def bench_tensorrt(name: str, model: Path, warmup: int = 20, runs: int = 200) ->
         x = np.random.default_rng(0).random((1, 3, 640, 640), dtype=np.float32)
         times = []
         with TrtRunner(engine) as runner:
-            feed = {runner.get_input_metadata().keys().__iter__().__next__(): x}
+            feed = {next(iter(runner.get_input_metadata())): x}
             for _ in range(warmup):
                 runner.infer(feed)
             for _ in range(runs):

@@ -126,13 +126,9 @@ def stats_convs(nodes: dict[str, str], method: Method) -> list[str]:
     return [n for n, p in nodes.items() if p in FORMATS and FORMATS[p].weight_bits == 4]
 
 
-def _init(g: onnx.GraphProto, array: np.ndarray, name: str, dtype: int | None = None) -> str:
-    if dtype is None:
-        t = numpy_helper.from_array(array, name)
-    else:  # INT4 / FLOAT8: ml_dtypes arrays, packed by onnx
-        t = numpy_helper.from_array(array, name)
-        assert t.data_type == dtype, (t.data_type, dtype)
-    g.initializer.append(t)
+def _init(g: onnx.GraphProto, array: np.ndarray, name: str) -> str:
+    """Add ``array`` as an initializer (ml_dtypes int4 / float8 arrays are packed by onnx)."""
+    g.initializer.append(numpy_helper.from_array(array, name))
     return name
 
 
