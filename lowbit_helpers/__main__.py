@@ -69,7 +69,13 @@ def _cmd_evaluate(args) -> int:
         "evaluation": {"bootstrap": args.bootstrap},
         "runtime": {"threads": args.threads, "providers": args.providers},
     }, source="command line")  # fmt: skip
-    result, dets = evaluate_model(model, cfg, progress=not args.quiet)
+    engine = "ort-exact" if args.exact else args.runtime if args.precision == "f32" else f"{args.runtime}-{args.precision}"
+    if args.exact and args.runtime != "ort":
+        raise LowbitError("--exact is ORT with graph optimizations off; OpenVINO has no such mode",
+                          "use --runtime ort --exact, or drop --exact")  # fmt: skip
+    if args.precision != "f32" and args.runtime != "openvino":
+        raise LowbitError("--precision bf16 is an OpenVINO inference precision", "add --runtime openvino")
+    result, dets = evaluate_model(model, cfg, progress=not args.quiet, engine=engine)
     m = result["metrics"]
     out = {**{k: m[k] for k in ("mAP_50_95", "mAP_50", "mAP_75")}, "num_images": m["num_images"],
            "model": str(model), **result}  # fmt: skip
@@ -77,7 +83,7 @@ def _cmd_evaluate(args) -> int:
     if args.detections:
         write_json(args.detections, dets)
     print(f"mAP50-95 {m['mAP_50_95']:.4f}  mAP50 {m['mAP_50']:.4f}  mAP75 {m['mAP_75']:.4f}  on {m['num_images']} images"
-          f" -> {args.out}")  # fmt: skip
+          f" ({engine}) -> {args.out}")  # fmt: skip
     return 0
 
 
@@ -88,11 +94,16 @@ def _cmd_bench(args) -> int:
     for m in args.models:
         if not Path(m).is_file():
             raise LowbitError(f"model not found: {m}", "give existing .onnx files")
-    rows = bench_models(args.models, args.threads, args.providers, args.warmup, args.runs)
+    # every model under every runtime, all interleaved in one process; ratios to the first row
+    pairs = [(m, r) for m in args.models for r in args.runtime]
+    rows = bench_models([m for m, _ in pairs], args.threads, args.providers, args.warmup, args.runs,
+                        runtimes=[r for _, r in pairs])  # fmt: skip
     env = environment()
     for r in rows:
         r["environment"] = env
-        print(f"{r['model']}: median {r['median_ms']:.1f} ms, p90 {r['p90_ms']:.1f} ms, x{r['ratio_to_first']:.3f}")
+        print(f"{r['model']} [{r['runtime']}]: median {r['median_ms']:.1f} ms, p90 {r['p90_ms']:.1f} ms, x{r['ratio_to_first']:.3f}")
+    if args.profile and args.runtime != ["ort"]:
+        raise LowbitError("--profile uses ORT's profiler", "profile with --runtime ort alone")
     if args.profile:
         from .runtime import compare_profiles, profile_model
 
@@ -115,18 +126,26 @@ def _cmd_quantize_int8(args) -> int:
     from .data import calibration_tensor, read_image_list
     from .quant.calibration import load_calibration
 
+    if args.reduce_range and args.backend != "ort":
+        raise LowbitError("--reduce-range is an ORT quantize_static option", "use it with --backend ort")
     model = _raw_onnx(args.model, check_output=False)
     if args.calib_npy:
         calib = load_calibration(args.calib_npy, args.images)
     else:
         paths = read_image_list(args.calib)
         calib = calibration_tensor(paths, min(args.images, len(paths)) if args.images else len(paths))
-    method = args.method or ("avgminmax" if args.backend == "ort" else "entropy")
+    method = args.method or {"ort": "avgminmax", "modelopt": "entropy", "nncf": "mixed"}[args.backend]
     if args.backend == "ort":
         from .quant.ort_int8 import quantize_int8_ort
 
         recipe = quantize_int8_ort(model, args.out, calib, method=method, head_policy=args.head_policy,
-                                   exclude=args.exclude, percentile=args.percentile, stride=args.stride)  # fmt: skip
+                                   exclude=args.exclude, percentile=args.percentile, stride=args.stride,
+                                   reduce_range=args.reduce_range)  # fmt: skip
+    elif args.backend == "nncf":
+        from .quant.nncf_int8 import quantize_int8_nncf
+
+        recipe = quantize_int8_nncf(model, args.out, calib, method=method, head_policy=args.head_policy,
+                                    exclude=args.exclude, bias_correction=args.bias_correction)  # fmt: skip
     else:
         from .quant.modelopt_int8 import quantize_int8_modelopt
 
@@ -275,20 +294,27 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--bootstrap", type=int, default=1000, help="resamples for the 95%% interval (0: none)")
     v.add_argument("--threads", type=int, default=2)
     v.add_argument("--providers", nargs="+", default=["CPUExecutionProvider"])
+    v.add_argument("--runtime", choices=["ort", "openvino"], default="ort")
+    v.add_argument("--exact", action="store_true", help="ORT with graph optimizations off: exact Q/DQ arithmetic, no integer kernels")
+    v.add_argument("--precision", choices=["f32", "bf16"], default="f32", help="openvino: inference precision")
     v.add_argument("--out", required=True, help="metrics.json")
     v.add_argument("--detections", help="also write the detections (COCO results json)")
     v.add_argument("--quiet", action="store_true")
     v.set_defaults(func=_cmd_evaluate)
 
-    q = sub.add_parser("quantize-int8", help="INT8 Q/DQ: ORT quantize_static (CPU) or ModelOpt (TensorRT)")
+    q = sub.add_parser("quantize-int8", help="INT8 Q/DQ: ORT quantize_static (ORT CPU), ModelOpt (TensorRT) or NNCF (the peer)")
     q.add_argument("model")
-    q.add_argument("--backend", choices=["ort", "modelopt"], required=True)
+    q.add_argument("--backend", choices=["ort", "modelopt", "nncf"], default="ort",
+                   help="ort (default: the recipe the report ships for ORT CPU) | modelopt | nncf")
     src = q.add_mutually_exclusive_group(required=True)
     src.add_argument("--calib", help="text file of calibration image paths, relative to the file's folder")
     src.add_argument("--calib-npy", help="instead: an N x 3 x 640 x 640 float32 .npy (a run's calib/calib.npy)")
     q.add_argument("--out", required=True)
-    q.add_argument("--method", choices=["avgminmax", "minmax", "percentile", "entropy", "max"],
-                   help="ort: avgminmax (default) | minmax | percentile | entropy; modelopt: max | entropy (default entropy)")
+    q.add_argument("--method", choices=["avgminmax", "minmax", "percentile", "entropy", "max", "mixed", "performance"],
+                   help="ort: avgminmax (default) | minmax | percentile | entropy; modelopt: max | entropy (default entropy); "
+                        "nncf: mixed (default) | performance (its presets)")  # fmt: skip
+    q.add_argument("--reduce-range", action="store_true", help="ort: 7-bit weights (no int16 saturation on CPUs without VNNI)")
+    q.add_argument("--bias-correction", choices=["full", "fast"], default="full", help="nncf: its bias correction")
     q.add_argument("--images", type=int, default=128, help="calibration images (the first N of the list)")
     q.add_argument("--head-policy", choices=["none", "conservative", "head"], default="conservative")
     q.add_argument("--exclude", nargs="*", default=[], help="ONNX node names kept in float")
@@ -349,6 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--runs", type=int, default=50)
     b.add_argument("--profile", type=int, default=0, metavar="N",
                    help="also run each model N times under ORT's profiler: time per op type, Conv kernels vs the first model")  # fmt: skip
+    b.add_argument("--runtime", nargs="+", choices=["ort", "openvino"], default=["ort"],
+                   help="time every model under each (interleaved, one process)")  # fmt: skip
     b.add_argument("--out", required=True, help="bench.json")
     b.set_defaults(func=_cmd_bench)
     return p

@@ -74,11 +74,13 @@ class ParityCfg(_Section):
 
 class Int8Variant(_Section):
     name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
-    backend: Literal["ort", "modelopt"]
-    method: Literal["avgminmax", "minmax", "percentile", "entropy", "max"]
+    backend: Literal["ort", "modelopt", "nncf"]
+    method: Literal["avgminmax", "minmax", "percentile", "entropy", "max", "mixed", "performance"]
     head_policy: Literal["none", "conservative", "head"] = "conservative"
     keep_sensitive: int = Field(0, ge=0, description="also exclude the N Convs with the largest w8a8 kept gain "
                                 "(notebook 04's sweep, computed on first need) from quantization")
+    reduce_range: bool = Field(False, description="ort: 7-bit weights (no int16 saturation without VNNI)")
+    bias_correction: Literal["full", "fast"] = Field("full", description="nncf: its bias correction")
 
 
 def _default_variants() -> list[Int8Variant]:
@@ -89,9 +91,25 @@ def _default_variants() -> list[Int8Variant]:
         Int8Variant(name="ort-avgminmax-keep6", backend="ort", method="avgminmax", keep_sensitive=6),
         Int8Variant(name="ort-percentile", backend="ort", method="percentile"),
         Int8Variant(name="ort-entropy", backend="ort", method="entropy"),
+        Int8Variant(name="ort-avgminmax-rr", backend="ort", method="avgminmax", reduce_range=True),
+        Int8Variant(name="ort-percentile-rr", backend="ort", method="percentile", reduce_range=True),
+        Int8Variant(name="nncf-mixed", backend="nncf", method="mixed"),
+        Int8Variant(name="nncf-mixed-fastbc", backend="nncf", method="mixed", bias_correction="fast"),
         Int8Variant(name="modelopt-max", backend="modelopt", method="max"),
         Int8Variant(name="modelopt-entropy", backend="modelopt", method="entropy"),
     ]
+
+
+Engine = Literal["ort", "ort-exact", "openvino", "openvino-bf16"]
+
+
+class EmulateCfg(_Section):
+    """ORT's kernels on another x86 CPU model, emulated by QEMU user mode (its CPUID and its instructions)."""
+
+    cpu: str | None = Field("Haswell", description="QEMU CPU model (Haswell: AVX2 + FMA, no AVX-512 / VNNI); null: off")
+    subset: str = "val100"
+    variants: list[str] = Field(default_factory=lambda: ["ort-avgminmax", "ort-avgminmax-rr", "ort-avgminmax-keep6"],
+                                description="INT8 variants run there (ORT kernels)")
 
 
 class Int8Cfg(_Section):
@@ -104,7 +122,14 @@ class Int8Cfg(_Section):
     calib_stride: int = Field(1, ge=1, description="images per calibration slice of the histogram methods (bounds memory)")
     calibration_eps: list[str] = Field(default_factory=lambda: ["cpu"], description="ModelOpt: cpu | cuda:0 | trt")
     high_precision_dtype: Literal["fp32", "fp16"] = "fp32"
-    eval_subsets: list[str] = Field(default_factory=lambda: ["val100", "val500"])
+    select_subset: str = Field("val100", description="recipes are chosen on these images ...")
+    confirm_subset: str = Field("val500", description="... and confirmed on these minus select_subset")
+    engines: list[Engine] = Field(default_factory=lambda: ["ort", "ort-exact", "openvino"],
+                                  description="each variant's accuracy under each (the first is ORT's kernels)")
+    fp32_engines: list[Engine] = Field(default_factory=lambda: ["openvino", "openvino-bf16"],
+                                       description="FP32 rows under other engines (bf16 skipped where the CPU lacks it)")
+    latency_runtimes: list[Literal["ort", "openvino"]] = Field(default_factory=lambda: ["ort", "openvino"])
+    emulate: EmulateCfg = Field(default_factory=EmulateCfg)
     fidelity_images: int = Field(16, ge=1, description="evaluation images for the raw-head SQNR / cosine")
 
 

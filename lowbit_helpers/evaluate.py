@@ -48,6 +48,27 @@ def predict_onnx_multi(session, subset: CocoSubset, decode_cfgs: list[DecodeCfg]
     return dets
 
 
+def predict_sessions(sessions: dict, subset: CocoSubset, decode_cfg: DecodeCfg) -> tuple[dict, dict]:
+    """Detections of several sessions (e.g. one model under several engines) on ``subset``:
+    each image is read and letterboxed once; returns ({key: detections}, {key: seconds spent
+    in that session's forward pass and decode})."""
+    import time
+
+    from .runtime import run_head
+
+    cats = subset.category_ids
+    dets: dict = {k: [] for k in sessions}
+    seconds: dict = {k: 0.0 for k in sessions}
+    for image_id in subset.ids:
+        tensor, lb = preprocess(subset.image_path(image_id))
+        for k, session in sessions.items():
+            t0 = time.perf_counter()
+            d = decode(run_head(session, tensor), decode_cfg)
+            dets[k].extend(to_coco(image_id, lb.to_original(d.boxes), d.scores, d.classes, cats))
+            seconds[k] += time.perf_counter() - t0
+    return dets, seconds
+
+
 def to_coco(image_id: int, boxes_xyxy: np.ndarray, scores: np.ndarray, classes: np.ndarray, cats: list[int]) -> list[dict]:
     out = []
     for (x1, y1, x2, y2), s, c in zip(np.asarray(boxes_xyxy, float), scores, classes):

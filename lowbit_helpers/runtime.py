@@ -1,4 +1,9 @@
-"""ONNX Runtime sessions (providers, threads) and latency measurement."""
+"""Inference sessions for ONNX Runtime and OpenVINO (one factory), latency measurement, and
+what the machine is (its CPU's int8 instructions).
+
+Every session answers ``get_inputs()`` and ``run(None, {name: tensor})`` the way an ORT
+``InferenceSession`` does, so evaluation and benchmarks treat both runtimes alike.
+"""
 
 from __future__ import annotations
 
@@ -13,12 +18,18 @@ from .errors import LowbitError
 
 
 ARITHMETICS = ("kernels", "exact")
+RUNTIMES = ("ort", "openvino")
+OPENVINO_PRECISIONS = ("f32", "bf16")  # OpenVINO's CPU inference precision hint
 
 
 def make_session(model: str | Path, providers: list[str] | None = None, threads: int = 2,
                  optimized_path: str | Path | None = None, profile_prefix: str | Path | None = None,
-                 arithmetic: str = "kernels"):  # fmt: skip
-    """An InferenceSession with fixed, documented options (the same for every variant).
+                 arithmetic: str = "kernels", runtime: str = "ort", precision: str = "f32"):  # fmt: skip
+    """A session with fixed, documented options (the same for every variant).
+
+    ``runtime``: ``ort`` (ONNX Runtime, ``providers``) or ``openvino`` (OpenVINO's CPU plugin,
+    reading the ONNX directly; ``precision`` f32 or bf16 is its inference precision hint, and
+    ``arithmetic`` does not apply: OpenVINO always runs its own fused kernels).
 
     ``threads`` is the intra-op pool size; inter-op is 1 and execution sequential, so two
     sessions compare fairly on the same cores. ``optimized_path`` saves the graph ORT runs;
@@ -31,6 +42,10 @@ def make_session(model: str | Path, providers: list[str] | None = None, threads:
     at. A graph with float8 Q/DQ runs with ORT's Q/DQ fusion off under ``kernels`` too: ORT's
     CPU has no float8 kernels and refuses the fused node.
     """
+    if runtime not in RUNTIMES:
+        raise LowbitError(f"unknown runtime {runtime!r}", f"use one of {', '.join(RUNTIMES)}")
+    if runtime == "openvino":
+        return OpenVINOSession(model, threads, precision)
     import onnxruntime as ort
 
     providers = providers or ["CPUExecutionProvider"]
@@ -66,6 +81,75 @@ def make_session(model: str | Path, providers: list[str] | None = None, threads:
         return ort.InferenceSession(str(model), sess_options=so, providers=providers, disabled_optimizers=disabled)
     except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
         raise LowbitError(f"onnxruntime cannot load {model}: {exc}", "check that the file is a complete ONNX model") from None
+
+
+# Engines: a runtime with its arithmetic, the unit every accuracy row is measured under.
+#   ort: ORT's fused integer kernels (this CPU's int8 ISA decides their result);
+#   ort-exact: ORT with graph optimizations off, the Q/DQ graph computed as the ONNX spec says;
+#   openvino / openvino-bf16: OpenVINO's CPU plugin at f32 / bf16 inference precision.
+ENGINES = {"ort": ("ort", "kernels", "f32"), "ort-exact": ("ort", "exact", "f32"),
+           "openvino": ("openvino", "kernels", "f32"), "openvino-bf16": ("openvino", "kernels", "bf16")}  # fmt: skip
+
+
+def engine_session(model: str | Path, engine: str, providers: list[str] | None = None, threads: int = 2):
+    """:func:`make_session` for one of ``ENGINES``."""
+    if engine not in ENGINES:
+        raise LowbitError(f"unknown engine {engine!r}", f"use one of {', '.join(ENGINES)}")
+    runtime, arithmetic, precision = ENGINES[engine]
+    return make_session(model, providers, threads, arithmetic=arithmetic, runtime=runtime, precision=precision)
+
+
+class OpenVINOSession:
+    """An OpenVINO CPU compiled model behind ORT's session interface (inputs, ``run``).
+
+    Latency hint, one stream, ``threads`` inference threads: the same footing as the ORT
+    sessions it is timed beside. The output is copied out of OpenVINO's buffer, which the next
+    inference overwrites.
+    """
+
+    def __init__(self, model: str | Path, threads: int = 2, precision: str = "f32"):
+        if precision not in OPENVINO_PRECISIONS:
+            raise LowbitError(f"unknown OpenVINO precision {precision!r}", f"use one of {', '.join(OPENVINO_PRECISIONS)}")
+        try:
+            import openvino as ov
+        except ImportError:
+            raise LowbitError("the openvino package is not installed",
+                              "install the pinned environment (bash scripts/test.sh creates it) or pip install openvino") from None  # fmt: skip
+        model = Path(model)
+        if not model.is_file():
+            raise LowbitError(f"model not found: {model}", "give an existing .onnx file")
+        core = ov.Core()
+        if precision == "bf16" and "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+            raise LowbitError("this CPU has no bf16 support in OpenVINO", "use precision f32 here")
+        config = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY",
+                  "NUM_STREAMS": 1}  # fmt: skip
+        try:
+            self.compiled = core.compile_model(str(model), "CPU", config)
+        except Exception as exc:  # OpenVINO raises RuntimeError with its own message
+            raise LowbitError(f"OpenVINO cannot compile {model}: {str(exc)[:300]}",
+                              "check the file with onnx.checker, or run it with --runtime ort") from None  # fmt: skip
+        self.request = self.compiled.create_infer_request()
+        self.precision = precision
+        self.version = ov.__version__
+        port = self.compiled.input(0)
+        shape = [d.get_length() if d.is_static else "batch" for d in port.get_partial_shape()]
+        self._inputs = [_Input(port.get_any_name(), shape)]
+
+    def get_inputs(self):
+        return self._inputs
+
+    def get_providers(self) -> list[str]:
+        return [f"OpenVINO {self.version} CPU ({self.precision})"]
+
+    def run(self, output_names, feeds: dict) -> list[np.ndarray]:
+        (tensor,) = feeds.values()
+        result = self.request.infer({0: tensor})
+        return [np.array(result[self.compiled.output(0)], copy=True)]
+
+
+class _Input:
+    def __init__(self, name: str, shape: list):
+        self.name, self.shape = name, shape
 
 
 _LOAD_PROBE = """
@@ -139,13 +223,18 @@ def bench_models(
     warmup: int = 10,
     runs: int = 50,
     seed: int = 0,
+    runtimes: list[str | tuple[str, str]] | None = None,
 ) -> list[dict]:
     """Time every model in this process with the same session options and the same input.
 
     Runs are interleaved (one run of each model per round) so that drift in machine load
-    affects all models alike; ratios are to the first model.
+    affects all models alike; ratios are to the first model. ``runtimes`` gives each model's
+    runtime (``ort``, ``openvino``, or a ``(runtime, precision)`` pair); default ORT for all.
     """
-    sessions = [make_session(m, providers, threads) for m in models]
+    engines = [(r, "f32") if isinstance(r, str) else tuple(r) for r in (runtimes or ["ort"] * len(models))]
+    if len(engines) != len(models):
+        raise ValueError("one runtime per model")
+    sessions = [make_session(m, providers, threads, runtime=r, precision=p) for m, (r, p) in zip(models, engines)]
     shape = [d if isinstance(d, int) else 1 for d in sessions[0].get_inputs()[0].shape]
     x = np.random.default_rng(seed).random(shape, dtype=np.float32)
     for s in sessions:
@@ -158,8 +247,9 @@ def bench_models(
             run_head(s, x)
             times[i].append((time.perf_counter() - t0) * 1000.0)
     rows = []
-    for m, s, t in zip(models, sessions, times):
-        rows.append({"model": str(m), "providers": s.get_providers(), "threads": threads, "warmup": warmup, **latency_stats(t)})
+    for m, (r, p), s, t in zip(models, engines, sessions, times):
+        rows.append({"model": str(m), "runtime": r, "precision": p, "providers": s.get_providers(), "threads": threads,
+                     "warmup": warmup, **latency_stats(t)})  # fmt: skip
     first = rows[0]["median_ms"]
     for r in rows:
         r["ratio_to_first"] = r["median_ms"] / first
@@ -247,9 +337,13 @@ def compare_profiles(reference: dict, other: dict) -> dict:
     }
 
 
-# ISA extensions that decide how fast ORT's int8 kernels can be on x86: without VNNI, u8s8
-# GEMMs go through vpmaddubsw/vpmaddwd and gain far less over FP32 FMA than with vpdpbusd.
+# ISA extensions that decide how fast, and how exactly, ORT's int8 kernels run on x86: without
+# VNNI, u8s8 GEMMs go through vpmaddubsw, whose int16 pair sums saturate (see
+# quant/kernel_check.py), and gain far less over FP32 FMA than with vpdpbusd.
 INT8_ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8")
+# numpy's CPUID-based names for the same extensions (numpy has no AVX-VNNI / AMX entry)
+_NUMPY_FEATURES = {"avx2": "AVX2", "fma": "FMA3", "avx512f": "AVX512F", "avx512bw": "AVX512BW",
+                   "avx512_vnni": "AVX512VNNI"}  # fmt: skip
 
 
 def environment() -> dict:
@@ -264,10 +358,50 @@ def environment() -> dict:
         "processor": platform.processor() or _cpu_model(),
         "cpu_model": _cpu_model(),
         "cpu_count": os.cpu_count(),
-        "cpu_int8_isa": _cpu_flags(INT8_ISA_FLAGS),
+        "cpu_int8_isa": cpu_int8_isa(),
+        "int8_kernel_class": int8_kernel_class(),
         "onnxruntime": ort.__version__,
+        "openvino": _openvino_version(),
         "providers_available": ort.get_available_providers(),
     }
+
+
+def cpu_int8_isa() -> list[str]:
+    """The int8-relevant extensions this process's CPU reports (``INT8_ISA_FLAGS`` names).
+
+    Read from CPUID through numpy's runtime dispatch table, which is what the process itself
+    sees (an emulated CPU included); /proc/cpuinfo, which shows the host, adds only what numpy
+    does not track (AVX-VNNI, AMX), and only when the two agree on AVX-512.
+    """
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__ as feats
+    except ImportError:  # numpy < 2
+        return _cpu_flags(INT8_ISA_FLAGS)
+    have = [f for f, n in _NUMPY_FEATURES.items() if feats.get(n)]
+    host = _cpu_flags(INT8_ISA_FLAGS)
+    if ("avx512f" in host) == ("avx512f" in have) and ("avx2" in host) == ("avx2" in have):
+        have += [f for f in ("avx_vnni", "amx_int8") if f in host]
+    return [f for f in INT8_ISA_FLAGS if f in have]
+
+
+def int8_kernel_class(isa: list[str] | None = None) -> str:
+    """How ORT's x86 u8s8 kernels multiply here: ``amx``, ``vnni`` (exact int32 accumulation) or
+    ``avx2`` (vpmaddubsw: int16 pair sums that can saturate); ``none`` without AVX2."""
+    isa = cpu_int8_isa() if isa is None else isa
+    if "amx_int8" in isa:
+        return "amx"
+    if "avx512_vnni" in isa or "avx_vnni" in isa:
+        return "vnni"
+    return "avx2" if "avx2" in isa else "none"
+
+
+def _openvino_version() -> str | None:
+    try:
+        import openvino
+
+        return openvino.__version__
+    except ImportError:
+        return None
 
 
 def _cpu_flags(wanted: tuple[str, ...]) -> list[str]:

@@ -20,3 +20,5 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
   echo "$WANT" > "$STAMP"
 fi
 export YOLO_AUTOINSTALL=false YOLO_OFFLINE=1 MPLBACKEND=Agg
+# QEMU user mode for notebook 03's emulated AVX2 CPU (int8.emulate): fetched once into .cache/qemu
+bash scripts/get_qemu.sh >/dev/null

@@ -42,8 +42,18 @@ def test_smoke_run_of_all_notebooks(tmp_path, coco_root):
     run = tmp_path / "runs" / "smoke-test"
     manifest = read_json(run / "manifest.json")
     assert set(manifest["stages"]) >= {"baseline_onnx", "calibration", "fp32_evaluation", "fp32_latency", "parity", "summary",
-                                       "int8:ort-percentile", "int8:modelopt-max", "int8-eval:ort-percentile", "int8-latency"}
-    assert "INT8 baselines" in html and "CPU (ONNX Runtime):" in html and "quantize-int8" in (run / "html" / "03_int8_ptq.html").read_text()
+                                       "int8:ort-percentile", "int8:modelopt-max", "int8-eval:ort-percentile", "int8-latency",
+                                       "int8:nncf-mixed", "int8-eval:nncf-mixed", "int8-fp32-engines", "int8-kernel-probe",
+                                       "int8-emulated:ort-percentile"}  # fmt: skip
+    nb03 = (run / "html" / "03_int8_ptq.html").read_text()
+    assert "INT8 baselines" in html and "ORT CPU (" in html and "quantize-int8" in nb03 and "Traceback" not in nb03
+    # every variant under every engine (ORT kernels, exact Q/DQ, OpenVINO), the peer's row, the emulated AVX2 CPU
+    assert "exact Q/DQ" in nb03 and "OpenVINO f32" in nb03 and "nncf-mixed" in nb03 and "Best NNCF row" in nb03
+    assert "Haswell (avx2, fma)" in nb03 and "saturated" in nb03
+    ev = read_json(run / "int8-coco" / "ort-percentile.json")
+    assert set(ev["engines"]) == {"ort", "ort-exact", "openvino"}
+    assert ev["engines"]["ort"]["confirm"]["delta_vs"]["ort-exact"]["n"] == 50
+    assert {r["runtime"] for r in read_json(run / "int8-coco" / "latency.json")["rows"]} == {"ort", "openvino"}
     # each model also ran under ORT's profiler: the Conv kernels against FP32's, in the table and the conclusion
     assert "Conv kernels take" in html and "Conv × FP32" in (run / "html" / "03_int8_ptq.html").read_text()
     assert "Where the time goes" in (run / "summary.md").read_text()

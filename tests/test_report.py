@@ -15,3 +15,15 @@ def test_update_readme_replaces_only_the_results_block(tmp_path):
     readme.write_text("no markers")
     with pytest.raises(ValueError, match="results:start"):
         update_readme(readme, summary, "default")
+
+
+def test_int8_verdicts_need_the_whole_interval():
+    from lowbit_helpers.report.int8 import _gap_verdict, _verdict, fmt_delta
+
+    d = {"delta": -0.001, "lo": -0.009, "hi": 0.007}
+    assert _verdict(d, 0.15) == "is compatible with" and _verdict(d, 1.0) == "meets"
+    assert _verdict({"delta": -0.004, "lo": -0.01, "hi": 0.0}, 0.15) == "misses"
+    assert _gap_verdict({"delta": 0.0005, "lo": -0.0009, "hi": 0.0008}, 0.1) == "meets"
+    assert _gap_verdict({"delta": 0.0005, "lo": -0.002, "hi": 0.0008}, 0.1) == "is compatible with"
+    assert _gap_verdict({"delta": -0.0015, "lo": -0.002, "hi": 0.0}, 0.1) == "misses"
+    assert fmt_delta(d) == "-0.10 [-0.90, +0.70]"

@@ -25,8 +25,13 @@ ORT_METHODS = ("avgminmax", "minmax", "percentile", "entropy")
 
 def quantize_int8_ort(model_in: str | Path, model_out: str | Path, calib: np.ndarray, method: str = "avgminmax",
                       head_policy: str = "conservative", exclude: list[str] | None = None,
-                      percentile: float = 99.999, stride: int = 1) -> dict:  # fmt: skip
-    """Quantize ``model_in`` to ``model_out``; returns (and saves beside it) the exact recipe."""
+                      percentile: float = 99.999, stride: int = 1, reduce_range: bool = False) -> dict:  # fmt: skip
+    """Quantize ``model_in`` to ``model_out``; returns (and saves beside it) the exact recipe.
+
+    ``reduce_range``: 7-bit weights ([-64, 63] per channel), ORT's remedy for CPUs without
+    VNNI, whose u8s8 kernels saturate int16 pair sums of full-range weights
+    (:mod:`.kernel_check`); it costs one bit of weight resolution everywhere.
+    """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     model_out = Path(model_out)
@@ -44,7 +49,7 @@ def quantize_int8_ort(model_in: str | Path, model_out: str | Path, calib: np.nda
     call = {
         "api": "onnxruntime.quantization.quantize_static",
         "quant_format": "QDQ", "activation_type": "QUInt8", "weight_type": "QInt8", "per_channel": True,
-        "calibrate_method": {"avgminmax": "MinMax", "minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}[method],
+        "reduce_range": reduce_range, "calibrate_method": {"avgminmax": "MinMax", "minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}[method],
         "nodes_to_exclude": excluded, "extra_options": extra, "calibration_images": len(calib),
     }  # fmt: skip
     t0 = time.perf_counter()
@@ -52,10 +57,10 @@ def quantize_int8_ort(model_in: str | Path, model_out: str | Path, calib: np.nda
         quantize_static(
             str(model_in), str(tmp), ArrayReader(calib),
             quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-            per_channel=True, calibrate_method=getattr(CalibrationMethod, call["calibrate_method"]),
+            per_channel=True, reduce_range=reduce_range, calibrate_method=getattr(CalibrationMethod, call["calibrate_method"]),
             nodes_to_exclude=excluded, extra_options=extra,
         )  # fmt: skip
-    recipe = {"backend": "ort", "method": method, "head_policy": head_policy, "call": call,
+    recipe = {"backend": "ort", "method": method, "head_policy": head_policy, "reduce_range": reduce_range, "call": call,
               "seconds": time.perf_counter() - t0, "input": str(model_in), "input_sha256": sha256_file(model_in),
               "output_sha256": sha256_file(model_out)}  # fmt: skip
     write_json(model_out.with_suffix(".recipe.json"), recipe)

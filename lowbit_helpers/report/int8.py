@@ -12,25 +12,60 @@ import pandas as pd
 from .common import pct, tidy
 
 
+ENGINE_LABELS = {"ort": "ORT kernels", "ort-exact": "exact Q/DQ (ORT, no optimizations)", "openvino": "OpenVINO f32",
+                 "openvino-bf16": "OpenVINO bf16"}  # fmt: skip
+SPLITS = ("select", "confirm", "whole")
+
+
+def fmt_delta(d: dict) -> str:
+    """A Δ in points with its interval: "-0.45 [-1.07, +0.92]"."""
+    return f"{100 * d['delta']:+.2f} [{100 * d['lo']:+.2f}, {100 * d['hi']:+.2f}]"
+
+
+def engine_label(engine: str, result: dict) -> str:
+    """An engine's name with what its numbers hold for (ORT's kernels: this CPU's int8 class)."""
+    env = result.get("environment") or {}
+    if engine == "ort":
+        return f"ORT kernels, {env.get('int8_kernel_class', '?').upper()} CPU"
+    return ENGINE_LABELS.get(engine, engine)
+
+
+def _latency(result: dict) -> dict:
+    """(name, engine) -> latency row (engine: ort, openvino, openvino-bf16); the first row is ORT
+    FP32, the reference of every ratio."""
+    out = {}
+    for r in result["latency"]:
+        rt, prec = r.get("runtime", "ort"), r.get("precision", "f32")
+        out[(r["name"], rt if prec == "f32" else f"{rt}-{prec}")] = r
+    return out
+
+
 def int8_table(result: dict) -> pd.DataFrame:
-    """One row per INT8 variant (and FP32): accuracy with Δ and interval, fidelity, size, latency, fusion."""
-    lat = {r["name"]: r for r in result["latency"]}
-    fp32 = lat["fp32"]
-    rows = [{"variant": "fp32", "backend": "—", "calibration": "—", "head policy": "—",
-             f"median ms ({fp32['threads']} thr)": round(fp32["median_ms"], 1), "× FP32": 1.0}]  # fmt: skip
+    """One row per INT8 variant (and FP32): recipe, fidelity, size, what ORT fuses, latency under each runtime."""
+    lat = _latency(result)
+    fp32 = lat[("fp32", "ort")]
+    runtimes = sorted({rt for _, rt in lat}, key=["ort", "openvino", "openvino-bf16"].index)
+    thr = fp32["threads"]
+
+    def timing(name):
+        out = {}
+        for rt in runtimes:
+            r = lat.get((name, rt))
+            label = {"ort": "ORT", "openvino": "OpenVINO", "openvino-bf16": "OpenVINO bf16"}[rt]
+            out[f"{label} ms ({thr} thr)"] = round(r["median_ms"], 1) if r else math.nan
+            out[f"{label} × ORT FP32"] = round(r["median_ms"] / fp32["median_ms"], 3) if r else math.nan
+        return out
+
+    rows = [{"variant": "fp32", "backend": "—", "calibration": "—", "head policy": "—", **timing("fp32")}]
     for name, val in result["validations"].items():
         rec = result["recipes"][name]
-        row = {"variant": name, "backend": rec["backend"], "calibration": rec["method"], "head policy": rec["head_policy"]}
-        for subset, c in val.get("coco", {}).items():
-            d = c["delta_vs_fp32"]
-            row[f"mAP50-95 {subset}"] = pct(c["metrics"]["mAP_50_95"])
-            row[f"Δ {subset} [95%]"] = f"{100 * d['delta']:+.2f} [{100 * d['lo']:+.2f}, {100 * d['hi']:+.2f}]"
+        v = val["variant"]
+        extra = " 7-bit w" if v.get("reduce_range") else f" {v['bias_correction']} BC" if v["backend"] == "nncf" else ""
+        row = {"variant": name, "backend": rec["backend"], "calibration": rec["method"] + extra, "head policy": rec["head_policy"]}
         if "fidelity" in val:
             row["SQNR dB"] = round(val["fidelity"]["sqnr_db"], 1)
-            row["cosine"] = round(val["fidelity"]["cosine"], 4)
         row.update({
-            f"median ms ({fp32['threads']} thr)": round(lat[name]["median_ms"], 1),
-            "× FP32": round(lat[name]["median_ms"] / fp32["median_ms"], 3),
+            **timing(name),
             "size (MiB)": round(val["size_bytes"] / 2**20, 1),
             "Q/DQ nodes": val["qdq"]["QuantizeLinear"] + val["qdq"]["DequantizeLinear"],
             "QLinearConv / Conv (ORT CPU)": f"{val['ort_cpu']['QLinearConv']} / {val['qdq']['Conv']}",
@@ -39,6 +74,66 @@ def int8_table(result: dict) -> pd.DataFrame:
         })  # fmt: skip
         rows.append(row)
     return tidy(pd.DataFrame(rows).set_index("variant"))
+
+
+def accuracy_table(result: dict) -> pd.DataFrame | None:
+    """Every variant under every engine: mAP50-95 and Δ to FP32 (ORT) on the selection split, the
+    confirmation split and the whole subset, and Δ to the same file's exact arithmetic."""
+    if result.get("structure_only"):
+        return None
+    rows = []
+    fp32_eng = (result.get("fp32_engines") or {}).get("engines", {})
+    for name, engines in [("fp32", fp32_eng)] + [(n, v["engines"]) for n, v in result["validations"].items()]:
+        for engine, e in engines.items():
+            sel, conf, whole = (e[k] for k in SPLITS)
+            row = {"variant": name, "engine": engine_label(engine, result),
+                   f"mAP50-95 {sel['subset']}": pct(sel["metrics"]["mAP_50_95"]),
+                   f"Δ {sel['subset']} [95%] (chosen on)": fmt_delta(sel["delta_vs_fp32"]),
+                   f"Δ {conf['subset']} [95%] (confirmed on)": fmt_delta(conf["delta_vs_fp32"]),
+                   f"Δ {whole['subset']} [95%]": fmt_delta(whole["delta_vs_fp32"])}  # fmt: skip
+            ex = conf.get("delta_vs", {}).get("ort-exact")
+            row[f"− exact, {conf['subset']} [95%]"] = fmt_delta(ex) if ex else "—"
+            rows.append(row)
+    return pd.DataFrame(rows).set_index(["variant", "engine"]) if rows else None
+
+
+def emulation_table(result: dict) -> pd.DataFrame | None:
+    """ORT's kernels on the emulated CPU (no VNNI) against the same file's exact arithmetic, beside
+    this CPU's kernels on the same images."""
+    rows = []
+    for name, em in (result.get("emulated") or {}).items():
+        if "skipped" in em:
+            rows.append({"variant": name, "emulated CPU": em["skipped"]})
+            continue
+        k = em["kernels"]
+        this = result["validations"][name]["engines"].get("ort", {}).get("select")
+        this_gap = this.get("delta_vs", {}).get("ort-exact") if this and this["subset"] == k["subset"] else None
+        rows.append({"variant": name, "emulated CPU": f"{em['cpu']} ({', '.join(em['cpu_int8_isa'])})",
+                     f"Δ {k['subset']} [95%] (emulated kernels)": fmt_delta(k["delta_vs_fp32"]),
+                     "emulated kernels − exact [95%]": fmt_delta(k["delta_vs"]["ort-exact"]),
+                     "this CPU's kernels − exact [95%]": fmt_delta(this_gap) if this_gap else "—",
+                     "emulation s": em["seconds"]})  # fmt: skip
+    return tidy(pd.DataFrame(rows).set_index("variant")) if rows else None
+
+
+def kernel_probe_text(result: dict) -> str:
+    """The saturation probe's verdict on this CPU and on the emulated one."""
+    probe = result.get("kernel_probe") or {}
+    lines = []
+    for where, p in (("this CPU", probe.get("this_cpu")), ("emulated CPU", probe.get("emulated"))):
+        if not p:
+            continue
+        if "skipped" in p:
+            lines.append(f"- {where}: {p['skipped']}")
+            continue
+        f, r = p["full_range"], p["reduce_range"]
+        lines.append(
+            f"- {where} ({', '.join(p['cpu_int8_isa']) or 'no int8 ISA'}): one Conv whose u8×s8 pair sums reach "
+            f"{f['pair_sum']} (> 32767) gives {f['kernel']:.2f} through ORT's fused kernel against {f['exact']:.2f} exact"
+            f" ({'saturated' if p['saturates'] else 'no saturation'}); with 7-bit weights (pair sums {r['pair_sum']}) "
+            f"{r['kernel']:.2f} against {r['exact']:.2f} ({'exact' if p['reduce_range_exact'] else 'still off'})."
+        )  # fmt: skip
+    return "\n".join(lines)
 
 
 def latency_breakdown(result: dict) -> pd.DataFrame | None:
@@ -81,60 +176,140 @@ def _isa_sentence(result: dict) -> str:
             + ("." if vnni else " (no VNNI: ORT's u8s8 kernels multiply through vpmaddubsw, far slower than vpdpbusd)."))  # fmt: skip
 
 
+def _verdict(d: dict, limit_points: float) -> str:
+    """'meets' when the whole interval is within ``limit_points`` of zero from below, 'is compatible
+    with' when only the point estimate is, else 'misses'."""
+    if -100 * d["lo"] <= limit_points:
+        return "meets"
+    return "is compatible with" if -100 * d["delta"] <= limit_points else "misses"
+
+
+def _gap_verdict(d: dict, limit_points: float) -> str:
+    """For a kernel − exact difference: 'meets' when the whole interval lies within ±limit."""
+    if max(abs(100 * d["lo"]), abs(100 * d["hi"])) <= limit_points:
+        return "meets"
+    return "is compatible with" if abs(100 * d["delta"]) <= limit_points else "misses"
+
+
+def _structure_only_conclusion(result: dict) -> str:
+    lat = _latency(result)
+    fp32 = lat[("fp32", "ort")]["median_ms"]
+    text = "Structure-only model: no accuracy, so no recommendation; latency and fusion above are real."
+    timed = [(k, r["median_ms"]) for k, r in lat.items() if k[0] != "fp32"]
+    if timed:
+        (name, rt), ms = min(timed, key=lambda kv: kv[1])
+        text += f" Fastest INT8 deployment: `{name}` under {'ORT' if rt == 'ort' else 'OpenVINO'} at {ms / fp32:.3f}× ORT FP32 latency."
+    ov = lat.get(("fp32", "openvino"))
+    if ov:
+        text += f" OpenVINO runs FP32 at {ov['median_ms'] / fp32:.3f}× ORT FP32."
+    return text + _isa_sentence(result)
+
+
 def int8_conclusion(result: dict, target_points: float = 0.5) -> str:
-    """Which variant to ship for CPU and for TensorRT, computed from the measurements."""
-    lat = {r["name"]: r["median_ms"] for r in result["latency"]}
+    """What to ship for each CPU class and for TensorRT, chosen on the selection split and
+    confirmed on the confirmation split, every target stated as met or not with its number."""
     if result.get("structure_only"):
-        text = "Structure-only model: no accuracy, so no recommendation; latency and fusion above are real."
-        ort = [n for n in result["validations"] if result["recipes"][n]["backend"] == "ort"]
-        if ort:
-            fastest = min(ort, key=lat.get)
-            text += f" Fastest ORT variant: `{fastest}` at {lat[fastest] / lat['fp32']:.3f}× FP32 latency."
-            profiles = result.get("profiles") or {}
-            if "fp32" in profiles and fastest in profiles:
-                from ..runtime import compare_profiles
+        return _structure_only_conclusion(result)
+    vals, recipes = result["validations"], result["recipes"]
+    lat = _latency(result)
+    fp32_ms = lat[("fp32", "ort")]["median_ms"]
+    env = result.get("environment") or {}
+    isa = f"{env.get('int8_kernel_class', '?').upper()} CPU: {', '.join(env.get('cpu_int8_isa') or []) or 'no int8 ISA'}"
+    any_eng = next(iter(vals.values()))["engines"]
+    sel_name, conf_name = (next(iter(any_eng.values()))[k]["subset"] for k in ("select", "confirm"))
 
-                cmp = compare_profiles(profiles["fp32"], profiles[fastest])
-                text += f" Its Conv kernels take {cmp['conv_ratio']:.2f}× the time of FP32's." + _isa_sentence(result)
-        return text
-    vals = result["validations"]
-    subset = list(next(iter(vals.values()))["coco"])[-1]  # the last (largest) evaluation subset
+    def d(name, engine, split="confirm"):
+        return vals[name]["engines"][engine][split]["delta_vs_fp32"]
 
-    def delta(name):
-        return vals[name]["coco"][subset]["delta_vs_fp32"]
+    def has(name, engine):
+        return engine in vals[name].get("engines", {})
 
-    lines = []
-    cpu = [n for n, v in vals.items() if result["recipes"][n]["backend"] == "ort" and lat[n] < lat["fp32"]]
-    if cpu:
-        best = max(cpu, key=lambda n: delta(n)["delta"])
-        d = delta(best)
-        # "meets" only when the whole interval is within the target; the point estimate alone is "compatible with"
-        met = ("meets" if -d["lo"] * 100 <= target_points
-               else "is compatible with" if -d["delta"] * 100 <= target_points else "misses")  # fmt: skip
+    def ratio(name, rt="ort"):
+        r = lat.get((name, rt))
+        return r["median_ms"] / fp32_ms if r else math.nan
+
+    lines = [f"Every recipe below is chosen on {sel_name} and its Δ quoted on {conf_name}, in mAP50-95 points "
+             f"against FP32 (ORT), with the paired 95 % interval. Kernel numbers hold for this machine's {isa}."]  # fmt: skip
+
+    # where the drop goes: quantization itself, then the kernels
+    # keep_sensitive variants are not shipped: ORT re-quantizes their excluded Convs at load time
+    # (WeightBiasQuantization), so what runs is neither the float layer asked for nor the exact arithmetic
+    ort_cpu = [n for n in vals if recipes[n]["backend"] == "ort" and has(n, "ort") and ratio(n) < 1
+               and not vals[n]["variant"].get("keep_sensitive")]  # fmt: skip
+    if ort_cpu and all(has(n, "ort-exact") for n in ort_cpu):
+        best = max(ort_cpu, key=lambda n: d(n, "ort", "select")["delta"])
+        gap = vals[best]["engines"]["ort"]["confirm"]["delta_vs"]["ort-exact"]
+        ex, k = d(best, "ort-exact"), d(best, "ort")
         lines.append(
-            f"**CPU (ONNX Runtime):** ship `{best}`: mAP50-95 {100 * d['delta']:+.2f} points vs FP32 on {subset} "
-            f"(95% interval [{100 * d['lo']:+.2f}, {100 * d['hi']:+.2f}]), {lat[best] / lat['fp32']:.2f}× FP32 latency, "
+            f"**ORT CPU ({env.get('int8_kernel_class', '?').upper()}):** ship `{best}` (best {sel_name} Δ through ORT's kernels "
+            f"among the ORT recipes that run faster than FP32; `keep_sensitive` recipes are left out, since ORT re-quantizes "
+            f"their excluded Convs at load time): {fmt_delta(k)} on {conf_name} through this CPU's kernels, "
+            f"{fmt_delta(ex)} with exact arithmetic (kernels − exact {fmt_delta(gap)}), {ratio(best):.2f}× ORT FP32 latency, "
             f"{vals[best]['ort_cpu']['QLinearConv']} of {vals[best]['qdq']['Conv']} Convs as QLinearConv. "
-            f"It {met} the {target_points}-point drop target."
+            f"Against the 0.15-point target it {_verdict(k, 0.15)} (kernels) and {_verdict(ex, 0.15)} (exact); "
+            f"against the {target_points}-point one it {_verdict(k, target_points)}."
         )  # fmt: skip
-        profiles = result.get("profiles") or {}
-        if "fp32" in profiles and best in profiles:
-            from ..runtime import compare_profiles
-
-            cmp = compare_profiles(profiles["fp32"], profiles[best])
-            lines[-1] += (
-                f" Under ORT's profiler its Conv kernels take {cmp['conv_ratio']:.2f}× the time of FP32's and everything "
-                f"else {cmp['other_ms'][1] / cmp['other_ms'][0]:.2f}×, so the Conv kernels bound the speed-up."
-                + _isa_sentence(result)
-            )  # fmt: skip
-    trt = [n for n in vals if result["recipes"][n]["backend"] == "modelopt"]
-    if trt:
-        best = max(trt, key=lambda n: delta(n)["delta"])
-        d = delta(best)
+        peers = [n for n in vals if recipes[n]["backend"] == "nncf"]
+        for engine in ("ort", "ort-exact"):
+            peers_e = [n for n in peers if has(n, engine)]
+            if peers_e:
+                p = max(peers_e, key=lambda n: d(n, engine, "select")["delta"])
+                diff = 100 * (d(best, engine)["delta"] - d(p, engine)["delta"])
+                lines[-1] += (f" Best NNCF row under {engine_label(engine, result)}: `{p}` {fmt_delta(d(p, engine))}; "
+                              f"ours is {'at or ahead of' if diff >= 0 else 'behind'} it by {diff:+.2f} points (point estimates).")  # fmt: skip
+                if diff < 0 and engine == "ort":
+                    lines[-1] += (f" Where those points matter more than ORT's speed, ship `{p}` instead: it runs at "
+                                  f"{ratio(p):.2f}× ORT FP32 under ORT and {ratio(p, 'openvino'):.2f}× under OpenVINO.")  # fmt: skip
+    # AVX2-only CPUs (emulated)
+    emu = {n: e for n, e in (result.get("emulated") or {}).items() if "skipped" not in e}
+    if emu:
+        pick = max(emu, key=lambda n: emu[n]["kernels"]["delta_vs_fp32"]["delta"])
+        e = emu[pick]["kernels"]
+        gaps = "; ".join(f"`{n}` {fmt_delta(x['kernels']['delta_vs']['ort-exact'])}" for n, x in emu.items())
         lines.append(
-            f"**TensorRT (ModelOpt Q/DQ):** ship `{best}`: {100 * d['delta']:+.2f} points on {subset} "
-            f"([{100 * d['lo']:+.2f}, {100 * d['hi']:+.2f}]). On ORT CPU it runs at {lat[best] / lat['fp32']:.2f}× FP32 "
-            f"latency, since ORT fuses only {vals[best]['ort_cpu']['QLinearConv']} of its Convs: its placement is for "
-            "TensorRT, whose speed this CPU machine cannot measure."
+            f"**ORT CPU without VNNI (AVX2, measured on an emulated {emu[pick]['cpu']} CPU, {e['subset']}):** ship `{pick}`: "
+            f"{fmt_delta(e['delta_vs_fp32'])} vs FP32 through the AVX2 kernels; kernels − exact {fmt_delta(e['delta_vs']['ort-exact'])}, "
+            f"which {_gap_verdict(e['delta_vs']['ort-exact'], 0.1)} the 0.1-point target. Kernels − exact per variant there: {gaps}. "
+            f"Chosen and shown on {e['subset']} only (emulation runs about 100× slower than native)."
         )  # fmt: skip
+    # fastest CPU deployment with accuracy within target_points on the selection split under its own runtime
+    fastest = []
+    for (name, rt), r in lat.items():
+        engine = rt
+        if name == "fp32" or name not in vals or not has(name, engine):
+            continue
+        if -100 * d(name, engine, "select")["delta"] <= target_points:
+            fastest.append((r["median_ms"], name, rt, engine))
+    if fastest:
+        ms, name, rt, engine = min(fastest)
+        k = d(name, engine)
+        lines.append(
+            f"**Fastest CPU deployment** within {target_points} points on {sel_name}: `{name}` under "
+            f"{'ORT' if rt == 'ort' else 'OpenVINO'} at {ms / fp32_ms:.2f}× ORT FP32 latency ({ms:.1f} ms), "
+            f"{fmt_delta(k)} on {conf_name} from its own outputs. The ≤ 0.35× target is "
+            f"{'met' if ms / fp32_ms <= 0.35 else 'not met'} here ({ms / fp32_ms:.2f}×); its accuracy "
+            f"{_verdict(k, 0.15)} the 0.15-point target."
+        )  # fmt: skip
+        fp32_eng = (result.get("fp32_engines") or {}).get("engines", {})
+        for eng in ("openvino", "openvino-bf16"):
+            r = lat.get(("fp32", eng))
+            if r:
+                acc = fp32_eng.get(eng, {}).get("confirm")
+                lines[-1] += (f" {ENGINE_LABELS[eng]} runs the FP32 model itself at {r['median_ms'] / fp32_ms:.2f}× ORT FP32"
+                              + (f" ({fmt_delta(acc['delta_vs_fp32'])} on {conf_name})." if acc else "."))  # fmt: skip
+    trt = [n for n in vals if recipes[n]["backend"] == "modelopt" and has(n, "ort-exact")]
+    if trt:
+        best = max(trt, key=lambda n: d(n, "ort-exact", "select")["delta"])
+        ex = d(best, "ort-exact")
+        lines.append(
+            f"**TensorRT (ModelOpt Q/DQ):** ship `{best}` (best {sel_name} Δ with exact arithmetic, which is what TensorRT "
+            f"computes): {fmt_delta(ex)} on {conf_name}. It {_verdict(ex, 0.3)} the 0.3-point target. ORT fuses only "
+            f"{vals[best]['ort_cpu']['QLinearConv']} of its Convs, so its CPU latency ({ratio(best):.2f}× FP32) says nothing "
+            "about TensorRT's."
+        )  # fmt: skip
+        others = [n for n in vals if has(n, "ort-exact") and recipes[n]["backend"] != "modelopt"]
+        if others:
+            b = max(others, key=lambda n: d(n, "ort-exact", "select")["delta"])
+            lines[-1] += (f" The best exact arithmetic of any recipe is `{b}`'s, {fmt_delta(d(b, 'ort-exact'))}: its ranges "
+                          "and float ops are what the TensorRT recipe should learn from.")  # fmt: skip
     return "\n\n".join(lines)

@@ -9,7 +9,7 @@ from ..rundir import RunDir
 from ..steps.baseline import MODEL_INFO
 from ..steps.sensitivity import SCHEMES_DIR
 from .baseline import baseline_table, model_table, parity_table, parity_verdict
-from .int8 import int8_conclusion, int8_table, latency_breakdown
+from .int8 import accuracy_table, emulation_table, int8_conclusion, int8_table, kernel_probe_text, latency_breakdown
 
 SUMMARY_MD = "summary.md"
 SUMMARY_JSON = "results/summary.json"
@@ -33,7 +33,16 @@ def write_summary(run: RunDir, int8_result: dict | None = None, sensitivity_resu
     if pt is not None:
         parts += [pt.drop(columns=["what"]).to_markdown(), ""]
     if int8_result and "skipped" not in int8_result:
-        parts += ["## INT8 baselines", "", int8_table(int8_result).to_markdown(), "", int8_conclusion(int8_result), ""]
+        parts += ["## INT8 baselines", "", int8_conclusion(int8_result), "", int8_table(int8_result).to_markdown(), ""]
+        acc = accuracy_table(int8_result)
+        if acc is not None:
+            parts += ["Accuracy under every engine:", "", acc.to_markdown(), ""]
+        emu = emulation_table(int8_result)
+        if emu is not None:
+            parts += ["ORT's kernels on a CPU without VNNI (emulated):", "", emu.to_markdown(), ""]
+        probe = kernel_probe_text(int8_result)
+        if probe:
+            parts += ["The int16 saturation probe:", "", probe, ""]
         breakdown = latency_breakdown(int8_result)
         if breakdown is not None:
             parts += ["Where the time goes (ORT profiler, kernel time per run):", "", breakdown.to_markdown(), ""]

@@ -154,19 +154,21 @@ def calibration(run: RunDir) -> dict:
 
 
 # ------------------------------------------------------------------ 02: FP32 COCO evaluation
-def evaluate_model(model: str | Path, cfg: Config, subset_name: str | None = None, progress: bool = True) -> tuple[dict, list]:
-    """mAP of one ONNX on a subset with the run's decode and runtime settings, with its interval."""
+def evaluate_model(model: str | Path, cfg: Config, subset_name: str | None = None, progress: bool = True,
+                   engine: str = "ort") -> tuple[dict, list]:  # fmt: skip
+    """mAP of one ONNX on a subset with the run's decode and runtime settings, with its interval;
+    ``engine``: one of :data:`..runtime.ENGINES` (ORT's kernels by default)."""
     from ..evaluate import bootstrap_map, evaluate_coco, predict_onnx
-    from ..runtime import make_session
+    from ..runtime import engine_session
 
     subset = open_coco(cfg.data.coco_root, cfg.data.annotations, subset_name or cfg.data.subset)
-    session = make_session(model, cfg.runtime.providers, cfg.runtime.threads)
+    session = engine_session(model, engine, cfg.runtime.providers, cfg.runtime.threads)
     t0 = time.perf_counter()
     dets = predict_onnx(session, subset, cfg.decode, progress=progress)
     seconds = time.perf_counter() - t0
     ev = evaluate_coco(subset, dets)
     e = cfg.evaluation
-    result = {"subset": subset.name, "annotations": str(subset.ann_file), "decode": cfg.decode.model_dump(),
+    result = {"subset": subset.name, "engine": engine, "annotations": str(subset.ann_file), "decode": cfg.decode.model_dump(),
               "metrics": ev.metrics, "per_class_ap": ev.per_class, "predict_seconds": seconds,
               "bootstrap": bootstrap_map(ev, e.bootstrap, e.confidence, e.seed) if e.bootstrap and dets else None}  # fmt: skip
     return result, dets

@@ -29,8 +29,9 @@ from ..artifacts import atomic_path, read_json, write_json
 from ..errors import LowbitError
 from ..rundir import RunDir, stage_key
 from . import baseline
-from .int8 import VARIANT_EVAL, VARIANT_ONNX, fp32_detections
+from .int8 import VARIANT_EVAL, VARIANT_ONNX
 from .sensitivity import SCHEMES_DIR, SCHEMES_INDEX, SENS
+from .splits import fp32_reference, open_splits, score
 
 # artifacts, relative to the run directory ({name}: a candidate)
 CANDIDATE_ONNX = "candidates/{name}.onnx"
@@ -177,56 +178,8 @@ def build(run: RunDir, scheme: dict, method: str) -> dict:
 # ------------------------------------------------------------------ evaluation
 def splits(run: RunDir):
     """(selection subset, confirmation subset = confirm_subset minus selection, the union subset)."""
-    from ..data import open_coco
-
-    cfg, c = run.cfg, run.cfg.candidates
-    sel = open_coco(cfg.data.coco_root, cfg.data.annotations, c.select_subset)
-    union = open_coco(cfg.data.coco_root, cfg.data.annotations, c.confirm_subset)
-    rest = [i for i in union.ids if i not in set(sel.ids)]
-    if not rest:
-        raise LowbitError(f"candidates.confirm_subset {c.confirm_subset} has no images outside {c.select_subset}",
-                          "use a confirmation subset larger than the selection subset (e.g. val500 vs val100)")  # fmt: skip
-    missing = [i for i in sel.ids if i not in set(union.ids)]
-    if missing:
-        raise LowbitError(f"candidates.select_subset has images outside confirm_subset {c.confirm_subset}",
-                          "choose a selection subset inside the confirmation subset")  # fmt: skip
-    ids_path = run.file(CONFIRM_IDS)
-    text = "\n".join(map(str, rest)) + "\n"
-    if not ids_path.is_file() or ids_path.read_text() != text:
-        with atomic_path(ids_path) as tmp:
-            tmp.write_text(text)
-    conf = open_coco(cfg.data.coco_root, cfg.data.annotations, str(ids_path))
-    conf.name = f"{c.confirm_subset} minus {c.select_subset}"
-    return sel, conf, union
-
-
-def _only(dets: list[dict], ids) -> list[dict]:
-    keep = set(ids)
-    return [d for d in dets if d["image_id"] in keep]
-
-
-_FP32_CACHE: dict = {}  # (detections file version, image ids, n, seed) -> FP32 evaluation and its resamples
-
-
-def score(run: RunDir, dets: list[dict], subset, fp32_dets: list[dict]) -> dict:
-    """mAP of ``dets`` on ``subset`` with the paired-bootstrap difference to FP32 on the same images.
-
-    FP32's evaluation and resamples are the same for every candidate (same images, same seed):
-    computed once per process. The interval is exactly :func:`..evaluate.bootstrap_difference`'s.
-    """
-    from ..evaluate import bootstrap_samples, difference_interval, evaluate_coco
-
-    e = run.cfg.evaluation
-    n = e.bootstrap or 200
-    key = (id(fp32_dets), tuple(subset.ids), n, e.seed)
-    if key not in _FP32_CACHE:
-        ref = evaluate_coco(subset, _only(fp32_dets, subset.ids))
-        _FP32_CACHE[key] = (fp32_dets, ref, bootstrap_samples(ref, n, e.seed))  # holding the list keeps its id unique
-    _, ref, ref_samples = _FP32_CACHE[key]
-    ev = evaluate_coco(subset, _only(dets, subset.ids))
-    return {"subset": subset.name, "num_images": len(subset), "metrics": ev.metrics, "per_class_ap": ev.per_class,
-            "fp32_mAP_50_95": ref.metrics["mAP_50_95"],
-            "delta_vs_fp32": difference_interval(ev, bootstrap_samples(ev, n, e.seed), ref, ref_samples, e.confidence)}  # fmt: skip
+    c = run.cfg.candidates
+    return open_splits(run, c.select_subset, c.confirm_subset, CONFIRM_IDS, "candidates")
 
 
 def _eval_params(run: RunDir, **extra) -> dict:
@@ -236,16 +189,8 @@ def _eval_params(run: RunDir, **extra) -> dict:
 
 
 def _fp32_detections(run: RunDir) -> list[dict]:
-    """FP32 detections on the whole confirmation subset (computed once, shared with notebook 03;
-    read once per process and file version)."""
-    p = fp32_detections(run, run.cfg.candidates.confirm_subset)
-    st = p.stat()
-    return _read_detections(str(p), st.st_mtime_ns, st.st_size)
-
-
-@functools.lru_cache(maxsize=4)
-def _read_detections(path: str, mtime_ns: int, size: int) -> list[dict]:
-    return read_json(path)
+    """FP32 detections on the whole confirmation subset (computed once, shared with notebook 03)."""
+    return fp32_reference(run, run.cfg.candidates.confirm_subset)
 
 
 @functools.lru_cache(maxsize=2)

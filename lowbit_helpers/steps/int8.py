@@ -1,10 +1,22 @@
-"""Notebook 03: INT8 variants, each quantized in its own process and validated alike.
+"""Notebook 03: INT8 variants, each quantized in its own process and validated alike, under every engine.
 
-For every variant of ``params.int8.variants``: ``python -m lowbit_helpers quantize-int8`` in a
-subprocess (the exact command, its log and its peak RSS are kept beside the ONNX), then ORT
-smoke, raw-head fidelity against FP32 (SQNR, cosine), COCO mAP on each evaluation subset with
-the paired-bootstrap interval of the difference to FP32, Q/DQ counts and the Convs ORT runs as
-QLinearConv. Latency of FP32 and every variant is measured together in one process.
+For every variant of ``params.int8.variants`` (ORT ``quantize_static``, ModelOpt for TensorRT,
+NNCF as the peer): ``python -m lowbit_helpers quantize-int8`` in a subprocess (the exact
+command, its log and its peak RSS are kept beside the ONNX), then ORT smoke, raw-head fidelity
+against FP32 (SQNR, cosine), Q/DQ counts and the Convs ORT runs as QLinearConv, and COCO mAP
+under each engine of ``int8.engines``:
+
+* ``ort``: ORT's fused integer kernels, whose result depends on this CPU's int8 instructions
+  (named with every number: ``cpu_int8_isa``, ``int8_kernel_class``);
+* ``ort-exact``: the Q/DQ graph computed as written (ORT, optimizations off): what TensorRT and
+  VNNI kernels aim at, the same on every machine;
+* ``openvino``: OpenVINO's CPU plugin on the same file.
+
+Each engine predicts the confirmation subset once; mAP and the paired-bootstrap Δ to FP32 are
+read on the selection split (val100, where recipes are chosen), the confirmation split (the
+other 400) and the whole subset, and each engine's Δ to the exact arithmetic on the same images.
+ORT's kernels on a CPU without VNNI are measured too, emulated by QEMU (``int8.emulate``).
+Latency: FP32 and every variant under ORT and OpenVINO, interleaved in one process.
 """
 
 from __future__ import annotations
@@ -20,9 +32,11 @@ from ..artifacts import read_json, write_json
 from ..config import Config, Int8Variant
 from ..errors import LowbitError
 from ..quant.modelopt_int8 import MODELOPT_METHODS
+from ..quant.nncf_int8 import NNCF_METHODS
 from ..quant.ort_int8 import ORT_METHODS
 from ..rundir import RunDir, stage_key
 from . import baseline
+from .splits import evaluation, fp32_reference, open_splits, score, score_evaluated
 
 # artifacts, relative to the run directory ({name}: the variant's name, {subset}: an evaluation subset)
 VARIANT_ONNX = "onnx/{name}.onnx"
@@ -30,22 +44,31 @@ VARIANT_RECIPE = "onnx/{name}.recipe.json"  # written by quantize-int8 beside th
 VARIANT_LOG = "onnx/{name}.log"
 VARIANT_MODELOPT_LOG = "onnx/{name}.modelopt.log"  # written by the ModelOpt backend beside the ONNX
 VARIANT_EVAL = "int8-coco/{name}.json"
-FP32_SUBSET_DETECTIONS = "int8-coco/fp32_{subset}.detections.json"
+VARIANT_EMULATED = "int8-coco/{name}.emulated.json"  # ORT's kernels on an emulated CPU (int8.emulate)
+FP32_ENGINES = "int8-coco/fp32_engines.json"  # FP32 under the other engines (OpenVINO f32 / bf16)
+CONFIRM_IDS = "int8-coco/confirm_ids.txt"  # the confirmation split: confirm_subset minus select_subset
+KERNEL_PROBE = "int8-coco/kernel_probe.json"  # the int16 saturation probe on this CPU (and emulated)
 LATENCY = "int8-coco/latency.json"
-
-# the methods each backend offers (kept here, beside the variant checks, without importing the backends)
+BACKEND_METHODS = {"ort": ORT_METHODS, "modelopt": MODELOPT_METHODS, "nncf": NNCF_METHODS}
 
 
 def check_variants(cfg: Config) -> None:
     seen = set()
     for v in cfg.int8.variants:
-        allowed = ORT_METHODS if v.backend == "ort" else MODELOPT_METHODS
+        allowed = BACKEND_METHODS[v.backend]
         if v.method not in allowed:
             raise LowbitError(f"int8.variants: {v.name}: method {v.method!r} is not available for backend {v.backend}",
                               f"use one of {sorted(allowed)} for {v.backend}")  # fmt: skip
         if v.name in seen:
             raise LowbitError(f"int8.variants: the name {v.name!r} is used twice", "give each variant its own name")
+        if v.reduce_range and v.backend != "ort":
+            raise LowbitError(f"int8.variants: {v.name}: reduce_range is an ORT quantize_static option",
+                              "set it only on backend ort variants")  # fmt: skip
         seen.add(v.name)
+    unknown = [n for n in cfg.int8.emulate.variants if n not in seen]
+    if cfg.int8.emulate.cpu and unknown:
+        raise LowbitError(f"int8.emulate.variants: {unknown} are not among int8.variants",
+                          "name variants listed in int8.variants")  # fmt: skip
 
 
 def sensitive_convs(run: RunDir, n: int) -> list[str]:
@@ -83,6 +106,10 @@ def quantize_command(cfg: Config, v: Int8Variant, model: Path, calib: Path, out:
             cmd += ["--percentile", str(q.percentile)]
         if v.method in ("percentile", "entropy"):  # only histograms need slices to bound memory
             cmd += ["--stride", str(q.calib_stride)]
+        if v.reduce_range:
+            cmd += ["--reduce-range"]
+    elif v.backend == "nncf":
+        cmd += ["--bias-correction", v.bias_correction]
     else:
         cmd += ["--calibration-eps", *q.calibration_eps, "--high-precision-dtype", q.high_precision_dtype]
         if q.exclude_op_types:
@@ -122,33 +149,77 @@ def quantize_variant(run: RunDir, v: Int8Variant) -> dict:
     return read_json(run.artifact(recipe_rel))
 
 
-def fp32_detections(run: RunDir, subset: str) -> Path:
-    """FP32 detections on ``subset``, computed when missing or stale; the file's path."""
+def splits(run: RunDir):
+    """(selection subset, confirmation split, whole confirmation subset) of ``int8``."""
+    q = run.cfg.int8
+    return open_splits(run, q.select_subset, q.confirm_subset, CONFIRM_IDS, "int8")
+
+
+def _engine_environment(engines: list[str]) -> dict:
+    """What an engine's numbers depend on beyond the file: the CPU's int8 ISA, runtime versions."""
+    from ..runtime import environment
+
+    env = environment()
+    out = {"onnxruntime": env["onnxruntime"]}
+    if any(e != "ort-exact" for e in engines):
+        out.update(cpu_int8_isa=env["cpu_int8_isa"], int8_kernel_class=env["int8_kernel_class"])
+    if any(e.startswith("openvino") for e in engines):
+        out["openvino"] = env["openvino"]
+    return out
+
+
+def available_engines(engines: list[str]) -> tuple[list[str], dict[str, str]]:
+    """The engines this machine can run, and why each other one is skipped."""
+    from ..runtime import environment
+
+    env = environment()
+    skipped = {}
+    for e in engines:
+        if e.startswith("openvino") and env["openvino"] is None:
+            skipped[e] = "skipped: openvino is not installed (pip install the pinned environment)"
+        elif e == "openvino-bf16" and "avx512_bf16" not in _host_flags() and "amx_bf16" not in _host_flags():
+            skipped[e] = "skipped: this CPU has no bf16 instructions"
+    return [e for e in engines if e not in skipped], skipped
+
+
+def _host_flags() -> set[str]:
+    from ..runtime import _cpu_flags
+
+    return set(_cpu_flags(("avx512_bf16", "amx_bf16")))
+
+
+def engine_scores(run: RunDir, model: Path, engines: list[str]) -> dict:
+    """``model`` under each engine: one prediction of the whole confirmation subset each, scored on
+    the selection split, the confirmation split and the whole subset (Δ to FP32, and Δ to the
+    exact arithmetic when ``ort-exact`` is among the engines)."""
+    from ..evaluate import predict_sessions
+    from ..runtime import engine_session
+
     cfg = run.cfg
-    rel = FP32_SUBSET_DETECTIONS.format(subset=subset)
-    model = run.artifact(baseline.MODEL)
-    key = stage_key({"subset": subset, "data": cfg.data.model_dump(), "decode": cfg.decode.model_dump()}, [model])
-    if not run.is_fresh(f"fp32:{subset}", key):
-        no_bootstrap = cfg.model_copy(update={"evaluation": cfg.evaluation.model_copy(update={"bootstrap": 0})})
-        _, dets = baseline.evaluate_model(model, no_bootstrap, subset, progress=False)
-        write_json(run.file(rel), dets)
-        run.finish(f"fp32:{subset}", key, [rel])
-    return run.path / rel
+    sel, conf, union = splits(run)
+    fp32_dets = fp32_reference(run, cfg.int8.confirm_subset)
+    sessions = {e: engine_session(model, e, cfg.runtime.providers, cfg.runtime.threads) for e in engines}
+    dets, seconds = predict_sessions(sessions, union, cfg.decode)
+    subsets = {"select": sel, "confirm": conf, "whole": union}
+    evaluated = {(e, k): evaluation(run, dets[e], sub) for e in engines for k, sub in subsets.items()}  # each once
+    out = {}
+    for e in engines:
+        out[e] = {"predict_seconds": round(seconds[e], 1)}
+        for k, sub in subsets.items():
+            against = {"ort-exact": evaluated[("ort-exact", k)]} if "ort-exact" in engines and e != "ort-exact" else None
+            out[e][k] = score_evaluated(run, evaluated[(e, k)], sub, fp32_dets, against)
+    return out
 
 
-def fp32_on(run: RunDir, subset: str):
-    """FP32 detections on ``subset`` and their evaluation."""
-    from ..data import open_coco
-    from ..evaluate import evaluate_coco
-
-    path = fp32_detections(run, subset)
-    sub = open_coco(run.cfg.data.coco_root, run.cfg.data.annotations, subset)
-    return sub, evaluate_coco(sub, read_json(path))
+def _eval_params(cfg: Config, engines: list[str]) -> dict:
+    q = cfg.int8
+    return {"select": q.select_subset, "confirm": q.confirm_subset, "engines": engines, "decode": cfg.decode.model_dump(),
+            "data": cfg.data.model_dump(), "evaluation": cfg.evaluation.model_dump(), "fidelity_images": q.fidelity_images,
+            "environment": _engine_environment(engines)}  # fmt: skip
 
 
 def validate_variant(run: RunDir, v: Int8Variant) -> dict:
-    from ..data import open_coco, preprocess
-    from ..evaluate import bootstrap_difference, evaluate_coco, predict_onnx
+    from ..data import preprocess
     from ..quant.inspect import head_fidelity, ort_executed_ops, qdq_counts
     from ..runtime import make_session
 
@@ -156,33 +227,95 @@ def validate_variant(run: RunDir, v: Int8Variant) -> dict:
     q = run.artifact(VARIANT_ONNX.format(name=v.name))
     model = run.artifact(baseline.MODEL)
     rel = VARIANT_EVAL.format(name=v.name)
-    params = {"subsets": cfg.int8.eval_subsets, "decode": cfg.decode.model_dump(), "data": cfg.data.model_dump(),
-              "evaluation": cfg.evaluation.model_dump(), "fidelity_images": cfg.int8.fidelity_images}  # fmt: skip
+    engines, skipped = available_engines(cfg.int8.engines)
+    params = _eval_params(cfg, engines)
     key = stage_key(params, [model, q])
     if not run.is_fresh(f"int8-eval:{v.name}", key):
         smoke = baseline.ort_smoke(q, cfg)
         session = make_session(q, cfg.runtime.providers, cfg.runtime.threads)
-        fid_subset = open_coco(cfg.data.coco_root, cfg.data.annotations, cfg.data.subset)
-        images = [preprocess(fid_subset.image_path(i))[0] for i in fid_subset.ids[: cfg.int8.fidelity_images]]
+        sel, _, _ = splits(run)
+        images = [preprocess(sel.image_path(i))[0] for i in sel.ids[: cfg.int8.fidelity_images]]
         fidelity = head_fidelity(make_session(model, threads=cfg.runtime.threads), session, images)
-        e = cfg.evaluation
-        coco = {}
-        for subset in cfg.int8.eval_subsets:
-            sub, fp32 = fp32_on(run, subset)
-            ev = evaluate_coco(sub, predict_onnx(session, sub, cfg.decode))
-            diff = bootstrap_difference(ev, fp32, e.bootstrap or 200, e.confidence, e.seed)
-            coco[subset] = {"num_images": len(sub), "metrics": ev.metrics, "fp32_mAP_50_95": fp32.metrics["mAP_50_95"],
-                            "delta_vs_fp32": diff}  # fmt: skip
-        result = {"variant": v.model_dump(), "smoke": smoke, "fidelity": fidelity, "coco": coco,
-                  "qdq": qdq_counts(q), "ort_cpu": ort_executed_ops(q, cfg.runtime.threads),
-                  "size_bytes": q.stat().st_size}  # fmt: skip
+        scores = engine_scores(run, q, engines)
+        result = {"variant": v.model_dump(), "smoke": smoke, "fidelity": fidelity, "engines": scores,
+                  "skipped_engines": skipped, "environment": params["environment"], "qdq": qdq_counts(q),
+                  "ort_cpu": ort_executed_ops(q, cfg.runtime.threads), "size_bytes": q.stat().st_size}  # fmt: skip
+        if "ort" in scores:  # the ORT-kernel result by subset name (what notebook 05 compares against)
+            result["coco"] = {s["subset"]: s for s in (scores["ort"][k] for k in ("select", "confirm", "whole"))}
         write_json(run.file(rel), result)
         run.finish(f"int8-eval:{v.name}", key, [rel], params)
     return read_json(run.artifact(rel))
 
 
+def fp32_engines(run: RunDir) -> dict:
+    """FP32 under ``int8.fp32_engines`` (OpenVINO f32 / bf16): the float reference each runtime gives."""
+    cfg = run.cfg
+    model = run.artifact(baseline.MODEL)
+    engines, skipped = available_engines(cfg.int8.fp32_engines)
+    params = _eval_params(cfg, engines)
+    key = stage_key(params, [model])
+    if not run.is_fresh("int8-fp32-engines", key):
+        out = {"engines": engine_scores(run, model, engines) if engines else {}, "skipped_engines": skipped,
+               "environment": params["environment"]}  # fmt: skip
+        write_json(run.file(FP32_ENGINES), out)
+        run.finish("int8-fp32-engines", key, [FP32_ENGINES], params)
+    return read_json(run.artifact(FP32_ENGINES))
+
+
+def emulated(run: RunDir, v: Int8Variant) -> dict:
+    """ORT's kernels for ``v`` on the CPU model ``int8.emulate.cpu`` (QEMU user mode), against the
+    exact arithmetic on the same images: what the file loses on such a CPU."""
+    from ..emulate import EmulatedSession, qemu_binary
+    from ..evaluate import predict_sessions
+    from ..runtime import make_session
+
+    cfg, em = run.cfg, run.cfg.int8.emulate
+    q = run.artifact(VARIANT_ONNX.format(name=v.name))
+    rel = VARIANT_EMULATED.format(name=v.name)
+    qemu = qemu_binary()
+    if qemu is None:
+        return {"skipped": "qemu-x86_64-static not found: bash scripts/get_qemu.sh fetches it (Debian's qemu-user-static)"}
+    params = {"cpu": em.cpu, "subset": em.subset, "decode": cfg.decode.model_dump(), "data": cfg.data.model_dump(),
+              "evaluation": cfg.evaluation.model_dump(), "onnxruntime": _engine_environment(["ort-exact"])}  # fmt: skip
+    key = stage_key(params, [run.artifact(baseline.MODEL), q])
+    if not run.is_fresh(f"int8-emulated:{v.name}", key):
+        from ..data import open_coco
+
+        sub = open_coco(cfg.data.coco_root, cfg.data.annotations, em.subset)
+        with EmulatedSession(qemu, em.cpu, q, cfg.runtime.threads) as emu:
+            exact = make_session(q, threads=cfg.runtime.threads, arithmetic="exact")
+            dets, seconds = predict_sessions({"emulated": emu, "ort-exact": exact}, sub, cfg.decode)
+            isa = emu.cpu_int8_isa
+        fp32 = fp32_reference(run, cfg.int8.confirm_subset)
+        out = {"cpu": em.cpu, "cpu_int8_isa": isa, "seconds": round(seconds["emulated"], 1),
+               "kernels": score(run, dets["emulated"], sub, fp32, {"ort-exact": dets["ort-exact"]})}  # fmt: skip
+        write_json(run.file(rel), out)
+        run.finish(f"int8-emulated:{v.name}", key, [rel], params)
+    return read_json(run.artifact(rel))
+
+
+def kernel_probe(run: RunDir) -> dict:
+    """The int16 saturation probe (:mod:`..quant.kernel_check`) on this CPU and on the emulated one."""
+    from ..emulate import emulated_probe, qemu_binary
+    from ..quant.kernel_check import probe
+
+    em = run.cfg.int8.emulate
+    key = stage_key({"cpu": em.cpu, "environment": _engine_environment(["ort"])}, [])
+    if not run.is_fresh("int8-kernel-probe", key):
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            out = {"this_cpu": probe(tmp)}
+        qemu = qemu_binary()
+        if em.cpu:
+            out["emulated"] = emulated_probe(qemu, em.cpu) if qemu else {"skipped": "qemu-x86_64-static not found"}
+        write_json(run.file(KERNEL_PROBE), out)
+        run.finish("int8-kernel-probe", key, [KERNEL_PROBE])
+    return read_json(run.artifact(KERNEL_PROBE))
+
+
 def latency(run: RunDir) -> dict:
-    """FP32 and every variant, timed in one process with the same session options.
+    """FP32 and every variant under each runtime of ``int8.latency_runtimes``, timed in one process.
 
     With ``latency.profile_runs`` each model also runs under ORT's profiler, which says where
     the time goes (per operator type, and Conv by Conv against FP32).
@@ -190,16 +323,23 @@ def latency(run: RunDir) -> dict:
     from ..runtime import bench_models, environment, profile_model
 
     cfg = run.cfg
+    runtimes = [r for r in cfg.int8.latency_runtimes if r == "ort" or environment()["openvino"]]
     names = ["fp32"] + [v.name for v in cfg.int8.variants]
     models = [run.artifact(baseline.MODEL)]
     models += [run.artifact(VARIANT_ONNX.format(name=v.name)) for v in cfg.int8.variants]
-    params = {"runtime": cfg.runtime.model_dump(), "latency": cfg.latency.model_dump()}
+    params = {"runtime": cfg.runtime.model_dump(), "latency": cfg.latency.model_dump(), "runtimes": runtimes,
+              "fp32_engines": cfg.int8.fp32_engines,
+              "environment": _engine_environment([f"{r}" for r in runtimes])}  # fmt: skip
     key = stage_key(params, models)
     rel = LATENCY
     if not run.is_fresh("int8-latency", key):
         lat = cfg.latency
-        rows = bench_models(models, cfg.runtime.threads, cfg.runtime.providers, lat.warmup, lat.runs)
-        for r, name in zip(rows, names):
+        pairs = [(n, m, r) for r in runtimes for n, m in zip(names, models)]  # ORT's FP32 first: every ratio is to it
+        if "openvino" in runtimes and "openvino-bf16" in available_engines(cfg.int8.fp32_engines)[0]:
+            pairs.append(("fp32", models[0], ("openvino", "bf16")))  # FP32 at OpenVINO's bf16 inference precision
+        rows = bench_models([m for _, m, _ in pairs], cfg.runtime.threads, cfg.runtime.providers, lat.warmup, lat.runs,
+                            runtimes=[r for _, _, r in pairs])  # fmt: skip
+        for r, (name, _, _) in zip(rows, pairs):
             r["name"] = name
         profiles = {}
         if lat.profile_runs:
@@ -218,10 +358,12 @@ def run_int8(run: RunDir) -> dict:
     check_variants(cfg)
     recipes = {v.name: quantize_variant(run, v) for v in cfg.int8.variants}
     info = read_json(run.artifact(baseline.MODEL_INFO))
+    probe = kernel_probe(run)
+    emulation = {}
     if info["structure_only"]:
         from ..quant.inspect import ort_executed_ops, qdq_counts
 
-        validations = {}
+        validations, fp32 = {}, {}
         for v in cfg.int8.variants:
             q = run.artifact(VARIANT_ONNX.format(name=v.name))
             validations[v.name] = {"variant": v.model_dump(), "structure_only": True, "smoke": baseline.ort_smoke(q, cfg),
@@ -229,6 +371,11 @@ def run_int8(run: RunDir) -> dict:
                                    "size_bytes": q.stat().st_size}  # fmt: skip
     else:
         validations = {v.name: validate_variant(run, v) for v in cfg.int8.variants}
+        fp32 = fp32_engines(run)
+        if cfg.int8.emulate.cpu:
+            emulation = {v.name: emulated(run, v) for v in cfg.int8.variants if v.name in cfg.int8.emulate.variants}
     lat = latency(run)
-    return {"recipes": recipes, "validations": validations, "latency": lat["rows"], "profiles": lat.get("profiles", {}),
-            "environment": lat["environment"], "structure_only": info["structure_only"]}  # fmt: skip
+    return {"recipes": recipes, "validations": validations, "fp32_engines": fp32, "emulated": emulation,
+            "kernel_probe": probe, "latency": lat["rows"], "profiles": lat.get("profiles", {}),
+            "environment": lat["environment"], "structure_only": info["structure_only"],
+            "splits": {"select": cfg.int8.select_subset, "confirm": cfg.int8.confirm_subset}}  # fmt: skip

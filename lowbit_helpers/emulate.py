@@ -1,0 +1,140 @@
+"""ORT's CPU kernels on another x86 CPU model, emulated by QEMU user mode.
+
+ORT picks its int8 kernels from CPUID at start-up; under ``qemu-x86_64-static -cpu Haswell``
+a process sees (and executes) AVX2 + FMA without AVX-512 or VNNI, so ORT takes its
+vpmaddubsw u8s8 path, int16 saturation included, on a machine that has VNNI. This is how the
+report measures "what this file loses on an AVX2-only CPU" wherever it runs. QEMU's TCG
+executes each instruction as the ISA defines it (saturation included) but about 100x slower,
+so only accuracy is measured this way, never latency. ``scripts/get_qemu.sh`` fetches
+Debian's ``qemu-user-static`` into ``.cache/qemu``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from .errors import LowbitError
+
+LOCAL_QEMU = Path(__file__).resolve().parent.parent / ".cache" / "qemu" / "usr" / "bin" / "qemu-x86_64-static"
+
+
+def qemu_binary() -> str | None:
+    """``$LOWBIT_QEMU``, else ``qemu-x86_64-static`` on PATH, else the one scripts/get_qemu.sh put in .cache."""
+    for cand in (os.environ.get("LOWBIT_QEMU"), shutil.which("qemu-x86_64-static"), str(LOCAL_QEMU)):
+        if cand and Path(cand).is_file() and os.access(cand, os.X_OK):
+            return cand
+    return None
+
+
+def _run(qemu: str, cpu: str, args: list[str], what: str) -> str:
+    cmd = [qemu, "-cpu", cpu, sys.executable, *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if proc.returncode != 0:
+        tail = "\n".join(line for line in proc.stderr.splitlines() if "TCG doesn't support" not in line)[-1500:]
+        raise LowbitError(f"{what} failed under QEMU ({cpu}), exit {proc.returncode}:\n{tail}",
+                          "check that the QEMU CPU model exists (qemu-x86_64-static -cpu help) and that the command runs natively")  # fmt: skip
+    return proc.stdout
+
+
+def emulated_probe(qemu: str, cpu: str) -> dict:
+    """:func:`.quant.kernel_check.probe` inside the emulated CPU."""
+    return json.loads(_run(qemu, cpu, ["-m", "lowbit_helpers.quant.kernel_check"], "the saturation probe"))
+
+
+class EmulatedSession:
+    """An ORT session living in a QEMU-emulated process, behind ORT's session interface.
+
+    Only the forward pass runs emulated: the parent letterboxes and decodes natively and
+    exchanges raw tensors with the child over a pipe, so the emulation costs only what ORT's
+    kernels cost under QEMU. ``cpu_int8_isa`` is what the emulated process saw.
+    """
+
+    def __init__(self, qemu: str, cpu: str, model: str | Path, threads: int = 2):
+        cmd = [qemu, "-cpu", cpu, sys.executable, "-m", "lowbit_helpers.emulate", str(model), str(threads)]
+        self._err = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._err)
+        header = self.proc.stdout.readline()
+        if not header:
+            self._fail("could not start the emulated ORT session")
+        info = json.loads(header)
+        self.cpu_int8_isa = info["cpu_int8_isa"]
+        self._inputs = [_Input(info["input"], info["shape"])]
+
+    def _fail(self, what: str):
+        self.proc.kill()
+        self._err.seek(0)
+        tail = "\n".join(line for line in self._err.read().decode(errors="replace").splitlines()
+                         if "TCG doesn't support" not in line)[-1500:]  # fmt: skip
+        raise LowbitError(f"{what} under QEMU:\n{tail}",
+                          "check that the QEMU CPU model exists (qemu-x86_64-static -cpu help) and that the model runs natively")  # fmt: skip
+
+    def get_inputs(self):
+        return self._inputs
+
+    def run(self, output_names, feeds: dict):
+        import numpy as np
+
+        (x,) = feeds.values()
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        _send(self.proc.stdin, x)
+        y = _receive(self.proc.stdout)
+        if y is None:
+            self._fail("the emulated ORT session died")
+        return [y]
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=60)
+        self._err.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class _Input:
+    def __init__(self, name: str, shape: list):
+        self.name, self.shape = name, shape
+
+
+def _send(stream, arr) -> None:
+    head = json.dumps({"shape": list(arr.shape)}).encode()
+    stream.write(len(head).to_bytes(4, "little") + head + arr.tobytes())
+    stream.flush()
+
+
+def _receive(stream):
+    import numpy as np
+
+    n = stream.read(4)
+    if len(n) < 4:
+        return None
+    shape = json.loads(stream.read(int.from_bytes(n, "little")))["shape"]
+    size = int(np.prod(shape)) * 4
+    return np.frombuffer(stream.read(size), dtype=np.float32).reshape(shape).copy()
+
+
+def _serve(model: str, threads: str) -> None:
+    """The emulated side: an ORT session (kernels) answering raw tensors on stdin with raw heads."""
+    from .runtime import cpu_int8_isa, make_session, run_head
+
+    session = make_session(model, threads=int(threads))
+    out, inp = sys.stdout.buffer, sys.stdin.buffer
+    info = {"cpu_int8_isa": cpu_int8_isa(), "input": session.get_inputs()[0].name, "shape": session.get_inputs()[0].shape}
+    out.write((json.dumps(info) + "\n").encode())
+    out.flush()
+    while (x := _receive(inp)) is not None:
+        _send(out, run_head(session, x))
+
+
+if __name__ == "__main__":  # python -m lowbit_helpers.emulate MODEL THREADS (run under QEMU by EmulatedSession)
+    _serve(*sys.argv[1:3])

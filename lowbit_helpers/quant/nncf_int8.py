@@ -1,0 +1,60 @@
+"""INT8 Q/DQ with NNCF's post-training quantization: the best peer's recipe, as a row beside ours.
+
+``nncf.quantize`` on the ONNX graph itself (NNCF's ONNX backend), with the same calibration
+images as the other recipes: the MIXED preset (symmetric per-channel int8 weights, asymmetric
+uint8 activations), with its full bias correction or the fast one, and the head's final Convs
+(the head policy) in its ignored scope. NNCF places activation quantizers on the *inputs* of
+the compute ops (after SiLU, not on Conv outputs), which is what OpenVINO fuses; ORT's x86
+QLinearConv fusion needs a quantized Conv output, so ORT runs almost all of it as float Convs
+between Q/DQ (the table's QLinearConv column shows it).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..artifacts import atomic_path, sha256_file, write_json
+from .policy import checked_exclusions
+
+NNCF_METHODS = ("mixed", "performance")  # NNCF's QuantizationPreset
+BIAS_CORRECTIONS = ("full", "fast")
+
+
+def quantize_int8_nncf(model_in: str | Path, model_out: str | Path, calib: np.ndarray, method: str = "mixed",
+                       head_policy: str = "conservative", exclude: list[str] | None = None,
+                       bias_correction: str = "full") -> dict:  # fmt: skip
+    """Quantize ``model_in`` to ``model_out`` with NNCF; returns (and saves beside it) the recipe."""
+    import onnx
+
+    from ..errors import LowbitError
+
+    try:
+        import nncf
+    except ImportError:
+        raise LowbitError("the nncf package is not installed", "install the pinned environment or pip install nncf") from None
+    if bias_correction not in BIAS_CORRECTIONS:
+        raise LowbitError(f"unknown bias correction {bias_correction!r}", f"use one of {', '.join(BIAS_CORRECTIONS)}")
+    model_out = Path(model_out)
+    excluded = checked_exclusions(model_in, calib, method, NNCF_METHODS, "NNCF", head_policy, exclude)
+    model = onnx.load(str(model_in))
+    name = model.graph.input[0].name
+    images = [np.ascontiguousarray(calib[i : i + 1]) for i in range(len(calib))]  # one image per item, read lazily
+    dataset = nncf.Dataset(images, lambda x: {name: x})
+    preset = {"mixed": nncf.QuantizationPreset.MIXED, "performance": nncf.QuantizationPreset.PERFORMANCE}[method]
+    call = {"api": "nncf.quantize", "nncf": nncf.__version__, "preset": method.upper(), "subset_size": len(calib),
+            "fast_bias_correction": bias_correction == "fast", "ignored_scope": excluded,
+            "calibration_images": len(calib)}  # fmt: skip
+    t0 = time.perf_counter()
+    quantized = nncf.quantize(model, dataset, preset=preset, subset_size=len(calib),
+                              fast_bias_correction=bias_correction == "fast",
+                              ignored_scope=nncf.IgnoredScope(names=excluded, validate=False))  # fmt: skip
+    with atomic_path(model_out) as tmp:
+        onnx.save(quantized, str(tmp))
+    recipe = {"backend": "nncf", "method": method, "head_policy": head_policy, "bias_correction": bias_correction,
+              "call": call, "seconds": time.perf_counter() - t0, "input": str(model_in),
+              "input_sha256": sha256_file(model_in), "output_sha256": sha256_file(model_out)}  # fmt: skip
+    write_json(model_out.with_suffix(".recipe.json"), recipe)
+    return recipe

@@ -1,0 +1,124 @@
+"""Choose on one split, confirm on another: the evaluation splits and scoring notebooks 03 and 05 share.
+
+A selection subset (val100) picks winners; the confirmation split is a larger subset minus the
+selection images (val500 minus val100: the other 400), and the whole larger subset is shown
+too. Every model is predicted once on the larger subset and scored on each split from those
+detections, with the paired-bootstrap interval of its difference to FP32 on the same images.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from ..artifacts import atomic_path, read_json, write_json
+from ..errors import LowbitError
+from ..rundir import RunDir, stage_key
+from . import baseline
+
+FP32_SUBSET_DETECTIONS = "int8-coco/fp32_{subset}.detections.json"  # FP32 (ORT) detections, shared by 03 and 05
+
+
+def open_splits(run: RunDir, select: str, confirm: str, ids_rel: str, section: str):
+    """(selection subset, confirmation split = ``confirm`` minus ``select``, the whole ``confirm`` subset).
+
+    The confirmation split's ids are written to ``ids_rel`` (a run-relative path) so that it
+    opens like any subset; ``section`` names the params section in messages.
+    """
+    from ..data import open_coco
+
+    cfg = run.cfg
+    sel = open_coco(cfg.data.coco_root, cfg.data.annotations, select)
+    union = open_coco(cfg.data.coco_root, cfg.data.annotations, confirm)
+    rest = [i for i in union.ids if i not in set(sel.ids)]
+    if not rest:
+        raise LowbitError(f"{section}.confirm_subset {confirm} has no images outside {select}",
+                          "use a confirmation subset larger than the selection subset (e.g. val500 vs val100)")  # fmt: skip
+    if any(i not in set(union.ids) for i in sel.ids):
+        raise LowbitError(f"{section}.select_subset has images outside confirm_subset {confirm}",
+                          "choose a selection subset inside the confirmation subset")  # fmt: skip
+    ids_path = run.file(ids_rel)
+    text = "\n".join(map(str, rest)) + "\n"
+    if not ids_path.is_file() or ids_path.read_text() != text:
+        with atomic_path(ids_path) as tmp:
+            tmp.write_text(text)
+    conf = open_coco(cfg.data.coco_root, cfg.data.annotations, str(ids_path))
+    conf.name = f"{confirm} minus {select}"
+    return sel, conf, union
+
+
+def only(dets: list[dict], ids) -> list[dict]:
+    keep = set(ids)
+    return [d for d in dets if d["image_id"] in keep]
+
+
+def fp32_detections(run: RunDir, subset: str):
+    """FP32 (ORT) detections on ``subset``, computed when missing or stale; the file's path."""
+    cfg = run.cfg
+    rel = FP32_SUBSET_DETECTIONS.format(subset=subset)
+    model = run.artifact(baseline.MODEL)
+    key = stage_key({"subset": subset, "data": cfg.data.model_dump(), "decode": cfg.decode.model_dump()}, [model])
+    if not run.is_fresh(f"fp32:{subset}", key):
+        no_bootstrap = cfg.model_copy(update={"evaluation": cfg.evaluation.model_copy(update={"bootstrap": 0})})
+        _, dets = baseline.evaluate_model(model, no_bootstrap, subset, progress=False)
+        write_json(run.file(rel), dets)
+        run.finish(f"fp32:{subset}", key, [rel])
+    return run.path / rel
+
+
+def fp32_reference(run: RunDir, subset: str) -> list[dict]:
+    """FP32's detections on ``subset``, read once per process and file version."""
+    p = fp32_detections(run, subset)
+    st = p.stat()
+    return _read_detections(str(p), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _read_detections(path: str, mtime_ns: int, size: int) -> list[dict]:
+    return read_json(path)
+
+
+_REFERENCE_CACHE: dict = {}  # (detections list, image ids, n, seed) -> the reference's evaluation and resamples
+
+
+def evaluation(run: RunDir, dets: list[dict], subset):
+    """A :class:`..evaluate.CocoEvaluation` of ``dets`` restricted to ``subset`` and its bootstrap resamples."""
+    from ..evaluate import bootstrap_samples, evaluate_coco
+
+    e = run.cfg.evaluation
+    ev = evaluate_coco(subset, only(dets, subset.ids))
+    return ev, bootstrap_samples(ev, e.bootstrap or 200, e.seed)
+
+
+def _reference(run: RunDir, ref_dets: list[dict], subset):
+    e = run.cfg.evaluation
+    key = (id(ref_dets), tuple(subset.ids), e.bootstrap or 200, e.seed)
+    if key not in _REFERENCE_CACHE:
+        _REFERENCE_CACHE[key] = (ref_dets, *evaluation(run, ref_dets, subset))  # holding the list keeps its id unique
+    return _REFERENCE_CACHE[key][1:]
+
+
+def score(run: RunDir, dets: list[dict], subset, fp32_dets: list[dict], against: dict | None = None) -> dict:
+    """mAP of ``dets`` on ``subset`` with the paired-bootstrap difference to FP32 on the same images.
+
+    FP32's evaluation and resamples are the same for every model (same images, same seed):
+    computed once per process. The interval is exactly :func:`..evaluate.bootstrap_difference`'s.
+    ``against`` ({label: detections}) adds the paired difference to each of those too (e.g. a
+    model's kernel result against its exact arithmetic) as ``delta_vs[label]``.
+    """
+    others = {label: evaluation(run, other, subset) for label, other in (against or {}).items()}
+    return score_evaluated(run, evaluation(run, dets, subset), subset, fp32_dets, others or None)
+
+
+def score_evaluated(run: RunDir, evaluated: tuple, subset, fp32_dets: list[dict], against: dict | None = None) -> dict:
+    """:func:`score` from evaluations already made (``(evaluation, resamples)`` pairs from :func:`evaluation`)."""
+    from ..evaluate import difference_interval
+
+    conf = run.cfg.evaluation.confidence
+    ref, ref_samples = _reference(run, fp32_dets, subset)
+    ev, samples = evaluated
+    out = {"subset": subset.name, "num_images": len(subset), "metrics": ev.metrics, "per_class_ap": ev.per_class,
+           "fp32_mAP_50_95": ref.metrics["mAP_50_95"],
+           "delta_vs_fp32": difference_interval(ev, samples, ref, ref_samples, conf)}  # fmt: skip
+    if against:
+        out["delta_vs"] = {label: difference_interval(ev, samples, o, o_samples, conf) for label, (o, o_samples) in against.items()}
+    return out

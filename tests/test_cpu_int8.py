@@ -1,0 +1,166 @@
+"""CPU INT8 engines: the int16 saturation probe (native and on an emulated AVX2 CPU), OpenVINO
+behind the session interface, mixed-runtime benchmarks, and the INT8 command line's new options."""
+
+import json
+
+import numpy as np
+import pytest
+
+from lowbit_helpers.__main__ import main
+from lowbit_helpers.emulate import EmulatedSession, emulated_probe, qemu_binary
+from lowbit_helpers.errors import LowbitError
+from lowbit_helpers.quant.kernel_check import CHANNELS, probe, probe_model
+from lowbit_helpers.runtime import ENGINES, bench_models, cpu_int8_isa, engine_session, int8_kernel_class, make_session
+
+from .conftest import VAL100
+from .test_runtime_cli import _fails
+
+
+def test_int8_kernel_class_from_isa():
+    assert int8_kernel_class(["avx2", "fma"]) == "avx2"
+    assert int8_kernel_class(["avx2", "fma", "avx512f", "avx512bw", "avx512_vnni"]) == "vnni"
+    assert int8_kernel_class(["avx2", "avx_vnni"]) == "vnni"
+    assert int8_kernel_class(["avx2", "avx512_vnni", "amx_int8"]) == "amx"
+    assert int8_kernel_class([]) == "none"
+
+
+def test_saturation_probe_on_this_cpu(tmp_path):
+    """Kernel = exact for 7-bit weights on every x86 CPU. For full-range weights: kernel = exact
+    with VNNI / AMX (int32 accumulation; the saturation half cannot happen there, so the emulated
+    test below shows it), and the int16-saturated value without (vpmaddubsw)."""
+    p = probe(tmp_path)
+    assert p["full_range"]["fused"] == 1 and p["reduce_range"]["fused"] == 1  # ORT really ran QLinearConv
+    assert p["full_range"]["exact"] == pytest.approx(CHANNELS) and p["reduce_range"]["exact"] == pytest.approx(CHANNELS)
+    assert p["reduce_range_exact"] and p["reduce_range"]["max_abs_diff"] == 0.0
+    if int8_kernel_class() in ("vnni", "amx"):
+        assert not p["saturates"] and p["full_range"]["max_abs_diff"] == 0.0
+    else:
+        assert p["saturates"]
+        # each of the 32 pairs clipped to 32767 instead of 2 * 255 * 127 = 64770
+        assert p["full_range"]["kernel"] == pytest.approx(CHANNELS * 32767 / 64770, abs=CHANNELS / 250)
+
+
+def _qemu() -> str:
+    q = qemu_binary()
+    assert q, "qemu-x86_64-static not found: bash scripts/get_qemu.sh fetches it into .cache/qemu (scripts/test.sh does)"
+    return q
+
+
+def test_saturation_on_an_emulated_avx2_cpu():
+    """Under QEMU's Haswell model the process sees AVX2 without VNNI; ORT takes its vpmaddubsw path
+    and saturates, and 7-bit weights (reduce_range) are exact again."""
+    p = emulated_probe(_qemu(), "Haswell")
+    assert "avx2" in p["cpu_int8_isa"] and not {"avx512_vnni", "avx_vnni", "avx512f"} & set(p["cpu_int8_isa"])
+    assert p["saturates"] and p["reduce_range_exact"]
+    assert p["full_range"]["kernel"] == pytest.approx(CHANNELS * 32767 / 64770, abs=CHANNELS / 250)
+
+
+def test_emulated_session_matches_its_own_kernel_and_fails_clearly(tmp_path):
+    m = probe_model(tmp_path / "p.onnx")
+    x = np.random.default_rng(0).random((1, CHANNELS, 4, 4), dtype=np.float32) * 0.5  # pair sums < 32767: no clipping
+    with EmulatedSession(_qemu(), "Haswell", m, threads=1) as emu:
+        assert emu.cpu_int8_isa == ["avx2", "fma"]
+        y = emu.run(None, {"x": x})[0]
+    exact = make_session(m, threads=1, arithmetic="exact").run(None, {"x": x})[0]
+    np.testing.assert_array_equal(y, exact)
+    with pytest.raises(LowbitError, match="under QEMU"):
+        EmulatedSession(_qemu(), "NoSuchCpu", m, threads=1)
+
+
+def test_openvino_session_runs_the_qdq_graph(tmp_path):
+    m = probe_model(tmp_path / "p.onnx")
+    x = np.random.default_rng(1).random((1, CHANNELS, 4, 4), dtype=np.float32)
+    ov = make_session(m, threads=1, runtime="openvino")
+    assert ov.get_inputs()[0].name == "x" and ov.get_inputs()[0].shape == [1, CHANNELS, 4, 4]
+    assert ov.get_providers()[0].startswith("OpenVINO")
+    y = ov.run(None, {"x": x})[0]
+    exact = make_session(m, threads=1, arithmetic="exact").run(None, {"x": x})[0]
+    assert y.shape == exact.shape
+    # OpenVINO rounds its own way: within one output quantization step of the exact result
+    assert np.abs(y - exact).max() <= CHANNELS / 250 + 1e-6
+    with pytest.raises(LowbitError, match="unknown runtime"):
+        make_session(m, runtime="tvm")
+    with pytest.raises(LowbitError, match="unknown engine"):
+        engine_session(m, "ort-fast")
+    with pytest.raises(LowbitError, match="model not found"):
+        make_session(tmp_path / "none.onnx", runtime="openvino")
+
+
+def test_bench_mixes_runtimes_in_one_process(yolov10n_onnx, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", str(yolov10n_onnx), "--runtime", "ort", "openvino", "--threads", "1", "--warmup", "1",
+                 "--runs", "2", "--out", str(out)]) == 0  # fmt: skip
+    rows = json.loads(out.read_text())
+    assert [r["runtime"] for r in rows] == ["ort", "openvino"] and rows[0]["ratio_to_first"] == 1.0
+    assert rows[1]["providers"][0].startswith("OpenVINO") and rows[1]["median_ms"] > 0
+    assert rows[0]["environment"]["cpu_int8_isa"] == cpu_int8_isa()
+    with pytest.raises(ValueError, match="one runtime per model"):
+        bench_models([yolov10n_onnx], runtimes=["ort", "openvino"])
+    _fails(["bench", str(yolov10n_onnx), "--runtime", "openvino", "--profile", "1", "--out", str(tmp_path / "b.json")],
+           capsys, "ORT's profiler")  # fmt: skip
+    assert not (tmp_path / "b.json").exists()
+
+
+def test_evaluate_under_openvino_and_exact(yolov10n_onnx, coco_root, tmp_path, capsys):
+    """The FP32 model: OpenVINO f32 and ORT's exact mode land on ORT's mAP within float noise."""
+    maps = {}
+    for flags in ([], ["--runtime", "openvino"], ["--exact"]):
+        out = tmp_path / f"m{len(maps)}.json"
+        assert main(["evaluate", str(yolov10n_onnx), "--coco-root", str(coco_root), "--ann", VAL100, "--max-images", "4",
+                     "--bootstrap", "0", "--out", str(out), "--quiet", *flags]) == 0  # fmt: skip
+        r = json.loads(out.read_text())
+        maps[r["engine"]] = r["mAP_50_95"]
+    assert set(maps) == {"ort", "openvino", "ort-exact"} <= set(ENGINES)
+    assert max(maps.values()) - min(maps.values()) < 0.005, maps
+    _fails(["evaluate", str(yolov10n_onnx), "--coco-root", str(coco_root), "--ann", VAL100, "--runtime", "openvino",
+            "--exact", "--out", str(tmp_path / "x.json")], capsys, "--exact")  # fmt: skip
+    _fails(["evaluate", str(yolov10n_onnx), "--coco-root", str(coco_root), "--ann", VAL100, "--precision", "bf16",
+            "--out", str(tmp_path / "x.json")], capsys, "--runtime openvino")  # fmt: skip
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_quantize_int8_peer_options(yolov10n_onnx, tmp_path, capsys):
+    calib = tmp_path / "calib.npy"
+    np.save(calib, np.random.default_rng(0).random((2, 3, 640, 640), dtype=np.float32))
+    _fails(["quantize-int8", str(yolov10n_onnx), "--backend", "nncf", "--reduce-range", "--calib-npy", str(calib),
+            "--out", str(tmp_path / "q.onnx")], capsys, "--reduce-range")  # fmt: skip
+    _fails(["quantize-int8", str(yolov10n_onnx), "--backend", "nncf", "--method", "minmax", "--calib-npy", str(calib),
+            "--images", "2", "--out", str(tmp_path / "q.onnx")], capsys, "NNCF calibration method")  # fmt: skip
+    assert not (tmp_path / "q.onnx").exists()
+
+
+def test_reduce_range_gives_seven_bit_weights(yolov10n_onnx, tmp_path):
+    import onnx
+    from onnx import numpy_helper
+
+    calib = tmp_path / "calib.npy"
+    np.save(calib, np.random.default_rng(0).random((2, 3, 640, 640), dtype=np.float32))
+    out = tmp_path / "rr.onnx"
+    assert main(["quantize-int8", str(yolov10n_onnx), "--backend", "ort", "--reduce-range", "--calib-npy", str(calib),
+                 "--images", "2", "--out", str(out)]) == 0  # fmt: skip
+    assert json.loads(out.with_suffix(".recipe.json").read_text())["reduce_range"] is True
+    m = onnx.load(str(out))
+    weights = [numpy_helper.to_array(i) for i in m.graph.initializer if i.data_type == onnx.TensorProto.INT8 and i.dims
+               and len(i.dims) == 4]  # fmt: skip
+    assert len(weights) >= 70
+    assert max(int(np.abs(w.astype(np.int32)).max()) for w in weights) <= 64
+
+
+def test_selection_and_confirmation_splits(coco_root, tmp_path):
+    from lowbit_helpers.config import parse_config
+    from lowbit_helpers.rundir import RunDir
+    from lowbit_helpers.steps.splits import open_splits
+
+    cfg = parse_config({"name": "s", "data": {"coco_root": str(coco_root), "annotations": VAL100},
+                        "output": {"runs_dir": str(tmp_path / "runs")}})  # fmt: skip
+    run = RunDir.create(cfg)
+    sel, conf, whole = open_splits(run, "first:4", "first:10", "int8-coco/ids.txt", "int8")
+    assert len(sel) == 4 and len(conf) == 6 and len(whole) == 10
+    assert not set(sel.ids) & set(conf.ids) and set(sel.ids) | set(conf.ids) == set(whole.ids)
+    assert conf.name == "first:10 minus first:4"
+    with pytest.raises(LowbitError, match="has no images outside"):
+        open_splits(run, "first:10", "first:10", "int8-coco/ids.txt", "int8")
+    other = tmp_path / "other.txt"  # images 2..9: the selection's first two lie outside it
+    other.write_text("\n".join(map(str, whole.ids[2:10])) + "\n")
+    with pytest.raises(LowbitError, match="int8.select_subset has images outside"):
+        open_splits(run, "first:4", str(other), "int8-coco/ids.txt", "int8")
