@@ -116,6 +116,29 @@ def emulation_table(result: dict) -> pd.DataFrame | None:
     return tidy(pd.DataFrame(rows).set_index("variant")) if rows else None
 
 
+def drop_decomposition(result: dict) -> pd.DataFrame | None:
+    """Where each ORT variant's INT8 drop goes: the quantization itself (exact arithmetic against
+    FP32), this CPU's integer kernels against the exact arithmetic, and the emulated AVX2 CPU's."""
+    if result.get("structure_only"):
+        return None
+    env = result.get("environment") or {}
+    rows = []
+    for name, val in result["validations"].items():
+        eng = val.get("engines", {})
+        if result["recipes"][name]["backend"] != "ort" or "ort-exact" not in eng or "ort" not in eng:
+            continue
+        whole = eng["ort-exact"]["whole"]
+        row = {"variant": name, f"quantization: exact − FP32, {whole['subset']}": fmt_delta(whole["delta_vs_fp32"]),
+               f"kernels − exact, {env.get('int8_kernel_class', '?').upper()} (this CPU), {whole['subset']}":
+                   fmt_delta(eng["ort"]["whole"]["delta_vs"]["ort-exact"])}  # fmt: skip
+        em = (result.get("emulated") or {}).get(name)
+        if em and "skipped" not in em:
+            k = em["kernels"]
+            row[f"kernels − exact, AVX2 (emulated {em['cpu']}), {k['subset']}"] = fmt_delta(k["delta_vs"]["ort-exact"])
+        rows.append(row)
+    return tidy(pd.DataFrame(rows).set_index("variant")) if rows else None
+
+
 def kernel_probe_text(result: dict) -> str:
     """The saturation probe's verdict on this CPU and on the emulated one."""
     probe = result.get("kernel_probe") or {}

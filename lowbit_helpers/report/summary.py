@@ -9,7 +9,7 @@ from ..rundir import RunDir
 from ..steps.baseline import MODEL_INFO
 from ..steps.sensitivity import SCHEMES_DIR
 from .baseline import baseline_table, model_table, parity_table, parity_verdict
-from .int8 import accuracy_table, emulation_table, int8_conclusion, int8_table, kernel_probe_text, latency_breakdown
+from .int8 import accuracy_table, drop_decomposition, emulation_table, int8_conclusion, int8_table, kernel_probe_text, latency_breakdown
 
 SUMMARY_MD = "summary.md"
 SUMMARY_JSON = "results/summary.json"
@@ -40,6 +40,9 @@ def write_summary(run: RunDir, int8_result: dict | None = None, sensitivity_resu
         emu = emulation_table(int8_result)
         if emu is not None:
             parts += ["ORT's kernels on a CPU without VNNI (emulated):", "", emu.to_markdown(), ""]
+        drop = drop_decomposition(int8_result)
+        if drop is not None:
+            parts += ["Where each ORT recipe's drop goes:", "", drop.to_markdown(), ""]
         probe = kernel_probe_text(int8_result)
         if probe:
             parts += ["The int16 saturation probe:", "", probe, ""]
