@@ -94,6 +94,8 @@ def _cmd_bench(args) -> int:
     for m in args.models:
         if not Path(m).is_file():
             raise LowbitError(f"model not found: {m}", "give existing .onnx files")
+    if args.profile and args.runtime != ["ort"]:
+        raise LowbitError("--profile uses ORT's profiler", "profile with --runtime ort alone")
     # every model under every runtime, all interleaved in one process; ratios to the first row
     pairs = [(m, r) for m in args.models for r in args.runtime]
     rows = bench_models([m for m, _ in pairs], args.threads, args.providers, args.warmup, args.runs,
@@ -102,8 +104,6 @@ def _cmd_bench(args) -> int:
     for r in rows:
         r["environment"] = env
         print(f"{r['model']} [{r['runtime']}]: median {r['median_ms']:.1f} ms, p90 {r['p90_ms']:.1f} ms, x{r['ratio_to_first']:.3f}")
-    if args.profile and args.runtime != ["ort"]:
-        raise LowbitError("--profile uses ORT's profiler", "profile with --runtime ort alone")
     if args.profile:
         from .runtime import compare_profiles, profile_model
 
@@ -128,6 +128,8 @@ def _cmd_quantize_int8(args) -> int:
 
     if args.reduce_range and args.backend != "ort":
         raise LowbitError("--reduce-range is an ORT quantize_static option", "use it with --backend ort")
+    if args.bias_correction and args.backend != "nncf":
+        raise LowbitError("--bias-correction is an NNCF option", "use it with --backend nncf")
     model = _raw_onnx(args.model, check_output=False)
     if args.calib_npy:
         calib = load_calibration(args.calib_npy, args.images)
@@ -145,7 +147,7 @@ def _cmd_quantize_int8(args) -> int:
         from .quant.nncf_int8 import quantize_int8_nncf
 
         recipe = quantize_int8_nncf(model, args.out, calib, method=method, head_policy=args.head_policy,
-                                    exclude=args.exclude, bias_correction=args.bias_correction)  # fmt: skip
+                                    exclude=args.exclude, bias_correction=args.bias_correction or "full")  # fmt: skip
     else:
         from .quant.modelopt_int8 import quantize_int8_modelopt
 
@@ -314,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ort: avgminmax (default) | minmax | percentile | entropy; modelopt: max | entropy (default entropy); "
                         "nncf: mixed (default) | performance (its presets)")  # fmt: skip
     q.add_argument("--reduce-range", action="store_true", help="ort: 7-bit weights (no int16 saturation on CPUs without VNNI)")
-    q.add_argument("--bias-correction", choices=["full", "fast"], default="full", help="nncf: its bias correction")
+    q.add_argument("--bias-correction", choices=["full", "fast"], help="nncf: its bias correction (default full)")
     q.add_argument("--images", type=int, default=128, help="calibration images (the first N of the list)")
     q.add_argument("--head-policy", choices=["none", "conservative", "head"], default="conservative")
     q.add_argument("--exclude", nargs="*", default=[], help="ONNX node names kept in float")

@@ -103,13 +103,16 @@ def _default_variants() -> list[Int8Variant]:
 Engine = Literal["ort", "ort-exact", "openvino", "openvino-bf16"]
 
 
+EMULATE_DEFAULT = ["ort-avgminmax", "ort-avgminmax-rr", "ort-avgminmax-keep6"]
+
+
 class EmulateCfg(_Section):
     """ORT's kernels on another x86 CPU model, emulated by QEMU user mode (its CPUID and its instructions)."""
 
     cpu: str | None = Field("Haswell", description="QEMU CPU model (Haswell: AVX2 + FMA, no AVX-512 / VNNI); null: off")
     subset: str = "val100"
-    variants: list[str] = Field(default_factory=lambda: ["ort-avgminmax", "ort-avgminmax-rr", "ort-avgminmax-keep6"],
-                                description="INT8 variants run there (ORT kernels)")
+    variants: list[str] = Field(default_factory=lambda: list(EMULATE_DEFAULT),
+                                description="INT8 variants run there (ORT kernels); the default's names may be absent")
 
 
 class Int8Cfg(_Section):
@@ -128,7 +131,15 @@ class Int8Cfg(_Section):
                                   description="each variant's accuracy under each (the first is ORT's kernels)")
     fp32_engines: list[Engine] = Field(default_factory=lambda: ["openvino", "openvino-bf16"],
                                        description="FP32 rows under other engines (bf16 skipped where the CPU lacks it)")
-    latency_runtimes: list[Literal["ort", "openvino"]] = Field(default_factory=lambda: ["ort", "openvino"])
+    latency_runtimes: list[Literal["ort", "openvino"]] = Field(default_factory=lambda: ["ort", "openvino"],
+                                                               description="must hold ort: ORT FP32 is every ratio's reference")
+
+    @field_validator("latency_runtimes")
+    @classmethod
+    def _ort_timed(cls, v: list[str]) -> list[str]:
+        if "ort" not in v:
+            raise ValueError("must include ort: every latency ratio is to ORT's FP32 (add ort to the list)")
+        return v
     emulate: EmulateCfg = Field(default_factory=EmulateCfg)
     fidelity_images: int = Field(16, ge=1, description="evaluation images for the raw-head SQNR / cosine")
 

@@ -32,9 +32,14 @@ def qemu_binary() -> str | None:
     return None
 
 
+def _child_env() -> dict:
+    # LOWBIT_EMULATED: the child's /proc/cpuinfo is the host's; runtime.cpu_int8_isa then trusts CPUID alone
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "LOWBIT_EMULATED": "1"}
+
+
 def _run(qemu: str, cpu: str, args: list[str], what: str) -> str:
     cmd = [qemu, "-cpu", cpu, sys.executable, *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_child_env())
     if proc.returncode != 0:
         tail = "\n".join(line for line in proc.stderr.splitlines() if "TCG doesn't support" not in line)[-1500:]
         raise LowbitError(f"{what} failed under QEMU ({cpu}), exit {proc.returncode}:\n{tail}",
@@ -56,23 +61,49 @@ class EmulatedSession:
     """
 
     def __init__(self, qemu: str, cpu: str, model: str | Path, threads: int = 2):
+        from .runtime import _Input
+
         cmd = [qemu, "-cpu", cpu, sys.executable, "-m", "lowbit_helpers.emulate", str(model), str(threads)]
         self._err = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._err)
-        header = self.proc.stdout.readline()
-        if not header:
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._err, env=_child_env())
+        try:
+            info = json.loads(self.proc.stdout.readline() or b"null")
+        except ValueError:
+            info = None
+        if not isinstance(info, dict):
             self._fail("could not start the emulated ORT session")
-        info = json.loads(header)
         self.cpu_int8_isa = info["cpu_int8_isa"]
         self._inputs = [_Input(info["input"], info["shape"])]
 
     def _fail(self, what: str):
-        self.proc.kill()
-        self._err.seek(0)
-        tail = "\n".join(line for line in self._err.read().decode(errors="replace").splitlines()
-                         if "TCG doesn't support" not in line)[-1500:]  # fmt: skip
-        raise LowbitError(f"{what} under QEMU:\n{tail}",
+        self.close(kill=True)
+        raise LowbitError(f"{what} under QEMU:\n{self._stderr_tail}",
                           "check that the QEMU CPU model exists (qemu-x86_64-static -cpu help) and that the model runs natively")  # fmt: skip
+
+    def close(self, kill: bool = False):
+        """Stop the child (politely: end of input; or ``kill``) and release its pipes and log."""
+        if self._err.closed:
+            return
+        try:
+            if kill:
+                self.proc.kill()
+            else:
+                self.proc.stdin.close()
+            self.proc.wait(timeout=60)
+        except (subprocess.TimeoutExpired, OSError):
+            self.proc.kill()
+            self.proc.wait()
+        finally:
+            for stream in (self.proc.stdin, self.proc.stdout):
+                if stream and not stream.closed:
+                    try:
+                        stream.close()
+                    except OSError:
+                        pass
+            self._err.seek(0)
+            self._stderr_tail = "\n".join(line for line in self._err.read().decode(errors="replace").splitlines()
+                                          if "TCG doesn't support" not in line)[-1500:]  # fmt: skip
+            self._err.close()
 
     def get_inputs(self):
         return self._inputs
@@ -88,22 +119,11 @@ class EmulatedSession:
             self._fail("the emulated ORT session died")
         return [y]
 
-    def close(self):
-        if self.proc.poll() is None:
-            self.proc.stdin.close()
-            self.proc.wait(timeout=60)
-        self._err.close()
-
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self.close()
-
-
-class _Input:
-    def __init__(self, name: str, shape: list):
-        self.name, self.shape = name, shape
 
 
 def _send(stream, arr) -> None:

@@ -7,6 +7,7 @@ Every session answers ``get_inputs()`` and ``run(None, {name: tensor})`` the way
 
 from __future__ import annotations
 
+import os
 import platform
 import re
 import time
@@ -371,7 +372,8 @@ def cpu_int8_isa() -> list[str]:
 
     Read from CPUID through numpy's runtime dispatch table, which is what the process itself
     sees (an emulated CPU included); /proc/cpuinfo, which shows the host, adds only what numpy
-    does not track (AVX-VNNI, AMX), and only when the two agree on AVX-512.
+    does not track (AVX-VNNI, AMX), only when the two agree on AVX2 and AVX-512, and never in a
+    process that :mod:`.emulate` started (``LOWBIT_EMULATED=1``).
     """
     try:
         from numpy._core._multiarray_umath import __cpu_features__ as feats
@@ -379,7 +381,8 @@ def cpu_int8_isa() -> list[str]:
         return _cpu_flags(INT8_ISA_FLAGS)
     have = [f for f, n in _NUMPY_FEATURES.items() if feats.get(n)]
     host = _cpu_flags(INT8_ISA_FLAGS)
-    if ("avx512f" in host) == ("avx512f" in have) and ("avx2" in host) == ("avx2" in have):
+    emulated = os.environ.get("LOWBIT_EMULATED") == "1"  # set by .emulate: /proc/cpuinfo is the host's there
+    if not emulated and ("avx512f" in host) == ("avx512f" in have) and ("avx2" in host) == ("avx2" in have):
         have += [f for f in ("avx_vnni", "amx_int8") if f in host]
     return [f for f in INT8_ISA_FLAGS if f in have]
 

@@ -10,7 +10,7 @@ from lowbit_helpers.__main__ import main
 from lowbit_helpers.emulate import EmulatedSession, emulated_probe, qemu_binary
 from lowbit_helpers.errors import LowbitError
 from lowbit_helpers.quant.kernel_check import CHANNELS, probe, probe_model
-from lowbit_helpers.runtime import ENGINES, bench_models, cpu_int8_isa, engine_session, int8_kernel_class, make_session
+from lowbit_helpers.runtime import ENGINES, INT8_ISA_FLAGS, bench_models, cpu_int8_isa, engine_session, int8_kernel_class, make_session
 
 from .conftest import VAL100
 from .test_runtime_cli import _fails
@@ -34,7 +34,7 @@ def test_saturation_probe_on_this_cpu(tmp_path):
     assert p["reduce_range_exact"] and p["reduce_range"]["max_abs_diff"] == 0.0
     if int8_kernel_class() in ("vnni", "amx"):
         assert not p["saturates"] and p["full_range"]["max_abs_diff"] == 0.0
-    else:
+    elif int8_kernel_class() == "avx2":
         assert p["saturates"]
         # each of the 32 pairs clipped to 32767 instead of 2 * 255 * 127 = 64770
         assert p["full_range"]["kernel"] == pytest.approx(CHANNELS * 32767 / 64770, abs=CHANNELS / 250)
@@ -62,7 +62,7 @@ def test_emulated_session_matches_its_own_kernel_and_fails_clearly(tmp_path):
         assert emu.cpu_int8_isa == ["avx2", "fma"]
         y = emu.run(None, {"x": x})[0]
     exact = make_session(m, threads=1, arithmetic="exact").run(None, {"x": x})[0]
-    np.testing.assert_array_equal(y, exact)
+    assert np.abs(y - exact).max() <= CHANNELS / 250 + 1e-6  # at most one output step (float rounding order)
     with pytest.raises(LowbitError, match="under QEMU"):
         EmulatedSession(_qemu(), "NoSuchCpu", m, threads=1)
 
@@ -93,7 +93,8 @@ def test_bench_mixes_runtimes_in_one_process(yolov10n_onnx, tmp_path, capsys):
     rows = json.loads(out.read_text())
     assert [r["runtime"] for r in rows] == ["ort", "openvino"] and rows[0]["ratio_to_first"] == 1.0
     assert rows[1]["providers"][0].startswith("OpenVINO") and rows[1]["median_ms"] > 0
-    assert rows[0]["environment"]["cpu_int8_isa"] == cpu_int8_isa()
+    assert set(rows[0]["environment"]["cpu_int8_isa"]) <= set(INT8_ISA_FLAGS)
+    assert rows[0]["environment"]["int8_kernel_class"] == int8_kernel_class(cpu_int8_isa())
     with pytest.raises(ValueError, match="one runtime per model"):
         bench_models([yolov10n_onnx], runtimes=["ort", "openvino"])
     _fails(["bench", str(yolov10n_onnx), "--runtime", "openvino", "--profile", "1", "--out", str(tmp_path / "b.json")],

@@ -27,3 +27,87 @@ def test_int8_verdicts_need_the_whole_interval():
     assert _gap_verdict({"delta": 0.0005, "lo": -0.002, "hi": 0.0008}, 0.1) == "is compatible with"
     assert _gap_verdict({"delta": -0.0015, "lo": -0.002, "hi": 0.0}, 0.1) == "misses"
     assert fmt_delta(d) == "-0.10 [-0.90, +0.70]"
+
+
+def _synthetic_int8_result(openvino: bool = True, structure_only: bool = False) -> dict:
+    """A notebook-03 result shaped as steps.int8.run_int8 writes it (numbers made up, structure real)."""
+
+    def d(x, w=0.008):
+        return {"delta": x, "lo": x - w, "hi": x + w, "n": 50}
+
+    def split(name, x, gap=None):
+        out = {"subset": name, "metrics": {"mAP_50_95": 0.4 + x}, "delta_vs_fp32": d(x)}
+        if gap is not None:
+            out["delta_vs"] = {"ort-exact": d(gap, 0.003)}
+        return out
+
+    def engines(x, gap):
+        e = {"ort": {k: split(n, x + gap, gap) for k, n in (("select", "val100"), ("confirm", "val500 minus val100"), ("whole", "val500"))},
+             "ort-exact": {k: split(n, x) for k, n in (("select", "val100"), ("confirm", "val500 minus val100"), ("whole", "val500"))}}  # fmt: skip
+        if openvino:
+            e["openvino"] = {k: split(n, x, 0.0) for k, n in (("select", "val100"), ("confirm", "val500 minus val100"), ("whole", "val500"))}
+        return e
+
+    variants = {"ort-a": ("ort", -0.004, -0.001, 0, 0.6), "ort-keep": ("ort", -0.001, 0.0, 2, 0.6),
+                "nncf-m": ("nncf", -0.002, 0.0, 0, 1.2), "modelopt-e": ("modelopt", -0.012, 0.0, 0, 1.3)}  # fmt: skip
+    vals, recipes, lat = {}, {}, [{"name": "fp32", "runtime": "ort", "precision": "f32", "median_ms": 40.0, "threads": 2}]
+    for n, (backend, x, gap, keep, r) in variants.items():
+        v = {"name": n, "backend": backend, "keep_sensitive": keep, "reduce_range": False, "bias_correction": "full"}
+        vals[n] = {"variant": v, "qdq": {"QuantizeLinear": 5, "DequantizeLinear": 9, "Conv": 82}, "ort_cpu": {"QLinearConv": 76},
+                   "size_bytes": 3 << 20, "fidelity": {"sqnr_db": 26.0}, "skipped_engines": {} if openvino else {"openvino": "skipped: x"}}  # fmt: skip
+        if not structure_only:
+            vals[n]["engines"] = engines(x, gap)
+        recipes[n] = {"backend": backend, "method": "m", "head_policy": "conservative", "calibration": {"seconds": 3, "peak_rss_mb": 900}}
+        lat.append({"name": n, "runtime": "ort", "precision": "f32", "median_ms": 40.0 * r, "threads": 2})
+        if openvino:
+            lat.append({"name": n, "runtime": "openvino", "precision": "f32", "median_ms": 40.0 * r / 3, "threads": 2})
+    if openvino:
+        lat.append({"name": "fp32", "runtime": "openvino", "precision": "f32", "median_ms": 20.0, "threads": 2})
+        lat.append({"name": "fp32", "runtime": "openvino", "precision": "bf16", "median_ms": 14.0, "threads": 2})
+    emulated = {} if structure_only else {"ort-a": {"cpu": "Haswell", "cpu_int8_isa": ["avx2", "fma"], "seconds": 200,
+                                                    "kernels": split("val100", -0.02, -0.016)}}  # fmt: skip
+    return {"validations": vals, "recipes": recipes, "latency": lat, "emulated": emulated, "structure_only": structure_only,
+            "fp32_engines": {"engines": {}, "skipped_engines": {}}, "profiles": {},
+            "environment": {"cpu_int8_isa": ["avx2", "avx512_vnni"], "int8_kernel_class": "vnni"},
+            "kernel_probe": {"this_cpu": {"cpu_int8_isa": ["avx2"], "saturates": False, "reduce_range_exact": True,
+                                          "full_range": {"pair_sum": 64770, "kernel": 64.0, "exact": 64.0},
+                                          "reduce_range": {"pair_sum": 32640, "kernel": 64.0, "exact": 64.0}}}}  # fmt: skip
+
+
+def test_int8_report_reads_every_engine_and_names_what_it_ships():
+    from lowbit_helpers.report import int8 as r
+
+    res = _synthetic_int8_result()
+    table = r.int8_table(res)
+    assert {"ORT × ORT FP32", "OpenVINO × ORT FP32", "OpenVINO bf16 × ORT FP32"} <= set(table.columns)
+    assert table.loc["ort-a", "OpenVINO × ORT FP32"] == 0.2 and table.loc["fp32", "OpenVINO bf16 × ORT FP32"] == 0.35
+    acc = r.accuracy_table(res)
+    assert ("ort-a", "ORT kernels, VNNI CPU") in acc.index and ("nncf-m", "OpenVINO f32") in acc.index
+    assert acc.loc[("ort-a", "ORT kernels, VNNI CPU"), "− exact, val500 minus val100 [95%]"] == "-0.10 [-0.40, +0.20]"
+    assert "-1.60" in r.emulation_table(res).iloc[0]["emulated kernels − exact [95%]"]
+    assert "kernels − exact, AVX2 (emulated Haswell), val100" in r.drop_decomposition(res).columns
+    text = r.int8_conclusion(res)
+    # keep_sensitive recipes are never shipped, even when they score best
+    assert "ship `ort-a`" in text and "ship `ort-keep`" not in text
+    assert "Best NNCF row under ORT kernels, VNNI CPU: `nncf-m`" in text and "behind it by -0.30" in text
+    assert "ship `nncf-m` instead" in text and "0.40× under OpenVINO" in text
+    assert "**ORT CPU, AVX2 class (no VNNI)" in text and "misses the 0.1-point target" in text
+    assert "**Fastest CPU deployment**" in text and "`ort-a` under OpenVINO at 0.20×" in text and "target is met here (0.20×)" in text
+    assert "**TensorRT (ModelOpt Q/DQ):** ship `modelopt-e`" in text and "misses the 0.3-point target" in text
+    assert "OpenVINO bf16 runs the FP32 model itself at 0.35×" in text
+    assert "kernel_probe" not in r.kernel_probe_text(res) and "no saturation" in r.kernel_probe_text(res)
+
+
+def test_int8_report_without_openvino_and_structure_only():
+    from lowbit_helpers.report import int8 as r
+
+    res = _synthetic_int8_result(openvino=False)
+    assert "OpenVINO × ORT FP32" not in r.int8_table(res).columns
+    text = r.int8_conclusion(res)
+    assert "ship `ort-a`" in text and "nan" not in text and "under OpenVINO" not in text
+    assert r.skipped_engines_text(res) == "OpenVINO f32: skipped: x"
+    so = _synthetic_int8_result(structure_only=True)
+    assert r.accuracy_table(so) is None and r.drop_decomposition(so) is None and r.emulation_table(so) is None
+    text = r.int8_conclusion(so)
+    assert text.startswith("Structure-only model") and "Fastest ORT variant: `ort-a`" in text
+    assert "Fastest INT8 deployment of all: `ort-a` under OpenVINO at 0.200×" in text

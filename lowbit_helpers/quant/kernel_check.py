@@ -4,10 +4,10 @@ ORT's x86 u8s8 GEMM multiplies through ``vpmaddubsw`` on CPUs without VNNI: each
 u8 x s8 products is summed into int16 with saturation, so a pair sum beyond 32767 is clipped
 before the int32 accumulation. With VNNI (``vpdpbusd``) or AMX the pairs accumulate straight
 into int32 and nothing clips. ORT's remedy is ``reduce_range``: 7-bit weights
-([-64, 63]), so that 2 x 255 x 64 = 32640 always fits.
+([-64, 64]), so that 2 x 255 x 64 = 32640 always fits.
 
 :func:`probe_model` builds a one-Conv Q/DQ model whose pair sums exceed int16 (activations at
-255, weights at +127, or +63 for the reduce-range twin); :func:`probe` runs it through ORT's
+255, weights at +127, or +64 for the reduce-range twin); :func:`probe` runs it through ORT's
 fused kernels and with exact Q/DQ arithmetic (graph optimizations off) and compares. Written
 here because no library ships such a probe; the model is built with ``onnx.helper``.
 """
@@ -19,19 +19,20 @@ from pathlib import Path
 import numpy as np
 
 CHANNELS = 64  # input channels of the 1x1 probe Conv: 32 u8 x s8 pairs per output
+PROBE_VERSION = 2  # part of the cached probe's key: bump when the probe changes
 
 
 def probe_model(path: str | Path, reduce_range: bool = False, out_channels: int = 8) -> Path:
     """A Q/DQ Conv (uint8 activations, int8 per-channel weights) as ORT fuses it into QLinearConv.
 
-    Input x in [0, 1] quantizes with scale 1/255 to u8 up to 255. The weights are +127 (or +63
-    with ``reduce_range``) at scale 1/127 (1/63), i.e. 1.0 in float, so the exact output at x = 1
+    Input x in [0, 1] quantizes with scale 1/255 to u8 up to 255. The weights are +127 (or +64,
+    the largest ``reduce_range`` weight) at scale 1/127 (1/64), i.e. 1.0 in float, so the exact output at x = 1
     is ``CHANNELS``; the output is quantized with a range that holds it.
     """
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    q = 63 if reduce_range else 127
+    q = 64 if reduce_range else 127
     w = np.full((out_channels, CHANNELS, 1, 1), q, dtype=np.int8)
     inits = [
         numpy_helper.from_array(np.array(1 / 255, np.float32), "x_scale"),
@@ -69,18 +70,18 @@ def probe(folder: str | Path, threads: int = 1) -> dict:
     ``saturates`` is True when the 8-bit weights' kernel result falls short of the exact one
     (the vpmaddubsw int16 clip); ``reduce_range_exact`` when the 7-bit twin matches exactly.
     """
-    from ..runtime import environment, make_session
+    from ..runtime import cpu_int8_isa, make_session
     from .inspect import ort_executed_ops
 
     folder = Path(folder)
     x = np.ones((1, CHANNELS, 4, 4), np.float32)
-    out = {"cpu_int8_isa": environment()["cpu_int8_isa"], "pair_sum_limit": 32767}
+    out = {"cpu_int8_isa": cpu_int8_isa()}
     for rr in (False, True):
         m = probe_model(folder / f"probe_{'rr' if rr else 'full'}.onnx", reduce_range=rr)
         kern = make_session(m, threads=threads).run(None, {"x": x})[0]
         exact = make_session(m, threads=threads, arithmetic="exact").run(None, {"x": x})[0]
         tag = "reduce_range" if rr else "full_range"
-        wq = 63 if rr else 127
+        wq = 64 if rr else 127
         out[tag] = {"weight_q": wq, "pair_sum": 2 * 255 * wq, "exact": float(exact.mean()), "kernel": float(kern.mean()),
                     "max_abs_diff": float(np.abs(kern - exact).max()), "fused": ort_executed_ops(m, threads)["QLinearConv"]}  # fmt: skip
     y_scale = CHANNELS / 250

@@ -41,8 +41,8 @@ def quantize_int8_nncf(model_in: str | Path, model_out: str | Path, calib: np.nd
     excluded = checked_exclusions(model_in, calib, method, NNCF_METHODS, "NNCF", head_policy, exclude)
     model = onnx.load(str(model_in))
     name = model.graph.input[0].name
-    images = [np.ascontiguousarray(calib[i : i + 1]) for i in range(len(calib))]  # one image per item, read lazily
-    dataset = nncf.Dataset(images, lambda x: {name: x})
+    # one image per item, read from the (memory-mapped) tensor only when NNCF asks for it
+    dataset = nncf.Dataset(range(len(calib)), lambda i: {name: np.ascontiguousarray(calib[i : i + 1])})
     preset = {"mixed": nncf.QuantizationPreset.MIXED, "performance": nncf.QuantizationPreset.PERFORMANCE}[method]
     call = {"api": "nncf.quantize", "nncf": nncf.__version__, "preset": method.upper(), "subset_size": len(calib),
             "fast_bias_correction": bias_correction == "fast", "ignored_scope": excluded,

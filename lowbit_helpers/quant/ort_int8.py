@@ -28,7 +28,7 @@ def quantize_int8_ort(model_in: str | Path, model_out: str | Path, calib: np.nda
                       percentile: float = 99.999, stride: int = 1, reduce_range: bool = False) -> dict:  # fmt: skip
     """Quantize ``model_in`` to ``model_out``; returns (and saves beside it) the exact recipe.
 
-    ``reduce_range``: 7-bit weights ([-64, 63] per channel), ORT's remedy for CPUs without
+    ``reduce_range``: 7-bit weights ([-64, 64] per channel), ORT's remedy for CPUs without
     VNNI, whose u8s8 kernels saturate int16 pair sums of full-range weights
     (:mod:`.kernel_check`); it costs one bit of weight resolution everywhere.
     """

@@ -97,6 +97,14 @@ def accuracy_table(result: dict) -> pd.DataFrame | None:
     return pd.DataFrame(rows).set_index(["variant", "engine"]) if rows else None
 
 
+def skipped_engines_text(result: dict) -> str:
+    """Engines that could not run here, and why (so that a missing row is explained)."""
+    seen = {}
+    for v in list(result.get("validations", {}).values()) + [result.get("fp32_engines") or {}]:
+        seen.update(v.get("skipped_engines") or {})
+    return "; ".join(f"{ENGINE_LABELS.get(e, e)}: {why}" for e, why in seen.items())
+
+
 def emulation_table(result: dict) -> pd.DataFrame | None:
     """ORT's kernels on the emulated CPU (no VNNI) against the same file's exact arithmetic, beside
     this CPU's kernels on the same images."""
@@ -118,7 +126,9 @@ def emulation_table(result: dict) -> pd.DataFrame | None:
 
 def drop_decomposition(result: dict) -> pd.DataFrame | None:
     """Where each ORT variant's INT8 drop goes: the quantization itself (exact arithmetic against
-    FP32), this CPU's integer kernels against the exact arithmetic, and the emulated AVX2 CPU's."""
+    FP32), this CPU's integer kernels against the exact arithmetic, and the emulated CPU's."""
+    from ..runtime import int8_kernel_class
+
     if result.get("structure_only"):
         return None
     env = result.get("environment") or {}
@@ -134,7 +144,8 @@ def drop_decomposition(result: dict) -> pd.DataFrame | None:
         em = (result.get("emulated") or {}).get(name)
         if em and "skipped" not in em:
             k = em["kernels"]
-            row[f"kernels − exact, AVX2 (emulated {em['cpu']}), {k['subset']}"] = fmt_delta(k["delta_vs"]["ort-exact"])
+            cls = int8_kernel_class(em["cpu_int8_isa"]).upper()
+            row[f"kernels − exact, {cls} (emulated {em['cpu']}), {k['subset']}"] = fmt_delta(k["delta_vs"]["ort-exact"])
         rows.append(row)
     return tidy(pd.DataFrame(rows).set_index("variant")) if rows else None
 
@@ -218,14 +229,35 @@ def _structure_only_conclusion(result: dict) -> str:
     lat = _latency(result)
     fp32 = lat[("fp32", "ort")]["median_ms"]
     text = "Structure-only model: no accuracy, so no recommendation; latency and fusion above are real."
+    ort = [n for n in result["validations"] if result["recipes"][n]["backend"] == "ort" and (n, "ort") in lat]
+    if ort:
+        fastest = min(ort, key=lambda n: lat[(n, "ort")]["median_ms"])
+        text += f" Fastest ORT variant: `{fastest}` at {lat[(fastest, 'ort')]['median_ms'] / fp32:.3f}× FP32 latency."
+        text += _profile_sentence(result, fastest)
     timed = [(k, r["median_ms"]) for k, r in lat.items() if k[0] != "fp32"]
     if timed:
         (name, rt), ms = min(timed, key=lambda kv: kv[1])
-        text += f" Fastest INT8 deployment: `{name}` under {'ORT' if rt == 'ort' else 'OpenVINO'} at {ms / fp32:.3f}× ORT FP32 latency."
+        text += f" Fastest INT8 deployment of all: `{name}` under {_RUNTIME_NAMES[rt]} at {ms / fp32:.3f}× ORT FP32 latency."
     ov = lat.get(("fp32", "openvino"))
     if ov:
         text += f" OpenVINO runs FP32 at {ov['median_ms'] / fp32:.3f}× ORT FP32."
     return text + _isa_sentence(result)
+
+
+_RUNTIME_NAMES = {"ort": "ORT", "openvino": "OpenVINO", "openvino-bf16": "OpenVINO bf16"}
+
+
+def _profile_sentence(result: dict, name: str) -> str:
+    """What ORT's profiler says of ``name`` against FP32: Conv kernels vs everything else."""
+    profiles = result.get("profiles") or {}
+    if "fp32" not in profiles or name not in profiles:
+        return ""
+    from ..runtime import compare_profiles
+
+    cmp = compare_profiles(profiles["fp32"], profiles[name])
+    other = cmp["other_ms"][1] / cmp["other_ms"][0] if cmp["other_ms"][0] else math.nan
+    return (f" Under ORT's profiler its Conv kernels take {cmp['conv_ratio']:.2f}× the time of FP32's and everything else "
+            f"{other:.2f}×, so the Conv kernels bound the speed-up.")  # fmt: skip
 
 
 def int8_conclusion(result: dict, target_points: float = 0.5) -> str:
@@ -238,8 +270,11 @@ def int8_conclusion(result: dict, target_points: float = 0.5) -> str:
     fp32_ms = lat[("fp32", "ort")]["median_ms"]
     env = result.get("environment") or {}
     isa = f"{env.get('int8_kernel_class', '?').upper()} CPU: {', '.join(env.get('cpu_int8_isa') or []) or 'no int8 ISA'}"
-    any_eng = next(iter(vals.values()))["engines"]
-    sel_name, conf_name = (next(iter(any_eng.values()))[k]["subset"] for k in ("select", "confirm"))
+    scored = [v["engines"] for v in vals.values() if v.get("engines")]
+    if not scored:
+        return "No engine could score the INT8 variants here: " + "; ".join(
+            f"{e}: {why}" for v in vals.values() for e, why in (v.get("skipped_engines") or {}).items()) + "."  # fmt: skip
+    sel_name, conf_name = (next(iter(scored[0].values()))[k]["subset"] for k in ("select", "confirm"))
 
     def d(name, engine, split="confirm"):
         return vals[name]["engines"][engine][split]["delta_vs_fp32"]
@@ -257,20 +292,23 @@ def int8_conclusion(result: dict, target_points: float = 0.5) -> str:
     # where the drop goes: quantization itself, then the kernels
     # keep_sensitive variants are not shipped: ORT re-quantizes their excluded Convs at load time
     # (WeightBiasQuantization), so what runs is neither the float layer asked for nor the exact arithmetic
-    ort_cpu = [n for n in vals if recipes[n]["backend"] == "ort" and has(n, "ort") and ratio(n) < 1
+    ort_cpu = [n for n in vals if recipes[n]["backend"] == "ort" and has(n, "ort") and has(n, "ort-exact")
                and not vals[n]["variant"].get("keep_sensitive")]  # fmt: skip
-    if ort_cpu and all(has(n, "ort-exact") for n in ort_cpu):
-        best = max(ort_cpu, key=lambda n: d(n, "ort", "select")["delta"])
+    fast = [n for n in ort_cpu if ratio(n) < 1]
+    if ort_cpu:
+        best = max(fast or ort_cpu, key=lambda n: d(n, "ort", "select")["delta"])
         gap = vals[best]["engines"]["ort"]["confirm"]["delta_vs"]["ort-exact"]
         ex, k = d(best, "ort-exact"), d(best, "ort")
+        among = "that run faster than FP32" if fast else "(none runs faster than FP32 here)"
         lines.append(
             f"**ORT CPU ({env.get('int8_kernel_class', '?').upper()}):** ship `{best}` (best {sel_name} Δ through ORT's kernels "
-            f"among the ORT recipes that run faster than FP32; `keep_sensitive` recipes are left out, since ORT re-quantizes "
+            f"among the ORT recipes {among}; `keep_sensitive` recipes are left out, since ORT re-quantizes "
             f"their excluded Convs at load time): {fmt_delta(k)} on {conf_name} through this CPU's kernels, "
             f"{fmt_delta(ex)} with exact arithmetic (kernels − exact {fmt_delta(gap)}), {ratio(best):.2f}× ORT FP32 latency, "
             f"{vals[best]['ort_cpu']['QLinearConv']} of {vals[best]['qdq']['Conv']} Convs as QLinearConv. "
             f"Against the 0.15-point target it {_verdict(k, 0.15)} (kernels) and {_verdict(ex, 0.15)} (exact); "
             f"against the {target_points}-point one it {_verdict(k, target_points)}."
+            + _profile_sentence(result, best) + _isa_sentence(result)
         )  # fmt: skip
         peers = [n for n in vals if recipes[n]["backend"] == "nncf"]
         for engine in ("ort", "ort-exact"):
@@ -281,34 +319,39 @@ def int8_conclusion(result: dict, target_points: float = 0.5) -> str:
                 lines[-1] += (f" Best NNCF row under {engine_label(engine, result)}: `{p}` {fmt_delta(d(p, engine))}; "
                               f"ours is {'at or ahead of' if diff >= 0 else 'behind'} it by {diff:+.2f} points (point estimates).")  # fmt: skip
                 if diff < 0 and engine == "ort":
+                    ov = f" and {ratio(p, 'openvino'):.2f}× under OpenVINO" if (p, "openvino") in lat else ""
                     lines[-1] += (f" Where those points matter more than ORT's speed, ship `{p}` instead: it runs at "
-                                  f"{ratio(p):.2f}× ORT FP32 under ORT and {ratio(p, 'openvino'):.2f}× under OpenVINO.")  # fmt: skip
+                                  f"{ratio(p):.2f}× ORT FP32 under ORT{ov}.")  # fmt: skip
     # AVX2-only CPUs (emulated)
     emu = {n: e for n, e in (result.get("emulated") or {}).items() if "skipped" not in e}
-    if emu:
-        pick = max(emu, key=lambda n: emu[n]["kernels"]["delta_vs_fp32"]["delta"])
-        e = emu[pick]["kernels"]
+    shippable = [n for n in emu if not vals[n]["variant"].get("keep_sensitive")]
+    if shippable:
+        from ..runtime import int8_kernel_class
+
         gaps = "; ".join(f"`{n}` {fmt_delta(x['kernels']['delta_vs']['ort-exact'])}" for n, x in emu.items())
+        pick = max(shippable, key=lambda n: emu[n]["kernels"]["delta_vs_fp32"]["delta"])
+        e = emu[pick]["kernels"]
+        cls = int8_kernel_class(emu[pick]["cpu_int8_isa"]).upper()
         lines.append(
-            f"**ORT CPU without VNNI (AVX2, measured on an emulated {emu[pick]['cpu']} CPU, {e['subset']}):** ship `{pick}`: "
-            f"{fmt_delta(e['delta_vs_fp32'])} vs FP32 through the AVX2 kernels; kernels − exact {fmt_delta(e['delta_vs']['ort-exact'])}, "
+            f"**ORT CPU, {cls} class (no VNNI), measured on an emulated {emu[pick]['cpu']} CPU, {e['subset']}:** ship `{pick}`: "
+            f"{fmt_delta(e['delta_vs_fp32'])} vs FP32 through those kernels; kernels − exact {fmt_delta(e['delta_vs']['ort-exact'])}, "
             f"which {_gap_verdict(e['delta_vs']['ort-exact'], 0.1)} the 0.1-point target. Kernels − exact per variant there: {gaps}. "
             f"Chosen and shown on {e['subset']} only (emulation runs about 100× slower than native)."
         )  # fmt: skip
     # fastest CPU deployment with accuracy within target_points on the selection split under its own runtime
     fastest = []
     for (name, rt), r in lat.items():
-        engine = rt
-        if name == "fp32" or name not in vals or not has(name, engine):
+        if name == "fp32" or name not in vals or not has(name, rt) or vals[name]["variant"].get("keep_sensitive"):
             continue
-        if -100 * d(name, engine, "select")["delta"] <= target_points:
-            fastest.append((r["median_ms"], name, rt, engine))
+        if -100 * d(name, rt, "select")["delta"] <= target_points:
+            fastest.append((r["median_ms"], name, rt))
     if fastest:
-        ms, name, rt, engine = min(fastest)
+        ms, name, rt = min(fastest)
+        engine = rt
         k = d(name, engine)
         lines.append(
             f"**Fastest CPU deployment** within {target_points} points on {sel_name}: `{name}` under "
-            f"{'ORT' if rt == 'ort' else 'OpenVINO'} at {ms / fp32_ms:.2f}× ORT FP32 latency ({ms:.1f} ms), "
+            f"{_RUNTIME_NAMES[rt]} at {ms / fp32_ms:.2f}× ORT FP32 latency ({ms:.1f} ms), "
             f"{fmt_delta(k)} on {conf_name} from its own outputs. The ≤ 0.35× target is "
             f"{'met' if ms / fp32_ms <= 0.35 else 'not met'} here ({ms / fp32_ms:.2f}×); its accuracy "
             f"{_verdict(k, 0.15)} the 0.15-point target."

@@ -9,7 +9,7 @@ from ..rundir import RunDir
 from ..steps.baseline import MODEL_INFO
 from ..steps.sensitivity import SCHEMES_DIR
 from .baseline import baseline_table, model_table, parity_table, parity_verdict
-from .int8 import accuracy_table, drop_decomposition, emulation_table, int8_conclusion, int8_table, kernel_probe_text, latency_breakdown
+from .int8 import accuracy_table, drop_decomposition, emulation_table, int8_conclusion, int8_table, kernel_probe_text, latency_breakdown, skipped_engines_text
 
 SUMMARY_MD = "summary.md"
 SUMMARY_JSON = "results/summary.json"
@@ -37,6 +37,8 @@ def write_summary(run: RunDir, int8_result: dict | None = None, sensitivity_resu
         acc = accuracy_table(int8_result)
         if acc is not None:
             parts += ["Accuracy under every engine:", "", acc.to_markdown(), ""]
+        if skipped_engines_text(int8_result):
+            parts += ["Not run here: " + skipped_engines_text(int8_result), ""]
         emu = emulation_table(int8_result)
         if emu is not None:
             parts += ["ORT's kernels on a CPU without VNNI (emulated):", "", emu.to_markdown(), ""]

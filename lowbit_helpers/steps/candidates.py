@@ -352,12 +352,15 @@ def run_ladder(run: RunDir, schemes: dict[str, dict]) -> dict:
 
 
 def best_int8(run: RunDir) -> dict | None:
-    """Notebook 03's variant with the best mAP on the selection split (None when INT8 is off)."""
+    """Notebook 03's ORT recipe (quantize_static, no keep_sensitive) with the best mAP on the
+    selection split through ORT's kernels: the INT8 reference row (None when INT8 is off)."""
     cfg = run.cfg
     if not cfg.int8.enabled:
         return None
     best = None
     for v in cfg.int8.variants:
+        if v.backend != "ort" or v.keep_sensitive:
+            continue
         rel = VARIANT_EVAL.format(name=v.name)
         if not run.has(rel):
             continue

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from ..artifacts import read_json, write_json
-from ..config import Config, Int8Variant
+from ..config import EMULATE_DEFAULT, Config, Int8Variant
 from ..errors import LowbitError
 from ..quant.modelopt_int8 import MODELOPT_METHODS
 from ..quant.nncf_int8 import NNCF_METHODS
@@ -61,14 +61,30 @@ def check_variants(cfg: Config) -> None:
                               f"use one of {sorted(allowed)} for {v.backend}")  # fmt: skip
         if v.name in seen:
             raise LowbitError(f"int8.variants: the name {v.name!r} is used twice", "give each variant its own name")
+        if v.bias_correction != "full" and v.backend != "nncf":
+            raise LowbitError(f"int8.variants: {v.name}: bias_correction is an NNCF option",
+                              "set it only on backend nncf variants")  # fmt: skip
         if v.reduce_range and v.backend != "ort":
             raise LowbitError(f"int8.variants: {v.name}: reduce_range is an ORT quantize_static option",
                               "set it only on backend ort variants")  # fmt: skip
         seen.add(v.name)
     unknown = [n for n in cfg.int8.emulate.variants if n not in seen]
-    if cfg.int8.emulate.cpu and unknown:
+    if cfg.int8.emulate.cpu and unknown and cfg.int8.emulate.variants != EMULATE_DEFAULT:
         raise LowbitError(f"int8.emulate.variants: {unknown} are not among int8.variants",
                           "name variants listed in int8.variants")  # fmt: skip
+
+
+def backend_version(backend: str) -> dict:
+    """The quantizing library's version beyond :func:`baseline.versions` (part of the variant's key)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    dist = {"nncf": "nncf", "modelopt": "nvidia-modelopt"}.get(backend)
+    if dist is None:
+        return {}
+    try:
+        return {dist: version(dist)}
+    except PackageNotFoundError:
+        return {dist: None}
 
 
 def sensitive_convs(run: RunDir, n: int) -> list[str]:
@@ -136,7 +152,7 @@ def quantize_variant(run: RunDir, v: Int8Variant) -> dict:
     rel, recipe_rel, log_rel = (p.format(name=v.name) for p in (VARIANT_ONNX, VARIANT_RECIPE, VARIANT_LOG))
     out = run.file(rel)
     cmd = quantize_command(cfg, v, model, calib, out, sensitive_convs(run, v.keep_sensitive))
-    key = stage_key({"cmd": cmd[3:], "versions": baseline.versions()}, [model, calib])
+    key = stage_key({"cmd": cmd[3:], "versions": {**baseline.versions(), **backend_version(v.backend)}}, [model, calib])
     outputs = [rel, recipe_rel, log_rel]
     if not run.is_fresh(f"int8:{v.name}", key):
         measured = run_measured(cmd, run.file(log_rel))
@@ -283,10 +299,14 @@ def emulated(run: RunDir, v: Int8Variant) -> dict:
 
         sub = open_coco(cfg.data.coco_root, cfg.data.annotations, em.subset)
         with EmulatedSession(qemu, em.cpu, q, cfg.runtime.threads) as emu:
+            if "avx2" not in emu.cpu_int8_isa:
+                raise LowbitError(f"the emulated CPU {em.cpu} shows no AVX2 to ORT ({emu.cpu_int8_isa}): QEMU before 7.2 "
+                                  "emulates no AVX2", "use Debian 12's qemu-user-static 7.2 (bash scripts/get_qemu.sh) "
+                                  "or set int8.emulate.cpu: null")  # fmt: skip
             exact = make_session(q, threads=cfg.runtime.threads, arithmetic="exact")
             dets, seconds = predict_sessions({"emulated": emu, "ort-exact": exact}, sub, cfg.decode)
             isa = emu.cpu_int8_isa
-        fp32 = fp32_reference(run, cfg.int8.confirm_subset)
+        fp32 = fp32_reference(run, em.subset)
         out = {"cpu": em.cpu, "cpu_int8_isa": isa, "seconds": round(seconds["emulated"], 1),
                "kernels": score(run, dets["emulated"], sub, fp32, {"ort-exact": dets["ort-exact"]})}  # fmt: skip
         write_json(run.file(rel), out)
@@ -297,16 +317,17 @@ def emulated(run: RunDir, v: Int8Variant) -> dict:
 def kernel_probe(run: RunDir) -> dict:
     """The int16 saturation probe (:mod:`..quant.kernel_check`) on this CPU and on the emulated one."""
     from ..emulate import emulated_probe, qemu_binary
-    from ..quant.kernel_check import probe
+    from ..quant.kernel_check import PROBE_VERSION, probe
 
     em = run.cfg.int8.emulate
-    key = stage_key({"cpu": em.cpu, "environment": _engine_environment(["ort"])}, [])
+    qemu = qemu_binary()
+    key = stage_key({"cpu": em.cpu, "environment": _engine_environment(["ort"]), "qemu": qemu is not None,
+                     "probe": PROBE_VERSION}, [])  # fmt: skip
     if not run.is_fresh("int8-kernel-probe", key):
         import tempfile
 
         with tempfile.TemporaryDirectory() as tmp:
             out = {"this_cpu": probe(tmp)}
-        qemu = qemu_binary()
         if em.cpu:
             out["emulated"] = emulated_probe(qemu, em.cpu) if qemu else {"skipped": "qemu-x86_64-static not found"}
         write_json(run.file(KERNEL_PROBE), out)
@@ -323,7 +344,9 @@ def latency(run: RunDir) -> dict:
     from ..runtime import bench_models, environment, profile_model
 
     cfg = run.cfg
-    runtimes = [r for r in cfg.int8.latency_runtimes if r == "ort" or environment()["openvino"]]
+    # ORT first: its FP32 row is the reference of every ratio (the config requires ort among latency_runtimes)
+    runtimes = sorted((r for r in cfg.int8.latency_runtimes if r == "ort" or environment()["openvino"]),
+                      key=["ort", "openvino"].index)  # fmt: skip
     names = ["fp32"] + [v.name for v in cfg.int8.variants]
     models = [run.artifact(baseline.MODEL)]
     models += [run.artifact(VARIANT_ONNX.format(name=v.name)) for v in cfg.int8.variants]
@@ -373,6 +396,7 @@ def run_int8(run: RunDir) -> dict:
         validations = {v.name: validate_variant(run, v) for v in cfg.int8.variants}
         fp32 = fp32_engines(run)
         if cfg.int8.emulate.cpu:
+            # the listed variants that this params file has (the default list names the default variants)
             emulation = {v.name: emulated(run, v) for v in cfg.int8.variants if v.name in cfg.int8.emulate.variants}
     lat = latency(run)
     return {"recipes": recipes, "validations": validations, "fp32_engines": fp32, "emulated": emulation,
