@@ -60,7 +60,11 @@ def _cmd_evaluate(args) -> int:
     from .config import parse_config
     from .steps.baseline import evaluate_model
 
-    model = _raw_onnx(args.model)
+    # an OpenVINO IR (.xml) is read by OpenVINO alone; an ONNX is checked to be a raw-head detector
+    ir = Path(args.model).suffix == ".xml"
+    if ir and args.runtime != "openvino":
+        raise LowbitError(f"{args.model} is an OpenVINO IR, which ONNX Runtime cannot read", "add --runtime openvino")
+    model = _raw_onnx(args.model, check_output=not ir)
     subset = args.subset or (f"first:{args.max_images}" if args.max_images else "all")
     cfg = parse_config({
         "name": "evaluate",
@@ -128,8 +132,8 @@ def _cmd_quantize_int8(args) -> int:
 
     if args.reduce_range and args.backend != "ort":
         raise LowbitError("--reduce-range is an ORT quantize_static option", "use it with --backend ort")
-    if args.bias_correction and args.backend != "nncf":
-        raise LowbitError("--bias-correction is an NNCF option", "use it with --backend nncf")
+    if (args.bias_correction or args.format != "onnx") and args.backend != "nncf":
+        raise LowbitError("--bias-correction and --format are NNCF options", "use them with --backend nncf")
     model = _raw_onnx(args.model, check_output=False)
     if args.calib_npy:
         calib = load_calibration(args.calib_npy, args.images)
@@ -147,7 +151,8 @@ def _cmd_quantize_int8(args) -> int:
         from .quant.nncf_int8 import quantize_int8_nncf
 
         recipe = quantize_int8_nncf(model, args.out, calib, method=method, head_policy=args.head_policy,
-                                    exclude=args.exclude, bias_correction=args.bias_correction or "full")  # fmt: skip
+                                    exclude=args.exclude, bias_correction=args.bias_correction or "full",
+                                    target=args.format)  # fmt: skip
     else:
         from .quant.modelopt_int8 import quantize_int8_modelopt
 
@@ -317,6 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "nncf: mixed (default) | performance (its presets)")  # fmt: skip
     q.add_argument("--reduce-range", action="store_true", help="ort: 7-bit weights (no int16 saturation on CPUs without VNNI)")
     q.add_argument("--bias-correction", choices=["full", "fast"], help="nncf: its bias correction (default full)")
+    q.add_argument("--format", choices=["onnx", "openvino"], default="onnx",
+                   help="nncf: a Q/DQ ONNX, or an OpenVINO IR (--out model.xml; OpenVINO runs it, ORT cannot)")  # fmt: skip
     q.add_argument("--images", type=int, default=128, help="calibration images (the first N of the list)")
     q.add_argument("--head-policy", choices=["none", "conservative", "head"], default="conservative")
     q.add_argument("--exclude", nargs="*", default=[], help="ONNX node names kept in float")

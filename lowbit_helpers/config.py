@@ -81,6 +81,7 @@ class Int8Variant(_Section):
                                 "(notebook 04's sweep, computed on first need) from quantization")
     reduce_range: bool = Field(False, description="ort: 7-bit weights (no int16 saturation without VNNI)")
     bias_correction: Literal["full", "fast"] = Field("full", description="nncf: its bias correction")
+    format: Literal["onnx", "openvino"] = Field("onnx", description="nncf: a Q/DQ ONNX, or an OpenVINO IR (OpenVINO only)")
 
 
 def _default_variants() -> list[Int8Variant]:
@@ -95,6 +96,7 @@ def _default_variants() -> list[Int8Variant]:
         Int8Variant(name="ort-percentile-rr", backend="ort", method="percentile", reduce_range=True),
         Int8Variant(name="nncf-mixed", backend="nncf", method="mixed"),
         Int8Variant(name="nncf-mixed-fastbc", backend="nncf", method="mixed", bias_correction="fast"),
+        Int8Variant(name="nncf-ov-mixed", backend="nncf", method="mixed", format="openvino"),
         Int8Variant(name="modelopt-max", backend="modelopt", method="max"),
         Int8Variant(name="modelopt-entropy", backend="modelopt", method="entropy"),
     ]

@@ -127,7 +127,11 @@ def test_quantize_int8_peer_options(yolov10n_onnx, tmp_path, capsys):
             "--out", str(tmp_path / "q.onnx")], capsys, "--reduce-range")  # fmt: skip
     _fails(["quantize-int8", str(yolov10n_onnx), "--backend", "nncf", "--method", "minmax", "--calib-npy", str(calib),
             "--images", "2", "--out", str(tmp_path / "q.onnx")], capsys, "NNCF calibration method")  # fmt: skip
-    assert not (tmp_path / "q.onnx").exists()
+    _fails(["quantize-int8", str(yolov10n_onnx), "--backend", "ort", "--format", "openvino", "--calib-npy", str(calib),
+            "--images", "2", "--out", str(tmp_path / "q.xml")], capsys, "NNCF options")  # fmt: skip
+    _fails(["quantize-int8", str(yolov10n_onnx), "--backend", "nncf", "--format", "openvino", "--calib-npy", str(calib),
+            "--images", "2", "--out", str(tmp_path / "q.onnx")], capsys, "writes a .xml file")  # fmt: skip
+    assert not (tmp_path / "q.onnx").exists() and not (tmp_path / "q.xml").exists()
 
 
 def test_reduce_range_gives_seven_bit_weights(yolov10n_onnx, tmp_path):

@@ -44,6 +44,7 @@ def test_smoke_run_of_all_notebooks(tmp_path, coco_root):
     assert set(manifest["stages"]) >= {"baseline_onnx", "calibration", "fp32_evaluation", "fp32_latency", "parity", "summary",
                                        "int8:ort-percentile", "int8:modelopt-max", "int8-eval:ort-percentile", "int8-latency",
                                        "int8:nncf-mixed", "int8-eval:nncf-mixed", "int8-fp32-engines", "int8-kernel-probe",
+                                       "int8:nncf-ov", "int8-eval:nncf-ov",
                                        "int8-emulated:ort-percentile"}  # fmt: skip
     nb03 = (run / "html" / "03_int8_ptq.html").read_text()
     assert "INT8 baselines" in html and "ORT CPU (" in html and "quantize-int8" in nb03 and "Traceback" not in nb03
@@ -54,6 +55,9 @@ def test_smoke_run_of_all_notebooks(tmp_path, coco_root):
     assert set(ev["engines"]) == {"ort", "ort-exact", "openvino"}
     assert ev["engines"]["ort"]["confirm"]["delta_vs"]["ort-exact"]["n"] == 50
     assert {r["runtime"] for r in read_json(run / "int8-coco" / "latency.json")["rows"]} == {"ort", "openvino"}
+    # the NNCF OpenVINO IR: scored and timed by OpenVINO alone
+    ir = read_json(run / "int8-coco" / "nncf-ov.json")
+    assert set(ir["engines"]) == {"openvino"} and "ort" in ir["skipped_engines"] and (run / "onnx" / "nncf-ov.bin").is_file()
     # each model also ran under ORT's profiler: the Conv kernels against FP32's, in the table and the conclusion
     assert "Conv kernels take" in html and "Conv × FP32" in (run / "html" / "03_int8_ptq.html").read_text()
     assert "Where the time goes" in (run / "summary.md").read_text()

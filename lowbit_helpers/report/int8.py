@@ -60,15 +60,17 @@ def int8_table(result: dict) -> pd.DataFrame:
     for name, val in result["validations"].items():
         rec = result["recipes"][name]
         v = val["variant"]
-        extra = " 7-bit w" if v.get("reduce_range") else f" {v['bias_correction']} BC" if v["backend"] == "nncf" else ""
+        extra = (" 7-bit w" if v.get("reduce_range") else f" {v['bias_correction']} BC" if v["backend"] == "nncf" else "")
+        extra += " (IR)" if v.get("format") == "openvino" else ""
         row = {"variant": name, "backend": rec["backend"], "calibration": rec["method"] + extra, "head policy": rec["head_policy"]}
         if "fidelity" in val:
             row["SQNR dB"] = round(val["fidelity"]["sqnr_db"], 1)
+        qdq, ort_cpu = val.get("qdq"), val.get("ort_cpu")  # None for an OpenVINO IR
         row.update({
             **timing(name),
             "size (MiB)": round(val["size_bytes"] / 2**20, 1),
-            "Q/DQ nodes": val["qdq"]["QuantizeLinear"] + val["qdq"]["DequantizeLinear"],
-            "QLinearConv / Conv (ORT CPU)": f"{val['ort_cpu']['QLinearConv']} / {val['qdq']['Conv']}",
+            "Q/DQ nodes": qdq["QuantizeLinear"] + qdq["DequantizeLinear"] if qdq else "— (OpenVINO IR)",
+            "QLinearConv / Conv (ORT CPU)": f"{ort_cpu['QLinearConv']} / {qdq['Conv']}" if qdq and ort_cpu else "—",
             "calib s": round(rec["calibration"]["seconds"]),
             "calib peak RSS (MiB)": round(rec["calibration"]["peak_rss_mb"]),
         })  # fmt: skip
@@ -210,6 +212,18 @@ def _isa_sentence(result: dict) -> str:
             + ("." if vnni else " (no VNNI: ORT's u8s8 kernels multiply through vpmaddubsw, far slower than vpdpbusd)."))  # fmt: skip
 
 
+def diverging(result: dict, limit_points: float = 5.0) -> list[tuple[str, str, dict]]:
+    """(variant, engine, Δ to exact) where an engine's result is more than ``limit_points`` away from
+    the same file's exact arithmetic on the whole subset: that engine computes the graph wrongly."""
+    out = []
+    for name, val in result.get("validations", {}).items():
+        for engine, e in (val.get("engines") or {}).items():
+            gap = e["whole"].get("delta_vs", {}).get("ort-exact")
+            if gap and abs(100 * gap["delta"]) > limit_points:
+                out.append((name, engine, gap))
+    return out
+
+
 def _verdict(d: dict, limit_points: float) -> str:
     """'meets' when the whole interval is within ``limit_points`` of zero from below, 'is compatible
     with' when only the point estimate is, else 'misses'."""
@@ -289,6 +303,11 @@ def int8_conclusion(result: dict, target_points: float = 0.5) -> str:
     lines = [f"Every recipe below is chosen on {sel_name} and its Δ quoted on {conf_name}, in mAP50-95 points "
              f"against FP32 (ORT), with the paired 95 % interval. Kernel numbers hold for this machine's {isa}."]  # fmt: skip
 
+    wrong = diverging(result)
+    if wrong:
+        lines.append("**Engines that compute a file wrongly** (more than 5 points from its exact arithmetic, so those rows "
+                     "measure the engine, not the recipe): " + "; ".join(
+                         f"`{n}` under {engine_label(e, result)} ({fmt_delta(g)})" for n, e, g in wrong) + ".")  # fmt: skip
     # where the drop goes: quantization itself, then the kernels
     # keep_sensitive variants are not shipped: ORT re-quantizes their excluded Convs at load time
     # (WeightBiasQuantization), so what runs is neither the float layer asked for nor the exact arithmetic

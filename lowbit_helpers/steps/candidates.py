@@ -29,7 +29,7 @@ from ..artifacts import atomic_path, read_json, write_json
 from ..errors import LowbitError
 from ..rundir import RunDir, stage_key
 from . import baseline
-from .int8 import VARIANT_EVAL, VARIANT_ONNX
+from .int8 import VARIANT_EVAL, variant_model
 from .sensitivity import SCHEMES_DIR, SCHEMES_INDEX, SENS
 from .splits import fp32_reference, open_splits, score
 
@@ -368,7 +368,7 @@ def best_int8(run: RunDir) -> dict | None:
         if cfg.candidates.select_subset in coco:
             m = coco[cfg.candidates.select_subset]["metrics"]["mAP_50_95"]
             if best is None or m > best["select_mAP"]:
-                best = {"name": v.name, "select_mAP": m, "model": VARIANT_ONNX.format(name=v.name), "coco": coco}
+                best = {"name": v.name, "select_mAP": m, "model": variant_model(v), "coco": coco}
     return best
 
 

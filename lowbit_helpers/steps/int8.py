@@ -40,6 +40,8 @@ from .splits import evaluation, fp32_reference, open_splits, score, score_evalua
 
 # artifacts, relative to the run directory ({name}: the variant's name, {subset}: an evaluation subset)
 VARIANT_ONNX = "onnx/{name}.onnx"
+VARIANT_IR = "onnx/{name}.xml"  # an OpenVINO IR (NNCF's format: openvino), weights in "onnx/{name}.bin"
+VARIANT_IR_BIN = "onnx/{name}.bin"
 VARIANT_RECIPE = "onnx/{name}.recipe.json"  # written by quantize-int8 beside the ONNX, completed here
 VARIANT_LOG = "onnx/{name}.log"
 VARIANT_MODELOPT_LOG = "onnx/{name}.modelopt.log"  # written by the ModelOpt backend beside the ONNX
@@ -52,6 +54,15 @@ LATENCY = "int8-coco/latency.json"
 BACKEND_METHODS = {"ort": ORT_METHODS, "modelopt": MODELOPT_METHODS, "nncf": NNCF_METHODS}
 
 
+def variant_model(v: Int8Variant) -> str:
+    """The run-relative path of ``v``'s model: its Q/DQ ONNX, or its OpenVINO IR."""
+    return (VARIANT_IR if is_ir(v) else VARIANT_ONNX).format(name=v.name)
+
+
+def is_ir(v: Int8Variant) -> bool:
+    return v.format == "openvino"
+
+
 def check_variants(cfg: Config) -> None:
     seen = set()
     for v in cfg.int8.variants:
@@ -61,6 +72,8 @@ def check_variants(cfg: Config) -> None:
                               f"use one of {sorted(allowed)} for {v.backend}")  # fmt: skip
         if v.name in seen:
             raise LowbitError(f"int8.variants: the name {v.name!r} is used twice", "give each variant its own name")
+        if v.format != "onnx" and v.backend != "nncf":
+            raise LowbitError(f"int8.variants: {v.name}: format {v.format} is an NNCF option", "set it only on backend nncf variants")
         if v.bias_correction != "full" and v.backend != "nncf":
             raise LowbitError(f"int8.variants: {v.name}: bias_correction is an NNCF option",
                               "set it only on backend nncf variants")  # fmt: skip
@@ -125,7 +138,7 @@ def quantize_command(cfg: Config, v: Int8Variant, model: Path, calib: Path, out:
         if v.reduce_range:
             cmd += ["--reduce-range"]
     elif v.backend == "nncf":
-        cmd += ["--bias-correction", v.bias_correction]
+        cmd += ["--bias-correction", v.bias_correction] + (["--format", v.format] if v.format != "onnx" else [])
     else:
         cmd += ["--calibration-eps", *q.calibration_eps, "--high-precision-dtype", q.high_precision_dtype]
         if q.exclude_op_types:
@@ -149,11 +162,11 @@ def run_measured(cmd: list[str], log: Path) -> dict:
 def quantize_variant(run: RunDir, v: Int8Variant) -> dict:
     cfg = run.cfg
     model, calib = run.artifact(baseline.MODEL), run.artifact(baseline.CALIB)
-    rel, recipe_rel, log_rel = (p.format(name=v.name) for p in (VARIANT_ONNX, VARIANT_RECIPE, VARIANT_LOG))
+    rel, recipe_rel, log_rel = variant_model(v), VARIANT_RECIPE.format(name=v.name), VARIANT_LOG.format(name=v.name)
     out = run.file(rel)
     cmd = quantize_command(cfg, v, model, calib, out, sensitive_convs(run, v.keep_sensitive))
     key = stage_key({"cmd": cmd[3:], "versions": {**baseline.versions(), **backend_version(v.backend)}}, [model, calib])
-    outputs = [rel, recipe_rel, log_rel]
+    outputs = [rel, recipe_rel, log_rel] + ([VARIANT_IR_BIN.format(name=v.name)] if is_ir(v) else [])
     if not run.is_fresh(f"int8:{v.name}", key):
         measured = run_measured(cmd, run.file(log_rel))
         recipe = read_json(run.file(recipe_rel))
@@ -240,22 +253,33 @@ def validate_variant(run: RunDir, v: Int8Variant) -> dict:
     from ..runtime import make_session
 
     cfg = run.cfg
-    q = run.artifact(VARIANT_ONNX.format(name=v.name))
+    q = run.artifact(variant_model(v))
     model = run.artifact(baseline.MODEL)
     rel = VARIANT_EVAL.format(name=v.name)
     engines, skipped = available_engines(cfg.int8.engines)
+    if is_ir(v):  # an OpenVINO IR: only OpenVINO reads it
+        skipped.update({e: "skipped: an OpenVINO IR, which ONNX Runtime cannot read" for e in engines if e.startswith("ort")})
+        engines = [e for e in engines if not e.startswith("ort")]
     params = _eval_params(cfg, engines)
-    key = stage_key(params, [model, q])
+    inputs = [model, q] + ([run.artifact(VARIANT_IR_BIN.format(name=v.name))] if is_ir(v) else [])
+    key = stage_key(params, inputs)
     if not run.is_fresh(f"int8-eval:{v.name}", key):
-        smoke = baseline.ort_smoke(q, cfg)
-        session = make_session(q, cfg.runtime.providers, cfg.runtime.threads)
+        from ..runtime import engine_session
+
         sel, _, _ = splits(run)
         images = [preprocess(sel.image_path(i))[0] for i in sel.ids[: cfg.int8.fidelity_images]]
-        fidelity = head_fidelity(make_session(model, threads=cfg.runtime.threads), session, images)
+        fp32 = make_session(model, threads=cfg.runtime.threads)
+        if is_ir(v):
+            smoke, qdq, ort_cpu = None, None, None
+            session = engine_session(q, "openvino", threads=cfg.runtime.threads)
+        else:
+            smoke, qdq, ort_cpu = baseline.ort_smoke(q, cfg), qdq_counts(q), ort_executed_ops(q, cfg.runtime.threads)
+            session = make_session(q, cfg.runtime.providers, cfg.runtime.threads)
+        fidelity = head_fidelity(fp32, session, images)  # the raw head of what runs (OpenVINO for an IR) against FP32
         scores = engine_scores(run, q, engines)
         result = {"variant": v.model_dump(), "smoke": smoke, "fidelity": fidelity, "engines": scores,
-                  "skipped_engines": skipped, "environment": params["environment"], "qdq": qdq_counts(q),
-                  "ort_cpu": ort_executed_ops(q, cfg.runtime.threads), "size_bytes": q.stat().st_size}  # fmt: skip
+                  "skipped_engines": skipped, "environment": params["environment"], "qdq": qdq, "ort_cpu": ort_cpu,
+                  "size_bytes": sum(p.stat().st_size for p in inputs[1:])}  # fmt: skip
         if "ort" in scores:  # the ORT-kernel result by subset name (what notebook 05 compares against)
             result["coco"] = {s["subset"]: s for s in (scores["ort"][k] for k in ("select", "confirm", "whole"))}
         write_json(run.file(rel), result)
@@ -286,7 +310,7 @@ def emulated(run: RunDir, v: Int8Variant) -> dict:
     from ..runtime import make_session
 
     cfg, em = run.cfg, run.cfg.int8.emulate
-    q = run.artifact(VARIANT_ONNX.format(name=v.name))
+    q = run.artifact(variant_model(v))
     rel = VARIANT_EMULATED.format(name=v.name)
     qemu = qemu_binary()
     if qemu is None:
@@ -348,8 +372,8 @@ def latency(run: RunDir) -> dict:
     runtimes = sorted((r for r in cfg.int8.latency_runtimes if r == "ort" or environment()["openvino"]),
                       key=["ort", "openvino"].index)  # fmt: skip
     names = ["fp32"] + [v.name for v in cfg.int8.variants]
-    models = [run.artifact(baseline.MODEL)]
-    models += [run.artifact(VARIANT_ONNX.format(name=v.name)) for v in cfg.int8.variants]
+    models = [run.artifact(baseline.MODEL)] + [run.artifact(variant_model(v)) for v in cfg.int8.variants]
+    ir = {v.name for v in cfg.int8.variants if is_ir(v)}
     params = {"runtime": cfg.runtime.model_dump(), "latency": cfg.latency.model_dump(), "runtimes": runtimes,
               "fp32_engines": cfg.int8.fp32_engines,
               "environment": _engine_environment([f"{r}" for r in runtimes])}  # fmt: skip
@@ -357,7 +381,8 @@ def latency(run: RunDir) -> dict:
     rel = LATENCY
     if not run.is_fresh("int8-latency", key):
         lat = cfg.latency
-        pairs = [(n, m, r) for r in runtimes for n, m in zip(names, models)]  # ORT's FP32 first: every ratio is to it
+        # ORT's FP32 first: every ratio is to it; an OpenVINO IR only under OpenVINO
+        pairs = [(n, m, r) for r in runtimes for n, m in zip(names, models) if r == "openvino" or n not in ir]
         if "openvino" in runtimes and "openvino-bf16" in available_engines(cfg.int8.fp32_engines)[0]:
             pairs.append(("fp32", models[0], ("openvino", "bf16")))  # FP32 at OpenVINO's bf16 inference precision
         rows = bench_models([m for _, m, _ in pairs], cfg.runtime.threads, cfg.runtime.providers, lat.warmup, lat.runs,
@@ -367,7 +392,7 @@ def latency(run: RunDir) -> dict:
         profiles = {}
         if lat.profile_runs:
             profiles = {name: profile_model(m, cfg.runtime.threads, cfg.runtime.providers, lat.profile_runs)
-                        for name, m in zip(names, models)}  # fmt: skip
+                        for name, m in zip(names, models) if name not in ir}  # fmt: skip
         write_json(run.file(rel), {"rows": rows, "profiles": profiles, "environment": environment()})
         run.finish("int8-latency", key, [rel], params)
     return read_json(run.artifact(rel))
@@ -388,10 +413,11 @@ def run_int8(run: RunDir) -> dict:
 
         validations, fp32 = {}, {}
         for v in cfg.int8.variants:
-            q = run.artifact(VARIANT_ONNX.format(name=v.name))
-            validations[v.name] = {"variant": v.model_dump(), "structure_only": True, "smoke": baseline.ort_smoke(q, cfg),
-                                   "qdq": qdq_counts(q), "ort_cpu": ort_executed_ops(q, cfg.runtime.threads),
-                                   "size_bytes": q.stat().st_size}  # fmt: skip
+            q = run.artifact(variant_model(v))
+            onnx_facts = {} if is_ir(v) else {"smoke": baseline.ort_smoke(q, cfg), "qdq": qdq_counts(q),
+                                               "ort_cpu": ort_executed_ops(q, cfg.runtime.threads)}  # fmt: skip
+            validations[v.name] = {"variant": v.model_dump(), "structure_only": True, "qdq": None, "ort_cpu": None,
+                                   **onnx_facts, "size_bytes": q.stat().st_size}  # fmt: skip
     else:
         validations = {v.name: validate_variant(run, v) for v in cfg.int8.variants}
         fp32 = fp32_engines(run)
