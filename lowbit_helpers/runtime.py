@@ -19,14 +19,20 @@ from .errors import LowbitError
 
 
 ARITHMETICS = ("kernels", "exact")
+BENCH_SETTINGS = {"ort_spinning": False}  # how bench_models times (part of every latency stage's key)
 RUNTIMES = ("ort", "openvino")
 OPENVINO_PRECISIONS = ("f32", "bf16")  # OpenVINO's CPU inference precision hint
 
 
 def make_session(model: str | Path, providers: list[str] | None = None, threads: int = 2,
                  optimized_path: str | Path | None = None, profile_prefix: str | Path | None = None,
-                 arithmetic: str = "kernels", runtime: str = "ort", precision: str = "f32"):  # fmt: skip
+                 arithmetic: str = "kernels", runtime: str = "ort", precision: str = "f32", spinning: bool = True):  # fmt: skip
     """A session with fixed, documented options (the same for every variant).
+
+    ``spinning`` False stops ORT's intra-op threads from spin-waiting between runs: the setting
+    of every latency benchmark here, where sessions (and OpenVINO's threads) are interleaved in
+    one process on few cores and spinning threads of one steal the cores of the next (measured:
+    ORT FP32 ran 1.8x slower beside a spinning INT8 session on 2 cores).
 
     ``runtime``: ``ort`` (ONNX Runtime, ``providers``) or ``openvino`` (OpenVINO's CPU plugin,
     reading the ONNX directly; ``precision`` f32 or bf16 is its inference precision hint, and
@@ -65,6 +71,8 @@ def make_session(model: str | Path, providers: list[str] | None = None, threads:
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    if not spinning:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if arithmetic not in ARITHMETICS:
         raise ValueError(f"arithmetic must be one of {ARITHMETICS}, not {arithmetic!r}")
     exact = arithmetic == "exact"
@@ -229,13 +237,15 @@ def bench_models(
     """Time every model in this process with the same session options and the same input.
 
     Runs are interleaved (one run of each model per round) so that drift in machine load
-    affects all models alike; ratios are to the first model. ``runtimes`` gives each model's
+    affects all models alike; ratios are to the first model. ORT's threads do not spin between
+    runs (see :func:`make_session`). ``runtimes`` gives each model's
     runtime (``ort``, ``openvino``, or a ``(runtime, precision)`` pair); default ORT for all.
     """
     engines = [(r, "f32") if isinstance(r, str) else tuple(r) for r in (runtimes or ["ort"] * len(models))]
     if len(engines) != len(models):
         raise ValueError("one runtime per model")
-    sessions = [make_session(m, providers, threads, runtime=r, precision=p) for m, (r, p) in zip(models, engines)]
+    sessions = [make_session(m, providers, threads, runtime=r, precision=p, spinning=False)
+                for m, (r, p) in zip(models, engines)]  # fmt: skip
     shape = [d if isinstance(d, int) else 1 for d in sessions[0].get_inputs()[0].shape]
     x = np.random.default_rng(seed).random(shape, dtype=np.float32)
     for s in sessions:
@@ -250,7 +260,7 @@ def bench_models(
     rows = []
     for m, (r, p), s, t in zip(models, engines, sessions, times):
         rows.append({"model": str(m), "runtime": r, "precision": p, "providers": s.get_providers(), "threads": threads,
-                     "warmup": warmup, **latency_stats(t)})  # fmt: skip
+                     "ort_spinning": False, "warmup": warmup, **latency_stats(t)})  # fmt: skip
     first = rows[0]["median_ms"]
     for r in rows:
         r["ratio_to_first"] = r["median_ms"] / first

@@ -19,6 +19,7 @@ from ..config import Config
 from ..data import calibration_tensor, open_coco, preprocess, read_image_list
 from ..errors import LowbitError
 from ..rundir import RunDir, stage_key
+from ..runtime import BENCH_SETTINGS
 
 MODEL = "baseline-onnx/model.onnx"
 MODEL_INFO = "baseline-onnx/model_info.json"
@@ -199,7 +200,7 @@ def fp32_latency(run: RunDir) -> dict:
 
     cfg = run.cfg
     model = run.artifact(MODEL)
-    params = {"runtime": cfg.runtime.model_dump(), "latency": cfg.latency.model_dump()}
+    params = {"runtime": cfg.runtime.model_dump(), "latency": cfg.latency.model_dump(), "bench": BENCH_SETTINGS}
     key = stage_key(params, [model])
     if not run.is_fresh("fp32_latency", key):
         row = bench_models([model], cfg.runtime.threads, cfg.runtime.providers, cfg.latency.warmup, cfg.latency.runs)[0]

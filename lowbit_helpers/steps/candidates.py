@@ -28,6 +28,7 @@ import numpy as np
 from ..artifacts import atomic_path, read_json, write_json
 from ..errors import LowbitError
 from ..rundir import RunDir, stage_key
+from ..runtime import BENCH_SETTINGS
 from . import baseline
 from .int8 import VARIANT_EVAL, variant_model
 from .sensitivity import SCHEMES_DIR, SCHEMES_INDEX, SENS
@@ -393,7 +394,8 @@ def latency(run: RunDir, names: list[str], int8: dict | None) -> dict:
     labels = ["fp32"] + ([f"int8:{int8['name']}"] if int8 else [])
     models += [run.artifact(CANDIDATE_ONNX.format(name=n)) for n in names]
     labels += names
-    params = {"runtime": cfg.runtime.model_dump(), "latency": cfg.latency.model_dump(), "labels": labels,
+    params = {"runtime": cfg.runtime.model_dump(), "latency": cfg.latency.model_dump(), "bench": BENCH_SETTINGS,
+              "labels": labels,
               "load_memory": "fresh-process VmHWM"}  # fmt: skip
     key = stage_key(params, models)
     if not run.is_fresh("candidates-latency", key):

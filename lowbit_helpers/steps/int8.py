@@ -35,6 +35,7 @@ from ..quant.modelopt_int8 import MODELOPT_METHODS
 from ..quant.nncf_int8 import NNCF_METHODS
 from ..quant.ort_int8 import ORT_METHODS
 from ..rundir import RunDir, stage_key
+from ..runtime import BENCH_SETTINGS
 from . import baseline
 from .splits import evaluation, fp32_reference, open_splits, score, score_evaluated
 
@@ -374,7 +375,8 @@ def latency(run: RunDir) -> dict:
     names = ["fp32"] + [v.name for v in cfg.int8.variants]
     models = [run.artifact(baseline.MODEL)] + [run.artifact(variant_model(v)) for v in cfg.int8.variants]
     ir = {v.name for v in cfg.int8.variants if is_ir(v)}
-    params = {"runtime": cfg.runtime.model_dump(), "latency": cfg.latency.model_dump(), "runtimes": runtimes,
+    params = {"runtime": cfg.runtime.model_dump(), "latency": cfg.latency.model_dump(), "bench": BENCH_SETTINGS,
+              "runtimes": runtimes,
               "fp32_engines": cfg.int8.fp32_engines,
               "environment": _engine_environment([f"{r}" for r in runtimes])}  # fmt: skip
     key = stage_key(params, models)
