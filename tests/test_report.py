@@ -92,7 +92,7 @@ def test_int8_report_reads_every_engine_and_names_what_it_ships():
     assert "Best NNCF row under ORT kernels, VNNI CPU: `nncf-m`" in text and "behind it by -0.30" in text
     assert "ship `nncf-m` instead" in text and "0.40× under OpenVINO" in text
     assert "**ORT CPU, AVX2 class (no VNNI)" in text and "misses the 0.1-point target" in text
-    assert "**Fastest CPU deployment**" in text and "`ort-a` under OpenVINO at 0.20×" in text and "target is met here (0.20×)" in text
+    assert "**Fastest CPU deployment**" in text and "`ort-a` under OpenVINO at 0.20×" in text and "target is met here (0.200×)" in text
     assert "**TensorRT (ModelOpt Q/DQ):** ship `modelopt-e`" in text and "misses the 0.3-point target" in text
     assert "OpenVINO bf16 runs the FP32 model itself at 0.35×" in text
     assert "kernel_probe" not in r.kernel_probe_text(res) and "no saturation" in r.kernel_probe_text(res)

@@ -372,7 +372,7 @@ def int8_conclusion(result: dict, target_points: float = 0.5) -> str:
             f"**Fastest CPU deployment** within {target_points} points on {sel_name}: `{name}` under "
             f"{_RUNTIME_NAMES[rt]} at {ms / fp32_ms:.2f}× ORT FP32 latency ({ms:.1f} ms), "
             f"{fmt_delta(k)} on {conf_name} from its own outputs. The ≤ 0.35× target is "
-            f"{'met' if ms / fp32_ms <= 0.35 else 'not met'} here ({ms / fp32_ms:.2f}×); its accuracy "
+            f"{'met' if ms / fp32_ms <= 0.35 else 'not met'} here ({ms / fp32_ms:.3f}×); its accuracy "
             f"{_verdict(k, 0.15)} the 0.15-point target."
         )  # fmt: skip
         fp32_eng = (result.get("fp32_engines") or {}).get("engines", {})

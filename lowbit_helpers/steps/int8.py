@@ -418,8 +418,9 @@ def run_int8(run: RunDir) -> dict:
             q = run.artifact(variant_model(v))
             onnx_facts = {} if is_ir(v) else {"smoke": baseline.ort_smoke(q, cfg), "qdq": qdq_counts(q),
                                                "ort_cpu": ort_executed_ops(q, cfg.runtime.threads)}  # fmt: skip
+            size = q.stat().st_size + (run.artifact(VARIANT_IR_BIN.format(name=v.name)).stat().st_size if is_ir(v) else 0)
             validations[v.name] = {"variant": v.model_dump(), "structure_only": True, "qdq": None, "ort_cpu": None,
-                                   **onnx_facts, "size_bytes": q.stat().st_size}  # fmt: skip
+                                   **onnx_facts, "size_bytes": size}  # fmt: skip
     else:
         validations = {v.name: validate_variant(run, v) for v in cfg.int8.variants}
         fp32 = fp32_engines(run)
