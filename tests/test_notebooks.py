@@ -97,7 +97,7 @@ def test_structure_only_model_shows_no_accuracy(tmp_path, coco_root):
     report = run_pipeline(smoke_params(tmp_path, coco_root, weights="random:yolov10n"), run_id="random", progress=False)
     html = report.read_text()
     assert "structure only" in html and "Parity check skipped" in html and "Structure-only model: no accuracy" in html
-    assert "Fastest ORT variant" in html and "Its Conv kernels take" in html
+    assert "Fastest ORT variant" in html and "its Conv kernels take" in html
     metrics = read_json(tmp_path / "runs" / "random" / "baseline-coco" / "metrics.json")
     assert metrics == {"structure_only": True, "reason": metrics["reason"]} and "no accuracy" in metrics["reason"]
 
