@@ -105,7 +105,7 @@ def test_int8_report_without_openvino_and_structure_only():
     assert "OpenVINO × ORT FP32" not in r.int8_table(res).columns
     text = r.int8_conclusion(res)
     assert "ship `ort-a`" in text and "nan" not in text and "under OpenVINO" not in text
-    assert r.skipped_engines_text(res) == "OpenVINO f32: skipped: x"
+    assert r.skipped_engines_text(res) == "OpenVINO f32 for `ort-a`, `ort-keep`, `nncf-m`, `modelopt-e` (skipped: x)"
     so = _synthetic_int8_result(structure_only=True)
     assert r.accuracy_table(so) is None and r.drop_decomposition(so) is None and r.emulation_table(so) is None
     text = r.int8_conclusion(so)

@@ -100,11 +100,13 @@ def accuracy_table(result: dict) -> pd.DataFrame | None:
 
 
 def skipped_engines_text(result: dict) -> str:
-    """Engines that could not run here, and why (so that a missing row is explained)."""
-    seen = {}
-    for v in list(result.get("validations", {}).values()) + [result.get("fp32_engines") or {}]:
-        seen.update(v.get("skipped_engines") or {})
-    return "; ".join(f"{ENGINE_LABELS.get(e, e)}: {why}" for e, why in seen.items())
+    """Engines that could not run a model here, and why (so that a missing row is explained)."""
+    by: dict[tuple[str, str], list[str]] = {}
+    items = list(result.get("validations", {}).items()) + [("fp32", result.get("fp32_engines") or {})]
+    for name, v in items:
+        for e, why in (v.get("skipped_engines") or {}).items():
+            by.setdefault((ENGINE_LABELS.get(e, e), why), []).append(name)
+    return "; ".join(f"{label} for {', '.join(f'`{n}`' for n in names)} ({why})" for (label, why), names in by.items())
 
 
 def emulation_table(result: dict) -> pd.DataFrame | None:
