@@ -36,7 +36,7 @@ def write_summary(run: RunDir, int8_result: dict | None = None, sensitivity_resu
         parts += ["## INT8 baselines", "", int8_conclusion(int8_result), "", int8_table(int8_result).to_markdown(), ""]
         acc = accuracy_table(int8_result)
         if acc is not None:
-            parts += ["Accuracy under every engine:", "", acc.to_markdown(), ""]
+            parts += ["Accuracy under every engine:", "", acc.reset_index().to_markdown(index=False), ""]
         if skipped_engines_text(int8_result):
             parts += ["Not run here: " + skipped_engines_text(int8_result), ""]
         emu = emulation_table(int8_result)
