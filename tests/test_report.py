@@ -86,6 +86,12 @@ def test_int8_report_reads_every_engine_and_names_what_it_ships():
     assert acc.loc[("ort-a", "ORT kernels, VNNI CPU"), "− exact, val500 minus val100 [95%]"] == "-0.10 [-0.40, +0.20]"
     assert "-1.60" in r.emulation_table(res).iloc[0]["emulated kernels − exact [95%]"]
     assert "kernels − exact, AVX2 (emulated Haswell), val100" in r.drop_decomposition(res).columns
+    # on a CPU whose kernel does not saturate, 7-bit-weight recipes are not the ORT pick even when they score best
+    rr = _synthetic_int8_result()
+    rr["validations"]["ort-keep"]["variant"].update(keep_sensitive=0, reduce_range=True)
+    assert "ship `ort-a`" in r.int8_conclusion(rr) and "so are `reduce_range` ones" in r.int8_conclusion(rr)
+    rr["kernel_probe"]["this_cpu"]["saturates"] = True
+    assert "ship `ort-keep`" in r.int8_conclusion(rr)
     text = r.int8_conclusion(res)
     # keep_sensitive recipes are never shipped, even when they score best
     assert "ship `ort-a`" in text and "ship `ort-keep`" not in text

@@ -315,6 +315,12 @@ def int8_conclusion(result: dict, target_points: float = 0.5) -> str:
     # (WeightBiasQuantization), so what runs is neither the float layer asked for nor the exact arithmetic
     ort_cpu = [n for n in vals if recipes[n]["backend"] == "ort" and has(n, "ort") and has(n, "ort-exact")
                and not vals[n]["variant"].get("keep_sensitive")]  # fmt: skip
+    # where this CPU's kernel provably does not saturate (the probe), 7-bit weights buy nothing and
+    # cost a bit of resolution: reduce_range recipes are for the other CPUs (chosen below)
+    probe = (result.get("kernel_probe") or {}).get("this_cpu") or {}
+    exact_kernels = probe.get("saturates") is False
+    if exact_kernels and any(not vals[n]["variant"].get("reduce_range") for n in ort_cpu):
+        ort_cpu = [n for n in ort_cpu if not vals[n]["variant"].get("reduce_range")]
     fast = [n for n in ort_cpu if ratio(n) < 1]
     if ort_cpu:
         best = max(fast or ort_cpu, key=lambda n: d(n, "ort", "select")["delta"])
@@ -324,7 +330,9 @@ def int8_conclusion(result: dict, target_points: float = 0.5) -> str:
         lines.append(
             f"**ORT CPU ({env.get('int8_kernel_class', '?').upper()}):** ship `{best}` (best {sel_name} Δ through ORT's kernels "
             f"among the ORT recipes {among}; `keep_sensitive` recipes are left out, since ORT re-quantizes "
-            f"their excluded Convs at load time): {fmt_delta(k)} on {conf_name} through this CPU's kernels, "
+            f"their excluded Convs at load time"
+            + ("; so are `reduce_range` ones, since this CPU's kernel is exact with full-range weights (the probe below)"
+               if exact_kernels else "") + f"): {fmt_delta(k)} on {conf_name} through this CPU's kernels, "
             f"{fmt_delta(ex)} with exact arithmetic (kernels − exact {fmt_delta(gap)}), {ratio(best):.2f}× ORT FP32 latency, "
             f"{vals[best]['ort_cpu']['QLinearConv']} of {vals[best]['qdq']['Conv']} Convs as QLinearConv. "
             f"Against the 0.15-point target it {_verdict(k, 0.15)} (kernels) and {_verdict(ex, 0.15)} (exact); "
