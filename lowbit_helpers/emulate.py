@@ -37,13 +37,23 @@ def _child_env() -> dict:
     return {**os.environ, "PYTHONUNBUFFERED": "1", "LOWBIT_EMULATED": "1"}
 
 
+_FIX = "check that the QEMU CPU model exists (qemu-x86_64-static -cpu help) and that the command runs natively"
+
+
+def _command(qemu: str, cpu: str, args: list[str]) -> list[str]:
+    """This Python running ``args`` inside QEMU's ``cpu`` model."""
+    return [qemu, "-cpu", cpu, sys.executable, *args]
+
+
+def _stderr_tail(text: str) -> str:
+    """The end of a QEMU child's stderr without TCG's unsupported-feature warnings."""
+    return "\n".join(line for line in text.splitlines() if "TCG doesn't support" not in line)[-1500:]
+
+
 def _run(qemu: str, cpu: str, args: list[str], what: str) -> str:
-    cmd = [qemu, "-cpu", cpu, sys.executable, *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=_child_env())
+    proc = subprocess.run(_command(qemu, cpu, args), capture_output=True, text=True, env=_child_env())
     if proc.returncode != 0:
-        tail = "\n".join(line for line in proc.stderr.splitlines() if "TCG doesn't support" not in line)[-1500:]
-        raise LowbitError(f"{what} failed under QEMU ({cpu}), exit {proc.returncode}:\n{tail}",
-                          "check that the QEMU CPU model exists (qemu-x86_64-static -cpu help) and that the command runs natively")  # fmt: skip
+        raise LowbitError(f"{what} failed under QEMU ({cpu}), exit {proc.returncode}:\n{_stderr_tail(proc.stderr)}", _FIX)
     return proc.stdout
 
 
@@ -63,7 +73,7 @@ class EmulatedSession:
     def __init__(self, qemu: str, cpu: str, model: str | Path, threads: int = 2):
         from .runtime import _Input
 
-        cmd = [qemu, "-cpu", cpu, sys.executable, "-m", "lowbit_helpers.emulate", str(model), str(threads)]
+        cmd = _command(qemu, cpu, ["-m", "lowbit_helpers.emulate", str(model), str(threads)])
         self._err = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._err, env=_child_env())
         try:
@@ -77,8 +87,7 @@ class EmulatedSession:
 
     def _fail(self, what: str):
         self.close(kill=True)
-        raise LowbitError(f"{what} under QEMU:\n{self._stderr_tail}",
-                          "check that the QEMU CPU model exists (qemu-x86_64-static -cpu help) and that the model runs natively")  # fmt: skip
+        raise LowbitError(f"{what} under QEMU:\n{self._stderr_tail}", _FIX)
 
     def close(self, kill: bool = False):
         """Stop the child (politely: end of input; or ``kill``) and release its pipes and log."""
@@ -101,8 +110,7 @@ class EmulatedSession:
                     except OSError:
                         pass
             self._err.seek(0)
-            self._stderr_tail = "\n".join(line for line in self._err.read().decode(errors="replace").splitlines()
-                                          if "TCG doesn't support" not in line)[-1500:]  # fmt: skip
+            self._stderr_tail = _stderr_tail(self._err.read().decode(errors="replace"))
             self._err.close()
 
     def get_inputs(self):

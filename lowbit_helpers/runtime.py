@@ -100,6 +100,26 @@ ENGINES = {"ort": ("ort", "kernels", "f32"), "ort-exact": ("ort", "exact", "f32"
            "openvino": ("openvino", "kernels", "f32"), "openvino-bf16": ("openvino", "kernels", "bf16")}  # fmt: skip
 
 
+def engine_unavailable(engine: str) -> str | None:
+    """Why ``engine`` cannot run on this machine (a "skipped: ..." line), or None when it can."""
+    if ENGINES[engine][0] != "openvino":
+        return None
+    if _openvino_version() is None:
+        return "skipped: openvino is not installed (pip install the pinned environment)"
+    if ENGINES[engine][2] == "bf16" and not _openvino_has_bf16():
+        return "skipped: this CPU has no bf16 instructions"
+    return None
+
+
+def _openvino_has_bf16(core=None) -> bool:
+    """Whether OpenVINO's CPU plugin offers bf16 inference on this CPU."""
+    if core is None:
+        import openvino as ov
+
+        core = ov.Core()
+    return "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
 def engine_session(model: str | Path, engine: str, providers: list[str] | None = None, threads: int = 2):
     """:func:`make_session` for one of ``ENGINES``."""
     if engine not in ENGINES:
@@ -128,7 +148,7 @@ class OpenVINOSession:
         if not model.is_file():
             raise LowbitError(f"model not found: {model}", "give an existing .onnx file")
         core = ov.Core()
-        if precision == "bf16" and "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        if precision == "bf16" and not _openvino_has_bf16(core):
             raise LowbitError("this CPU has no bf16 support in OpenVINO", "use precision f32 here")
         config = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY",
                   "NUM_STREAMS": 1}  # fmt: skip
@@ -359,8 +379,6 @@ _NUMPY_FEATURES = {"avx2": "AVX2", "fma": "FMA3", "avx512f": "AVX512F", "avx512b
 
 def environment() -> dict:
     """What the numbers were measured on."""
-    import os
-
     import onnxruntime as ort
 
     return {

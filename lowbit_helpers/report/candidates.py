@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from ..steps.candidates import CONTROL_KINDS
-from .common import pct, tidy
+from .common import fmt_delta, pct, tidy
 
 W4A16_TARGET = 0.85  # uniform W4A16 keeps at least this share of FP32 mAP50-95
 DROP_TARGET = 1.5  # points: a >= 75 % 4-bit candidate within this of FP32
@@ -19,8 +19,7 @@ SIZE_TARGET = 0.40  # that candidate's file at most this share of FP32's
 
 
 def _delta(s: dict) -> str:
-    d = s["delta_vs_fp32"]
-    return f"{100 * d['delta']:+.2f} [{100 * d['lo']:+.2f}, {100 * d['hi']:+.2f}]"
+    return fmt_delta(s["delta_vs_fp32"])
 
 
 def _latency(result: dict) -> dict:
@@ -79,7 +78,7 @@ def _reference_rows(result: dict) -> list[dict]:
                 d = c["delta_vs_fp32"]
                 rows.append({"candidate": f"int8:{best['name']} (notebook 03)", "precisions": "ORT quantize_static",
                              f"mAP50-95 {subset}": pct(c["metrics"]["mAP_50_95"]),
-                             f"Δ {subset} [95%]": f"{100 * d['delta']:+.2f} [{100 * d['lo']:+.2f}, {100 * d['hi']:+.2f}]"})  # fmt: skip
+                             f"Δ {subset} [95%]": fmt_delta(d)})  # fmt: skip
     for row in rows:
         key = "fp32" if row["candidate"] == "fp32" else f"int8:{best['name']}"
         if key in lat and fp32:

@@ -7,6 +7,11 @@ import math
 import pandas as pd
 
 
+def fmt_delta(d: dict) -> str:
+    """A Δ in points with its interval: "-0.45 [-1.07, +0.92]" (from a ``difference_interval`` dict)."""
+    return f"{100 * d['delta']:+.2f} [{100 * d['lo']:+.2f}, {100 * d['hi']:+.2f}]"
+
+
 def pct(x: float | None) -> str:
     return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
 

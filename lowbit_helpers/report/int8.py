@@ -9,17 +9,12 @@ import math
 
 import pandas as pd
 
-from .common import pct, tidy
-
+from .common import fmt_delta, pct, tidy
 
 ENGINE_LABELS = {"ort": "ORT kernels", "ort-exact": "exact Q/DQ (ORT, no optimizations)", "openvino": "OpenVINO f32",
                  "openvino-bf16": "OpenVINO bf16"}  # fmt: skip
+RUNTIME_NAMES = {"ort": "ORT", "openvino": "OpenVINO", "openvino-bf16": "OpenVINO bf16"}  # latency rows' runtimes
 SPLITS = ("select", "confirm", "whole")
-
-
-def fmt_delta(d: dict) -> str:
-    """A Δ in points with its interval: "-0.45 [-1.07, +0.92]"."""
-    return f"{100 * d['delta']:+.2f} [{100 * d['lo']:+.2f}, {100 * d['hi']:+.2f}]"
 
 
 def engine_label(engine: str, result: dict) -> str:
@@ -44,14 +39,14 @@ def int8_table(result: dict) -> pd.DataFrame:
     """One row per INT8 variant (and FP32): recipe, fidelity, size, what ORT fuses, latency under each runtime."""
     lat = _latency(result)
     fp32 = lat[("fp32", "ort")]
-    runtimes = sorted({rt for _, rt in lat}, key=["ort", "openvino", "openvino-bf16"].index)
+    runtimes = sorted({rt for _, rt in lat}, key=list(RUNTIME_NAMES).index)
     thr = fp32["threads"]
 
     def timing(name):
         out = {}
         for rt in runtimes:
             r = lat.get((name, rt))
-            label = {"ort": "ORT", "openvino": "OpenVINO", "openvino-bf16": "OpenVINO bf16"}[rt]
+            label = RUNTIME_NAMES[rt]
             out[f"{label} ms ({thr} thr)"] = round(r["median_ms"], 1) if r else math.nan
             out[f"{label} × ORT FP32"] = round(r["median_ms"] / fp32["median_ms"], 3) if r else math.nan
         return out
@@ -253,14 +248,11 @@ def _structure_only_conclusion(result: dict) -> str:
     timed = [(k, r["median_ms"]) for k, r in lat.items() if k[0] != "fp32"]
     if timed:
         (name, rt), ms = min(timed, key=lambda kv: kv[1])
-        text += f" Fastest INT8 deployment of all: `{name}` under {_RUNTIME_NAMES[rt]} at {ms / fp32:.3f}× ORT FP32 latency."
+        text += f" Fastest INT8 deployment of all: `{name}` under {RUNTIME_NAMES[rt]} at {ms / fp32:.3f}× ORT FP32 latency."
     ov = lat.get(("fp32", "openvino"))
     if ov:
         text += f" OpenVINO runs FP32 at {ov['median_ms'] / fp32:.3f}× ORT FP32."
     return text + _isa_sentence(result)
-
-
-_RUNTIME_NAMES = {"ort": "ORT", "openvino": "OpenVINO", "openvino-bf16": "OpenVINO bf16"}
 
 
 def _profile_sentence(result: dict, name: str) -> str:
@@ -380,7 +372,7 @@ def int8_conclusion(result: dict, target_points: float = 0.5) -> str:
         k = d(name, engine)
         lines.append(
             f"**Fastest CPU deployment** within {target_points} points on {sel_name}: `{name}` under "
-            f"{_RUNTIME_NAMES[rt]} at {ms / fp32_ms:.2f}× ORT FP32 latency ({ms:.1f} ms), "
+            f"{RUNTIME_NAMES[rt]} at {ms / fp32_ms:.2f}× ORT FP32 latency ({ms:.1f} ms), "
             f"{fmt_delta(k)} on {conf_name} from its own outputs. The ≤ 0.35× target is "
             f"{'met' if ms / fp32_ms <= 0.35 else 'not met'} here ({ms / fp32_ms:.3f}×); its accuracy "
             f"{_verdict(k, 0.15)} the 0.15-point target."

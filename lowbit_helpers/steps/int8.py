@@ -200,22 +200,10 @@ def _engine_environment(engines: list[str]) -> dict:
 
 def available_engines(engines: list[str]) -> tuple[list[str], dict[str, str]]:
     """The engines this machine can run, and why each other one is skipped."""
-    from ..runtime import environment
+    from ..runtime import engine_unavailable
 
-    env = environment()
-    skipped = {}
-    for e in engines:
-        if e.startswith("openvino") and env["openvino"] is None:
-            skipped[e] = "skipped: openvino is not installed (pip install the pinned environment)"
-        elif e == "openvino-bf16" and "avx512_bf16" not in _host_flags() and "amx_bf16" not in _host_flags():
-            skipped[e] = "skipped: this CPU has no bf16 instructions"
+    skipped = {e: why for e in engines if (why := engine_unavailable(e))}
     return [e for e in engines if e not in skipped], skipped
-
-
-def _host_flags() -> set[str]:
-    from ..runtime import _cpu_flags
-
-    return set(_cpu_flags(("avx512_bf16", "amx_bf16")))
 
 
 def engine_scores(run: RunDir, model: Path, engines: list[str]) -> dict:
@@ -251,7 +239,7 @@ def _eval_params(cfg: Config, engines: list[str]) -> dict:
 def validate_variant(run: RunDir, v: Int8Variant) -> dict:
     from ..data import preprocess
     from ..quant.inspect import head_fidelity, ort_executed_ops, qdq_counts
-    from ..runtime import make_session
+    from ..runtime import engine_session, make_session
 
     cfg = run.cfg
     q = run.artifact(variant_model(v))
@@ -265,18 +253,15 @@ def validate_variant(run: RunDir, v: Int8Variant) -> dict:
     inputs = [model, q] + ([run.artifact(VARIANT_IR_BIN.format(name=v.name))] if is_ir(v) else [])
     key = stage_key(params, inputs)
     if not run.is_fresh(f"int8-eval:{v.name}", key):
-        from ..runtime import engine_session
-
         sel, _, _ = splits(run)
         images = [preprocess(sel.image_path(i))[0] for i in sel.ids[: cfg.int8.fidelity_images]]
-        fp32 = make_session(model, threads=cfg.runtime.threads)
         if is_ir(v):
             smoke, qdq, ort_cpu = None, None, None
-            session = engine_session(q, "openvino", threads=cfg.runtime.threads)
         else:
             smoke, qdq, ort_cpu = baseline.ort_smoke(q, cfg), qdq_counts(q), ort_executed_ops(q, cfg.runtime.threads)
-            session = make_session(q, cfg.runtime.providers, cfg.runtime.threads)
-        fidelity = head_fidelity(fp32, session, images)  # the raw head of what runs (OpenVINO for an IR) against FP32
+        # the raw head of what runs (OpenVINO for an IR, else ORT's kernels) against FP32
+        session = engine_session(q, "openvino" if is_ir(v) else "ort", cfg.runtime.providers, cfg.runtime.threads)
+        fidelity = head_fidelity(make_session(model, threads=cfg.runtime.threads), session, images)
         scores = engine_scores(run, q, engines)
         result = {"variant": v.model_dump(), "smoke": smoke, "fidelity": fidelity, "engines": scores,
                   "skipped_engines": skipped, "environment": params["environment"], "qdq": qdq, "ort_cpu": ort_cpu,
