@@ -97,6 +97,12 @@ def test_int8_report_reads_every_engine_and_names_what_it_ships():
     assert "ship `ort-a`" in text and "ship `ort-keep`" not in text
     assert "Best NNCF row under ORT kernels, VNNI CPU: `nncf-m`" in text and "behind it by -0.30" in text
     assert "ship `nncf-m` instead" in text and "0.40× under OpenVINO" in text
+    # a file OpenVINO computes wrongly is not recommended for OpenVINO's speed
+    wrong = _synthetic_int8_result()
+    for k in ("select", "confirm", "whole"):
+        wrong["validations"]["nncf-m"]["engines"]["openvino"][k]["delta_vs"]["ort-exact"]["delta"] = -0.38
+    assert "ship `nncf-m` instead" in r.int8_conclusion(wrong) and "under OpenVINO." not in r.int8_conclusion(wrong)
+    assert "`nncf-m` under OpenVINO f32" in r.int8_conclusion(wrong)
     assert "**ORT CPU, AVX2 class (no VNNI)" in text and "misses the 0.1-point target" in text
     assert "**Fastest CPU deployment**" in text and "`ort-a` under OpenVINO at 0.20×" in text and "target is met here (0.200×)" in text
     assert "**TensorRT (ModelOpt Q/DQ):** ship `modelopt-e`" in text and "misses the 0.3-point target" in text
