@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from .errors import LowbitError
+from .quant.bias_correction import BC_IMAGES
 
 
 def _raw_onnx(path: str, check_output: bool = True) -> Path:
@@ -132,8 +133,15 @@ def _cmd_quantize_int8(args) -> int:
 
     if args.reduce_range and args.backend != "ort":
         raise LowbitError("--reduce-range is an ORT quantize_static option", "use it with --backend ort")
-    if (args.bias_correction or args.format != "onnx") and args.backend != "nncf":
-        raise LowbitError("--bias-correction and --format are NNCF options", "use them with --backend nncf")
+    if args.format != "onnx" and args.backend != "nncf":
+        raise LowbitError("--format is an NNCF option", "use it with --backend nncf")
+    if args.placement != "all" and args.backend != "ort":
+        raise LowbitError("--placement is an ORT quantize_static option", "use it with --backend ort")
+    bias_correction = args.bias_correction or ("full" if args.backend == "nncf" else "none")
+    allowed = ("full", "fast") if args.backend == "nncf" else ("none", "fast")
+    if bias_correction not in allowed:
+        raise LowbitError(f"--bias-correction {bias_correction} is not available for --backend {args.backend}",
+                          f"use one of {', '.join(allowed)} with {args.backend}")  # fmt: skip
     model = _raw_onnx(args.model, check_output=False)
     if args.calib_npy:
         calib = load_calibration(args.calib_npy, args.images)
@@ -145,13 +153,13 @@ def _cmd_quantize_int8(args) -> int:
         from .quant.ort_int8 import quantize_int8_ort
 
         recipe = quantize_int8_ort(model, args.out, calib, method=method, head_policy=args.head_policy,
-                                   exclude=args.exclude, percentile=args.percentile, stride=args.stride,
-                                   reduce_range=args.reduce_range)  # fmt: skip
+                                   exclude=args.exclude, percentile=args.percentile,
+                                   reduce_range=args.reduce_range, placement=args.placement)  # fmt: skip
     elif args.backend == "nncf":
         from .quant.nncf_int8 import quantize_int8_nncf
 
         recipe = quantize_int8_nncf(model, args.out, calib, method=method, head_policy=args.head_policy,
-                                    exclude=args.exclude, bias_correction=args.bias_correction or "full",
+                                    exclude=args.exclude, bias_correction=bias_correction,
                                     target=args.format)  # fmt: skip
     else:
         from .quant.modelopt_int8 import quantize_int8_modelopt
@@ -160,6 +168,15 @@ def _cmd_quantize_int8(args) -> int:
                                         exclude=args.exclude, op_types_to_exclude=args.exclude_op_type,
                                         calibration_eps=args.calibration_eps,
                                         high_precision_dtype=args.high_precision_dtype)  # fmt: skip
+    if bias_correction == "fast" and args.backend != "nncf":  # NNCF corrects inside its own pipeline
+        from .quant.bias_correction import correct_recipe_file
+
+        try:
+            recipe = correct_recipe_file(args.out, model, calib, args.bias_correction_images)
+        except BaseException:  # no uncorrected file left behind looking like the corrected one
+            for p in (Path(args.out), Path(args.out).with_suffix(".recipe.json")):
+                p.unlink(missing_ok=True)
+            raise
     print(json.dumps({k: recipe[k] for k in ("backend", "method", "head_policy", "seconds")}))
     print(f"wrote {args.out}")
     return 0
@@ -321,7 +338,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ort: avgminmax (default) | minmax | percentile | entropy; modelopt: max | entropy (default entropy); "
                         "nncf: mixed (default) | performance (its presets)")  # fmt: skip
     q.add_argument("--reduce-range", action="store_true", help="ort: 7-bit weights (no int16 saturation on CPUs without VNNI)")
-    q.add_argument("--bias-correction", choices=["full", "fast"], help="nncf: its bias correction (default full)")
+    q.add_argument("--bias-correction", choices=["none", "full", "fast"],
+                   help="nncf: its own, full (default) | fast; ort, modelopt: none (default) | fast (this project's "
+                        "per-Conv correction of the finished Q/DQ file, quant/bias_correction.py)")  # fmt: skip
+    q.add_argument("--bias-correction-images", type=_positive, default=BC_IMAGES,
+                   help="ort, modelopt: calibration images [0, N) for the bias-correction statistics")
+    q.add_argument("--placement", choices=["all", "conv-inputs"], default="all",
+                   help="ort: Q/DQ on every op ORT quantizes (all: QLinearConv under ORT) or on Conv inputs only "
+                        "(conv-inputs: NNCF's placement, fused by OpenVINO, float under ORT)")  # fmt: skip
     q.add_argument("--format", choices=["onnx", "openvino"], default="onnx",
                    help="nncf: a Q/DQ ONNX, or an OpenVINO IR (--out model.xml; OpenVINO runs it, ORT cannot)")  # fmt: skip
     q.add_argument("--images", type=int, default=128, help="calibration images (the first N of the list)")
@@ -329,7 +353,6 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--exclude", nargs="*", default=[], help="ONNX node names kept in float")
     q.add_argument("--exclude-op-type", nargs="*", default=[], help="modelopt: op types kept in float")
     q.add_argument("--percentile", type=float, default=99.999)
-    q.add_argument("--stride", type=int, default=1, help="ort percentile/entropy: calibration images per histogram slice (bounds memory)")
     q.add_argument("--calibration-eps", nargs="+", default=["cpu"], help="modelopt: cpu | cuda:0 | trt")
     q.add_argument("--high-precision-dtype", choices=["fp32", "fp16"], default="fp32")
     q.set_defaults(func=_cmd_quantize_int8)

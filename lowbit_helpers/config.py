@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import LowbitError
+from .quant.bias_correction import BC_IMAGES
 
 
 class _Section(BaseModel):
@@ -80,7 +81,10 @@ class Int8Variant(_Section):
     keep_sensitive: int = Field(0, ge=0, description="also exclude the N Convs with the largest w8a8 kept gain "
                                 "(notebook 04's sweep, computed on first need) from quantization")
     reduce_range: bool = Field(False, description="ort: 7-bit weights (no int16 saturation without VNNI)")
-    bias_correction: Literal["full", "fast"] = Field("full", description="nncf: its bias correction")
+    bias_correction: Literal["none", "full", "fast"] | None = Field(
+        None, description="nncf: its own, full (default) | fast; ort, modelopt: none (default) | fast "
+        "(quant/bias_correction.py on the finished Q/DQ file)")
+    placement: Literal["all", "conv-inputs"] = Field("all", description="ort: Q/DQ on every op ORT quantizes, or on Conv inputs only")
     format: Literal["onnx", "openvino"] = Field("onnx", description="nncf: a Q/DQ ONNX, or an OpenVINO IR (OpenVINO only)")
 
 
@@ -94,11 +98,14 @@ def _default_variants() -> list[Int8Variant]:
         Int8Variant(name="ort-entropy", backend="ort", method="entropy"),
         Int8Variant(name="ort-avgminmax-rr", backend="ort", method="avgminmax", reduce_range=True),
         Int8Variant(name="ort-percentile-rr", backend="ort", method="percentile", reduce_range=True),
-        Int8Variant(name="nncf-mixed", backend="nncf", method="mixed"),
+        Int8Variant(name="ort-avgminmax-bc", backend="ort", method="avgminmax", bias_correction="fast"),
+        Int8Variant(name="ort-conv-bc", backend="ort", method="avgminmax", placement="conv-inputs", bias_correction="fast"),
+        Int8Variant(name="nncf-mixed", backend="nncf", method="mixed", bias_correction="full"),
         Int8Variant(name="nncf-mixed-fastbc", backend="nncf", method="mixed", bias_correction="fast"),
         Int8Variant(name="nncf-ov-mixed", backend="nncf", method="mixed", format="openvino"),
         Int8Variant(name="modelopt-max", backend="modelopt", method="max"),
         Int8Variant(name="modelopt-entropy", backend="modelopt", method="entropy"),
+        Int8Variant(name="modelopt-entropy-bc", backend="modelopt", method="entropy", bias_correction="fast"),
     ]
 
 
@@ -124,7 +131,6 @@ class Int8Cfg(_Section):
     exclude_nodes: list[str] = Field(default_factory=list, description="ONNX node names kept in float (all variants)")
     exclude_op_types: list[str] = Field(default_factory=list, description="ModelOpt: op types kept in float")
     percentile: float = Field(99.999, gt=90.0, le=100.0)
-    calib_stride: int = Field(1, ge=1, description="images per calibration slice of the histogram methods (bounds memory)")
     calibration_eps: list[str] = Field(default_factory=lambda: ["cpu"], description="ModelOpt: cpu | cuda:0 | trt")
     high_precision_dtype: Literal["fp32", "fp16"] = "fp32"
     select_subset: str = Field("val100", description="recipes are chosen on these images ...")
@@ -144,6 +150,8 @@ class Int8Cfg(_Section):
         return v
     emulate: EmulateCfg = Field(default_factory=EmulateCfg)
     fidelity_images: int = Field(16, ge=1, description="evaluation images for the raw-head SQNR / cosine")
+    bias_correction_images: int = Field(BC_IMAGES, ge=1, description="calibration images [0, N) for the statistics of "
+                                        "bias_correction: fast on ort / modelopt variants")
 
 
 Fmt = Literal["w8a8", "w4a16", "w4a8", "fp8"]

@@ -56,3 +56,17 @@ def test_resolved_makes_paths_absolute(tmp_path):
     assert r.model.weights == str(tmp_path / "m" / "model.onnx")
     assert cfg.resolved(tmp_path).model.weights != "yolov10n"
     assert parse_config({"name": "x"}).resolved(tmp_path).model.weights == "yolov10n"  # names stay names
+
+
+@pytest.mark.parametrize("variant, message", [
+    ({"name": "a", "backend": "ort", "method": "avgminmax", "bias_correction": "full"}, "use one of none, fast for ort"),
+    ({"name": "a", "backend": "nncf", "method": "mixed", "bias_correction": "none"}, "use one of full, fast for nncf"),
+    ({"name": "a", "backend": "modelopt", "method": "max", "placement": "conv-inputs"}, "placement is an ORT option"),
+    ({"name": "a", "backend": "ort", "method": "max"}, "not available for backend ort"),
+])  # fmt: skip
+def test_int8_variant_options_are_checked_per_backend(variant, message):
+    from lowbit_helpers.steps.int8 import check_variants
+
+    cfg = parse_config({"name": "x", "int8": {"variants": [variant]}})
+    with pytest.raises(LowbitError, match=message):
+        check_variants(cfg)

@@ -128,7 +128,13 @@ def test_quantize_int8_peer_options(yolov10n_onnx, tmp_path, capsys):
     _fails(["quantize-int8", str(yolov10n_onnx), "--backend", "nncf", "--method", "minmax", "--calib-npy", str(calib),
             "--images", "2", "--out", str(tmp_path / "q.onnx")], capsys, "NNCF calibration method")  # fmt: skip
     _fails(["quantize-int8", str(yolov10n_onnx), "--backend", "ort", "--format", "openvino", "--calib-npy", str(calib),
-            "--images", "2", "--out", str(tmp_path / "q.xml")], capsys, "NNCF options")  # fmt: skip
+            "--images", "2", "--out", str(tmp_path / "q.xml")], capsys, "NNCF option")  # fmt: skip
+    _fails(["quantize-int8", str(yolov10n_onnx), "--backend", "ort", "--bias-correction", "full", "--calib-npy", str(calib),
+            "--images", "2", "--out", str(tmp_path / "q.onnx")], capsys, "use one of none, fast with ort")  # fmt: skip
+    _fails(["quantize-int8", str(yolov10n_onnx), "--backend", "nncf", "--bias-correction", "none", "--calib-npy", str(calib),
+            "--images", "2", "--out", str(tmp_path / "q.onnx")], capsys, "use one of full, fast with nncf")  # fmt: skip
+    _fails(["quantize-int8", str(yolov10n_onnx), "--backend", "modelopt", "--placement", "conv-inputs", "--calib-npy",
+            str(calib), "--images", "2", "--out", str(tmp_path / "q.onnx")], capsys, "--placement")  # fmt: skip
     _fails(["quantize-int8", str(yolov10n_onnx), "--backend", "nncf", "--format", "openvino", "--calib-npy", str(calib),
             "--images", "2", "--out", str(tmp_path / "q.onnx")], capsys, "writes a .xml file")  # fmt: skip
     assert not (tmp_path / "q.onnx").exists() and not (tmp_path / "q.xml").exists()
@@ -169,3 +175,36 @@ def test_selection_and_confirmation_splits(coco_root, tmp_path):
     other.write_text("\n".join(map(str, whole.ids[2:10])) + "\n")
     with pytest.raises(LowbitError, match="int8.select_subset has images outside"):
         open_splits(run, "first:4", str(other), "int8-coco/ids.txt", "int8")
+
+
+def test_a_kept_float_conv_runs_in_float_under_ort(tmp_path):
+    """ORT's WeightBiasQuantization would quantize a Conv the recipe kept in float (between DQ and Q)
+    at load time; every session here turns it off for such files, so the Conv stays float."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from lowbit_helpers.quant.inspect import ort_executed_ops
+    from lowbit_helpers.quant.ort_int8 import quantize_int8_ort
+    from lowbit_helpers.runtime import float_convs_between_qdq, kept_float_rewrite
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.3, (8, c, 3, 3)).astype(np.float32), f"w{i}")
+             for i, c in ((1, 3), (2, 8), (3, 8))]  # fmt: skip
+    nodes = [helper.make_node("Conv", [x, f"w{i}"], [f"c{i}"], name=f"conv{i}", pads=[1, 1, 1, 1])
+             for i, x in ((1, "images"), (2, "c1"), (3, "c2"))]  # fmt: skip
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, 16, 16])],
+                          [helper.make_tensor_value_info("c3", TensorProto.FLOAT, None)], inits)  # fmt: skip
+    fp32, q = tmp_path / "fp32.onnx", tmp_path / "q.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 19)]), str(fp32))
+    quantize_int8_ort(fp32, q, rng.random((4, 3, 16, 16), dtype=np.float32), head_policy="none", exclude=["conv2"])
+    assert float_convs_between_qdq(q) == ["conv2"] and kept_float_rewrite(q) == ["WeightBiasQuantization"]
+    assert float_convs_between_qdq(fp32) == [] and kept_float_rewrite(fp32) == []
+    ops = ort_executed_ops(q, threads=1)  # through make_session: conv2 stays a float Conv
+    assert (ops["QLinearConv"], ops["float_Conv"]) == (2, 1), ops
+    # what ORT does by default, for contrast: it quantizes conv2 and fuses all three
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "default.onnx")
+    ort.InferenceSession(str(q), so, providers=["CPUExecutionProvider"])
+    default_ops = [n.op_type for n in onnx.load(str(tmp_path / "default.onnx")).graph.node]
+    assert default_ops.count("QLinearConv") == 3 and "Conv" not in default_ops, default_ops

@@ -9,9 +9,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from lowbit_helpers.__main__ import main
+from lowbit_helpers.__main__ import build_parser, main
 from lowbit_helpers.errors import LowbitError
-from lowbit_helpers.quant.calibration import ArrayReader, largest_divisor_at_most, load_calibration
+from lowbit_helpers.quant.calibration import ArrayReader, activation_ranges, load_calibration
 from lowbit_helpers.quant.inspect import cosine, ort_executed_ops, qdq_counts, sqnr_db
 from lowbit_helpers.quant.policy import excluded_nodes
 
@@ -43,10 +43,11 @@ def test_head_policies(yolov10n_onnx):
 def test_ort_int8_end_to_end(yolov10n_onnx, calib, tmp_path, method):
     out = tmp_path / "ort.onnx"
     assert main(["quantize-int8", str(yolov10n_onnx), "--backend", "ort", "--method", method,
-                 "--calib-npy", str(calib), "--images", "4", "--stride", "2", "--out", str(out)]) == 0  # fmt: skip
+                 "--calib-npy", str(calib), "--images", "4", "--out", str(out)]) == 0  # fmt: skip
     recipe = json.loads(out.with_suffix(".recipe.json").read_text())
     assert recipe["call"]["activation_type"] == "QUInt8" and recipe["call"]["per_channel"] and recipe["method"] == method
-    assert recipe["call"]["extra_options"].get("CalibMovingAverage", False) == (method == "avgminmax")
+    assert recipe["call"]["ranges"]["method"] == method and recipe["call"]["ranges"]["images"] == 4
+    assert "TensorQuantOverrides" in recipe["call"]["extra_options"] and "CalibMovingAverage" not in recipe["call"]["extra_options"]
     counts = qdq_counts(out)
     assert counts["Conv"] == 82 and counts["quantized_convs"] == 76 and counts["float_convs"] == 6
     assert counts["QuantizeLinear"] > 100 and counts["DequantizeLinear"] > counts["QuantizeLinear"]
@@ -81,27 +82,58 @@ def _one_conv_model(path):
     return path
 
 
-def test_streamed_minmax_calibration_equals_numpy(tmp_path):
-    """Calibration in slices (as the pipeline runs it) gives exactly the numpy min/max of each tensor."""
+def _range(r):
+    return float(r[0]), float(r[1])
+
+
+@pytest.mark.parametrize("method", ["minmax", "avgminmax", "percentile", "entropy"])
+def test_activation_ranges_do_not_depend_on_image_order(method, tmp_path):
+    model = _one_conv_model(tmp_path / "c.onnx")
+    data = np.random.default_rng(1).normal(size=(6, 3, 8, 8)).astype(np.float32) * 3
+    data[4] *= 5  # one outlier image: ORT's first-slice bin width and moving average would depend on where it falls
+    a = activation_ranges(model, data, method)
+    b = activation_ranges(model, data, method, order=[4, 2, 0, 5, 1, 3])
+    assert set(a) == {"images", "y"} and all(_range(a[t]) == _range(b[t]) for t in a)
+
+
+def test_activation_ranges_equal_their_definitions(tmp_path):
     import onnxruntime as ort
-    from onnxruntime.quantization import CalibrationMethod
-    from onnxruntime.quantization.calibrate import create_calibrator
 
     model = _one_conv_model(tmp_path / "c.onnx")
     data = np.random.default_rng(1).normal(size=(6, 3, 8, 8)).astype(np.float32) * 3
-    cal = create_calibrator(str(model), ["Conv"], augmented_model_path=str(tmp_path / "aug.onnx"),
-                            calibrate_method=CalibrationMethod.MinMax)  # fmt: skip
-    reader = ArrayReader(data)
-    for start in range(0, 6, 2):
-        reader.set_range(start, start + 2)
-        cal.collect_data(reader)
-    ranges = cal.compute_data()
     sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
-    y = np.concatenate([sess.run(None, {"images": data[i : i + 1]})[0] for i in range(6)])
-    lo, hi = (float(np.asarray(v).ravel()[0]) for v in ranges["y"].range_value)
-    assert lo == pytest.approx(min(y.min(), 0.0), rel=1e-6) and hi == pytest.approx(max(y.max(), 0.0), rel=1e-6)
-    lo, hi = (float(np.asarray(v).ravel()[0]) for v in ranges["images"].range_value)
-    assert lo == pytest.approx(min(data.min(), 0.0)) and hi == pytest.approx(max(data.max(), 0.0))
+    y = np.stack([sess.run(None, {"images": data[i : i + 1]})[0] for i in range(6)])
+    r = {m: activation_ranges(model, data, m)["y"] for m in ("minmax", "avgminmax", "percentile")}
+    assert _range(r["minmax"]) == pytest.approx((y.min(), y.max()), rel=1e-6)
+    per_image = y.reshape(6, -1)
+    assert _range(r["avgminmax"]) == pytest.approx((per_image.min(1).mean(), per_image.max(1).mean()), rel=1e-6)
+    # percentile: within one of its 2048 bins of numpy's percentiles over every value of every image
+    lo, hi = np.percentile(y, [0.0005, 99.9995])
+    bin_width = 2 * np.abs(y).max() / 2048
+    assert abs(float(r["percentile"][0]) - lo) <= bin_width and abs(float(r["percentile"][1]) - hi) <= bin_width
+    with pytest.raises(LowbitError, match="calibration method"):
+        activation_ranges(model, data, "mse")
+
+
+def test_ort_recipe_uses_these_ranges(tmp_path):
+    """The Q/DQ ORT writes carry the ranges computed here (ORT's own calibrator decides nothing)."""
+    from onnxruntime.quantization.quant_utils import compute_scale_zp
+
+    from lowbit_helpers.quant.ort_int8 import quantize_int8_ort
+
+    model = _one_conv_model(tmp_path / "c.onnx")
+    data = np.random.default_rng(1).normal(size=(6, 3, 8, 8)).astype(np.float32) * 3
+    data[0] *= 10  # the first image alone would set very different ranges
+    out = tmp_path / "q.onnx"
+    quantize_int8_ort(model, out, data, method="avgminmax", head_policy="none")
+    ranges = activation_ranges(model, data, "avgminmax")
+    inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(out)).graph.initializer}
+    for tensor in ("images", "y"):
+        zp, scale = compute_scale_zp(np.float32(ranges[tensor][0]), np.float32(ranges[tensor][1]), np.uint8(0), np.uint8(255), False)
+        assert inits[f"{tensor}_scale"] == pytest.approx(float(scale), rel=1e-6), tensor
+        assert int(inits[f"{tensor}_zero_point"]) == int(zp), tensor
+    recipe = json.loads(out.with_suffix(".recipe.json").read_text())
+    assert recipe["call"]["ranges"]["function"].endswith("activation_ranges") and recipe["call"]["ranges"]["images"] == 6
 
 
 def test_reader_slices_and_helpers():
@@ -110,7 +142,6 @@ def test_reader_slices_and_helpers():
     assert len(r) == 5 and sum(1 for _ in iter(r.get_next, None)) == 5
     r.set_range(1, 3)
     assert sum(1 for _ in iter(r.get_next, None)) == 2
-    assert largest_divisor_at_most(128, 4) == 4 and largest_divisor_at_most(7, 4) == 1 and largest_divisor_at_most(6, 4) == 3
     ref = np.random.default_rng(0).normal(size=1000)
     assert sqnr_db(ref, ref + 0.01 * ref) == pytest.approx(40.0, abs=1e-6)
     assert cosine(ref, 2 * ref) == pytest.approx(1.0)
@@ -172,5 +203,11 @@ def test_quantize_command_passes_each_backend_only_its_options():
     for v in cfg.int8.variants:
         cmd = quantize_command(cfg, v, "m.onnx", "c.npy", "o.onnx")
         assert ("--calibration-eps" in cmd) == (v.backend == "modelopt"), v.name
-        assert ("--stride" in cmd) == (v.backend == "ort" and v.method in ("percentile", "entropy")), v.name
+        assert "--stride" not in cmd, v.name  # ranges no longer depend on slicing: the option is gone
         assert ("--percentile" in cmd) == (v.backend == "ort" and v.method == "percentile"), v.name
+        assert ("--placement" in cmd) == (v.placement != "all"), v.name
+        bc = cmd[cmd.index("--bias-correction") + 1] if "--bias-correction" in cmd else "none"
+        assert bc == (v.bias_correction or ("full" if v.backend == "nncf" else "none")), v.name
+        assert ("--bias-correction-images" in cmd) == (v.backend != "nncf" and v.bias_correction == "fast"), v.name
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["quantize-int8", "m.onnx", "--calib-npy", "c.npy", "--out", "o.onnx", "--stride", "2"])

@@ -54,6 +54,7 @@ def _synthetic_int8_result(openvino: bool = True, structure_only: bool = False) 
     for n, (backend, x, gap, keep, r) in variants.items():
         v = {"name": n, "backend": backend, "keep_sensitive": keep, "reduce_range": False, "bias_correction": "full"}
         vals[n] = {"variant": v, "qdq": {"QuantizeLinear": 5, "DequantizeLinear": 9, "Conv": 82}, "ort_cpu": {"QLinearConv": 76},
+                   "ort_disabled_optimizers": ["WeightBiasQuantization"] if keep else [],
                    "size_bytes": 3 << 20, "fidelity": {"sqnr_db": 26.0}, "skipped_engines": {} if openvino else {"openvino": "skipped: x"}}  # fmt: skip
         if not structure_only:
             vals[n]["engines"] = engines(x, gap)
@@ -74,6 +75,12 @@ def _synthetic_int8_result(openvino: bool = True, structure_only: bool = False) 
                                           "reduce_range": {"pair_sum": 32640, "kernel": 64.0, "exact": 64.0}}}}  # fmt: skip
 
 
+def _without(res: dict, name: str) -> dict:
+    res["validations"].pop(name), res["recipes"].pop(name)
+    res["latency"] = [r for r in res["latency"] if r["name"] != name]
+    return res
+
+
 def test_int8_report_reads_every_engine_and_names_what_it_ships():
     from lowbit_helpers.report import int8 as r
 
@@ -89,16 +96,22 @@ def test_int8_report_reads_every_engine_and_names_what_it_ships():
     # on a CPU whose kernel does not saturate, 7-bit-weight recipes are not the ORT pick even when they score best
     rr = _synthetic_int8_result()
     rr["validations"]["ort-keep"]["variant"].update(keep_sensitive=0, reduce_range=True)
-    assert "ship `ort-a`" in r.int8_conclusion(rr) and "so are `reduce_range` ones" in r.int8_conclusion(rr)
+    assert "ship `ort-a`" in r.int8_conclusion(rr) and "`reduce_range` ones are left out" in r.int8_conclusion(rr)
     rr["kernel_probe"]["this_cpu"]["saturates"] = True
     assert "ship `ort-keep`" in r.int8_conclusion(rr)
-    text = r.int8_conclusion(res)
-    # keep_sensitive recipes are never shipped, even when they score best
-    assert "ship `ort-a`" in text and "ship `ort-keep`" not in text
+    # a keep_sensitive recipe competes (its kept-float Convs run in float with ORT's load-time rewrite
+    # off), and the conclusion says how to deploy it so
+    keep = r.int8_conclusion(res)
+    assert "ship `ort-keep`" in keep and "disabled_optimizers=['WeightBiasQuantization']" in keep
+    # equal latencies (within 3 %) are one class: the more accurate of the two is the fastest deployment
+    assert "deployment** within 0.5 points on val100 (latencies within 3% of the fastest" in keep
+    assert "`ort-keep` under OpenVINO at 0.20×" in keep and "Tied on speed: `ort-a` under OpenVINO" in keep
+    text = r.int8_conclusion(_without(_synthetic_int8_result(), "ort-keep"))
+    assert "ship `ort-a`" in text and "disabled_optimizers" not in text
     assert "Best NNCF row under ORT kernels, VNNI CPU: `nncf-m`" in text and "behind it by -0.30" in text
     assert "ship `nncf-m` instead" in text and "0.40× under OpenVINO" in text
     # a file OpenVINO computes wrongly is not recommended for OpenVINO's speed
-    wrong = _synthetic_int8_result()
+    wrong = _without(_synthetic_int8_result(), "ort-keep")
     for k in ("select", "confirm", "whole"):
         wrong["validations"]["nncf-m"]["engines"]["openvino"][k]["delta_vs"]["ort-exact"]["delta"] = -0.38
     assert "ship `nncf-m` instead" in r.int8_conclusion(wrong) and "under OpenVINO." not in r.int8_conclusion(wrong)
@@ -123,3 +136,25 @@ def test_int8_report_without_openvino_and_structure_only():
     text = r.int8_conclusion(so)
     assert text.startswith("Structure-only model") and "Fastest ORT variant: `ort-a`" in text
     assert "Fastest INT8 deployment of all: `ort-a` under OpenVINO at 0.200×" in text
+
+
+def test_latency_ties_and_recipe_labels():
+    from lowbit_helpers.report import int8 as r
+
+    def fastest(slower_by):
+        res = _synthetic_int8_result()  # ort-a (select -0.40) and ort-keep (-0.10) both at 8.0 ms under OpenVINO
+        for row in res["latency"]:
+            if row["name"] == "ort-keep" and row["runtime"] == "openvino":
+                row["median_ms"] *= 1 + slower_by
+        text = r.int8_conclusion(res)
+        return text[text.index("**Fastest CPU deployment**"):].split("\n")[0]
+
+    assert "`ort-keep` under OpenVINO" in fastest(0.02).split(":")[1]  # within 3 %: the more accurate one
+    assert "`ort-a` under OpenVINO at 0.20×" in fastest(0.04)  # 4 % slower: not tied
+    assert "Tied on speed" not in fastest(0.04)
+    assert r.recipe_label({"backend": "ort", "reduce_range": True}, "avgminmax") == "avgminmax 7-bit w"
+    assert r.recipe_label({"backend": "ort", "placement": "conv-inputs", "bias_correction": "fast"}, "avgminmax") == (
+        "avgminmax Q/DQ on Conv inputs fast BC")
+    assert r.recipe_label({"backend": "nncf", "bias_correction": None, "format": "openvino"}, "mixed") == "mixed full BC (IR)"
+    # an old run's ORT entry says "full" (NNCF's default then): no BC is shown for it
+    assert r.recipe_label({"backend": "ort", "bias_correction": "full"}, "minmax") == "minmax"

@@ -1,11 +1,11 @@
-"""Calibration data for ORT / ModelOpt, streamed from the run's calibration tensor.
+"""Calibration data and activation ranges, from the run's calibration tensor.
 
 ORT's histogram calibrators (Entropy, Percentile) keep every intermediate activation of every
-image they are given before building histograms: 32 images of YOLOv10m at 640 exhausted 24 GB
-here. ``quantize_static`` also offers a strided collection (``CalibStridedMinMax``): it hands
-the calibrator ``stride`` images at a time, and the calibrator merges each slice into its
-running histograms (or min/max) before the next. :class:`ArrayReader` supports that protocol,
-so every method runs with memory bounded by one slice, whatever the image count.
+image they are given before building histograms (32 images of YOLOv10m at 640 exhausted 24 GB
+here), and merging slices of images is inexact in ORT 1.24 (see :func:`activation_ranges`).
+The ORT recipe therefore takes its ranges from :func:`activation_ranges`: one image at a time,
+reduced exactly, the same whatever the slicing or order. :class:`ArrayReader` feeds ORT's and
+ModelOpt's calibrators (one image per ``get_next``).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def load_calibration(path: str | Path, count: int | None = None) -> np.ndarray:
 
 
 class ArrayReader(CalibrationDataReader):
-    """One image per ``get_next``; ``set_range`` restricts it to a slice (ORT's strided calibration)."""
+    """One image per ``get_next`` (ORT's CalibrationDataReader); ``set_range`` restricts it to a slice."""
 
     def __init__(self, data: np.ndarray, input_name: str = "images"):
         self.data = data
@@ -60,6 +60,97 @@ class ArrayReader(CalibrationDataReader):
         self.set_range(0, len(self.data))
 
 
-def largest_divisor_at_most(n: int, limit: int) -> int:
-    """ORT's strided collection needs a stride that divides the image count."""
-    return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
+# ----------------------------------------------------------------- activation ranges
+# ORT 1.24's calibrators merge slices inexactly: the histogram collectors take their bin width
+# from the first slice (later slices only widen it in steps of that width), and MinMax with
+# CalibMovingAverage averages within a slice but merges slices as an exponential moving average.
+# So ORT's ranges depend on how the images are sliced and ordered. The ranges here do not: they
+# are computed from per-image statistics, one image at a time (memory: one forward pass of
+# activations), and reduced exactly at the end. ORT's own code still picks the tensors to
+# calibrate (its calibrator's augmented model) and still turns a histogram into a threshold
+# (its HistogramCollector's percentile / entropy search), fed with a histogram whose edges are
+# fixed by the global range (a second pass over the images). No library computes such
+# slicing-independent ranges for ORT's quantize_static, hence this code.
+
+RANGE_METHODS = ("avgminmax", "minmax", "percentile", "entropy")
+RANGES_VERSION = 2  # 1: ORT's own calibrators (slicing-dependent); 2: activation_ranges. Part of the ORT recipe's stage key.
+
+
+def quantized_op_types(op_types: list[str] | None) -> list[str]:
+    """The op types ``quantize_static`` quantizes (and calibrates) for ``op_types`` (None: all it knows)."""
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+    return sorted(op_types) if op_types else sorted(set(QLinearOpsRegistry) | set(QDQRegistry))
+
+
+def activation_ranges(model: str | Path, calib: np.ndarray, method: str, op_types: list[str] | None = None,
+                      percentile: float = 99.999, order: list[int] | None = None) -> dict[str, tuple[np.float32, np.float32]]:  # fmt: skip
+    """Per tensor ORT would calibrate, its (rmin, rmax), independent of slicing and image order.
+
+    * ``minmax``: the global min and max over all images;
+    * ``avgminmax``: the mean of the per-image min and of the per-image max (exact sums);
+    * ``percentile`` (asymmetric, ``percentile`` and 100 − ``percentile`` cut evenly) and
+      ``entropy``: ORT's own search on one histogram per tensor over all images, with ORT's bin
+      count and edges spanning [-T, T], T the largest |value| over all images.
+
+    ``order`` (a permutation of the images) exists for the test that the result does not depend on it.
+    """
+    import math
+    import tempfile
+
+    from onnxruntime.quantization import CalibrationMethod
+    from onnxruntime.quantization.calibrate import HistogramCollector, create_calibrator
+
+    if method not in RANGE_METHODS:
+        raise LowbitError(f"unknown calibration method {method!r}", f"use one of {', '.join(RANGE_METHODS)}")
+    if len(calib) == 0:
+        raise LowbitError("no calibration images", "build the calibration tensor with at least one image")
+    histogram = method in ("percentile", "entropy")
+    order = list(range(len(calib))) if order is None else list(order)
+    with tempfile.TemporaryDirectory(prefix="lowbit.ranges.") as tmp:
+        calibrator = create_calibrator(
+            Path(model), quantized_op_types(op_types), augmented_model_path=str(Path(tmp) / "augmented.onnx"),
+            calibrate_method=CalibrationMethod.Entropy if method == "entropy" else CalibrationMethod.Percentile,
+            extra_options={"symmetric": False, "percentile": percentile},
+        )  # fmt: skip
+        session, names = calibrator.infer_session, sorted(calibrator.tensors_to_calibrate)
+        feed = session.get_inputs()[0].name
+        outputs = [o.name for o in session.get_outputs()]
+
+        def activations(i):
+            got = dict(zip(outputs, session.run(None, {feed: np.ascontiguousarray(calib[i : i + 1])})))
+            return {t: got[t] for t in names if t in got}
+
+        # pass 1: per-image min / max of every tensor
+        mins: dict[str, list[float]] = {t: [] for t in names}
+        maxs: dict[str, list[float]] = {t: [] for t in names}
+        for i in order:
+            for t, a in activations(i).items():
+                mins[t].append(float(np.nanmin(a)) if a.size else 0.0)
+                maxs[t].append(float(np.nanmax(a)) if a.size else 0.0)
+        names = [t for t in names if mins[t]]
+        if method == "minmax":
+            return {t: (np.float32(min(mins[t])), np.float32(max(maxs[t]))) for t in names}
+        if method == "avgminmax":
+            n = len(order)
+            return {t: (np.float32(math.fsum(mins[t]) / n), np.float32(math.fsum(maxs[t]) / n)) for t in names}
+        # pass 2: one histogram per tensor over all images, edges fixed by the global range
+        lo = {t: np.float32(min(mins[t])) for t in names}
+        hi = {t: np.float32(max(maxs[t])) for t in names}
+        thr = {t: np.float32(max(abs(lo[t]), abs(hi[t]))) for t in names}
+        bins = calibrator.num_bins
+        hists = {t: np.zeros(bins, np.int64) for t in names}
+        for i in order:
+            for t, a in activations(i).items():
+                hists[t] += np.histogram(a.ravel(), bins, range=(-thr[t], thr[t]))[0]
+        collector = HistogramCollector(method=calibrator.method, symmetric=False, num_bins=bins,
+                                       num_quantized_bins=calibrator.num_quantized_bins, percentile=percentile,
+                                       scenario=calibrator.scenario)  # fmt: skip
+        collector.histogram_dict = {
+            # edges as ORT's collector makes them (np.histogram of float32 data): they depend on the range only
+            t: (hists[t], np.histogram(np.zeros(1, np.float32), bins, range=(-thr[t], thr[t]))[1], lo[t], hi[t], thr[t])
+            for t in names
+        }  # fmt: skip
+        calibrator.collector = collector
+        data = calibrator.compute_data()
+        return {t: (np.float32(data[t].range_value[0]), np.float32(data[t].range_value[1])) for t in names}

@@ -2,12 +2,11 @@
 
 uint8 activations (asymmetric) and int8 per-channel weights (symmetric), QDQ format: on x86
 ORT fuses every such Conv into QLinearConv. int8 activations (S8S8) fuse almost nothing
-there and run slower, so they are not offered. Calibration: MinMax, Percentile or Entropy,
-all streamed (see :mod:`.calibration`), or ``avgminmax``: each tensor's range is the mean of its
-per-image min and max (ORT's MinMax with ``CalibMovingAverage`` over one slice holding every
-image; MinMax keeps only reduced values, so memory stays small). Outlier images then widen a
-range by 1/N of their excess instead of setting it: on YOLOv10n val500 this lost 1.45 points
-where plain MinMax lost 3.8 and Percentile 1.8, so it is the default.
+there and run slower, so they are not offered. Calibration (:func:`.calibration.activation_ranges`,
+one image at a time, independent of slicing and order): MinMax, Percentile or Entropy, or
+``avgminmax``: each tensor's range is the mean of its per-image min and max. Outlier images
+then widen a range by 1/N of their excess instead of setting it: on YOLOv10n val500 this lost
+1.45 points where plain MinMax lost 3.8 and Percentile 1.8, so it is the default.
 """
 
 from __future__ import annotations
@@ -17,50 +16,86 @@ from pathlib import Path
 
 import numpy as np
 from ..artifacts import atomic_path, sha256_file, write_json
-from .calibration import ArrayReader, largest_divisor_at_most
+from ..errors import LowbitError
+from .calibration import ArrayReader, activation_ranges
 from .policy import checked_exclusions
 
 ORT_METHODS = ("avgminmax", "minmax", "percentile", "entropy")
+# where the Q/DQ go: ``all`` is quantize_static's default (inputs and outputs of every op it knows:
+# Conv outputs, Sigmoid, Mul, Concat, Add, ...), which ORT's CPU fuses into QLinearConv and
+# friends; ``conv-inputs`` quantizes only each Conv's input and weights (NNCF's and TensorRT's
+# placement: one quantizer per activation, after SiLU, none on the heavy-tailed pre-activation
+# Conv outputs). ORT runs that one in float (slower than FP32), OpenVINO fuses it.
+PLACEMENTS = ("all", "conv-inputs")
+
+
+def _check_ranges_used(path: Path, ranges: dict) -> None:
+    """Every activation quantizer of the written file has its range from ``ranges`` (none from the
+    single image ORT's own calibrator saw)."""
+    import onnx
+
+    g = onnx.load(str(path), load_external_data=False).graph
+    inits = {i.name for i in g.initializer}
+    # ORT renames a quantized graph output x to x_QuantizeLinear_Input (Q -> DQ -> x); its range is x's
+    quantized = {n.input[0].removesuffix("_QuantizeLinear_Input") for n in g.node
+                 if n.op_type == "QuantizeLinear" and n.input[0] not in inits}  # fmt: skip
+    missing = sorted(quantized - set(ranges))
+    if missing:
+        raise LowbitError(f"ORT quantized {len(missing)} tensor(s) without a computed range, e.g. {missing[0]!r}",
+                          "report this: activation_ranges must cover every tensor quantize_static calibrates")  # fmt: skip
 
 
 def quantize_int8_ort(model_in: str | Path, model_out: str | Path, calib: np.ndarray, method: str = "avgminmax",
                       head_policy: str = "conservative", exclude: list[str] | None = None,
-                      percentile: float = 99.999, stride: int = 1, reduce_range: bool = False) -> dict:  # fmt: skip
+                      percentile: float = 99.999, reduce_range: bool = False, placement: str = "all") -> dict:  # fmt: skip
     """Quantize ``model_in`` to ``model_out``; returns (and saves beside it) the exact recipe.
+
+    Activation ranges come from :func:`.calibration.activation_ranges` (per-image statistics,
+    the same whatever the slicing or order of the images, memory bounded by one image) and reach
+    ``quantize_static`` as its ``TensorQuantOverrides`` (rmin / rmax) for every tensor it
+    calibrates; its own calibrator then sees one image only and decides nothing.
 
     ``reduce_range``: 7-bit weights ([-64, 64] per channel), ORT's remedy for CPUs without
     VNNI, whose u8s8 kernels saturate int16 pair sums of full-range weights
     (:mod:`.kernel_check`); it costs one bit of weight resolution everywhere.
+    ``placement``: see :data:`PLACEMENTS`.
     """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     model_out = Path(model_out)
     excluded = checked_exclusions(model_in, calib, method, ORT_METHODS, "ORT", head_policy, exclude)
-    stride = len(calib) if method == "avgminmax" else largest_divisor_at_most(len(calib), stride)
-    # CalibTensorRangeSymmetric False: ORT's Percentile calibrator otherwise defaults to a
-    # symmetric |x| histogram, i.e. a [-t, t] range that wastes half of uint8 on SiLU outputs
-    # (-0.28 .. t); measured here: 1.8 points of YOLOv10n mAP50-95 on val100.
-    extra = {"CalibStridedMinMax": stride, "ActivationSymmetric": False, "WeightSymmetric": True,
-             "CalibTensorRangeSymmetric": False}  # fmt: skip
-    if method == "percentile":
-        extra["CalibPercentile"] = percentile
-    if method == "avgminmax":
-        extra["CalibMovingAverage"] = True  # within one slice: the mean of per-image min / max
+    if placement not in PLACEMENTS:
+        raise LowbitError(f"unknown Q/DQ placement {placement!r}", f"use one of {', '.join(PLACEMENTS)}")
+    # asymmetric activation ranges: a symmetric [-t, t] range wastes half of uint8 on SiLU outputs
+    # (-0.28 .. t); measured here: 1.8 points of YOLOv10n mAP50-95 on val100 (ORT's symmetric percentile)
+    extra: dict = {"ActivationSymmetric": False, "WeightSymmetric": True}
+    op_types = None
+    if placement == "conv-inputs":
+        op_types, extra["OpTypesToExcludeOutputQuantization"] = ["Conv"], ["Conv"]
+    t0 = time.perf_counter()
+    ranges = activation_ranges(model_in, calib, method, op_types, percentile)
+    range_seconds = time.perf_counter() - t0
     call = {
         "api": "onnxruntime.quantization.quantize_static",
         "quant_format": "QDQ", "activation_type": "QUInt8", "weight_type": "QInt8", "per_channel": True,
-        "reduce_range": reduce_range, "calibrate_method": {"avgminmax": "MinMax", "minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}[method],
-        "nodes_to_exclude": excluded, "extra_options": extra, "calibration_images": len(calib),
+        "reduce_range": reduce_range, "op_types_to_quantize": op_types, "nodes_to_exclude": excluded,
+        "extra_options": {**extra, "TensorQuantOverrides": f"rmin / rmax of {len(ranges)} tensors"},
+        "ranges": {"function": "lowbit_helpers.quant.calibration.activation_ranges", "method": method,
+                   **({"percentile": percentile} if method == "percentile" else {}), "images": len(calib),
+                   "seconds": round(range_seconds, 1)},
+        "calibration_images": len(calib),
     }  # fmt: skip
-    t0 = time.perf_counter()
+    extra["TensorQuantOverrides"] = {t: [{"rmin": lo, "rmax": hi}] for t, (lo, hi) in ranges.items()}
     with atomic_path(model_out) as tmp:
         quantize_static(
-            str(model_in), str(tmp), ArrayReader(calib),
+            str(model_in), str(tmp), ArrayReader(calib[:1]),  # every range is overridden: one image to satisfy it
             quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-            per_channel=True, reduce_range=reduce_range, calibrate_method=getattr(CalibrationMethod, call["calibrate_method"]),
-            nodes_to_exclude=excluded, extra_options=extra,
+            per_channel=True, reduce_range=reduce_range, calibrate_method=CalibrationMethod.MinMax,
+            nodes_to_exclude=excluded, op_types_to_quantize=op_types, extra_options=extra,
         )  # fmt: skip
-    recipe = {"backend": "ort", "method": method, "head_policy": head_policy, "reduce_range": reduce_range, "call": call,
+        _check_ranges_used(tmp, ranges)
+    recipe = {"backend": "ort", "method": method, "head_policy": head_policy, "reduce_range": reduce_range,
+              "placement": placement, "call": call,
               "seconds": time.perf_counter() - t0, "input": str(model_in), "input_sha256": sha256_file(model_in),
               "output_sha256": sha256_file(model_out)}  # fmt: skip
     write_json(model_out.with_suffix(".recipe.json"), recipe)

@@ -15,6 +15,7 @@ ENGINE_LABELS = {"ort": "ORT kernels", "ort-exact": "exact Q/DQ (ORT, no optimiz
                  "openvino-bf16": "OpenVINO bf16"}  # fmt: skip
 RUNTIME_NAMES = {"ort": "ORT", "openvino": "OpenVINO", "openvino-bf16": "OpenVINO bf16"}  # latency rows' runtimes
 SPLITS = ("select", "confirm", "whole")
+TIE_LATENCY = 0.03  # latencies this close to the fastest are one class when choosing a deployment
 
 
 def engine_label(engine: str, result: dict) -> str:
@@ -33,6 +34,22 @@ def _latency(result: dict) -> dict:
         rt, prec = r.get("runtime", "ort"), r.get("precision", "f32")
         out[(r["name"], rt if prec == "f32" else f"{rt}-{prec}")] = r
     return out
+
+
+def recipe_label(v: dict, method: str) -> str:
+    """A variant's calibration ``method`` and options in a few words (``v``: its params entry)."""
+    parts = [method]
+    if v.get("reduce_range"):
+        parts.append("7-bit w")
+    if v.get("placement", "all") != "all":
+        parts.append("Q/DQ on Conv inputs")
+    if v["backend"] == "nncf":
+        parts.append(f"{v.get('bias_correction') or 'full'} BC")
+    elif v.get("bias_correction") == "fast":  # an old run's ORT / ModelOpt entries say "full": NNCF's default then
+        parts.append("fast BC")
+    if v.get("format") == "openvino":
+        parts.append("(IR)")
+    return " ".join(parts)
 
 
 def int8_table(result: dict) -> pd.DataFrame:
@@ -55,9 +72,7 @@ def int8_table(result: dict) -> pd.DataFrame:
     for name, val in result["validations"].items():
         rec = result["recipes"][name]
         v = val["variant"]
-        extra = (" 7-bit w" if v.get("reduce_range") else f" {v['bias_correction']} BC" if v["backend"] == "nncf" else "")
-        extra += " (IR)" if v.get("format") == "openvino" else ""
-        row = {"variant": name, "backend": rec["backend"], "calibration": rec["method"] + extra, "head policy": rec["head_policy"]}
+        row = {"variant": name, "backend": rec["backend"], "calibration": recipe_label(v, rec["method"]), "head policy": rec["head_policy"]}
         if "fidelity" in val:
             row["SQNR dB"] = round(val["fidelity"]["sqnr_db"], 1)
         qdq, ort_cpu = val.get("qdq"), val.get("ort_cpu")  # None for an OpenVINO IR
@@ -302,33 +317,26 @@ def int8_conclusion(result: dict, target_points: float = 0.5) -> str:
         lines.append("**Engines that compute a file wrongly** (more than 5 points from its exact arithmetic, so those rows "
                      "measure the engine, not the recipe): " + "; ".join(
                          f"`{n}` under {engine_label(e, result)} ({fmt_delta(g)})" for n, e, g in wrong) + ".")  # fmt: skip
-    # where the drop goes: quantization itself, then the kernels
-    # keep_sensitive variants are not shipped: ORT re-quantizes their excluded Convs at load time
-    # (WeightBiasQuantization), so what runs is neither the float layer asked for nor the exact arithmetic
-    ort_cpu = [n for n in vals if recipes[n]["backend"] == "ort" and has(n, "ort") and has(n, "ort-exact")
-               and not vals[n]["variant"].get("keep_sensitive")]  # fmt: skip
-    # where this CPU's kernel provably does not saturate (the probe), 7-bit weights buy nothing and
-    # cost a bit of resolution: reduce_range recipes are for the other CPUs (chosen below)
-    probe = (result.get("kernel_probe") or {}).get("this_cpu") or {}
-    exact_kernels = probe.get("saturates") is False
-    if exact_kernels and any(not vals[n]["variant"].get("reduce_range") for n in ort_cpu):
-        ort_cpu = [n for n in ort_cpu if not vals[n]["variant"].get("reduce_range")]
-    fast = [n for n in ort_cpu if ratio(n) < 1]
-    if ort_cpu:
-        best = max(fast or ort_cpu, key=lambda n: d(n, "ort", "select")["delta"])
+    from ..steps.int8 import ort_cpu_pick  # the rule (reduce_range, speed) is documented there
+
+    pick = ort_cpu_pick(result)
+    if pick:
+        best, exact_kernels = pick["name"], pick["exact_kernels"]
         gap = vals[best]["engines"]["ort"]["confirm"]["delta_vs"]["ort-exact"]
         ex, k = d(best, "ort-exact"), d(best, "ort")
-        among = "that run faster than FP32" if fast else "(none runs faster than FP32 here)"
+        among = "that run faster than FP32" if pick["among_fast"] else "(none runs faster than FP32 here)"
         lines.append(
             f"**ORT CPU ({env.get('int8_kernel_class', '?').upper()}):** ship `{best}` (best {sel_name} Δ through ORT's kernels "
-            f"among the ORT recipes {among}; `keep_sensitive` recipes are left out, since ORT re-quantizes "
-            f"their excluded Convs at load time"
-            + ("; so are `reduce_range` ones, since this CPU's kernel is exact with full-range weights (the probe below)"
+            f"among the ORT recipes {among}"
+            + ("; `reduce_range` ones are left out, since this CPU's kernel is exact with full-range weights (the probe below)"
                if exact_kernels else "") + f"): {fmt_delta(k)} on {conf_name} through this CPU's kernels, "
             f"{fmt_delta(ex)} with exact arithmetic (kernels − exact {fmt_delta(gap)}), {ratio(best):.2f}× ORT FP32 latency, "
             f"{vals[best]['ort_cpu']['QLinearConv']} of {vals[best]['qdq']['Conv']} Convs as QLinearConv. "
             f"Against the 0.15-point target it {_verdict(k, 0.15)} (kernels) and {_verdict(ex, 0.15)} (exact); "
             f"against the {target_points}-point one it {_verdict(k, target_points)}."
+            + (f" Its kept-float Convs stay float only with ORT's {', '.join(pick['ort_disabled_optimizers'])} rewrite "
+               f"turned off: deploy it with `InferenceSession(..., disabled_optimizers={pick['ort_disabled_optimizers']})`, "
+               "as every ORT session here does." if pick["ort_disabled_optimizers"] else "")
             + _profile_sentence(result, best) + _isa_sentence(result)
         )  # fmt: skip
         peers = [n for n in vals if recipes[n]["backend"] == "nncf"]
@@ -347,12 +355,11 @@ def int8_conclusion(result: dict, target_points: float = 0.5) -> str:
                                   f"{ratio(p):.2f}× ORT FP32 under ORT{ov}.")  # fmt: skip
     # AVX2-only CPUs (emulated)
     emu = {n: e for n, e in (result.get("emulated") or {}).items() if "skipped" not in e}
-    shippable = [n for n in emu if not vals[n]["variant"].get("keep_sensitive")]
-    if shippable:
+    if emu:
         from ..runtime import int8_kernel_class
 
         gaps = "; ".join(f"`{n}` {fmt_delta(x['kernels']['delta_vs']['ort-exact'])}" for n, x in emu.items())
-        pick = max(shippable, key=lambda n: emu[n]["kernels"]["delta_vs_fp32"]["delta"])
+        pick = max(emu, key=lambda n: emu[n]["kernels"]["delta_vs_fp32"]["delta"])
         e = emu[pick]["kernels"]
         cls = int8_kernel_class(emu[pick]["cpu_int8_isa"]).upper()
         lines.append(
@@ -364,20 +371,26 @@ def int8_conclusion(result: dict, target_points: float = 0.5) -> str:
     # fastest CPU deployment with accuracy within target_points on the selection split under its own runtime
     fastest = []
     for (name, rt), r in lat.items():
-        if name == "fp32" or name not in vals or not has(name, rt) or vals[name]["variant"].get("keep_sensitive"):
+        if name == "fp32" or name not in vals or not has(name, rt):
             continue
         if -100 * d(name, rt, "select")["delta"] <= target_points:
             fastest.append((r["median_ms"], name, rt))
     if fastest:
-        ms, name, rt = min(fastest)
-        engine = rt
-        k = d(name, engine)
+        # latencies within TIE_LATENCY of the fastest are one class (a bench's run-to-run spread is a
+        # few %): among them, the best selection-split Δ
+        floor = min(fastest)[0]
+        tied = [(ms, name, rt) for ms, name, rt in fastest if ms <= floor * (1 + TIE_LATENCY)]
+        ms, name, rt = max(tied, key=lambda t: d(t[1], t[2], "select")["delta"])
+        k = d(name, rt)
+        others = ", ".join(f"`{n}` under {RUNTIME_NAMES[r]} ({fmt_delta(d(n, r))})" for _, n, r in sorted(tied)
+                           if (n, r) != (name, rt))  # fmt: skip
         lines.append(
-            f"**Fastest CPU deployment** within {target_points} points on {sel_name}: `{name}` under "
+            f"**Fastest CPU deployment** within {target_points} points on {sel_name} (latencies within "
+            f"{TIE_LATENCY:.0%} of the fastest count as tied; the best {sel_name} Δ among them): `{name}` under "
             f"{RUNTIME_NAMES[rt]} at {ms / fp32_ms:.2f}× ORT FP32 latency ({ms:.1f} ms), "
             f"{fmt_delta(k)} on {conf_name} from its own outputs. The ≤ 0.35× target is "
             f"{'met' if ms / fp32_ms <= 0.35 else 'not met'} here ({ms / fp32_ms:.3f}×); its accuracy "
-            f"{_verdict(k, 0.15)} the 0.15-point target."
+            f"{_verdict(k, 0.15)} the 0.15-point target." + (f" Tied on speed: {others}." if others else "")
         )  # fmt: skip
         fp32_eng = (result.get("fp32_engines") or {}).get("engines", {})
         for eng in ("openvino", "openvino-bf16"):

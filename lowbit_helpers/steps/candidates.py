@@ -30,7 +30,7 @@ from ..errors import LowbitError
 from ..rundir import RunDir, stage_key
 from ..runtime import BENCH_SETTINGS
 from . import baseline
-from .int8 import VARIANT_EVAL, variant_model
+from .int8 import VARIANT_EVAL, ort_cpu_pick, read_int8_result, variant_model
 from .sensitivity import SCHEMES_DIR, SCHEMES_INDEX, SENS
 from .splits import fp32_reference, open_splits, score
 
@@ -353,24 +353,19 @@ def run_ladder(run: RunDir, schemes: dict[str, dict]) -> dict:
 
 
 def best_int8(run: RunDir) -> dict | None:
-    """Notebook 03's ORT recipe (quantize_static, no keep_sensitive) with the best mAP on the
-    selection split through ORT's kernels: the INT8 reference row (None when INT8 is off)."""
-    cfg = run.cfg
-    if not cfg.int8.enabled:
+    """Notebook 03's ORT CPU pick (one rule: :func:`.int8.ort_cpu_pick`), the INT8 reference row;
+    None when INT8 is off, notebook 03 has not finished (its artifacts are read, nothing is
+    computed here), or nothing qualifies."""
+    if not run.cfg.int8.enabled:
         return None
-    best = None
-    for v in cfg.int8.variants:
-        if v.backend != "ort" or v.keep_sensitive:
-            continue
-        rel = VARIANT_EVAL.format(name=v.name)
-        if not run.has(rel):
-            continue
-        coco = read_json(run.artifact(rel)).get("coco", {})
-        if cfg.candidates.select_subset in coco:
-            m = coco[cfg.candidates.select_subset]["metrics"]["mAP_50_95"]
-            if best is None or m > best["select_mAP"]:
-                best = {"name": v.name, "select_mAP": m, "model": variant_model(v), "coco": coco}
-    return best
+    done = read_int8_result(run)
+    pick = ort_cpu_pick(done) if done else None
+    if pick is None:
+        return None
+    v = next(v for v in run.cfg.int8.variants if v.name == pick["name"])
+    evaluated = read_json(run.artifact(VARIANT_EVAL.format(name=v.name)))
+    return {"name": v.name, "select_mAP": evaluated["engines"]["ort"]["select"]["metrics"]["mAP_50_95"],
+            "model": variant_model(v), "coco": evaluated.get("coco", {}), "rule": "notebook 03's ORT CPU pick"}
 
 
 def winners(run: RunDir, cands: dict[str, dict], evals: dict[str, dict]) -> dict[str, dict]:

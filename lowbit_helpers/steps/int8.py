@@ -31,6 +31,8 @@ from pathlib import Path
 from ..artifacts import read_json, write_json
 from ..config import EMULATE_DEFAULT, Config, Int8Variant
 from ..errors import LowbitError
+from ..quant.bias_correction import BC_VERSION
+from ..quant.calibration import RANGES_VERSION
 from ..quant.modelopt_int8 import MODELOPT_METHODS
 from ..quant.nncf_int8 import NNCF_METHODS
 from ..quant.ort_int8 import ORT_METHODS
@@ -75,9 +77,12 @@ def check_variants(cfg: Config) -> None:
             raise LowbitError(f"int8.variants: the name {v.name!r} is used twice", "give each variant its own name")
         if v.format != "onnx" and v.backend != "nncf":
             raise LowbitError(f"int8.variants: {v.name}: format {v.format} is an NNCF option", "set it only on backend nncf variants")
-        if v.bias_correction != "full" and v.backend != "nncf":
-            raise LowbitError(f"int8.variants: {v.name}: bias_correction is an NNCF option",
-                              "set it only on backend nncf variants")  # fmt: skip
+        allowed_bc = ("full", "fast") if v.backend == "nncf" else ("none", "fast")
+        if v.bias_correction is not None and v.bias_correction not in allowed_bc:
+            raise LowbitError(f"int8.variants: {v.name}: bias_correction {v.bias_correction} is not available for {v.backend}",
+                              f"use one of {', '.join(allowed_bc)} for {v.backend}")  # fmt: skip
+        if v.placement != "all" and v.backend != "ort":
+            raise LowbitError(f"int8.variants: {v.name}: placement is an ORT option", "set it only on backend ort variants")
         if v.reduce_range and v.backend != "ort":
             raise LowbitError(f"int8.variants: {v.name}: reduce_range is an ORT quantize_static option",
                               "set it only on backend ort variants")  # fmt: skip
@@ -105,10 +110,11 @@ def sensitive_convs(run: RunDir, n: int) -> list[str]:
     """The ``n`` Convs whose float precision buys the most in an all-w8a8 graph (notebook 04's sweep).
 
     They are excluded from quantization: ``quantize_static`` puts no Q/DQ on them. ORT (1.24)
-    then re-quantizes at load time the weights of an excluded Conv whose input and output are
-    still Q/DQ (its WeightBiasQuantization transformer) and fuses it into QLinearConv after all;
-    what stays float is the activation quantization around the excluded nodes. The table's
-    QLinearConv column counts what ORT really runs, and accuracy and latency are measured on it.
+    would re-quantize at load time the weights of an excluded Conv whose input and output are
+    still Q/DQ (its WeightBiasQuantization rewrite) and fuse it into QLinearConv after all; every
+    ORT session here turns that rewrite off for such files (``runtime.kept_float_rewrite``), so the
+    excluded Convs run in float as the recipe says, and a deployment must turn it off too. The
+    table's QLinearConv column counts what ORT really runs.
     """
     if n == 0:
         return []
@@ -134,16 +140,18 @@ def quantize_command(cfg: Config, v: Int8Variant, model: Path, calib: Path, out:
     if v.backend == "ort":
         if v.method == "percentile":
             cmd += ["--percentile", str(q.percentile)]
-        if v.method in ("percentile", "entropy"):  # only histograms need slices to bound memory
-            cmd += ["--stride", str(q.calib_stride)]
         if v.reduce_range:
             cmd += ["--reduce-range"]
+        if v.placement != "all":
+            cmd += ["--placement", v.placement]
     elif v.backend == "nncf":
-        cmd += ["--bias-correction", v.bias_correction] + (["--format", v.format] if v.format != "onnx" else [])
+        cmd += ["--bias-correction", v.bias_correction or "full"] + (["--format", v.format] if v.format != "onnx" else [])
     else:
         cmd += ["--calibration-eps", *q.calibration_eps, "--high-precision-dtype", q.high_precision_dtype]
         if q.exclude_op_types:
             cmd += ["--exclude-op-type", *q.exclude_op_types]
+    if v.backend != "nncf" and v.bias_correction == "fast":  # this project's, on the finished file
+        cmd += ["--bias-correction", "fast", "--bias-correction-images", str(q.bias_correction_images)]
     return cmd
 
 
@@ -166,7 +174,10 @@ def quantize_variant(run: RunDir, v: Int8Variant) -> dict:
     rel, recipe_rel, log_rel = variant_model(v), VARIANT_RECIPE.format(name=v.name), VARIANT_LOG.format(name=v.name)
     out = run.file(rel)
     cmd = quantize_command(cfg, v, model, calib, out, sensitive_convs(run, v.keep_sensitive))
-    key = stage_key({"cmd": cmd[3:], "versions": {**baseline.versions(), **backend_version(v.backend)}}, [model, calib])
+    # how the ORT recipe computes its ranges, and this project's bias correction: code versions of the recipe
+    own = {**({"ranges": RANGES_VERSION} if v.backend == "ort" else {}),
+           **({"bias_correction": BC_VERSION} if v.backend != "nncf" and v.bias_correction == "fast" else {})}  # fmt: skip
+    key = stage_key({"cmd": cmd[3:], "versions": {**baseline.versions(), **backend_version(v.backend)}, **own}, [model, calib])
     outputs = [rel, recipe_rel, log_rel] + ([VARIANT_IR_BIN.format(name=v.name)] if is_ir(v) else [])
     if not run.is_fresh(f"int8:{v.name}", key):
         measured = run_measured(cmd, run.file(log_rel))
@@ -236,6 +247,15 @@ def _eval_params(cfg: Config, engines: list[str]) -> dict:
             "environment": _engine_environment(engines)}  # fmt: skip
 
 
+def _rewrites(model: Path) -> dict:
+    """Stage-key entry for the ORT load-time rewrites turned off for ``model`` (runtime.kept_float_rewrite);
+    empty where there are none, so that the keys of every other file stay as they were."""
+    from ..runtime import kept_float_rewrite
+
+    off = kept_float_rewrite(model) if Path(model).suffix == ".onnx" else []
+    return {"ort_disabled_optimizers": off} if off else {}
+
+
 def validate_variant(run: RunDir, v: Int8Variant) -> dict:
     from ..data import preprocess
     from ..quant.inspect import head_fidelity, ort_executed_ops, qdq_counts
@@ -249,7 +269,7 @@ def validate_variant(run: RunDir, v: Int8Variant) -> dict:
     if is_ir(v):  # an OpenVINO IR: only OpenVINO reads it
         skipped.update({e: "skipped: an OpenVINO IR, which ONNX Runtime cannot read" for e in engines if e.startswith("ort")})
         engines = [e for e in engines if not e.startswith("ort")]
-    params = _eval_params(cfg, engines)
+    params = {**_eval_params(cfg, engines), **_rewrites(q)}
     inputs = [model, q] + ([run.artifact(VARIANT_IR_BIN.format(name=v.name))] if is_ir(v) else [])
     key = stage_key(params, inputs)
     if not run.is_fresh(f"int8-eval:{v.name}", key):
@@ -265,6 +285,7 @@ def validate_variant(run: RunDir, v: Int8Variant) -> dict:
         scores = engine_scores(run, q, engines)
         result = {"variant": v.model_dump(), "smoke": smoke, "fidelity": fidelity, "engines": scores,
                   "skipped_engines": skipped, "environment": params["environment"], "qdq": qdq, "ort_cpu": ort_cpu,
+                  "ort_disabled_optimizers": params.get("ort_disabled_optimizers", []),
                   "size_bytes": sum(p.stat().st_size for p in inputs[1:])}  # fmt: skip
         if "ort" in scores:  # the ORT-kernel result by subset name (what notebook 05 compares against)
             result["coco"] = {s["subset"]: s for s in (scores["ort"][k] for k in ("select", "confirm", "whole"))}
@@ -302,7 +323,8 @@ def emulated(run: RunDir, v: Int8Variant) -> dict:
     if qemu is None:
         return {"skipped": "qemu-x86_64-static not found: bash scripts/get_qemu.sh fetches it (Debian's qemu-user-static)"}
     params = {"cpu": em.cpu, "subset": em.subset, "decode": cfg.decode.model_dump(), "data": cfg.data.model_dump(),
-              "evaluation": cfg.evaluation.model_dump(), "onnxruntime": _engine_environment(["ort-exact"])}  # fmt: skip
+              "evaluation": cfg.evaluation.model_dump(), "onnxruntime": _engine_environment(["ort-exact"]),
+              **_rewrites(q)}  # fmt: skip
     key = stage_key(params, [run.artifact(baseline.MODEL), q])
     if not run.is_fresh(f"int8-emulated:{v.name}", key):
         from ..data import open_coco
@@ -364,6 +386,9 @@ def latency(run: RunDir) -> dict:
               "runtimes": runtimes,
               "fp32_engines": cfg.int8.fp32_engines,
               "environment": _engine_environment([f"{r}" for r in runtimes])}  # fmt: skip
+    rewrites = {n: r for n, m in zip(names, models) if (r := _rewrites(m))}
+    if rewrites:
+        params["rewrites"] = rewrites
     key = stage_key(params, models)
     rel = LATENCY
     if not run.is_fresh("int8-latency", key):
@@ -383,6 +408,54 @@ def latency(run: RunDir) -> dict:
         write_json(run.file(rel), {"rows": rows, "profiles": profiles, "environment": environment()})
         run.finish("int8-latency", key, [rel], params)
     return read_json(run.artifact(rel))
+
+
+def ort_cpu_pick(result: dict) -> dict | None:
+    """The ORT CPU recipe to ship, by one rule (notebook 03's conclusion and notebook 05's INT8 row):
+    among the ``ort`` recipes scored through ORT's kernels and with exact arithmetic,
+
+    * ``keep_sensitive`` recipes compete: their excluded Convs run in float because every ORT
+      session here turns ORT's load-time WeightBiasQuantization off for them (``runtime.kept_float_rewrite``;
+      the pick's ``ort_disabled_optimizers`` says what a deployment must turn off too);
+    * no ``reduce_range`` recipe where this CPU's kernel provably does not saturate (the probe):
+      7-bit weights then buy nothing and cost a bit of resolution (they are for CPUs without VNNI);
+    * only recipes ORT runs faster than its FP32 (when any does): a recipe ORT runs in float is not
+      an ORT deployment;
+
+    the best Δ to FP32 on the selection split through ORT's kernels. None when nothing qualifies.
+    """
+    vals = result.get("validations") or {}
+    fp32_ms = next((r["median_ms"] for r in result.get("latency") or []
+                    if r["name"] == "fp32" and r.get("runtime", "ort") == "ort"), None)  # fmt: skip
+    ort_ms = {r["name"]: r["median_ms"] for r in result.get("latency") or []
+              if r.get("runtime", "ort") == "ort" and r.get("precision", "f32") == "f32"}  # fmt: skip
+
+    def scored(n):
+        return {"ort", "ort-exact"} <= set(vals[n].get("engines") or {})
+
+    names = [n for n in vals if result["recipes"][n]["backend"] == "ort" and scored(n)]
+    probe = (result.get("kernel_probe") or {}).get("this_cpu") or {}
+    exact_kernels = probe.get("saturates") is False
+    if exact_kernels and any(not vals[n]["variant"].get("reduce_range") for n in names):
+        names = [n for n in names if not vals[n]["variant"].get("reduce_range")]
+    fast = [n for n in names if fp32_ms and n in ort_ms and ort_ms[n] < fp32_ms]
+    if not names:
+        return None
+    best = max(fast or names, key=lambda n: vals[n]["engines"]["ort"]["select"]["delta_vs_fp32"]["delta"])
+    return {"name": best, "among_fast": bool(fast), "exact_kernels": exact_kernels, "considered": fast or names,
+            "ort_disabled_optimizers": vals[best].get("ort_disabled_optimizers", [])}
+
+
+def read_int8_result(run: RunDir) -> dict | None:
+    """What :func:`ort_cpu_pick` needs, read from notebook 03's artifacts only (nothing is computed);
+    None while any of them is missing (notebook 03 not run, or not finished)."""
+    rels = {v.name: (VARIANT_RECIPE.format(name=v.name), VARIANT_EVAL.format(name=v.name)) for v in run.cfg.int8.variants}
+    needed = [r for pair in rels.values() for r in pair] + [LATENCY, KERNEL_PROBE]
+    if not all(run.has(r) for r in needed):
+        return None
+    return {"recipes": {n: read_json(run.artifact(r)) for n, (r, _) in rels.items()},
+            "validations": {n: read_json(run.artifact(e)) for n, (_, e) in rels.items()},
+            "latency": read_json(run.artifact(LATENCY))["rows"], "kernel_probe": read_json(run.artifact(KERNEL_PROBE))}
 
 
 def run_int8(run: RunDir) -> dict:
