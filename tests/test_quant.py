@@ -211,3 +211,25 @@ def test_quantize_command_passes_each_backend_only_its_options():
         assert ("--bias-correction-images" in cmd) == (v.backend != "nncf" and v.bias_correction == "fast"), v.name
     with pytest.raises(SystemExit):
         build_parser().parse_args(["quantize-int8", "m.onnx", "--calib-npy", "c.npy", "--out", "o.onnx", "--stride", "2"])
+
+
+def test_ort_recipe_keeps_orts_softmax_range(tmp_path):
+    """ORT's quantizer gives a Softmax output the range [0, 1] whatever the data; the computed
+    ranges must not bypass that (YOLOv10's attention Softmax lost accuracy when they did)."""
+    from lowbit_helpers.quant.ort_int8 import quantize_int8_ort
+
+    w = numpy_helper.from_array(np.random.default_rng(0).normal(size=(4, 3, 3, 3)).astype(np.float32), "w")
+    g = helper.make_graph(
+        [helper.make_node("Conv", ["images", "w"], ["y"], pads=[1, 1, 1, 1], name="conv"),
+         helper.make_node("Softmax", ["y"], ["p"], axis=1, name="softmax"),
+         helper.make_node("Mul", ["p", "y"], ["z"], name="mul")], "g",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 4, 8, 8])], [w],
+    )  # fmt: skip
+    model, out = tmp_path / "s.onnx", tmp_path / "q.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 19)]), str(model))
+    data = np.random.default_rng(1).normal(size=(6, 3, 8, 8)).astype(np.float32)
+    assert float(activation_ranges(model, data, "avgminmax")["p"][1]) < 1.0  # the data alone would say less than 1
+    quantize_int8_ort(model, out, data, method="avgminmax", head_policy="none")
+    inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(out)).graph.initializer}
+    assert float(inits["p_scale"]) == pytest.approx(1 / 255) and int(inits["p_zero_point"]) == 0

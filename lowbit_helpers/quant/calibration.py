@@ -73,7 +73,8 @@ class ArrayReader(CalibrationDataReader):
 # slicing-independent ranges for ORT's quantize_static, hence this code.
 
 RANGE_METHODS = ("avgminmax", "minmax", "percentile", "entropy")
-RANGES_VERSION = 2  # 1: ORT's own calibrators (slicing-dependent); 2: activation_ranges. Part of the ORT recipe's stage key.
+RANGES_VERSION = 3  # 1: ORT's own calibrators (slicing-dependent); 2: activation_ranges; 3: with ORT's Softmax / Relu
+#                     range adjustments (ort_int8._ort_adjusted). Part of the ORT recipe's stage key.
 
 
 def quantized_op_types(op_types: list[str] | None) -> list[str]:

@@ -29,6 +29,29 @@ ORT_METHODS = ("avgminmax", "minmax", "percentile", "entropy")
 PLACEMENTS = ("all", "conv-inputs")
 
 
+def _ort_adjusted(model_in: str | Path, ranges: dict, excluded: list[str], op_types: list[str] | None) -> dict:
+    """``ranges`` with the adjustments ORT's quantizer makes to calibrated ranges
+    (``BaseQuantizer.adjust_tensor_ranges``), which ``TensorQuantOverrides`` would otherwise bypass:
+    a quantized Softmax's output is [0, 1]; a quantized Relu / Clip's (sole-consumer) input takes
+    its output's range. Without the first, YOLOv10's attention Softmax got its data range."""
+    import onnx
+
+    g = onnx.load(str(model_in), load_external_data=False).graph
+    consumers: dict[str, int] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers[i] = consumers.get(i, 0) + 1
+    out = dict(ranges)
+    for n in g.node:
+        if n.name in excluded or (op_types and n.op_type not in op_types):
+            continue
+        if n.op_type == "Softmax" and n.output[0] in out:
+            out[n.output[0]] = (np.float32(0.0), np.float32(1.0))
+        elif n.op_type in ("Relu", "Clip") and consumers.get(n.input[0]) == 1 and n.input[0] in out and n.output[0] in out:
+            out[n.input[0]] = out[n.output[0]]
+    return out
+
+
 def _check_ranges_used(path: Path, ranges: dict) -> None:
     """Every activation quantizer of the written file has its range from ``ranges`` (none from the
     single image ORT's own calibrator saw)."""
@@ -73,7 +96,7 @@ def quantize_int8_ort(model_in: str | Path, model_out: str | Path, calib: np.nda
     if placement == "conv-inputs":
         op_types, extra["OpTypesToExcludeOutputQuantization"] = ["Conv"], ["Conv"]
     t0 = time.perf_counter()
-    ranges = activation_ranges(model_in, calib, method, op_types, percentile)
+    ranges = _ort_adjusted(model_in, activation_ranges(model_in, calib, method, op_types, percentile), excluded, op_types)
     range_seconds = time.perf_counter() - t0
     call = {
         "api": "onnxruntime.quantization.quantize_static",
