@@ -233,3 +233,13 @@ def test_ort_recipe_keeps_orts_softmax_range(tmp_path):
     quantize_int8_ort(model, out, data, method="avgminmax", head_policy="none")
     inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(out)).graph.initializer}
     assert float(inits["p_scale"]) == pytest.approx(1 / 255) and int(inits["p_zero_point"]) == 0
+
+
+def test_entropy_ranges_search_inside_the_full_range(tmp_path):
+    """On one fixed histogram ORT's default 128 bins leave its KL search a single candidate (the
+    full range, i.e. minmax); the entropy ranges here must clip a heavy tail."""
+    model = _one_conv_model(tmp_path / "c.onnx")
+    data = np.random.default_rng(1).normal(size=(6, 3, 8, 8)).astype(np.float32)
+    data[2, :, 0, 0] = 40.0  # a few outliers
+    full, kl = activation_ranges(model, data, "minmax")["images"], activation_ranges(model, data, "entropy")["images"]
+    assert float(kl[1]) < 0.5 * float(full[1]) and float(kl[1]) > float(np.percentile(data, 99))
