@@ -94,17 +94,17 @@ def _quantized_convs(graph, fp32_weights: dict[str, np.ndarray]) -> tuple[list[d
                 raise unsupported(n, f"per-channel weight scales on axis {_attr(dq_w, 'axis', 1)} (axis 0 expected)")
             scale = scale.reshape(-1, 1, 1, 1)
         if dq_w.input[0] in inits:  # stored integer weights (ORT, NNCF)
-            w_zp = _zero_point(dq_w, inits, arr)
-            w_int = arr(dq_w.input[0]).astype(np.float32)
+            w_zp, w_float = _zero_point(dq_w, inits, arr), None
         else:  # weights quantized in the graph (ModelOpt): QuantizeLinear on the float initializer
             q_w = prod.get(dq_w.input[0])
             if q_w is None or q_w.op_type != "QuantizeLinear" or q_w.input[0] not in inits:
                 raise unsupported(n, "its weights are neither stored integers nor a QuantizeLinear of a float initializer")
-            w_zp = _zero_point(q_w, inits, arr)
-            w_float = arr(q_w.input[0])
+            w_zp, w_float = _zero_point(q_w, inits, arr), arr(q_w.input[0])
             fp32_weights.setdefault(n.name, w_float)
         zp = w_zp.astype(np.float32).reshape(scale.shape if w_zp.size > 1 else ())
-        if dq_w.input[0] not in inits:
+        if w_float is None:
+            w_int = arr(dq_w.input[0]).astype(np.float32)
+        else:
             lim = np.iinfo(w_zp.dtype)
             w_int = np.clip(np.rint(w_float / scale) + zp, lim.min, lim.max)
         if n.name not in fp32_weights:
