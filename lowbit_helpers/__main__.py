@@ -9,6 +9,8 @@ from pathlib import Path
 
 from .errors import LowbitError
 from .quant.bias_correction import BC_IMAGES
+from .quant.formats import FORMATS
+from .quant.head_metrics import METRICS
 
 
 def _raw_onnx(path: str, check_output: bool = True) -> Path:
@@ -197,7 +199,7 @@ def _cmd_sensitivity(args) -> int:
                           f"--images {args.images} need {need}", "lower --images / --range-images or list more images")  # fmt: skip
     calib = calibration_tensor(paths, need)
     sens = measure(model, calib[args.range_images :], calib[: args.range_images], formats, args.directions,
-                   args.chunk, args.threads, args.naive_check, progress=print)  # fmt: skip
+                   args.metric, args.workers, args.group, args.threads, args.naive_check, progress=print)  # fmt: skip
     sens["calibration"].update(list=str(Path(args.coco_root) / args.calib_list), range_images=[0, args.range_images],
                                sweep_images=[args.range_images, need])  # fmt: skip
     write_json(args.out, sens)
@@ -205,8 +207,39 @@ def _cmd_sensitivity(args) -> int:
         naive = r.get("naive", {})
         print(f"{name}: {len(r['records'])} Convs x {r['directions']} on {r['images']} images in "
               f"{r['seconds']['total']:.0f} s (naive, extrapolated: {naive.get('estimated_seconds', float('nan')):.0f} s); "
-              f"all-{name} SQNR {r['all_sqnr_db']:.2f} dB")  # fmt: skip
+              f"all-{name}: {args.metric} {r['all'][args.metric]:.2f} dB, raw-head SQNR {r['all']['raw_sqnr']:.2f} dB; "
+              f"peak memory {r['peak_rss_gb']:.2f} GB")  # fmt: skip
     print(f"wrote {args.out}")
+    return 0
+
+
+def _cmd_validate_sensitivity(args) -> int:
+    """Notebook 04's metric validation alone, on a run's cached stages; its JSON beside the report."""
+    import shutil
+
+    from .config import load_config
+    from .rundir import RunDir
+    from .steps import baseline
+    from .steps import sensitivity as step
+
+    cfg = load_config(args.params).resolved()
+    s = cfg.sensitivity
+    cfg = cfg.model_copy(update={"sensitivity": s.model_copy(update={"validation": s.validation.model_copy(update={"enabled": True})})})
+    run = RunDir.create(cfg, args.run_id)
+    baseline.baseline_onnx(run)
+    baseline.calibration(run)
+    sens = step.onnx_sweep(run)
+    result = step.validation(run, sens, progress=print)
+    if "skipped" in result:
+        raise LowbitError(f"the validation cannot run: {result['skipped']}", "use a params file with real weights")
+    out = Path(cfg.output.reports_dir) / run.run_id / step.VALIDATION_REPORT
+    out.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(run.path / step.VALIDATION, out)
+    a = result["agreement"]
+    for name, table in a["spearman"].items():
+        print(name + ": " + ", ".join(f"{m} {t['select']['rho']:+.2f}/{t['confirm']['rho']:+.2f}" for m, t in table.items()))
+    print(f"chosen metric: {a['chosen']} (Spearman select / confirm); {result['total_seconds']:.0f} s")
+    print(f"wrote {out}")
     return 0
 
 
@@ -357,19 +390,28 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--high-precision-dtype", choices=["fp32", "fp16"], default="fp32")
     q.set_defaults(func=_cmd_quantize_int8)
 
-    s = sub.add_parser("sensitivity", help="per-Conv sensitivity of a raw-head ONNX (alone / kept, raw-head SQNR)")
+    s = sub.add_parser("sensitivity", help="per-Conv sensitivity of a raw-head ONNX (alone / kept, detection-aware metrics)")
     s.add_argument("model")
-    s.add_argument("--format", nargs="+", default=["w4a16"], choices=["w8a8", "w4a16", "w4a8", "fp8"])
+    s.add_argument("--format", nargs="+", default=["w4a16"], choices=list(FORMATS),
+                   help="w8a8-ort: the quantizers ORT's quantize_static deploys (quant/deployed.py)")
     s.add_argument("--coco-root", required=True, help="its calibration list gives the (evaluation-disjoint) images")
     s.add_argument("--calib-list", default="calib160.txt", help="relative to --coco-root")
     s.add_argument("--images", type=int, default=64, help="sweep images: list entries [R, R+N)")
     s.add_argument("--range-images", type=int, default=32, help="activation ranges from list entries [0, R)")
     s.add_argument("--directions", nargs="+", default=["alone", "kept"], choices=["alone", "kept"])
-    s.add_argument("--chunk", type=int, default=8, help="images per cache chunk (bounds memory)")
+    s.add_argument("--metric", default="det_sqnr", choices=list(METRICS), help="the ranking metric (quant/head_metrics.py)")
+    s.add_argument("--workers", type=_positive, default=2, help="sweep processes (one ORT thread each)")
+    s.add_argument("--group", type=_positive, default=32, help="perturbations whose sessions live at once per worker")
     s.add_argument("--naive-check", type=int, default=2, help="Convs per format also computed naively")
     s.add_argument("--threads", type=int, default=2)
     s.add_argument("--out", required=True, help="sens.json")
     s.set_defaults(func=_cmd_sensitivity)
+
+    vs = sub.add_parser("validate-sensitivity", help="which sensitivity metric predicts mAP: candidate metrics against "
+                        "the COCO mAP of single-layer perturbations (notebook 04's validation, alone)")  # fmt: skip
+    vs.add_argument("params", help="params YAML (its sensitivity.validation section; enabled is implied)")
+    vs.add_argument("--run-id", default=None, help="run directory name (default: the params' name)")
+    vs.set_defaults(func=_cmd_validate_sensitivity)
 
     c = sub.add_parser("schemes", help="top-K and budgeted mixed-precision schemes from a sensitivity file")
     c.add_argument("sens", help="the JSON `sensitivity` wrote")

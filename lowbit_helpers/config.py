@@ -154,26 +154,58 @@ class Int8Cfg(_Section):
                                         "bias_correction: fast on ort / modelopt variants")
 
 
-Fmt = Literal["w8a8", "w4a16", "w4a8", "fp8"]
+Fmt = Literal["w8a8", "w8a8-ort", "w4a16", "w4a8", "fp8"]
+
+
+Metric = Literal["raw_sqnr", "score_sqnr", "fg_score_sqnr", "fg_box_sqnr", "det_sqnr"]  # quant.head_metrics.METRICS
+
+
+class ValidationCfg(_Section):
+    enabled: bool = Field(False, description="run the metric validation (dozens of COCO evaluations; "
+                                             "`python -m lowbit_helpers validate-sensitivity PARAMS` runs it alone)")
+    formats: list[Fmt] = Field(default_factory=lambda: ["w4a16", "w4a8"], description="alone direction, each format")
+    method: str = Field("gptq-bc-b32", description="4-bit weight PTQ of the perturbations (notebook 05's grammar)")
+    layers: int = Field(24, ge=3, description="layers per format: the `top` most sensitive by each candidate metric, "
+                                              "the rest spread evenly over the ranking")
+    top: int = Field(4, ge=0, description="see layers")
+    kept_format: Fmt | None = Field("w4a16", description="the kept direction (all but one layer) in this format; null: none")
+    kept_layers: int = Field(12, ge=0, description="layers of the kept direction (the 2 most sensitive by each metric, then spread)")
+    subset: str = Field("val500", description="ground truth: COCO mAP on these images ...")
+    select_subset: str = Field("val100", description="... the metric is chosen on this part and confirmed on the rest")
+
+    @field_validator("formats", "kept_format")
+    @classmethod
+    def _materialisable(cls, v):
+        if v == "w8a8-ort" or (isinstance(v, list) and "w8a8-ort" in v):
+            raise ValueError("the validation perturbs layers as notebook 05 deploys them: use w4a16, w4a8, w8a8 or fp8")
+        return v
 
 
 class SensitivityCfg(_Section):
     enabled: bool = True
-    formats: list[Fmt] = Field(default_factory=lambda: ["w8a8", "w4a16", "w4a8"])
+    formats: list[Fmt] = Field(default_factory=lambda: ["w8a8-ort", "w8a8", "w4a16", "w4a8"])
     directions: list[Literal["alone", "kept"]] = Field(default_factory=lambda: ["alone", "kept"])
+    metric: Metric = Field("det_sqnr", description="the metric that ranks layers (schemes, keep_sensitive)")
     range_images: int = Field(32, ge=1, description="calibration images [0, R) for the activation ranges")
     images: int = Field(64, ge=1, description="sweep images: calibration images [R, R+N), evaluation-disjoint")
-    chunk: int = Field(8, ge=1, description="images per cache chunk (bounds memory)")
+    workers: int = Field(2, ge=1, description="sweep processes (one ORT thread each)")
+    group: int = Field(32, ge=1, description="perturbations whose sub-graph sessions live at once per worker (bounds memory)")
+    chunk: int = Field(8, ge=1, description="images per batch of the Torch proxy")
     naive_check: int = Field(2, ge=0, description="Convs per format also computed naively (equality + naive cost)")
-    map_format: Fmt = "w4a8"
-    map_layers: int = Field(12, ge=0, description="layers scored by mAP (alone, map_format): half the most sensitive")
-    map_subset: str = "first:100"
+    validation: ValidationCfg = ValidationCfg()
     proxy: bool = Field(True, description="the plan's Torch proxy sweep (alone, proxy_format) and its transfer")
     proxy_format: Fmt = "w4a8"
     top_k: list[int] = Field(default_factory=lambda: [0, 5, 10, 20])
     budgets: list[float] = Field(default_factory=lambda: [25.0, 50.0, 75.0, 90.0])
     budget_low: Fmt = "w4a8"
     budget_high: Fmt = "w8a8"
+
+    @field_validator("budget_low", "budget_high", "proxy_format")
+    @classmethod
+    def _deployable(cls, v: str) -> str:
+        if v == "w8a8-ort":
+            raise ValueError("w8a8-ort is ORT's own INT8 file (notebook 03), not a scheme or proxy format: use w8a8")
+        return v
 
 
 def _default_ladder() -> list[str]:

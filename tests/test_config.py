@@ -70,3 +70,13 @@ def test_int8_variant_options_are_checked_per_backend(variant, message):
     cfg = parse_config({"name": "x", "int8": {"variants": [variant]}})
     with pytest.raises(LowbitError, match=message):
         check_variants(cfg)
+
+
+def test_w8a8_ort_is_a_sweep_format_only():
+    from lowbit_helpers.config import parse_config
+
+    assert "w8a8-ort" in parse_config({"name": "x", "sensitivity": {"formats": ["w8a8-ort", "w4a8"]}}).sensitivity.formats
+    for bad in ({"budget_high": "w8a8-ort"}, {"validation": {"formats": ["w8a8-ort"]}}, {"validation": {"kept_format": "w8a8-ort"}},
+                {"metric": "sqnr"}):  # fmt: skip
+        with pytest.raises(LowbitError):
+            parse_config({"name": "x", "sensitivity": bad})

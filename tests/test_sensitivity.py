@@ -11,7 +11,8 @@ from lowbit_helpers.__main__ import main
 from lowbit_helpers.errors import LowbitError
 from lowbit_helpers.quant.formats import FORMATS, activation_qparams, apply_format, get_format, quantize_weight
 from lowbit_helpers.quant.schemes import budget_scheme, make_schemes, top_k_scheme
-from lowbit_helpers.quant.sensitivity import activation_ranges, conv_nodes, fp32_outputs, naive_sqnr, sweep
+from lowbit_helpers.quant.head_metrics import METRICS, Accumulator, Reference, dfl_distances, sqnr_db
+from lowbit_helpers.quant.sensitivity import activation_ranges, conv_nodes, naive, session, sweep
 
 
 # ------------------------------------------------------------------ formats
@@ -45,29 +46,41 @@ def test_activation_qparams_hold_zero_and_the_range():
 
 
 def _tiny_net(path, fragile: bool):
-    """Three Convs and a skip connection. With ``fragile`` the middle Conv's input has one
-    channel of a 100x larger range that the Conv ignores (zero weights): per-tensor 8-bit
-    activations then crush every channel it does use."""
+    """A YOLO-shaped toy: raw head [1, 144, 8400] from three levels (80², 40², 20² anchors on an
+    80x80 input), five Convs, a SiLU and a skip connection. With ``fragile`` the second Conv's
+    input has one channel of a 100x larger range that the Conv ignores (zero weights):
+    per-tensor 8-bit activations then crush every channel it does use."""
     rng = np.random.default_rng(1)
     w1 = rng.normal(0, 0.5, (8, 3, 3, 3)).astype(np.float32)
     w2 = rng.normal(0, 0.2, (8, 8, 3, 3)).astype(np.float32)
-    w3 = rng.normal(0, 0.3, (6, 8, 1, 1)).astype(np.float32)
+    w3 = rng.normal(0, 0.2, (8, 8, 3, 3)).astype(np.float32)
+    h = [rng.normal(0, 0.3, (144, 8, 1, 1)).astype(np.float32) for _ in range(3)]
+    hb = np.concatenate([rng.normal(0, 1, 64), rng.normal(-2.5, 1, 80)]).astype(np.float32)  # some foreground
     if fragile:
         w1[0] *= 100
         w2[:, 0] = 0
+        h[0][:, 0] = 0
+    n = helper.make_node
     nodes = [
-        helper.make_node("Conv", ["x", "w1"], ["a"], name="/model.0/conv/Conv", pads=[1, 1, 1, 1]),
-        helper.make_node("Sigmoid", ["a"], ["as"], name="/model.0/act/Sigmoid"),
-        helper.make_node("Mul", ["a", "as"], ["b"], name="/model.0/act/Mul"),
-        helper.make_node("Conv", ["b", "w2"], ["c"], name="/model.1/conv/Conv", pads=[1, 1, 1, 1]),
-        helper.make_node("Add", ["c", "as"], ["d"], name="/model.1/Add"),
-        helper.make_node("Conv", ["d", "w3"], ["y"], name="/model.2/Conv"),
+        n("Conv", ["images", "w1"], ["a"], name="/model.0/conv/Conv", pads=[1, 1, 1, 1]),
+        n("Sigmoid", ["a"], ["as"], name="/model.0/act/Sigmoid"),
+        n("Mul", ["a", "as"], ["b"], name="/model.0/act/Mul"),
+        n("Conv", ["b", "w2"], ["c"], name="/model.1/conv/Conv", pads=[1, 1, 1, 1], strides=[2, 2]),
+        n("Conv", ["c", "w3"], ["d0"], name="/model.2/conv/Conv", pads=[1, 1, 1, 1], strides=[2, 2]),
+        n("MaxPool", ["c"], ["cp"], name="/model.2/MaxPool", kernel_shape=[2, 2], strides=[2, 2]),
+        n("Add", ["d0", "cp"], ["d"], name="/model.2/Add"),
     ]
-    g = helper.make_graph(
-        nodes, "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6, 16, 16])],
-        [numpy_helper.from_array(w, n) for w, n in ((w1, "w1"), (w2, "w2"), (w3, "w3"))],
-    )  # fmt: skip
+    outs = []
+    for i, src in enumerate(("b", "c", "d")):
+        nodes += [n("Conv", [src, f"h{i}", "hb"], [f"y{i}"], name=f"/model.3/cv{i}/Conv"),
+                  n("Reshape", [f"y{i}", "shape"], [f"r{i}"], name=f"/model.3/Reshape{i}")]  # fmt: skip
+        outs.append(f"r{i}")
+    nodes.append(n("Concat", outs, ["y"], name="/model.3/Concat", axis=2))
+    inits = [numpy_helper.from_array(w, k) for w, k in ((w1, "w1"), (w2, "w2"), (w3, "w3"), (hb, "hb"))]
+    inits += [numpy_helper.from_array(w, f"h{i}") for i, w in enumerate(h)]
+    inits.append(numpy_helper.from_array(np.array([1, 144, -1], np.int64), "shape"))
+    g = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, 80, 80])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 144, 8400])], inits)  # fmt: skip
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 19)])
     onnx.checker.check_model(model)
     onnx.save(model, path)
@@ -75,7 +88,7 @@ def _tiny_net(path, fragile: bool):
 
 
 def _images(n=4):
-    return np.random.default_rng(2).random((n, 3, 16, 16), dtype=np.float32)
+    return np.random.default_rng(2).random((n, 3, 80, 80), dtype=np.float32)
 
 
 @pytest.mark.parametrize("fmt", ["w4a16", "w4a8", "w8a8", "fp8"])
@@ -83,30 +96,43 @@ def test_cached_sweep_equals_naive(tmp_path, fmt):
     model = _tiny_net(tmp_path / "t.onnx", fragile=False)
     images = _images()
     ranges = activation_ranges(model, images)
-    result = sweep(model, images, get_format(fmt), ranges)
-    refs = fp32_outputs(model, images)
+    result = sweep(model, images, get_format(fmt), ranges, workers=1)
+    assert result["metrics"] == list(METRICS)
     for conv in conv_nodes(model):
         for d in ("alone", "kept"):
-            naive, _ = naive_sqnr(model, images, refs, get_format(fmt), ranges, conv, d)
-            assert result["records"][conv][f"{d}_sqnr_db"] == pytest.approx(naive, abs=1e-6)
+            values, _ = naive(model, images, get_format(fmt), ranges, conv, d)
+            for m in METRICS:
+                assert result["records"][conv][d][m] == pytest.approx(values[m], abs=1e-6), (conv, d, m)
     # the whole network in the format is worse than any single layer alone
-    assert result["all_sqnr_db"] < min(r["alone_sqnr_db"] for r in result["records"].values())
+    assert result["all"]["raw_sqnr"] < min(r["alone"]["raw_sqnr"] for r in result["records"].values())
 
 
-def test_fragile_layer_ranks_first(tmp_path):
+def test_workers_and_groups_do_not_change_the_result(tmp_path):
+    model = _tiny_net(tmp_path / "t.onnx", fragile=True)
+    images = _images(3)
+    ranges = activation_ranges(model, images)
+    one = sweep(model, images, get_format("w4a8"), ranges, workers=1, group=100)
+    two = sweep(model, images, get_format("w4a8"), ranges, workers=2, group=2)
+    assert one["groups"] == 3 and two["groups"] == 1 + 2 * 3  # the all-Convs group + ceil(5 / 2) per direction
+    assert two["workers"] == 2
+    assert one["records"] == two["records"] and one["all"] == two["all"]
+
+
+def test_fragile_layers_rank_first(tmp_path):
     fragile, plain = _tiny_net(tmp_path / "f.onnx", True), _tiny_net(tmp_path / "p.onnx", False)
     images = _images()
-    for model, expect_first in ((fragile, "/model.1/conv/Conv"), (plain, None)):
-        r = sweep(model, images, get_format("w8a8"), activation_ranges(model, images))
+    wide_readers = {"/model.1/conv/Conv", "/model.3/cv0/Conv"}  # the Convs that read the wide-range tensor
+    for model, expect in ((fragile, wide_readers), (plain, None)):
+        r = sweep(model, images, get_format("w8a8"), activation_ranges(model, images), workers=1)
         recs = r["records"]
-        most_alone = min(recs, key=lambda c: recs[c]["alone_sqnr_db"])
-        most_kept = max(recs, key=lambda c: recs[c]["kept_sqnr_db"])
-        if expect_first:
-            assert most_alone == most_kept == expect_first
-            others = [recs[c]["alone_sqnr_db"] for c in recs if c != expect_first]
-            assert recs[expect_first]["alone_sqnr_db"] < min(others) - 10  # by a wide margin
-        else:
-            assert recs["/model.1/conv/Conv"]["alone_sqnr_db"] > 25  # the same layer without the wide channel
+        for m in ("raw_sqnr", "det_sqnr"):
+            by_alone = sorted(recs, key=lambda c: recs[c]["alone"][m])
+            most_kept = max(recs, key=lambda c: recs[c]["kept"][m])
+            if expect:
+                assert set(by_alone[:2]) == expect and most_kept in expect
+                assert recs[by_alone[1]]["alone"][m] < recs[by_alone[2]]["alone"][m] - 10  # by a wide margin
+            else:
+                assert min(recs[c]["alone"][m] for c in wide_readers) > 45  # the same layers without the wide channel
 
 
 def test_apply_format_leaves_other_convs_and_names_alone(tmp_path):
@@ -114,12 +140,101 @@ def test_apply_format_leaves_other_convs_and_names_alone(tmp_path):
     ranges = activation_ranges(model, _images())
     q = apply_format(model, {"/model.1/conv/Conv"}, get_format("w4a8"), ranges)
     ops = [n.op_type for n in q.graph.node]
-    assert ops.count("QuantizeLinear") == 1 and ops.count("Conv") == 3
+    assert ops.count("QuantizeLinear") == 1 and ops.count("Conv") == 6
     assert {o.name for o in q.graph.output} == {"y"} and "w1" in {i.name for i in q.graph.initializer}
     with pytest.raises(KeyError):
         apply_format(model, {"/nope/Conv"}, get_format("w8a8"), ranges)
 
 
+# ------------------------------------------------------------------ detection-aware metrics
+def _head(rng, fg_anchors=(5, 700, 8000)):
+    """A raw head: background class logits far below zero, a few foreground anchors."""
+    raw = np.concatenate([rng.normal(0, 1, (64, 8400)), np.clip(rng.normal(-60, 15, (80, 8400)), -90, -20)]).astype(np.float32)
+    for a in fg_anchors:
+        raw[64 + a % 80, a] = 2.0  # score 0.88
+    return raw[None]
+
+
+def test_metrics_ignore_what_the_decoder_discards():
+    rng = np.random.default_rng(0)
+    ref = _head(rng)
+    ref_info = Reference(ref)
+    assert list(ref_info.fg) == [5, 700, 8000]
+    background = ref.copy()
+    background[0, 64:, 1000:2000] -= 30  # large changes of logits the sigmoid already flattens
+    fg_cls = ref.copy()
+    fg_cls[0, 64 + 700 % 80, 700] = 0.0  # one foreground score 0.88 -> 0.5
+    box = ref.copy()
+    box[0, :16, 5] += rng.normal(0, 3, 16).astype(np.float32)  # one foreground box's left side moves
+    got = {}
+    for name, out in (("background", background), ("fg_cls", fg_cls), ("box", box)):
+        acc = Accumulator()
+        acc.add(ref_info, out)
+        got[name] = acc.metrics()
+    # raw-head SQNR calls the background change the worst; the decoder does not see it
+    assert got["background"]["raw_sqnr"] < got["fg_cls"]["raw_sqnr"]
+    assert got["background"]["det_sqnr"] > 60 and got["background"]["fg_box_sqnr"] == float("inf")
+    assert got["fg_cls"]["fg_score_sqnr"] < 15 and got["fg_cls"]["fg_box_sqnr"] == float("inf")
+    assert got["box"]["fg_score_sqnr"] == float("inf") and got["box"]["fg_box_sqnr"] < 40
+    for g in got.values():  # det_sqnr adds the two noise-to-signal ratios
+        assert g["det_sqnr"] <= min(g["fg_score_sqnr"], g["fg_box_sqnr"]) + 1e-9
+    # sums over images, not a mean of per-image dB
+    a, b = Accumulator(), Accumulator()
+    a.add(ref_info, fg_cls)
+    b.add(ref_info, ref)
+    a.merge(b)
+    assert a.metrics()["fg_score_sqnr"] == pytest.approx(got["fg_cls"]["fg_score_sqnr"] + 10 * np.log10(2))
+    assert sqnr_db(1.0, 0.0) == float("inf") and sqnr_db(0.0, 1.0) == float("-inf") and sqnr_db(10.0, 1.0) == 10.0
+
+
+def test_dfl_distances_are_pixels():
+    raw = np.zeros((144, 8400), np.float32)
+    raw[:64, :] = -50
+    raw[3, 0] = raw[16 + 5, 0] = raw[32 + 0, 0] = raw[48 + 15, 0] = 50  # one-hot bins 3, 5, 0, 15 at stride 8
+    raw[3, 8399] = 50  # last anchor: stride 32, left side bin 3
+    d = dfl_distances(raw, np.array([0, 8399]))
+    assert np.allclose(d[:, 0], [24, 40, 0, 120]) and np.isclose(d[0, 1], 96)
+
+
+# ------------------------------------------------------------------ validation helpers
+def test_spearman_with_an_interval_over_layers():
+    from lowbit_helpers.quant.sensitivity_validation import spearman
+
+    x = np.arange(30, dtype=float)
+    perfect = spearman(x, 2 * x + 1)
+    assert perfect["rho"] == pytest.approx(1.0) and perfect["lo"] == pytest.approx(1.0) and perfect["n"] == 30
+    noisy = spearman(x, x + np.random.default_rng(0).normal(0, 10, 30))
+    assert 0.3 < noisy["rho"] < 0.95 and noisy["lo"] < noisy["rho"] < noisy["hi"] <= 1.0
+    assert spearman([1, 2, np.nan, 4], [1, 2, 3, np.inf])["n"] == 2  # non-finite pairs are dropped
+    assert np.isnan(spearman([1, 1, 1, 1], [1, 2, 3, 4])["rho"])  # a constant series ranks nothing
+
+
+def test_choose_layers_takes_each_metrics_worst_and_a_spread():
+    from lowbit_helpers.quant.sensitivity_validation import choose_layers
+
+    convs = [f"c{i}" for i in range(20)]
+    a = {c: float(i) for i, c in enumerate(convs)}  # c0 most sensitive by a
+    b = {c: float(-i) for i, c in enumerate(convs)}  # c19 most sensitive by b
+    got = choose_layers({"a": a, "b": b}, 8, 2)
+    assert {"c0", "c1", "c18", "c19"} <= set(got) and len(got) == 8
+    assert got == sorted(got, key=convs.index)  # graph order
+    assert len(choose_layers({"a": a}, 100, 1)) == 20
+
+
+def test_label_free_map_scores_against_fp32_detections():
+    from lowbit_helpers.decode import Detections
+    from lowbit_helpers.quant.sensitivity_validation import label_free_map
+
+    boxes = np.array([[10, 10, 60, 80], [100, 100, 300, 200]], np.float32)
+    classes = np.array([0, 3])
+    same = Detections(boxes, np.array([0.9, 0.8], np.float32), classes)
+    shifted = Detections(boxes + 12, np.array([0.9, 0.8], np.float32), classes)
+    wrong = Detections(boxes, np.array([0.9, 0.8], np.float32), np.array([1, 2]))
+    gt = (0, boxes, classes)
+    assert label_free_map([(gt, same)]) == pytest.approx(1.0)
+    assert 0 < label_free_map([(gt, shifted)]) < 1
+    assert label_free_map([(gt, wrong)]) == 0.0
+    assert np.isnan(label_free_map([((0, boxes[:0], classes[:0]), same)]))  # no pseudo ground truth
 # ------------------------------------------------------------------ Torch proxy
 @pytest.fixture(scope="module")
 def torch_model(yolov10n):
@@ -156,10 +271,10 @@ def test_resumed_forward_and_proxy_agree_with_onnx(yolov10n_onnx, torch_model, c
     nodes = ["/model.0/conv/Conv", "/model.10/attn/qkv/conv/Conv", "/model.23/one2one_cv2.0/one2one_cv2.0.2/Conv"]
     modules = ["model.0.conv", "model.10.attn.qkv.conv", "model.23.one2one_cv2.0.2"]
     fmt = get_format("w4a8")
-    onnx_r = sweep(model, images, fmt, activation_ranges(model, images), directions=["alone"], convs=nodes)
+    onnx_r = sweep(model, images, fmt, activation_ranges(model, images), directions=["alone"], convs=nodes, workers=1)
     torch_r = torch_sweep(torch_model, modules, images, fmt, torch_ranges(torch_model, modules, images))
     for n, m in zip(nodes, modules):  # same method, two runtimes: within a fraction of a dB
-        assert torch_r["sqnr_db"][m] == pytest.approx(onnx_r["records"][n]["alone_sqnr_db"], abs=0.3)
+        assert torch_r["sqnr_db"][m] == pytest.approx(onnx_r["records"][n]["alone"]["raw_sqnr"], abs=0.3)
 
 
 # ------------------------------------------------------------------ schemes
@@ -169,10 +284,10 @@ def _fake_sens(n=30, seed=0):
     params = {c: int(rng.integers(100, 50_000)) for c in convs}
     fmts = {}
     for f, base in (("w8a8", 40.0), ("w4a8", 22.0)):
-        recs = {c: {"alone_sqnr_db": float(base + rng.normal(0, 4)), "kept_sqnr_db": float(base - 12 + rng.random())}
+        recs = {c: {"alone": {"det_sqnr": float(base + rng.normal(0, 4))}, "kept": {"det_sqnr": float(base - 12 + rng.random())}}
                 for c in convs}  # fmt: skip
-        fmts[f] = {"records": recs, "all_sqnr_db": base - 12}
-    return {"convs": convs, "params": params, "formats": fmts, "calibration": {"images": 32}}
+        fmts[f] = {"records": recs, "all": {"det_sqnr": base - 12}}
+    return {"convs": convs, "params": params, "formats": fmts, "metric": "det_sqnr", "calibration": {"images": 32}}
 
 
 @pytest.mark.parametrize("percent", [25, 50, 75, 90, 100])
@@ -194,8 +309,8 @@ def test_budget_prefers_cheap_layers_per_bit():
     sens = _fake_sens()
     c0, c1 = sens["convs"][:2]
     sens["params"][c0] = sens["params"][c1] = 40_000
-    sens["formats"]["w4a8"]["records"][c0]["alone_sqnr_db"] = 80.0  # nearly free in 4-bit
-    sens["formats"]["w4a8"]["records"][c1]["alone_sqnr_db"] = 5.0  # very costly
+    sens["formats"]["w4a8"]["records"][c0]["alone"]["det_sqnr"] = 80.0  # nearly free in 4-bit
+    sens["formats"]["w4a8"]["records"][c1]["alone"]["det_sqnr"] = 5.0  # very costly
     s = budget_scheme(sens, 25)
     assert s["nodes"][c0] == "w4a8" and s["nodes"][c1] == "w8a8"
 
@@ -203,7 +318,7 @@ def test_budget_prefers_cheap_layers_per_bit():
 def test_top_k_keeps_the_largest_kept_gain():
     sens = _fake_sens()
     recs = sens["formats"]["w8a8"]["records"]
-    by_gain = sorted(recs, key=lambda c: -recs[c]["kept_sqnr_db"])
+    by_gain = sorted(recs, key=lambda c: -recs[c]["kept"]["det_sqnr"])
     for k in (0, 5, 10, 20):
         s = top_k_scheme(sens, "w8a8", k)
         assert [c for c, prec in s["nodes"].items() if prec == "fp32"] == sorted(by_gain[:k], key=sens["convs"].index)
@@ -236,8 +351,8 @@ def test_cli_sensitivity_on_yolov10n(yolov10n_onnx, coco_root, tmp_path, capsys)
                  "--range-images", "1", "--directions", "alone", "--naive-check", "1", "--out", str(out)]) == 0  # fmt: skip
     sens = json.loads(out.read_text())
     recs = sens["formats"]["w4a16"]["records"]
-    assert list(recs) == sens["convs"] and len(recs) == 82 and all("alone_sqnr_db" in r for r in recs.values())
-    assert sens["formats"]["w4a16"]["naive"]["max_abs_sqnr_difference_db"] < 1e-6
+    assert list(recs) == sens["convs"] and len(recs) == 82 and all(set(r["alone"]) == set(METRICS) for r in recs.values())
+    assert sens["formats"]["w4a16"]["naive"]["max_abs_difference_db"] < 1e-6 and sens["metric"] == "det_sqnr"
     assert main(["schemes", str(out), "--out-dir", str(tmp_path / "schemes"), "--low", "w4a16"]) == 0
     index = json.loads((tmp_path / "schemes" / "index.json").read_text())
     assert [e["name"] for e in index] == [f"w4a16-top{k}" for k in (0, 5, 10, 20)]  # no w8a8 sweep: no budgets
@@ -256,7 +371,110 @@ def test_keep_sensitive_needs_a_w8a8_sweep():
                         "int8": {"variants": [{"name": "k", "backend": "ort", "method": "avgminmax", "keep_sensitive": 3}]}})  # fmt: skip
     run = SimpleNamespace(cfg=cfg)
     assert sensitive_convs(run, 0) == []
-    with pytest.raises(LowbitError, match="no w8a8"):
+    with pytest.raises(LowbitError, match="has neither"):
         sensitive_convs(run, 3)
     cmd = quantize_command(cfg, cfg.int8.variants[0], "m.onnx", "c.npy", "o.onnx", ["/model.0/conv/Conv"])
     assert cmd[cmd.index("--exclude") + 1 :][:1] == ["/model.0/conv/Conv"]
+
+
+# ------------------------------------------------------------------ w8a8-ort: the quantizers ORT deploys
+def _exact(model):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def _deployed(path, images, head_policy="none"):
+    from lowbit_helpers.quant.deployed import DeployedQdq
+    from lowbit_helpers.quant.ort_int8 import quantize_int8_ort
+
+    out = path.with_name(path.stem + ".qdq.onnx")
+    quantize_int8_ort(path, out, images, "avgminmax", head_policy=head_policy)
+    return DeployedQdq(onnx.load(str(path)), onnx.load(str(out))), onnx.load(str(out))
+
+
+def test_w8a8_ort_all_convs_is_the_deployed_file(tmp_path):
+    from lowbit_helpers.quant.deployed import DeployedPerturber
+
+    path = tmp_path / "t.onnx"
+    model = _tiny_net(path, fragile=False)
+    images = _images()
+    dq, qdq = _deployed(path, images)
+    convs = conv_nodes(model)
+    # every quantizer of the file belongs to a Conv, and each Conv owns its input, weight and bias
+    assert set().union(*dq.owned.values()) == dq.edges()
+    for c in convs:
+        assert {(c, 0), (c, 1), (c, 2)} <= dq.owned[c] or {(c, 0), (c, 1)} <= dq.owned[c]
+    # the pre-activation output and the SiLU of the first Conv are its own, not the next Conv's
+    assert {("/model.0/act/Sigmoid", 0), ("/model.0/act/Mul", 0)} <= dq.owned["/model.0/conv/Conv"]
+    assert ("/model.0/act/Sigmoid", 0) not in dq.owned["/model.1/conv/Conv"]
+    applied = dq.apply(model, convs)
+    x = images[:1]
+    want = _exact(qdq).run(None, {"images": x})[0]
+    assert np.array_equal(_exact(applied).run(None, {"images": x})[0], want)  # bit for bit, exact Q/DQ arithmetic
+    pert = DeployedPerturber(path, images)
+    got = session(applied, 1, pert.disabled_optimizers).run(None, {"images": x})[0]
+    assert np.array_equal(got, want)  # and through the sweep's sessions
+    # alone: fewer quantizers than all; an empty set leaves the graph alone
+    alone = dq.apply(model, ["/model.1/conv/Conv"])
+    n_q = lambda m: sum(n.op_type == "QuantizeLinear" for n in m.graph.node)  # noqa: E731
+    assert 0 < n_q(alone) < n_q(applied) and n_q(dq.apply(model, [])) == 0
+    assert np.array_equal(_exact(dq.apply(model, [])).run(None, {"images": x})[0], _exact(model).run(None, {"images": x})[0])
+
+
+def test_w8a8_ort_sweep_equals_naive_and_ranks_the_wide_range(tmp_path):
+    from lowbit_helpers.quant.deployed import DeployedPerturber
+
+    path = tmp_path / "f.onnx"
+    model = _tiny_net(path, fragile=True)
+    images = _images()
+    pert = DeployedPerturber(path, images)
+    r = sweep(model, images, pert, workers=1)
+    assert r["format"] == "w8a8-ort"
+    for conv in conv_nodes(model):
+        for d in ("alone", "kept"):
+            values, _ = naive(model, images, pert, None, conv, d)
+            assert r["records"][conv][d]["det_sqnr"] == pytest.approx(values["det_sqnr"], abs=1e-6)
+    # the wide-range tensor is quantized once in ORT's file (its producer's output): the Convs that read it
+    # or make it are the sensitive ones
+    recs = r["records"]
+    worst = min(recs, key=lambda c: recs[c]["alone"]["raw_sqnr"])
+    assert worst in {"/model.0/conv/Conv", "/model.1/conv/Conv", "/model.3/cv0/Conv"}
+    with pytest.raises(ValueError, match="DeployedQdq"):
+        apply_format(model, {"/model.1/conv/Conv"}, get_format("w8a8-ort"), {})
+
+
+def test_deployed_file_of_another_model_is_refused(tmp_path):
+    from lowbit_helpers.quant.deployed import DeployedQdq
+
+    a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    _tiny_net(a, False)
+    model_b = _tiny_net(b, False)
+    for n in model_b.graph.node:
+        n.name = n.name + "_other"
+    _, qdq = _deployed(a, _images(2))
+    with pytest.raises(ValueError, match="not in the float graph"):
+        DeployedQdq(model_b, qdq)
+
+
+@pytest.mark.parametrize("head_policy", ["none", "conservative"])
+def test_w8a8_ort_reproduces_the_ort_int8_model_on_yolov10n(yolov10n_onnx, coco_root, tmp_path, head_policy):
+    """All Convs in w8a8-ort = the file quantize-int8 writes (notebook 03's ORT recipe with the same ranges)."""
+    import shutil
+
+    from lowbit_helpers.data import calibration_tensor, read_image_list
+
+    path = tmp_path / "m.onnx"
+    shutil.copyfile(yolov10n_onnx, path)
+    images = calibration_tensor(read_image_list(coco_root / "calib160.txt"), 3)
+    dq, qdq = _deployed(path, images[:2], head_policy)
+    model = onnx.load(str(path))
+    x = images[2:3]
+    want = _exact(qdq).run(None, {"images": x})[0]
+    got = _exact(dq.apply(model, conv_nodes(model))).run(None, {"images": x})[0]
+    assert np.array_equal(got, want)
+    fp32 = _exact(model).run(None, {"images": x})[0]
+    assert np.abs(want - fp32).max() > 0.01  # the file is quantized: the equality is not trivial

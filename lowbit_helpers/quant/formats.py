@@ -3,7 +3,11 @@
 A format is a weight precision plus an activation precision for a Conv:
 
 * ``w8a8``: int8 weights (per output channel, symmetric) and uint8 input activations
-  (per tensor, asymmetric, range from calibration) - what ORT / TensorRT INT8 deploy;
+  (per tensor, asymmetric, range from calibration) - the placement of notebook 05's
+  candidates, NNCF and TensorRT;
+* ``w8a8-ort``: what ORT's ``quantize_static`` deploys (notebook 03's ORT recipes): the same
+  weights, and Q/DQ also on Conv outputs, SiLU, Concat, Add, ... (:mod:`.deployed`; the
+  sweep's only format that is not a per-Conv rewrite here);
 * ``w4a16``: int4 weights (per output channel, symmetric), float activations;
 * ``w4a8``: int4 weights and uint8 input activations;
 * ``fp8``: float8 e4m3 weights (per output channel scale) and float8 e4m3 input
@@ -34,6 +38,7 @@ class Format:
     weight_bits: int  # 4 or 8
     act_bits: int | None  # 8, or None for float activations
     fp8: bool = False
+    ort_placement: bool = False  # Q/DQ where ORT's quantize_static puts them (quant/deployed.py), not only Conv inputs
 
     @property
     def bits_saved(self) -> int:
@@ -46,6 +51,7 @@ FORMATS = {
     "w4a16": Format("w4a16", 4, None),
     "w4a8": Format("w4a8", 4, 8),
     "fp8": Format("fp8", 8, 8, fp8=True),
+    "w8a8-ort": Format("w8a8-ort", 8, 8, ort_placement=True),
 }
 
 
@@ -109,6 +115,8 @@ def apply_format(model: onnx.ModelProto, convs: set[str] | list[str], fmt: Forma
     read for formats with quantized activations. Names of existing tensors do not change,
     so a sub-graph and the full graph can be perturbed alike.
     """
+    if fmt.ort_placement:
+        raise ValueError(f"{fmt.name} perturbs the quantizers of an ORT file: use quant.deployed.DeployedQdq")
     convs = set(convs)
     out = onnx.ModelProto()
     out.CopyFrom(model)

@@ -2,9 +2,12 @@
 
 Two families (notebook 04 states the rules beside the list):
 
+The sensitivity file's ranking metric (``sens["metric"]``, in dB, e.g. the detection-aware
+``det_sqnr`` of :mod:`.head_metrics`) ranks and costs every layer:
+
 * ``top-K`` for a format F: every Conv in F except the K layers whose float precision buys
-  the most (largest *kept* gain, i.e. SQNR of all-in-F with the layer kept minus SQNR of
-  all-in-F; the *alone* SQNR ranks when no *kept* sweep exists), which stay in ``fp32``.
+  the most (largest *kept* gain, i.e. the metric of all-in-F with the layer kept minus that of
+  all-in-F; the *alone* metric ranks when no *kept* sweep exists), which stay in ``fp32``.
 * ``budget-P``: at least P % of the conv weight parameters in 4-bit (``low`` format), the
   rest in 8-bit (``high`` format). The cost of moving a layer to 4-bit is the extra output
   noise power it causes alone, ``noise(low) - noise(high)`` with ``noise = 10^(-SQNR/10)``
@@ -22,6 +25,7 @@ from pathlib import Path
 from ..artifacts import read_json, write_json
 from ..errors import LowbitError
 from .formats import FORMATS
+from .sensitivity import value
 
 
 def _noise(sqnr_db: float) -> float:
@@ -51,9 +55,9 @@ def ranking(sens: dict, fmt: str) -> tuple[list[str], str]:
         raise LowbitError(f"the sensitivity file has no {fmt} sweep (it has {sorted(sens['formats'])})",
                           f"rerun `sensitivity` with --format {fmt}")  # fmt: skip
     recs = sweep["records"]
-    if all("kept_sqnr_db" in r for r in recs.values()):
-        return sorted(recs, key=lambda n: -recs[n]["kept_sqnr_db"]), "kept"
-    return sorted(recs, key=lambda n: recs[n]["alone_sqnr_db"]), "alone"
+    if all("kept" in r for r in recs.values()):
+        return sorted(recs, key=lambda n: -value(sens, fmt, n, "kept")), "kept"
+    return sorted(recs, key=lambda n: value(sens, fmt, n, "alone")), "alone"
 
 
 def top_k_scheme(sens: dict, fmt: str, k: int) -> dict:
@@ -63,7 +67,7 @@ def top_k_scheme(sens: dict, fmt: str, k: int) -> dict:
     keep = order[:k]
     nodes = {n: ("fp32" if n in keep else fmt) for n in sens["convs"]}
     return {"kind": "top-k", "name": f"{fmt}-top{k}", "format": fmt, "k": k, "fallback": "fp32",
-            "ranked_by": f"{fmt} {direction} SQNR", "kept": keep, "nodes": nodes}  # fmt: skip
+            "ranked_by": f"{fmt} {direction} {sens['metric']}", "kept": keep, "nodes": nodes}  # fmt: skip
 
 
 def budget_scheme(sens: dict, percent: float, low: str = "w4a8", high: str = "w8a8") -> dict:
@@ -76,16 +80,16 @@ def budget_scheme(sens: dict, percent: float, low: str = "w4a8", high: str = "w8
     params = sens["params"]
     total = sum(params[n] for n in sens["convs"])
     target = percent / 100 * total
-    lo, hi = sens["formats"][low]["records"], sens["formats"][high]["records"]
     bits = FORMATS[high].weight_bits - FORMATS[low].weight_bits
-    cost = {n: max(0.0, _noise(lo[n]["alone_sqnr_db"]) - _noise(hi[n]["alone_sqnr_db"])) for n in sens["convs"]}
+    cost = {n: max(0.0, _noise(value(sens, low, n, "alone")) - _noise(value(sens, high, n, "alone"))) for n in sens["convs"]}
     order = sorted(sens["convs"], key=lambda n: (cost[n] / (params[n] * bits), n))
     chosen, covered = fill_share(order, params, target, drop_first=lambda n: -cost[n])
     nodes = {n: (low if n in chosen else high) for n in sens["convs"]}
     return {"kind": "budget", "name": f"budget{int(percent)}-{low}-{high}", "budget_percent": percent,
             "low": low, "high": high, "four_bit_params": covered, "conv_params": total,
             "four_bit_fraction": covered / total, "predicted_noise": sum(cost[n] for n in chosen),
-            "rule": "greedy by (noise(low) - noise(high)) / (params x bits saved), then drop unneeded layers",
+            "rule": f"greedy by (noise(low) - noise(high)) / (params x bits saved), noise = 10^(-{sens['metric']} / 10), "
+                    "then drop unneeded layers",
             "nodes": nodes}  # fmt: skip
 
 
@@ -94,7 +98,7 @@ def make_schemes(sens: dict, top_k: list[int], budgets: list[float], low: str = 
     """Every top-K scheme for each swept format (or ``formats``) and every budgeted scheme."""
     calibration = sens.get("calibration", {})
     out = []
-    for fmt in formats or list(sens["formats"]):
+    for fmt in formats or [f for f in sens["formats"] if not FORMATS[f].ort_placement]:  # w8a8-ort: ORT's own files
         for k in top_k:
             out.append(top_k_scheme(sens, fmt, k))
     if low in sens["formats"] and high in sens["formats"]:
@@ -106,14 +110,17 @@ def make_schemes(sens: dict, top_k: list[int], budgets: list[float], low: str = 
 
 
 def write_schemes(sens_path: str | Path, out_dir: str | Path, top_k: list[int], budgets: list[float],
-                  low: str = "w4a8", high: str = "w8a8") -> list[Path]:  # fmt: skip
-    """``schemes`` command: one JSON per scheme in ``out_dir``, plus ``index.json``."""
+                  low: str = "w4a8", high: str = "w8a8", metric: str | None = None) -> list[Path]:  # fmt: skip
+    """``schemes`` command: one JSON per scheme in ``out_dir``, plus ``index.json``; ``metric``
+    ranks the layers (default: the one the sensitivity file names)."""
     path = Path(sens_path)
     if not path.is_file():
         raise LowbitError(f"sensitivity file not found: {path}", "make one with `python -m lowbit_helpers sensitivity`")
     sens = read_json(path)
     if "formats" not in sens or "convs" not in sens:
         raise LowbitError(f"{path} is not a sensitivity file (no 'formats' / 'convs')", "pass the JSON `sensitivity` wrote")
+    if metric:
+        sens["metric"] = metric
     out_dir = Path(out_dir)
     schemes = make_schemes(sens, top_k, budgets, low, high)
     paths = []

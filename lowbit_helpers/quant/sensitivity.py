@@ -5,31 +5,40 @@ For each Conv L and a format F (see :mod:`.formats`):
 * *alone*: only L computes in F, everything else in FP32;
 * *kept*: everything computes in F except L (what keeping L in float buys).
 
-The metric is the SQNR (dB) of the raw head output [1, 144, 8400] against FP32, summed over
-the sweep images (the same definition as notebook 03's fidelity).
+Each perturbation is scored against FP32 on the raw head by every metric of
+:mod:`.head_metrics` (raw-head SQNR and the detection-aware ones), summed over the sweep images.
 
 Cost. Rebuilding and rerunning the whole network for each of 2 x N perturbations (naive)
 costs 2 N full passes per image. A perturbation of L changes only L's descendants, so the
 sweep runs the base network once per image (FP32 for *alone*, all-in-F for *kept*), keeps
 every tensor that enters a descendant set from outside, and runs, per L, only the sub-graph
-of L's descendants (extracted with ``onnx.utils.Extractor``) on those cached tensors. On
-YOLOv10n the descendants of a Conv hold 39 % of the network's MACs on average. Images are
-processed in chunks so the cache stays small; the sub-graph sessions live for the sweep.
-``naive_sqnr`` computes one perturbation the naive way: the tests and notebook 04 check that
-both give the same SQNR, and time the naive cost.
+of L's descendants (extracted with ``onnx.utils.Extractor``) on those tensors. On YOLOv10n
+the descendants of a Conv hold 39 % of the network's MACs on average.
+
+Work is split into *groups* of perturbations of one direction: a group's sub-graph sessions
+are built, run over every image (one image's boundary tensors alive at a time) and dropped,
+so memory is bounded by the group size, not by the network or the image count. Groups go to
+``workers`` processes (one ORT thread each: the sub-graphs are small and one intra-op
+thread per core keeps both cores busy, which intra-op threads on small graphs do not).
+``naive`` computes one perturbation the naive way: the tests and notebook 04 check that
+both give the same metrics, and time the naive cost.
 """
 
 from __future__ import annotations
 
+import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
 
 from .formats import Format, apply_format
+from .head_metrics import METRICS, Accumulator, Reference
 
 DIRECTIONS = ("alone", "kept")
+ALL = "__all__"  # the key of the every-Conv-in-format perturbation
 
 
 def conv_nodes(model: onnx.ModelProto) -> list[str]:
@@ -48,8 +57,9 @@ def with_outputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProt
     return out
 
 
-def session(model: onnx.ModelProto, threads: int = 2):
-    """CPU session for an in-memory graph; no memory arena (many small sessions live at once)."""
+def session(model: onnx.ModelProto, threads: int = 2, disabled: Iterable[str] = ()):
+    """CPU session for an in-memory graph; no memory arena (many small sessions live at once).
+    ``disabled``: more graph optimizers to turn off (a perturber's ``disabled_optimizers``)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -59,10 +69,12 @@ def session(model: onnx.ModelProto, threads: int = 2):
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.enable_cpu_mem_arena = False
     so.log_severity_level = 3
-    # Without this ORT fuses some DequantizeLinear -> Conv -> QuantizeLinear chains into
-    # QLinearConv (and refuses float8 ones): the fake-quantized Conv must stay a float Conv.
+    # Without these ORT fuses DequantizeLinear -> Conv -> QuantizeLinear chains into QLinearConv
+    # (and refuses float8 ones), and re-quantizes the float weights of a Conv between a
+    # DequantizeLinear and a QuantizeLinear with its own int8 scales (WeightBiasQuantization,
+    # ORT 1.24): the fake-quantized Conv must stay a float Conv with exactly the given weights.
     return ort.InferenceSession(model.SerializeToString(), sess_options=so, providers=["CPUExecutionProvider"],
-                                disabled_optimizers=["QDQSelectorActionTransformer"])
+                                disabled_optimizers=["QDQSelectorActionTransformer", "WeightBiasQuantization", *disabled])
 
 
 def activation_ranges(model: onnx.ModelProto, images: np.ndarray, threads: int = 2) -> dict[str, tuple[float, float]]:
@@ -91,6 +103,7 @@ class Plan:
         self.model = model
         g = model.graph
         self.output = g.output[0].name
+        self.input = g.input[0].name
         self.convs = conv_nodes(model)
         inits = {i.name for i in g.initializer}
         consumers: dict[str, list] = {}
@@ -112,7 +125,7 @@ class Plan:
             entering = {i for name in seen for i in by_name[name].input if i and i not in produced and i not in inits}
             self.descendants[conv] = seen
             self.boundary[conv] = sorted(entering)
-        self.cached = sorted(set().union(*self.boundary.values())) if self.convs else []
+        self.boundary[ALL] = [self.input]
 
     def subgraph(self, extractor, conv: str) -> onnx.ModelProto:
         return extractor.extract_model(self.boundary[conv], [self.output])
@@ -121,124 +134,251 @@ class Plan:
         return {c for c in self.convs if c in self.descendants[conv]}
 
 
-def _sqnr(signal: float, noise: float) -> float:
-    return float("inf") if noise == 0 else float(10 * np.log10(signal / noise))
+# ------------------------------------------------------------------ what a perturbation does
+class FormatPerturber:
+    """Quantize the named Convs of a (sub-)graph in a :class:`.formats.Format` (round-to-nearest weights)."""
+
+    def __init__(self, fmt: Format, ranges: dict):
+        self.fmt, self.ranges, self.name = fmt, ranges, fmt.name
+
+    def __call__(self, model: onnx.ModelProto, convs: set[str]) -> onnx.ModelProto:
+        return apply_format(model, set(convs) & set(conv_nodes(model)), self.fmt, self.ranges)
+
+
+class MethodPerturber:
+    """Quantize the named Convs as notebook 05 deploys them: ``precision`` with 4-bit PTQ ``method``
+    (GPTQ, MSE clipping, blocks, bias correction; :func:`.materialize.materialize`), statistics
+    taken on FP32 inputs."""
+
+    def __init__(self, precision: str, method: str, ranges: dict, stats: dict | None):
+        self.precision, self.method, self.ranges, self.stats = precision, method, ranges, stats
+        self.name = f"{precision}.{method}"
+        self.cache: dict = {}
+
+    def __call__(self, model: onnx.ModelProto, convs: set[str]) -> onnx.ModelProto:
+        from .materialize import materialize
+
+        convs = set(convs) & set(conv_nodes(model))
+        if not convs:
+            return model
+        return materialize(model, dict.fromkeys(convs, self.precision), self.method, ranges=self.ranges,
+                           stats=self.stats, cache=self.cache)[0]  # fmt: skip
+
+
+# ------------------------------------------------------------------ what is measured on each output
+class MetricScorer:
+    """Every :mod:`.head_metrics` metric of each perturbation against FP32."""
+
+    def reference(self, ref: np.ndarray, meta) -> Reference:
+        return Reference(ref)
+
+    def new(self) -> Accumulator:
+        return Accumulator()
+
+    def add(self, state: Accumulator, ref: Reference, out: np.ndarray, meta) -> None:
+        state.add(ref, out)
+
+    def merge(self, a: Accumulator, b: Accumulator) -> Accumulator:
+        a.merge(b)
+        return a
+
+
+class ArrayImages:
+    """Letterboxed images [N, 3, H, W] as the sweep reads them: (tensor [1, 3, H, W], meta = index)."""
+
+    def __init__(self, images: np.ndarray):
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        return np.ascontiguousarray(self.images[i : i + 1]), i
+
+
+@dataclass
+class _Job:
+    model: onnx.ModelProto
+    plan: Plan
+    perturber: Callable
+    groups: list[list[tuple[str, str]]]
+    images: Sequence
+    scorer: object
+    threads: int
+
+
+_JOB: _Job | None = None  # the job a forked worker runs (set before the fork; a fork copies it)
+
+
+def _run_group(index: int) -> tuple[dict, dict]:
+    """Build one group's sessions, run them over every image, return (states, seconds)."""
+    job = _JOB
+    t0 = time.perf_counter()
+    group = job.groups[index]
+    plan, model, fmt = job.plan, job.model, job.perturber
+    direction = group[0][1]
+    extractor = onnx.utils.Extractor(model)
+    disabled = getattr(fmt, "disabled_optimizers", ())
+    subs = {}
+    for conv, d in group:
+        if conv == ALL:
+            subs[conv, d] = session(fmt(model, set(plan.convs)), job.threads, disabled)
+            continue
+        sub = plan.subgraph(extractor, conv)
+        # kept: every other Conv, also those outside the sub-graph (a perturber may quantize edges
+        # into the sub-graph that a Conv upstream owns; it ignores what the sub-graph lacks)
+        convs = {conv} if d == "alone" else set(plan.convs) - {conv}
+        subs[conv, d] = session(fmt(sub, convs), job.threads, disabled)
+    needed = sorted({t for key in subs for t in plan.boundary[key[0]]} - {plan.input})
+    fp32_out = needed if direction != "kept" else []
+    bases = {"fp32": session(with_outputs(model, fp32_out), job.threads, disabled)}
+    if direction == "kept":
+        bases["kept"] = session(with_outputs(fmt(model, set(plan.convs)), needed), job.threads, disabled)
+    t_setup = time.perf_counter() - t0
+    states = {key: job.scorer.new() for key in subs}
+    t_base = t_sub = 0.0
+    for i in range(len(job.images)):
+        x, meta = job.images[i]
+        t1 = time.perf_counter()
+        values = {}
+        ref = None
+        for name, sess in bases.items():
+            got = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {plan.input: x})))
+            if name == "fp32":
+                ref = got[plan.output]
+            if name == ("kept" if direction == "kept" else "fp32"):
+                values = got
+        values[plan.input] = x
+        ref_info = job.scorer.reference(ref, meta)
+        t2 = time.perf_counter()
+        for key, sess in subs.items():
+            out = sess.run([plan.output], {k: values[k] for k in plan.boundary[key[0]]})[0]
+            job.scorer.add(states[key], ref_info, out, meta)
+        t_base += t2 - t1
+        t_sub += time.perf_counter() - t2
+    return states, {"setup": t_setup, "base_passes": t_base, "subgraphs": t_sub}
+
+
+def _peak_rss_gb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def run_perturbations(model: onnx.ModelProto, images: Sequence, perturber: Callable, convs: list[str],
+                      directions: Iterable[str], scorer, *, workers: int = 2, group: int = 32, threads: int = 1,
+                      progress: Callable[[str], None] | None = None) -> tuple[dict, dict]:  # fmt: skip
+    """Score every (conv, direction) perturbation of ``model`` (and the all-Convs one, key
+    ``(ALL, "all")``) on ``images`` with ``scorer``. Returns ({key: scorer state}, cost).
+
+    ``images``: a sequence of (tensor [1, 3, H, W], meta) (:class:`ArrayImages`, or COCO images
+    with their letterbox for the ground truth of :mod:`.sensitivity_validation`).
+    ``perturber(graph, convs) -> graph`` quantizes the named Convs of a (sub-)graph.
+    """
+    global _JOB
+    directions = list(directions)
+    unknown = set(directions) - set(DIRECTIONS)
+    if unknown:
+        raise ValueError(f"unknown direction(s) {sorted(unknown)}; use {DIRECTIONS}")
+    t0 = time.perf_counter()
+    model = onnx.shape_inference.infer_shapes(model)
+    plan = Plan(model)
+    groups: list[list[tuple[str, str]]] = []
+    for d in directions:
+        keys = [(c, d) for c in convs]
+        n = max(1, -(-len(keys) // max(1, group)))
+        groups += [part for part in (keys[i::n] for i in range(n)) if part]
+    groups.insert(0, [(ALL, "all")])
+    _JOB = _Job(model, plan, perturber, groups, images, scorer, threads)
+    seconds = {"setup": 0.0, "base_passes": 0.0, "subgraphs": 0.0}
+    states: dict = {}
+    workers = max(1, min(workers, len(groups)))
+    try:
+        if workers == 1:
+            results = map(_run_group, range(len(groups)))
+            pool = None
+        else:
+            import multiprocessing as mp
+
+            pool = mp.get_context("fork").Pool(workers)
+            results = pool.imap_unordered(_run_group, range(len(groups)))
+        for done, (part, secs) in enumerate(results, 1):
+            for key, state in part.items():
+                states[key] = scorer.merge(states[key], state) if key in states else state
+            for k in seconds:
+                seconds[k] += secs[k]
+            if progress:
+                progress(f"{getattr(perturber, 'name', '?')}: group {done}/{len(groups)}")
+        if pool is not None:
+            pool.close()
+            pool.join()
+    finally:
+        _JOB = None
+    cost = {"seconds": {**{f"{k}_cpu": v for k, v in seconds.items()}, "total": time.perf_counter() - t0},
+            "workers": workers, "threads_per_worker": threads, "groups": len(groups),
+            "cached_tensors": len(set().union(*(plan.boundary[c] for c in convs))) if convs else 0,
+            "mean_descendant_nodes": float(np.mean([len(plan.descendants[c]) for c in convs])) if convs else 0.0,
+            "graph_nodes": len(model.graph.node)}  # fmt: skip
+    return states, cost
 
 
 def sweep(
     model: onnx.ModelProto,
     images: np.ndarray,
-    fmt: Format,
-    ranges: dict,
+    fmt: Format | Callable,
+    ranges: dict | None = None,
     directions: Iterable[str] = DIRECTIONS,
     convs: list[str] | None = None,
-    chunk: int = 8,
-    threads: int = 2,
+    workers: int = 2,
+    group: int = 32,
+    threads: int = 1,
     progress: Callable[[str], None] | None = None,
 ) -> dict:
-    """SQNR of the raw head for each Conv and direction; timings of each phase.
+    """Every metric of :mod:`.head_metrics` for each Conv and direction, and the sweep's cost.
 
-    ``images``: [N, 3, H, W] float32 (letterboxed). ``convs``: a subset of Convs (default all).
-    Returns ``{"records": {conv: {"alone_sqnr_db", "kept_sqnr_db"}}, "all_sqnr_db", "seconds", ...}``.
+    ``images``: [N, 3, H, W] float32 (letterboxed). ``fmt``: a Format (with ``ranges``) or a
+    perturber. ``convs``: a subset of Convs (default all). Returns ``{"records": {conv:
+    {"alone": {metric: dB}, "kept": {...}}}, "all": {metric: dB}, "seconds", ...}``.
     """
-    t_start = time.perf_counter()
+    perturber = FormatPerturber(fmt, ranges) if isinstance(fmt, Format) else fmt
     directions = list(directions)
-    unknown = set(directions) - set(DIRECTIONS)
-    if unknown:
-        raise ValueError(f"unknown direction(s) {sorted(unknown)}; use {DIRECTIONS}")
-    model = onnx.shape_inference.infer_shapes(model)
-    plan = Plan(model)
-    convs = list(convs or plan.convs)
-    all_quant = apply_format(model, plan.convs, fmt, ranges)
-    feed_name = model.graph.input[0].name
-    cached = sorted(set().union(*(plan.boundary[c] for c in convs)))
-    bases = {"alone": session(with_outputs(model, cached), threads)}
-    need_kept = "kept" in directions
-    if need_kept:
-        bases["kept"] = session(with_outputs(all_quant, cached), threads)
-    else:
-        bases["all"] = session(all_quant, threads)
-
-    extractor = onnx.utils.Extractor(model)
-    subs: dict[tuple[str, str], object] = {}
-    for conv in convs:
-        sub = plan.subgraph(extractor, conv)
-        if "alone" in directions:
-            subs[conv, "alone"] = session(apply_format(sub, {conv}, fmt, ranges), threads)
-        if need_kept:
-            others = plan.descendant_convs(conv) - {conv}
-            subs[conv, "kept"] = session(apply_format(sub, others, fmt, ranges), threads)
-    t_setup = time.perf_counter() - t_start
-
-    signal = 0.0
-    noise = {key: 0.0 for key in subs}
-    noise_all = 0.0
-    t_base = t_sub = 0.0
-    for start in range(0, len(images), chunk):
-        block = images[start : start + chunk]
-        caches = {d: [] for d in bases}
-        refs = []
-        t0 = time.perf_counter()
-        for x in block:
-            for d, sess in bases.items():
-                names = [o.name for o in sess.get_outputs()]
-                values = dict(zip(names, sess.run(None, {feed_name: x[None]})))
-                caches[d].append(values)
-            ref = caches["alone"][-1][plan.output].astype(np.float64)
-            refs.append(ref)
-            signal += float(np.sum(ref**2))
-            q = caches["kept" if need_kept else "all"][-1][plan.output]
-            noise_all += float(np.sum((q - ref) ** 2))
-        t1 = time.perf_counter()
-        for (conv, d), sess in subs.items():
-            inputs = plan.boundary[conv]
-            for values, ref in zip(caches[d], refs):
-                out = sess.run([plan.output], {k: values[k] for k in inputs})[0]
-                noise[conv, d] += float(np.sum((out - ref) ** 2))
-        t_sub += time.perf_counter() - t1
-        t_base += t1 - t0
-        if progress:
-            progress(f"{fmt.name}: {min(start + chunk, len(images))}/{len(images)} images")
-        del caches
-    records = {c: {f"{d}_sqnr_db": _sqnr(signal, noise[c, d]) for d in directions} for c in convs}
-    return {
-        "format": fmt.name,
-        "images": int(len(images)),
-        "directions": directions,
-        "records": records,
-        "all_sqnr_db": _sqnr(signal, noise_all),
-        "seconds": {"setup": t_setup, "base_passes": t_base, "subgraphs": t_sub, "total": time.perf_counter() - t_start},
-        "cached_tensors": len(cached),
-        "mean_descendant_nodes": float(np.mean([len(plan.descendants[c]) for c in convs])) if convs else 0.0,
-        "graph_nodes": len(model.graph.node),
-    }
+    convs = list(convs or conv_nodes(model))
+    states, cost = run_perturbations(model, ArrayImages(images), perturber, convs, directions, MetricScorer(),
+                                     workers=workers, group=group, threads=threads, progress=progress)  # fmt: skip
+    records = {c: {d: states[c, d].metrics() for d in directions} for c in convs}
+    return {"format": perturber.name, "images": int(len(images)), "directions": directions, "metrics": list(METRICS),
+            "records": records, "all": states[ALL, "all"].metrics(), **cost}  # fmt: skip
 
 
-def fp32_outputs(model: onnx.ModelProto, images: np.ndarray, threads: int = 2) -> list[np.ndarray]:
-    sess = session(model, threads)
-    feed = model.graph.input[0].name
-    return [sess.run(None, {feed: x[None]})[0] for x in images]
+def perturber(fmt: Format, model_path, ranges: dict, range_images: np.ndarray):
+    """The sweep's perturber of a format: fake quantization (:mod:`.formats`), or for ``w8a8-ort``
+    the quantizers of the file ORT deploys (:mod:`.deployed`, built from ``range_images``)."""
+    if fmt.ort_placement:
+        from .deployed import DeployedPerturber
+
+        return DeployedPerturber(model_path, range_images)
+    return FormatPerturber(fmt, ranges)
 
 
-def naive_sqnr(model: onnx.ModelProto, images: np.ndarray, refs: list[np.ndarray], fmt: Format, ranges: dict,
-               conv: str, direction: str, threads: int = 2) -> tuple[float, float]:  # fmt: skip
+def naive(model: onnx.ModelProto, images: np.ndarray, fmt: Format | Callable, ranges: dict | None, conv: str,
+          direction: str, threads: int = 2) -> tuple[dict, float]:  # fmt: skip
     """One perturbation the naive way: the whole graph rebuilt and rerun on every image.
 
-    ``refs``: the FP32 outputs of ``images`` (:func:`fp32_outputs`). Returns (sqnr_db, seconds
-    this perturbation cost: graph edit, session and one full pass per image).
+    Returns (every metric, seconds this perturbation cost: graph edit, session, a full pass per
+    image; the FP32 reference passes are not counted).
     """
+    perturber = FormatPerturber(fmt, ranges) if isinstance(fmt, Format) else fmt
+    disabled = getattr(perturber, "disabled_optimizers", ())
+    ref_sess = session(model, threads, disabled)
+    feed = model.graph.input[0].name
+    refs = [Reference(ref_sess.run(None, {feed: x[None]})[0]) for x in images]
     t0 = time.perf_counter()
     convs = conv_nodes(model)
-    perturbed = apply_format(model, {conv} if direction == "alone" else set(convs) - {conv}, fmt, ranges)
-    sess = session(perturbed, threads)
-    feed = model.graph.input[0].name
-    signal = noise = 0.0
+    sess = session(perturber(model, {conv} if direction == "alone" else set(convs) - {conv}), threads, disabled)
+    acc = Accumulator()
     for x, ref in zip(images, refs):
-        ref = ref.astype(np.float64)
-        out = sess.run(None, {feed: x[None]})[0]
-        signal += float(np.sum(ref**2))
-        noise += float(np.sum((out - ref) ** 2))
-    return _sqnr(signal, noise), time.perf_counter() - t0
+        acc.add(ref, sess.run(None, {feed: x[None]})[0])
+    return acc.metrics(), time.perf_counter() - t0
 
 
 def conv_params(model: onnx.ModelProto) -> dict[str, int]:
@@ -247,13 +387,25 @@ def conv_params(model: onnx.ModelProto) -> dict[str, int]:
     return {n.name: int(np.prod(inits[n.input[1]].dims)) for n in model.graph.node if n.op_type == "Conv"}
 
 
+def value(sens: dict, fmt: str, conv: str, direction: str) -> float:
+    """The ranking metric (``sens["metric"]``, dB) of one Conv and direction."""
+    return sens["formats"][fmt]["records"][conv][direction][sens["metric"]]
+
+
+def kept_gain(sens: dict, fmt: str, conv: str) -> float:
+    """dB the ranking metric gains when ``conv`` alone stays float and every other Conv is in ``fmt``."""
+    return value(sens, fmt, conv, "kept") - sens["formats"][fmt]["all"][sens["metric"]]
+
+
 def measure(
     model_path,
     sweep_images: np.ndarray,
     range_images: np.ndarray,
     formats: list[Format],
     directions: Iterable[str] = DIRECTIONS,
-    chunk: int = 8,
+    metric: str = "det_sqnr",
+    workers: int = 2,
+    group: int = 32,
     threads: int = 2,
     naive_check: int = 2,
     progress: Callable[[str], None] | None = None,
@@ -261,40 +413,46 @@ def measure(
     """The sensitivity file: every Conv swept for every format, plus the naive-cost check.
 
     ``naive_check`` perturbations per format (the first Conv, whose descendants are the whole
-    network, and Convs spread over the graph) are also computed the naive way: their SQNR must
-    equal the cached sweep's, and their time gives the naive cost of the full sweep.
+    network, and Convs spread over the graph) are also computed the naive way: their metrics
+    must equal the cached sweep's, and their time gives the naive cost of the full sweep.
+    ``threads``: ORT threads of the range and naive passes (whole graphs); the sweep itself
+    runs ``workers`` processes of one thread each.
     """
     from ..artifacts import sha256_file
     from ..graph import graph_info
 
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; use one of {METRICS}")
     model = onnx.load(str(model_path))
     convs = conv_nodes(model)
     t0 = time.perf_counter()
     ranges = activation_ranges(model, range_images, threads)
     t_ranges = time.perf_counter() - t0
-    refs = fp32_outputs(model, sweep_images, threads) if naive_check else []
     checks = [convs[int(i)] for i in np.linspace(0, len(convs) - 1, naive_check)] if naive_check else []
     out = {
         "model": str(model_path), "model_sha256": sha256_file(model_path), "convs": convs,
         "params": conv_params(model), "macs": graph_info(model_path)["conv_macs"],
-        "images": int(len(sweep_images)), "threads": threads, "chunk": chunk,
+        "images": int(len(sweep_images)), "metric": metric, "metrics": list(METRICS),
+        "workers": workers, "group": group, "cpu_count": os.cpu_count(),
         "calibration": {"statistic": "avgminmax (mean of per-image min / max)", "images": int(len(range_images)),
                         "seconds": t_ranges},
         "formats": {},
     }  # fmt: skip
     for fmt in formats:
-        result = sweep(model, sweep_images, fmt, ranges, directions, chunk=chunk, threads=threads, progress=progress)
-        naive = []
+        pert = perturber(fmt, model_path, ranges, range_images)
+        result = sweep(model, sweep_images, pert, None, directions, workers=workers, group=group, progress=progress)
+        result["peak_rss_gb"] = _peak_rss_gb()
+        naive_rows = []
         for conv in checks:
             for d in result["directions"]:
-                value, seconds = naive_sqnr(model, sweep_images, refs, fmt, ranges, conv, d, threads)
-                naive.append({"conv": conv, "direction": d, "naive_sqnr_db": value, "seconds": seconds,
-                              "cached_sqnr_db": result["records"][conv][f"{d}_sqnr_db"]})  # fmt: skip
-        if naive:
-            per = float(np.mean([r["seconds"] for r in naive]))
+                values, seconds = naive(model, sweep_images, pert, None, conv, d, threads)
+                naive_rows.append({"conv": conv, "direction": d, "naive": values, "seconds": seconds,
+                                   "cached": result["records"][conv][d]})  # fmt: skip
+        if naive_rows:
+            per = float(np.mean([r["seconds"] for r in naive_rows]))
             n = len(convs) * len(result["directions"])
-            result["naive"] = {"checks": naive, "seconds_per_perturbation": per, "perturbations": n,
-                               "estimated_seconds": per * n,
-                               "max_abs_sqnr_difference_db": max(abs(r["naive_sqnr_db"] - r["cached_sqnr_db"]) for r in naive)}  # fmt: skip
+            diff = max(abs(r["naive"][m] - r["cached"][m]) for r in naive_rows for m in METRICS)
+            result["naive"] = {"checks": naive_rows, "seconds_per_perturbation": per, "perturbations": n,
+                               "estimated_seconds": per * n, "max_abs_difference_db": diff}  # fmt: skip
         out["formats"][fmt.name] = result
     return out

@@ -12,21 +12,23 @@ import pandas as pd
 SECTION_COLORS = {"backbone": "#dbe9f6", "neck": "#fbe5d6", "head": "#e2f0d9", "?": "#eeeeee"}
 
 
-def _gain(rec: dict, all_db: float) -> float:
-    return rec["kept_sqnr_db"] - all_db if "kept_sqnr_db" in rec else math.nan
+def _gain(rec: dict, all_values: dict, metric: str) -> float:
+    return rec["kept"][metric] - all_values[metric] if "kept" in rec else math.nan
 
 
 def layer_frame(result: dict) -> pd.DataFrame:
-    """One row per Conv in network (layer) order, with every format's alone SQNR and kept gain (dB)."""
+    """One row per Conv in network (layer) order, with every format's alone value and kept gain of the
+    ranking metric (dB)."""
     rows = []
     sens = result["sensitivity"]
+    metric = sens["metric"]
     for i, layer in enumerate(result["layers"]):
         row = {"#": i, "node": layer["node"], "layer": layer["layer"], "block": layer["block"], "section": layer["section"],
                "params": layer["params"]}  # fmt: skip
         for fmt, sweep in sens["formats"].items():
             rec = sweep["records"][layer["node"]]
-            row[f"{fmt} alone dB"] = rec.get("alone_sqnr_db", math.nan)
-            row[f"{fmt} kept gain dB"] = _gain(rec, sweep["all_sqnr_db"])
+            row[f"{fmt} alone dB"] = rec["alone"][metric] if "alone" in rec else math.nan
+            row[f"{fmt} kept gain dB"] = _gain(rec, sweep["all"], metric)
         rows.append(row)
     # network order = Ultralytics layer order (the ONNX graph interleaves the head's branches
     # with the neck's last layers); within a layer, graph order
@@ -36,35 +38,40 @@ def layer_frame(result: dict) -> pd.DataFrame:
 
 
 def cost_table(result: dict) -> pd.DataFrame:
-    """Per format: the cached sweep's measured time against the naive cost, and the all-in-format SQNR."""
+    """Per format: the sweep's measured time and memory against the naive cost, and the all-in-format metrics."""
     sens = result["sensitivity"]
+    metric = sens["metric"]
     rows = []
     for fmt, s in sens["formats"].items():
         naive = s.get("naive", {})
         est = naive.get("estimated_seconds", math.nan)
         rows.append({
             "format": fmt, "Convs": len(s["records"]), "directions": " + ".join(s["directions"]), "images": s["images"],
+            "workers × threads": f"{s['workers']} × {s['threads_per_worker']}",
             "sweep s (measured)": round(s["seconds"]["total"], 1),
+            "peak memory GB": round(s.get("peak_rss_gb", math.nan), 2),
             "naive s (from measured perturbations)": round(est, 1),
             "speed-up": round(est / s["seconds"]["total"], 2) if naive else math.nan,
-            "naive = cached (max |Δ| dB)": naive.get("max_abs_sqnr_difference_db", math.nan),
-            "all Convs in format: SQNR dB": round(s["all_sqnr_db"], 2),
+            "naive = cached (max |Δ| dB)": naive.get("max_abs_difference_db", math.nan),
+            f"all Convs in format: {metric} dB": round(s["all"][metric], 2),
+            "all Convs in format: raw-head SQNR dB": round(s["all"]["raw_sqnr"], 2),
         })  # fmt: skip
     return pd.DataFrame(rows).set_index("format")
 
 
 def sensitivity_figure(result: dict):
-    """Alone SQNR (top) and kept gain (bottom) per Conv in network order, sections shaded, blocks labelled."""
+    """The ranking metric alone (top) and its kept gain (bottom) per Conv in network order, sections shaded, blocks labelled."""
     import matplotlib.pyplot as plt
 
     df = layer_frame(result)
+    metric = result["sensitivity"]["metric"]
     formats = list(result["sensitivity"]["formats"])
     has_kept = any(df[f"{f} kept gain dB"].notna().any() for f in formats)
     fig, axes = plt.subplots(2 if has_kept else 1, 1, figsize=(15, 8 if has_kept else 4.5), sharex=True, squeeze=False)
     x = df["#"].to_numpy()
     for ax, col, ylabel in zip(axes[:, 0], ["alone dB", "kept gain dB"],
-                               ["SQNR, only this layer quantized (dB)\nlower = more sensitive",
-                                "SQNR gain when only this layer\nstays float (dB); higher = more sensitive"]):  # fmt: skip
+                               [f"{metric}, only this layer quantized (dB)\nlower = more sensitive",
+                                f"{metric} gain when only this layer\nstays float (dB); higher = more sensitive"]):  # fmt: skip
         for fmt in formats:
             ax.plot(x, df[f"{fmt} {col}"], marker="o", ms=3, lw=1, label=fmt)
         ax.set_ylabel(ylabel)
@@ -98,36 +105,77 @@ def top_table(result: dict, fmt: str | None = None, n: int = 15) -> pd.DataFrame
     return df.head(n).drop(columns=["#"]).round(2).set_index("node")
 
 
-def scatter_figure(proxy: dict, check: dict):
-    """Torch proxy vs ONNX SQNR, and the cheap metric vs mAP of the checked layers."""
+def scatter_figure(proxy: dict):
+    """Torch proxy vs ONNX graph: raw-head SQNR of each layer alone."""
     import matplotlib.pyplot as plt
 
-    proxy = proxy if proxy.get("rows") else {"skipped": "no mapped layers"}
-    check = check if check.get("rows") else {"skipped": "no layers checked"}
-    panels = [p for p in (proxy, check) if "skipped" not in p]
-    if not panels:
+    if not proxy.get("rows"):
         return None
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 5), squeeze=False)
-    i = 0
-    if "skipped" not in proxy:
-        ax = axes[0, i]
-        rows = proxy["rows"]
-        ax.scatter([r["onnx_sqnr_db"] for r in rows], [r["torch_sqnr_db"] for r in rows], s=14)
-        lo = min(min(r["onnx_sqnr_db"], r["torch_sqnr_db"]) for r in rows)
-        hi = max(max(r["onnx_sqnr_db"], r["torch_sqnr_db"]) for r in rows)
-        ax.plot([lo, hi], [lo, hi], color="grey", lw=0.8, ls="--")
-        ax.set_xlabel(f"ONNX graph: SQNR, layer alone in {proxy['sweep']['format']} (dB)")
-        ax.set_ylabel("Torch proxy: same (dB)")
-        ax.set_title(f"Torch proxy vs ONNX: Spearman {proxy['spearman']:.3f} ({len(rows)} layers)")
-        i += 1
-    if "skipped" not in check:
-        ax = axes[0, i]
-        rows = check["rows"]
-        ax.scatter([r["alone_sqnr_db"] for r in rows], [100 * r["delta"] for r in rows], s=18, color="C1")
-        ax.axhline(0, color="grey", lw=0.8)
-        ax.set_xlabel(f"SQNR, layer alone in {check['format']} (dB)")
-        ax.set_ylabel(f"Δ mAP50-95 vs FP32 (points, {check['subset']})")
-        ax.set_title(f"cheap metric vs mAP: Spearman {check['spearman_sqnr_vs_map']:.3f} ({len(rows)} layers)")
+    fig, ax = plt.subplots(figsize=(6.5, 5))
+    rows = proxy["rows"]
+    ax.scatter([r["onnx_sqnr_db"] for r in rows], [r["torch_sqnr_db"] for r in rows], s=14)
+    lo = min(min(r["onnx_sqnr_db"], r["torch_sqnr_db"]) for r in rows)
+    hi = max(max(r["onnx_sqnr_db"], r["torch_sqnr_db"]) for r in rows)
+    ax.plot([lo, hi], [lo, hi], color="grey", lw=0.8, ls="--")
+    ax.set_xlabel(f"ONNX graph: raw-head SQNR, layer alone in {proxy['sweep']['format']} (dB)")
+    ax.set_ylabel("Torch proxy: same (dB)")
+    ax.set_title(f"Torch proxy vs ONNX: Spearman {proxy['spearman']:.3f} ({len(rows)} layers)")
+    fig.tight_layout()
+    return fig
+
+
+METRIC_LABELS = {
+    "raw_sqnr": "raw-head SQNR", "score_sqnr": "class-score SQNR", "fg_score_sqnr": "foreground class-score SQNR",
+    "fg_box_sqnr": "foreground box SQNR (pixels)", "det_sqnr": "detection SQNR (foreground scores + boxes)",
+    "label_free_map": "label-free mAP (vs FP32 detections)", "torch_proxy": "Torch proxy (raw-head SQNR, RTN weights)",
+}  # fmt: skip
+
+
+def _label(metric: str) -> str:
+    if metric.startswith("sweep:"):
+        return f"{METRIC_LABELS.get(metric[6:], metric[6:])}, default sweep (RTN weights)"
+    return METRIC_LABELS.get(metric, metric)
+
+
+def validation_table(validation: dict) -> pd.DataFrame:
+    """Spearman of every metric with the true mAP delta: per study, on the selection split (where the
+    metric is chosen) and on the rest (where it is confirmed, with the bootstrap interval over layers)."""
+    table = validation["agreement"]["spearman"]
+    rows = {}
+    for study, metrics in table.items():
+        n = next(iter(metrics.values()))["all"]["n"]
+        for m, t in metrics.items():
+            c = t["confirm"]
+            row = rows.setdefault(m, {"metric": _label(m)})
+            row[f"{study} ({n} layers): select"] = round(t["select"]["rho"], 2)
+            row[f"{study}: confirm [95% CI]"] = f"{c['rho']:+.2f} [{c['lo']:+.2f}, {c['hi']:+.2f}]"
+    df = pd.DataFrame(list(rows.values()), index=list(rows))
+    mean = validation["agreement"]["mean_select_rho"]
+    df["mean select (alone)"] = [round(mean[m], 3) if m in mean else math.nan for m in df.index]
+    return df.sort_values("mean select (alone)", ascending=False)
+
+
+def validation_figure(validation: dict, metrics: tuple[str, ...] = ("raw_sqnr",)):
+    """Per study: the chosen metric (and raw-head SQNR) against the true mAP delta on the confirmation split."""
+    import matplotlib.pyplot as plt
+
+    chosen = validation["agreement"]["chosen"]
+    shown = [chosen] + [m for m in metrics if m != chosen]
+    studies = validation["studies"]
+    fig, axes = plt.subplots(len(shown), len(studies), figsize=(5.2 * len(studies), 4.2 * len(shown)), squeeze=False)
+    for j, (name, st) in enumerate(studies.items()):
+        rows = [r for r in st["rows"] if r["conv"] != "__all__"]
+        for i, m in enumerate(shown):
+            ax = axes[i, j]
+            if m not in rows[0]["metrics"]:
+                ax.set_visible(False)
+                continue
+            rho = validation["agreement"]["spearman"][name][m]["confirm"]
+            ax.scatter([r["metrics"][m] for r in rows], [100 * r["delta_confirm"] for r in rows], s=16, color=f"C{i}")
+            ax.axhline(0, color="grey", lw=0.8)
+            ax.set_xlabel(f"{_label(m)} (dB)" if m != "label_free_map" else _label(m))
+            ax.set_ylabel(f"Δ mAP50-95 (points, {validation['confirm']})")
+            ax.set_title(f"{name}: Spearman {rho['rho']:+.2f} [{rho['lo']:+.2f}, {rho['hi']:+.2f}]", fontsize=10)
     fig.tight_layout()
     return fig
 
@@ -156,21 +204,39 @@ def scheme_table(schemes: list[dict], params: dict) -> pd.DataFrame:
 
 
 def conclusion(result: dict) -> str:
-    sens, proxy, check = result["sensitivity"], result["proxy"], result["map_check"]
+    sens, proxy, val = result["sensitivity"], result["proxy"], result["validation"]
+    metric = sens["metric"]
     lines = []
     for fmt, s in sens["formats"].items():
         recs = s["records"]
-        worst = min(recs, key=lambda c: recs[c]["alone_sqnr_db"])
+        worst = min(recs, key=lambda c: recs[c]["alone"][metric]) if all("alone" in r for r in recs.values()) else None
         naive = s.get("naive")
-        cost = (f"{s['seconds']['total']:.0f} s for {len(recs)} Convs × {len(s['directions'])} direction(s) on {s['images']} images"
+        cost = (f"{s['seconds']['total']:.0f} s for {len(recs)} Convs × {len(s['directions'])} direction(s) on {s['images']} images "
+                f"({s['workers']} workers), peak {s.get('peak_rss_gb', math.nan):.1f} GB"
                 + (f" (naive: {naive['estimated_seconds']:.0f} s, ×{naive['estimated_seconds'] / s['seconds']['total']:.1f})" if naive else ""))  # fmt: skip
-        lines.append(f"* **{fmt}**: all Convs in {fmt} give {s['all_sqnr_db']:.1f} dB; most sensitive alone: `{worst}` "
-                     f"({recs[worst]['alone_sqnr_db']:.1f} dB). Sweep cost {cost}.")  # fmt: skip
-    if "skipped" not in check:
-        lines.append(f"* The cheap metric ranks the {len(check['rows'])} checked layers like mAP on {check['subset']} with "
-                     f"Spearman {check['spearman_sqnr_vs_map']:.2f} ({check['format']}, layer alone).")  # fmt: skip
+        worst_text = f"; most sensitive alone: `{worst}` ({recs[worst]['alone'][metric]:.1f} dB)" if worst else ""
+        lines.append(f"* **{fmt}**: all Convs in {fmt} give {metric} {s['all'][metric]:.1f} dB (raw-head SQNR "
+                     f"{s['all']['raw_sqnr']:.1f} dB){worst_text}. Sweep cost {cost}.")  # fmt: skip
+    if "skipped" not in val:
+        a = val["agreement"]
+        chosen = a["chosen"]
+        parts = []
+        for name, table in a["spearman"].items():
+            t = table.get(chosen) or {}
+            if t:
+                c = t["confirm"]
+                parts.append(f"{name} {t['select']['rho']:+.2f} on {val['select']}, {c['rho']:+.2f} [{c['lo']:+.2f}, {c['hi']:+.2f}] "
+                             f"on {val['confirm']}")  # fmt: skip
+        raw = a["mean_select_rho"].get("raw_sqnr", math.nan)
+        src = " (committed result; rerun: `python -m lowbit_helpers validate-sensitivity PARAMS`)" if val.get("committed") else ""
+        lines.append(f"* Metric validation{src}: **{_label(chosen)}** predicts the true mAP best ({a['rule']}): Spearman "
+                     + "; ".join(parts) + f". Raw-head SQNR: mean {raw:+.2f} on {val['select']}. The sweep ranks by "
+                     f"`{metric}`" + ("." if metric == chosen else f", not the validated choice `{chosen}`: set "
+                                      f"sensitivity.metric to follow it."))  # fmt: skip
+    else:
+        lines.append(f"* Metric validation: {val['skipped']}.")
     if "skipped" not in proxy:
-        lines.append(f"* Torch proxy vs ONNX graph ({proxy['sweep']['format']}, alone): Spearman {proxy['spearman']:.3f}; "
+        lines.append(f"* Torch proxy vs ONNX graph ({proxy['sweep']['format']}, alone, raw-head SQNR): Spearman {proxy['spearman']:.3f}; "
                      f"{proxy['top20_overlap']} of the top 20 agree; {len(proxy['unmapped_onnx'])} ONNX Convs unmapped; torch "
                      f"Convs outside the raw-head graph: {', '.join(proxy['unused_torch']) or 'none'}.")  # fmt: skip
         if proxy.get("spearman_vs_onnx_kept") is not None:

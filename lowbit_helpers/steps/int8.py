@@ -107,7 +107,8 @@ def backend_version(backend: str) -> dict:
 
 
 def sensitive_convs(run: RunDir, n: int) -> list[str]:
-    """The ``n`` Convs whose float precision buys the most in an all-w8a8 graph (notebook 04's sweep).
+    """The ``n`` Convs whose float precision buys the most in an all-INT8 graph (notebook 04's sweep,
+    ``w8a8-ort``: the quantizers ORT deploys; ``w8a8`` when that format is not swept).
 
     They are excluded from quantization: ``quantize_static`` puts no Q/DQ on them. ORT (1.24)
     would re-quantize at load time the weights of an excluded Conv whose input and output are
@@ -118,13 +119,14 @@ def sensitive_convs(run: RunDir, n: int) -> list[str]:
     """
     if n == 0:
         return []
-    if "w8a8" not in run.cfg.sensitivity.formats:
-        raise LowbitError("an INT8 variant sets keep_sensitive, which ranks Convs by the w8a8 sensitivity sweep, "
-                          "but sensitivity.formats has no w8a8", "add w8a8 to sensitivity.formats")  # fmt: skip
+    fmt = next((f for f in ("w8a8-ort", "w8a8") if f in run.cfg.sensitivity.formats), None)
+    if fmt is None:
+        raise LowbitError("an INT8 variant sets keep_sensitive, which ranks Convs by the w8a8-ort (or w8a8) sensitivity "
+                          "sweep, but sensitivity.formats has neither", "add w8a8-ort to sensitivity.formats")  # fmt: skip
     from ..quant.schemes import ranking
     from .sensitivity import onnx_sweep
 
-    order, _ = ranking(onnx_sweep(run), "w8a8")
+    order, _ = ranking(onnx_sweep(run), fmt)
     return order[:n]
 
 

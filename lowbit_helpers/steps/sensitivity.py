@@ -25,7 +25,11 @@ from . import baseline
 
 SENS = "sensitivity/sensitivity.json"
 LAYERS = "sensitivity/layers.json"
-MAP_CHECK = "sensitivity/map_check.json"
+VALIDATION = "sensitivity/validation.json"
+VALIDATION_REPORT = "sensitivity_validation.json"  # the committed copy beside the report
+VALIDATION_IDS = "sensitivity/validation_confirm_ids.txt"
+VALIDATION_VERSION = 1
+SWEEP_VERSION = 2  # 2: detection-aware metrics, groups of sessions over worker processes
 PROXY = "sensitivity/torch_proxy.json"
 SCHEMES_DIR = "schemes"
 SCHEMES_INDEX = f"{SCHEMES_DIR}/index.json"  # written by quant.schemes.write_schemes
@@ -85,19 +89,22 @@ def onnx_sweep(run: RunDir) -> dict:
 
     s = run.cfg.sensitivity
     model = run.artifact(baseline.MODEL)
-    params = {k: getattr(s, k) for k in ("formats", "directions", "range_images", "images", "chunk", "naive_check")}
+    # the ranking metric is not part of the key: every metric is measured, sensitivity.metric only picks one
+    params = {k: getattr(s, k) for k in ("formats", "directions", "range_images", "images", "workers", "group",
+                                         "naive_check")}  # fmt: skip
     params["threads"] = run.cfg.runtime.threads
-    key = stage_key({**params, "versions": baseline.versions()}, [model, run.artifact(baseline.CALIB)])
+    key = stage_key({**params, "versions": baseline.versions(), "sweep_version": SWEEP_VERSION},
+                    [model, run.artifact(baseline.CALIB)])  # fmt: skip
     if not run.is_fresh("sensitivity", key):
         ranges, images = _images(run)
-        sens = measure(model, images, ranges, [get_format(f) for f in s.formats], s.directions, s.chunk,
-                       run.cfg.runtime.threads, s.naive_check)  # fmt: skip
+        sens = measure(model, images, ranges, [get_format(f) for f in s.formats], s.directions, s.metric, s.workers,
+                       s.group, run.cfg.runtime.threads, s.naive_check)  # fmt: skip
         sens["model"] = baseline.MODEL
         sens["calibration"].update(list=str(Path(run.cfg.data.coco_root) / run.cfg.data.calib_list),
                                    range_images=[0, s.range_images], sweep_images=[s.range_images, s.range_images + s.images])  # fmt: skip
         write_json(run.file(SENS), sens)
         run.finish("sensitivity", key, [SENS], params)
-    return read_json(run.artifact(SENS))
+    return {**read_json(run.artifact(SENS)), "metric": s.metric}
 
 
 def _spearman(a, b) -> float:
@@ -106,58 +113,135 @@ def _spearman(a, b) -> float:
     return float(spearmanr(a, b).statistic) if len(a) > 2 else float("nan")
 
 
-def map_layers(sens: dict, fmt: str, n: int) -> list[str]:
-    """The n//2 most sensitive layers (alone SQNR in ``fmt``) and the rest spread evenly over the others."""
-    recs = sens["formats"][fmt]["records"]
-    order = sorted(recs, key=lambda c: recs[c]["alone_sqnr_db"])
-    top = order[: (n + 1) // 2]
-    rest = order[len(top) :]
-    spread = [rest[int(i)] for i in np.linspace(0, len(rest) - 1, n - len(top))] if rest and n > len(top) else []
-    return top + [c for c in spread if c not in top]
+def validation_reason(run: RunDir) -> str | None:
+    """Why the metric validation does not run here (None: it runs)."""
+    v = run.cfg.sensitivity.validation
+    if not v.enabled:
+        return "sensitivity.validation.enabled is false (run it with `python -m lowbit_helpers validate-sensitivity PARAMS`)"
+    if read_json(run.artifact(baseline.MODEL_INFO))["structure_only"]:
+        return "random weights: no accuracy to predict"
+    return None
 
 
-def map_check(run: RunDir, sens: dict) -> dict:
-    """mAP of single-layer perturbations, and how well the SQNR ranks them (Spearman)."""
-    import onnx
+def validation(run: RunDir, sens: dict, progress=None) -> dict:
+    """Which metric predicts mAP: candidate metrics (and the default sweep's, and the Torch proxy)
+    against the true COCO mAP of single-layer perturbations (:mod:`..quant.sensitivity_validation`).
 
-    from ..data import open_coco
-    from ..evaluate import evaluate_coco, predict_onnx
-    from ..quant.formats import apply_format, get_format
-    from ..quant.sensitivity import activation_ranges, session
-
-    cfg, s = run.cfg, run.cfg.sensitivity
-    info = read_json(run.artifact(baseline.MODEL_INFO))
-    if s.map_layers == 0 or info["structure_only"] or s.map_format not in sens["formats"]:
-        why = ("map_layers is 0" if s.map_layers == 0 else "random weights: no accuracy" if info["structure_only"]
-               else f"map_format {s.map_format} is not among the swept formats")  # fmt: skip
+    Per format of ``validation.formats``: every Conv swept alone (and kept, in ``kept_format``)
+    with the deployed 4-bit method on the sweep images, scored by every candidate metric; the
+    layers chosen from those rankings evaluated on COCO ``subset``; Spearman of each metric
+    against the mAP delta on the selection part (where the metric is chosen) and the rest
+    (where it is confirmed).
+    """
+    why = validation_reason(run)
+    if why:
+        committed = Path(run.cfg.output.reports_dir) / run.run_id / VALIDATION_REPORT
+        if committed.is_file() and not read_json(run.artifact(baseline.MODEL_INFO))["structure_only"]:
+            return {**read_json(committed), "committed": str(VALIDATION_REPORT), "not_rerun": why}
         return {"skipped": why}
+    cfg, s = run.cfg, run.cfg.sensitivity
+    v = s.validation
     model_path = run.artifact(baseline.MODEL)
-    params = {"format": s.map_format, "layers": s.map_layers, "subset": s.map_subset, "decode": cfg.decode.model_dump(),
-              "data": cfg.data.model_dump(), "range_images": s.range_images}  # fmt: skip
-    key = stage_key(params, [model_path, run.artifact(SENS)])
-    if not run.is_fresh("sensitivity-map", key):
+    proxy_path = run.path / PROXY
+    params = {**v.model_dump(), "range_images": s.range_images, "images": s.images, "stats_images": cfg.candidates.stats_images,
+              "decode": cfg.decode.model_dump(), "data": cfg.data.model_dump(), "versions": baseline.versions(),
+              "validation_version": VALIDATION_VERSION}  # fmt: skip
+    key = stage_key(params, [model_path, run.artifact(baseline.CALIB), run.artifact(SENS)])
+    if not run.is_fresh("sensitivity-validation", key):
+        import onnx
+
+        from ..evaluate import evaluate_coco
+        from ..quant import sensitivity_validation as sv
+        from ..quant.calibration import load_calibration
+        from ..quant.gptq import collect_stats
+        from ..quant.head_metrics import METRICS
+        from ..quant.materialize import parse_method
+        from ..quant.sensitivity import ALL, ArrayImages, MethodPerturber, activation_ranges, conv_nodes, run_perturbations
+        from . import splits
+
         t0 = time.perf_counter()
+        parse_method(v.method)
         model = onnx.load(str(model_path))
-        fmt = get_format(s.map_format)
-        ranges = activation_ranges(model, _images(run)[0], cfg.runtime.threads)
-        subset = open_coco(cfg.data.coco_root, cfg.data.annotations, s.map_subset)
+        convs = conv_nodes(model)
+        range_imgs, images = _images(run)
+        calib = load_calibration(run.artifact(baseline.CALIB))
+        ranges = activation_ranges(model, range_imgs, cfg.runtime.threads)
+        stats = collect_stats(model, convs, np.asarray(calib[: cfg.candidates.stats_images]), cfg.runtime.threads)
+        sel, rest, union = splits.open_splits(run, v.select_subset, v.subset, VALIDATION_IDS, "sensitivity.validation")
+        fp32_dets = splits.fp32_reference(run, v.subset)
+        fp32 = {name: evaluate_coco(sub, splits.only(fp32_dets, sub.ids)).metrics["mAP_50_95"]
+                for name, sub in (("select", sel), ("confirm", rest), ("all", union))}  # fmt: skip
+        candidates = sv.CandidateScorer(cfg.decode)
+        truth = sv.DetectionScorer(union, cfg.decode)
+        cocos = sv.CocoImages(union)
+        kw = {"workers": s.workers, "group": s.group, "progress": progress}
+        studies, cost = {}, {}
+        jobs = [(f, "alone") for f in v.formats] + ([(v.kept_format, "kept")] if v.kept_format and v.kept_layers else [])
+        for fmt, direction in jobs:
+            name = f"{fmt}-{direction}"
+            pert = MethodPerturber(fmt, v.method, ranges, stats)
+            t1 = time.perf_counter()
+            states, _ = run_perturbations(model, ArrayImages(images), pert, convs, [direction], candidates, **kw)
+            cand = {c: candidates.result(states[c, direction]) for c in convs}
+            cand_all = candidates.result(states[ALL, "all"])
+            metric_names = [*METRICS, sv.LABEL_FREE]
+            # higher = less sensitive for every metric; kept: the more keeping L buys, the more sensitive L
+            sign = 1 if direction == "alone" else -1
+            values = {m: {c: sign * cand[c][m] for c in convs} for m in metric_names}
+            layers = sv.choose_layers(values, v.layers, v.top) if direction == "alone" else sv.choose_layers(values, v.kept_layers, 1)
+            t2 = time.perf_counter()
+            states, _ = run_perturbations(model, cocos, pert, layers, [direction], truth, **kw)
+            rows = []
+            for c in layers + [ALL]:
+                dets = states[c, direction if c != ALL else "all"]
+                maps = {part: evaluate_coco(sub, splits.only(dets, sub.ids)).metrics["mAP_50_95"]
+                        for part, sub in (("select", sel), ("confirm", rest), ("all", union))}  # fmt: skip
+                rows.append({"conv": c, **{f"delta_{p}": maps[p] - fp32[p] for p in maps},
+                             "metrics": cand[c] if c != ALL else cand_all})  # fmt: skip
+            studies[name] = {"format": fmt, "direction": direction, "method": v.method, "layers": layers,
+                             "rows": rows, "candidates": cand, "all": cand_all}  # fmt: skip
+            cost[name] = {"candidates_seconds": t2 - t1, "truth_seconds": time.perf_counter() - t2,
+                          "truth_evaluations": len(layers) + 1, "images": len(union)}  # fmt: skip
+        result = {"method": v.method, "subset": v.subset, "select": sel.name, "confirm": rest.name, "fp32_mAP_50_95": fp32,
+                  "studies": studies, "seconds": cost, "total_seconds": time.perf_counter() - t0}  # fmt: skip
+        result["agreement"] = agreement(result, sens, read_json(proxy_path) if proxy_path.is_file() else None)
+        write_json(run.file(VALIDATION), result)
+        run.finish("sensitivity-validation", key, [VALIDATION, VALIDATION_IDS], params)
+    return read_json(run.artifact(VALIDATION))
 
-        def score(m) -> float:
-            dets = predict_onnx(session(m, cfg.runtime.threads), subset, cfg.decode, progress=False)
-            return evaluate_coco(subset, dets).metrics["mAP_50_95"]
 
-        fp32 = score(model)
-        recs = sens["formats"][s.map_format]["records"]
-        rows = []
-        for conv in map_layers(sens, s.map_format, s.map_layers):
-            m = score(apply_format(model, {conv}, fmt, ranges))
-            rows.append({"conv": conv, "alone_sqnr_db": recs[conv]["alone_sqnr_db"], "mAP_50_95": m, "delta": m - fp32})
-        result = {"format": s.map_format, "subset": subset.name, "num_images": len(subset), "fp32_mAP_50_95": fp32,
-                  "rows": rows, "spearman_sqnr_vs_map": _spearman([r["alone_sqnr_db"] for r in rows], [r["mAP_50_95"] for r in rows]),
-                  "seconds": time.perf_counter() - t0}  # fmt: skip
-        write_json(run.file(MAP_CHECK), result)
-        run.finish("sensitivity-map", key, [MAP_CHECK], params)
-    return read_json(run.artifact(MAP_CHECK))
+def agreement(result: dict, sens: dict | None, proxy: dict | None) -> dict:
+    """Spearman of every metric with the mAP delta per study and split, and the chosen metric.
+
+    Series: each candidate metric with the validated method's perturbations; the default
+    sweep's metrics (round-to-nearest weights, ``sweep:<metric>``); the Torch proxy
+    (``torch_proxy``, in its format). The metric is chosen by the mean Spearman on the selection
+    split over the *alone* studies and confirmed on the rest.
+    """
+    from ..quant.sensitivity_validation import spearman
+
+    table = {}
+    for name, st in result["studies"].items():
+        rows = [r for r in st["rows"] if r["conv"] != "__all__"]
+        sign = 1 if st["direction"] == "alone" else -1
+        series = {m: [sign * r["metrics"][m] for r in rows] for m in rows[0]["metrics"]}
+        if sens and st["format"] in sens.get("formats", {}) and sens["formats"][st["format"]]["records"]:
+            recs = sens["formats"][st["format"]]["records"]
+            for m in sens.get("metrics", []):
+                if all(st["direction"] in recs.get(r["conv"], {}) for r in rows):
+                    series[f"sweep:{m}"] = [sign * recs[r["conv"]][st["direction"]][m] for r in rows]
+        if proxy and st["direction"] == "alone" and proxy.get("sweep", {}).get("format") == st["format"]:
+            by_node = {r["node"]: r["torch_sqnr_db"] for r in proxy.get("rows", [])}
+            if all(r["conv"] in by_node for r in rows):
+                series["torch_proxy"] = [by_node[r["conv"]] for r in rows]
+        table[name] = {m: {p: spearman(x, [r[f"delta_{p}"] for r in rows]) for p in ("select", "confirm", "all")}
+                       for m, x in series.items()}  # fmt: skip
+    alone = [n for n, st in result["studies"].items() if st["direction"] == "alone"]
+    names = set.intersection(*(set(table[n]) for n in alone)) if alone else set()
+    mean_select = {m: float(np.mean([table[n][m]["select"]["rho"] for n in alone])) for m in names}
+    chosen = max(sorted(mean_select), key=lambda m: mean_select[m]) if mean_select else None
+    return {"spearman": table, "mean_select_rho": mean_select, "chosen": chosen,
+            "rule": "the highest mean Spearman over the alone studies on the selection split"}  # fmt: skip
 
 
 def torch_proxy(run: RunDir, sens: dict) -> dict:
@@ -189,19 +273,21 @@ def torch_proxy(run: RunDir, sens: dict) -> dict:
         ranges = torch_ranges(tm, modules, range_imgs)
         result = torch_sweep(tm, modules, images, get_format(s.proxy_format), ranges, s.chunk)
         result["seconds_with_ranges"] = time.perf_counter() - t0
-        onnx_recs = sens["formats"][s.proxy_format]["records"]
+        # the proxy measures raw-head SQNR: it is compared with the ONNX sweep's raw-head SQNR
+        onnx_recs = {n: r["alone"]["raw_sqnr"] for n, r in sens["formats"][s.proxy_format]["records"].items()}
         pairs = list(mapping["mapping"].items())
-        onnx_vals = [onnx_recs[n]["alone_sqnr_db"] for n, _ in pairs]
+        onnx_vals = [onnx_recs[n] for n, _ in pairs]
         torch_vals = [result["sqnr_db"][m] for _, m in pairs]
-        onnx_rank = {n: r for r, n in enumerate(sorted(onnx_recs, key=lambda c: onnx_recs[c]["alone_sqnr_db"]), 1)}
+        onnx_rank = {n: r for r, n in enumerate(sorted(onnx_recs, key=onnx_recs.get), 1)}
         by_torch = sorted(pairs, key=lambda p: result["sqnr_db"][p[1]])
         torch_rank = {n: r for r, (n, _) in enumerate(by_torch, 1)}
-        rows = [{"node": n, "module": m, "onnx_sqnr_db": onnx_recs[n]["alone_sqnr_db"], "torch_sqnr_db": result["sqnr_db"][m],
+        rows = [{"node": n, "module": m, "onnx_sqnr_db": onnx_recs[n], "torch_sqnr_db": result["sqnr_db"][m],
                  "onnx_rank": onnx_rank[n], "torch_rank": torch_rank[n], "rank_shift": torch_rank[n] - onnx_rank[n]}
                 for n, m in pairs]  # fmt: skip
-        kept = sens["formats"][s.proxy_format]
-        kept_gain = ([kept["all_sqnr_db"] - onnx_recs[n]["kept_sqnr_db"] for n, _ in pairs]
-                     if all("kept_sqnr_db" in onnx_recs[n] for n, _ in pairs) else None)  # fmt: skip
+        fmt_sweep = sens["formats"][s.proxy_format]
+        recs = fmt_sweep["records"]
+        kept_gain = ([fmt_sweep["all"]["raw_sqnr"] - recs[n]["kept"]["raw_sqnr"] for n, _ in pairs]
+                     if all("kept" in recs[n] for n, _ in pairs) else None)  # fmt: skip
         out = {**mapping, "sweep": result, "rows": rows, "spearman": _spearman(onnx_vals, torch_vals),
                # the proxy ranks by "alone"; top-K schemes keep what buys most when everything else is low-bit.
                # Both series are "higher = less sensitive" (all - kept = minus the kept gain), so agreement is > 0.
@@ -219,13 +305,13 @@ def scheme_files(run: RunDir) -> list[dict]:
 
     s = run.cfg.sensitivity
     sens_path = run.artifact(SENS)
-    params = {"top_k": s.top_k, "budgets": s.budgets, "low": s.budget_low, "high": s.budget_high}
+    params = {"top_k": s.top_k, "budgets": s.budgets, "low": s.budget_low, "high": s.budget_high, "metric": s.metric}
     key = stage_key(params, [sens_path])
     if not run.is_fresh("schemes", key):
         out_dir = run.path / SCHEMES_DIR
         for old in out_dir.glob("*.json"):  # a scheme list from other params must not linger
             old.unlink()
-        paths = write_schemes(sens_path, out_dir, s.top_k, s.budgets, s.budget_low, s.budget_high)
+        paths = write_schemes(sens_path, out_dir, s.top_k, s.budgets, s.budget_low, s.budget_high, s.metric)
         rels = [str(p.relative_to(run.path)) for p in paths] + [SCHEMES_INDEX]
         run.finish("schemes", key, rels, params)
     index = read_json(run.artifact(SCHEMES_INDEX))
@@ -240,5 +326,5 @@ def run_sensitivity(run: RunDir) -> dict:
     if s.budgets and not all(0 < b <= 100 for b in s.budgets):
         raise LowbitError(f"sensitivity.budgets must be percentages in (0, 100], got {s.budgets}", "use e.g. [25, 50, 75, 90]")
     sens = onnx_sweep(run)
-    return {"layers": layer_table(run), "sensitivity": sens, "map_check": map_check(run, sens),
+    return {"layers": layer_table(run), "sensitivity": sens, "validation": validation(run, sens),
             "proxy": torch_proxy(run, sens), "schemes": scheme_files(run)}  # fmt: skip
