@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import LowbitError
 from .quant.bias_correction import BC_IMAGES
@@ -183,8 +183,10 @@ class ValidationCfg(_Section):
 
 class SensitivityCfg(_Section):
     enabled: bool = True
-    formats: list[Fmt] = Field(default_factory=lambda: ["w8a8-ort", "w8a8", "w4a16", "w4a8"])
+    formats: list[Fmt] = Field(default_factory=lambda: ["w8a8-ort", "w8a8", "w4a8"])
     directions: list[Literal["alone", "kept"]] = Field(default_factory=lambda: ["alone", "kept"])
+    rank_as: dict[Fmt, Fmt] = Field(default_factory=lambda: {"w4a16": "w4a8"}, description="formats not swept whose top-K schemes take "
+                                    "another swept format's ranking, e.g. {w4a16: w4a8} (they rank alike)")
     metric: Metric = Field("det_sqnr", description="the metric that ranks layers (schemes, keep_sensitive)")
     range_images: int = Field(32, ge=1, description="calibration images [0, R) for the activation ranges")
     images: int = Field(64, ge=1, description="sweep images: calibration images [R, R+N), evaluation-disjoint")
@@ -199,6 +201,16 @@ class SensitivityCfg(_Section):
     budgets: list[float] = Field(default_factory=lambda: [25.0, 50.0, 75.0, 90.0])
     budget_low: Fmt = "w4a8"
     budget_high: Fmt = "w8a8"
+
+    @model_validator(mode="after")
+    def _ranked_from_a_sweep(self):
+        for fmt, source in self.rank_as.items():
+            if fmt in self.formats:
+                continue  # swept: its own ranking wins
+            if source not in self.formats or "w8a8-ort" in (fmt, source):
+                raise ValueError(f"rank_as {{{fmt}: {source}}}: {source} must be among the swept formats {self.formats} "
+                                 "(and neither may be w8a8-ort, ORT's own file)")
+        return self
 
     @field_validator("budget_low", "budget_high", "proxy_format")
     @classmethod

@@ -93,6 +93,7 @@ class Accumulator:
     def __init__(self):
         self.signal = dict.fromkeys(_SUMS, 0.0)
         self.noise = dict.fromkeys(_SUMS, 0.0)
+        self.snapshots: dict[int, dict[str, float]] = {}  # image count -> metrics after that many images
 
     def add(self, ref: Reference, out: np.ndarray) -> None:
         for k, v in ref.noise(out).items():
@@ -103,6 +104,7 @@ class Accumulator:
         for k in _SUMS:
             self.signal[k] += other.signal[k]
             self.noise[k] += other.noise[k]
+        self.snapshots.update(other.snapshots)
 
     def metrics(self) -> dict[str, float]:
         s, n = self.signal, self.noise

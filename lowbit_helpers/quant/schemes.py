@@ -60,14 +60,17 @@ def ranking(sens: dict, fmt: str) -> tuple[list[str], str]:
     return sorted(recs, key=lambda n: value(sens, fmt, n, "alone")), "alone"
 
 
-def top_k_scheme(sens: dict, fmt: str, k: int) -> dict:
-    order, direction = ranking(sens, fmt)
+def top_k_scheme(sens: dict, fmt: str, k: int, ranked_as: str | None = None) -> dict:
+    """Every Conv in ``fmt`` but the K most sensitive; ``ranked_as``: the swept format whose ranking
+    stands in for ``fmt`` (one that ranks alike: notebook 04 measures the agreement)."""
+    source = ranked_as or fmt
+    order, direction = ranking(sens, source)
     if not 0 <= k <= len(order):
         raise LowbitError(f"top-K: K={k} is outside 0..{len(order)} for this graph", "choose K within that range")
     keep = order[:k]
     nodes = {n: ("fp32" if n in keep else fmt) for n in sens["convs"]}
     return {"kind": "top-k", "name": f"{fmt}-top{k}", "format": fmt, "k": k, "fallback": "fp32",
-            "ranked_by": f"{fmt} {direction} {sens['metric']}", "kept": keep, "nodes": nodes}  # fmt: skip
+            "ranked_by": f"{source} {direction} {sens['metric']}", "kept": keep, "nodes": nodes}  # fmt: skip
 
 
 def budget_scheme(sens: dict, percent: float, low: str = "w4a8", high: str = "w8a8") -> dict:
@@ -94,13 +97,16 @@ def budget_scheme(sens: dict, percent: float, low: str = "w4a8", high: str = "w8
 
 
 def make_schemes(sens: dict, top_k: list[int], budgets: list[float], low: str = "w4a8", high: str = "w8a8",
-                 formats: list[str] | None = None) -> list[dict]:  # fmt: skip
-    """Every top-K scheme for each swept format (or ``formats``) and every budgeted scheme."""
+                 formats: list[str] | None = None, rank_as: dict[str, str] | None = None) -> list[dict]:  # fmt: skip
+    """Every top-K scheme for each swept format (or ``formats``) and each format of ``rank_as``
+    (format -> the swept format whose ranking it takes), and every budgeted scheme."""
     calibration = sens.get("calibration", {})
+    rank_as = rank_as or {}
     out = []
-    for fmt in formats or [f for f in sens["formats"] if not FORMATS[f].ort_placement]:  # w8a8-ort: ORT's own files
+    swept = [f for f in sens["formats"] if not FORMATS[f].ort_placement]  # w8a8-ort: ORT's own files, no scheme
+    for fmt in formats or [*swept, *(f for f in rank_as if f not in swept)]:
         for k in top_k:
-            out.append(top_k_scheme(sens, fmt, k))
+            out.append(top_k_scheme(sens, fmt, k, rank_as.get(fmt) if fmt not in sens["formats"] else None))
     if low in sens["formats"] and high in sens["formats"]:
         out += [budget_scheme(sens, p, low, high) for p in budgets]
     for s in out:
@@ -110,7 +116,8 @@ def make_schemes(sens: dict, top_k: list[int], budgets: list[float], low: str = 
 
 
 def write_schemes(sens_path: str | Path, out_dir: str | Path, top_k: list[int], budgets: list[float],
-                  low: str = "w4a8", high: str = "w8a8", metric: str | None = None) -> list[Path]:  # fmt: skip
+                  low: str = "w4a8", high: str = "w8a8", metric: str | None = None,
+                  rank_as: dict[str, str] | None = None) -> list[Path]:  # fmt: skip
     """``schemes`` command: one JSON per scheme in ``out_dir``, plus ``index.json``; ``metric``
     ranks the layers (default: the one the sensitivity file names)."""
     path = Path(sens_path)
@@ -122,7 +129,7 @@ def write_schemes(sens_path: str | Path, out_dir: str | Path, top_k: list[int], 
     if metric:
         sens["metric"] = metric
     out_dir = Path(out_dir)
-    schemes = make_schemes(sens, top_k, budgets, low, high)
+    schemes = make_schemes(sens, top_k, budgets, low, high, rank_as=rank_as)
     paths = []
     for s in schemes:
         p = out_dir / f"{s['name']}.json"

@@ -167,7 +167,11 @@ class MethodPerturber:
 
 # ------------------------------------------------------------------ what is measured on each output
 class MetricScorer:
-    """Every :mod:`.head_metrics` metric of each perturbation against FP32."""
+    """Every :mod:`.head_metrics` metric of each perturbation against FP32; with ``checkpoints``,
+    also the metrics after the first N images (how the ranking settles with the image count)."""
+
+    def __init__(self, checkpoints: Iterable[int] = ()):
+        self.checkpoints = set(checkpoints)
 
     def reference(self, ref: np.ndarray, meta) -> Reference:
         return Reference(ref)
@@ -177,6 +181,8 @@ class MetricScorer:
 
     def add(self, state: Accumulator, ref: Reference, out: np.ndarray, meta) -> None:
         state.add(ref, out)
+        if meta + 1 in self.checkpoints:  # ArrayImages: meta is the image index, images run in order
+            state.snapshots[meta + 1] = state.metrics()
 
     def merge(self, a: Accumulator, b: Accumulator) -> Accumulator:
         a.merge(b)
@@ -207,7 +213,12 @@ class _Job:
     threads: int
 
 
-_JOB: _Job | None = None  # the job a forked worker runs (set before the fork; a fork copies it)
+_JOB: _Job | None = None  # the job this process runs (a worker gets it once, from the pool's initializer)
+
+
+def _init_worker(job: _Job) -> None:
+    global _JOB
+    _JOB = job
 
 
 def _run_group(index: int) -> tuple[dict, dict]:
@@ -259,10 +270,41 @@ def _run_group(index: int) -> tuple[dict, dict]:
     return states, {"setup": t_setup, "base_passes": t_base, "subgraphs": t_sub}
 
 
-def _peak_rss_gb() -> float:
-    import resource
+class MemoryPeak:
+    """Peak memory of this process and its workers together, sampled every 0.2 s: the sum of their
+    proportional set sizes (PSS: a page shared after the fork counts once over all processes, where
+    summed RSS would count it in each)."""
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    def __enter__(self):
+        import threading
+
+        import psutil
+
+        self.peak, self._stop = 0, threading.Event()
+        me = psutil.Process()
+
+        def sample():
+            while not self._stop.is_set():
+                total = 0
+                for p in [me, *me.children(recursive=True)]:
+                    try:
+                        total += p.memory_full_info().pss
+                    except psutil.Error:  # a worker that just exited
+                        pass
+                self.peak = max(self.peak, total)
+                self._stop.wait(0.2)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def gb(self) -> float:
+        return self.peak / 2**30
 
 
 def run_perturbations(model: onnx.ModelProto, images: Sequence, perturber: Callable, convs: list[str],
@@ -289,18 +331,22 @@ def run_perturbations(model: onnx.ModelProto, images: Sequence, perturber: Calla
         n = max(1, -(-len(keys) // max(1, group)))
         groups += [part for part in (keys[i::n] for i in range(n)) if part]
     groups.insert(0, [(ALL, "all")])
-    _JOB = _Job(model, plan, perturber, groups, images, scorer, threads)
+    job = _Job(model, plan, perturber, groups, images, scorer, threads)
     seconds = {"setup": 0.0, "base_passes": 0.0, "subgraphs": 0.0}
     states: dict = {}
     workers = max(1, min(workers, len(groups)))
+    memory = MemoryPeak().__enter__()
     try:
         if workers == 1:
+            _JOB = job
             results = map(_run_group, range(len(groups)))
             pool = None
         else:
             import multiprocessing as mp
 
-            pool = mp.get_context("fork").Pool(workers)
+            # spawn, not fork: a fork of a process whose OpenMP / ORT thread pools have run (torch
+            # statistics, calibration sessions) can inherit a held lock and hang in the child
+            pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(job,))
             results = pool.imap_unordered(_run_group, range(len(groups)))
         for done, (part, secs) in enumerate(results, 1):
             for key, state in part.items():
@@ -314,8 +360,9 @@ def run_perturbations(model: onnx.ModelProto, images: Sequence, perturber: Calla
             pool.join()
     finally:
         _JOB = None
+        memory.__exit__()
     cost = {"seconds": {**{f"{k}_cpu": v for k, v in seconds.items()}, "total": time.perf_counter() - t0},
-            "workers": workers, "threads_per_worker": threads, "groups": len(groups),
+            "peak_rss_gb": memory.gb, "workers": workers, "threads_per_worker": threads, "groups": len(groups),
             "cached_tensors": len(set().union(*(plan.boundary[c] for c in convs))) if convs else 0,
             "mean_descendant_nodes": float(np.mean([len(plan.descendants[c]) for c in convs])) if convs else 0.0,
             "graph_nodes": len(model.graph.node)}  # fmt: skip
@@ -343,11 +390,13 @@ def sweep(
     perturber = FormatPerturber(fmt, ranges) if isinstance(fmt, Format) else fmt
     directions = list(directions)
     convs = list(convs or conv_nodes(model))
-    states, cost = run_perturbations(model, ArrayImages(images), perturber, convs, directions, MetricScorer(),
+    checkpoints = [n for n in (4, 8, 16, 32, 64, 128) if n < len(images)]
+    states, cost = run_perturbations(model, ArrayImages(images), perturber, convs, directions, MetricScorer(checkpoints),
                                      workers=workers, group=group, threads=threads, progress=progress)  # fmt: skip
     records = {c: {d: states[c, d].metrics() for d in directions} for c in convs}
+    at_images = {str(n): {c: {d: states[c, d].snapshots[n] for d in directions} for c in convs} for n in checkpoints}
     return {"format": perturber.name, "images": int(len(images)), "directions": directions, "metrics": list(METRICS),
-            "records": records, "all": states[ALL, "all"].metrics(), **cost}  # fmt: skip
+            "records": records, "all": states[ALL, "all"].metrics(), "at_images": at_images, **cost}  # fmt: skip
 
 
 def perturber(fmt: Format, model_path, ranges: dict, range_images: np.ndarray):
@@ -441,7 +490,6 @@ def measure(
     for fmt in formats:
         pert = perturber(fmt, model_path, ranges, range_images)
         result = sweep(model, sweep_images, pert, None, directions, workers=workers, group=group, progress=progress)
-        result["peak_rss_gb"] = _peak_rss_gb()
         naive_rows = []
         for conv in checks:
             for d in result["directions"]:

@@ -59,6 +59,49 @@ def cost_table(result: dict) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index("format")
 
 
+def _spearman(a, b) -> float:
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(a, b).statistic) if len(a) > 2 else math.nan
+
+
+def stability_table(result: dict) -> pd.DataFrame:
+    """How the ranking settles with the image count: Spearman of the ranking metric after N sweep
+    images against all of them, per format and direction."""
+    sens = result["sensitivity"]
+    metric = sens["metric"]
+    rows = []
+    for fmt, s in sens["formats"].items():
+        full = s["records"]
+        for d in s["directions"]:
+            row = {"format": fmt, "direction": d}
+            for n, recs in sorted(s.get("at_images", {}).items(), key=lambda kv: int(kv[0])):
+                convs = list(full)
+                row[f"{n} images"] = round(_spearman([recs[c][d][metric] for c in convs], [full[c][d][metric] for c in convs]), 3)
+            row[f"{s['images']} images"] = 1.0
+            rows.append(row)
+    return pd.DataFrame(rows).set_index(["format", "direction"])
+
+
+def format_agreement(result: dict) -> pd.DataFrame:
+    """Spearman between the formats' rankings (ranking metric), per direction: formats that rank
+    alike need not both be swept."""
+    sens = result["sensitivity"]
+    metric = sens["metric"]
+    fmts = list(sens["formats"])
+    rows = []
+    for i, a in enumerate(fmts):
+        for b in fmts[i + 1 :]:
+            ra, rb = sens["formats"][a]["records"], sens["formats"][b]["records"]
+            for d in set(sens["formats"][a]["directions"]) & set(sens["formats"][b]["directions"]):
+                convs = list(ra)
+                rows.append({"formats": f"{a} vs {b}", "direction": d,
+                             "Spearman": round(_spearman([ra[c][d][metric] for c in convs], [rb[c][d][metric] for c in convs]), 3),
+                             "top-10 overlap": len(set(sorted(convs, key=lambda c: ra[c][d][metric] * (1 if d == "alone" else -1))[:10])
+                                                   & set(sorted(convs, key=lambda c: rb[c][d][metric] * (1 if d == "alone" else -1))[:10]))})  # fmt: skip
+    return pd.DataFrame(rows).set_index(["formats", "direction"]) if rows else pd.DataFrame()
+
+
 def sensitivity_figure(result: dict):
     """The ranking metric alone (top) and its kept gain (bottom) per Conv in network order, sections shaded, blocks labelled."""
     import matplotlib.pyplot as plt

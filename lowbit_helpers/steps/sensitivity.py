@@ -123,7 +123,7 @@ def validation_reason(run: RunDir) -> str | None:
     return None
 
 
-def validation(run: RunDir, sens: dict, progress=None) -> dict:
+def validation(run: RunDir, sens: dict | None, proxy: dict | None = None, progress=None) -> dict:
     """Which metric predicts mAP: candidate metrics (and the default sweep's, and the Torch proxy)
     against the true COCO mAP of single-layer perturbations (:mod:`..quant.sensitivity_validation`).
 
@@ -137,16 +137,17 @@ def validation(run: RunDir, sens: dict, progress=None) -> dict:
     if why:
         committed = Path(run.cfg.output.reports_dir) / run.run_id / VALIDATION_REPORT
         if committed.is_file() and not read_json(run.artifact(baseline.MODEL_INFO))["structure_only"]:
-            return {**read_json(committed), "committed": str(VALIDATION_REPORT), "not_rerun": why}
+            result = read_json(committed)
+            result["agreement"] = agreement(result, sens, proxy, run.cfg.sensitivity.rank_as)
+            return {**result, "committed": str(VALIDATION_REPORT), "not_rerun": why}
         return {"skipped": why}
     cfg, s = run.cfg, run.cfg.sensitivity
     v = s.validation
     model_path = run.artifact(baseline.MODEL)
-    proxy_path = run.path / PROXY
     params = {**v.model_dump(), "range_images": s.range_images, "images": s.images, "stats_images": cfg.candidates.stats_images,
               "decode": cfg.decode.model_dump(), "data": cfg.data.model_dump(), "versions": baseline.versions(),
               "validation_version": VALIDATION_VERSION}  # fmt: skip
-    key = stage_key(params, [model_path, run.artifact(baseline.CALIB), run.artifact(SENS)])
+    key = stage_key(params, [model_path, run.artifact(baseline.CALIB)])
     if not run.is_fresh("sensitivity-validation", key):
         import onnx
 
@@ -204,17 +205,20 @@ def validation(run: RunDir, sens: dict, progress=None) -> dict:
                           "truth_evaluations": len(layers) + 1, "images": len(union)}  # fmt: skip
         result = {"method": v.method, "subset": v.subset, "select": sel.name, "confirm": rest.name, "fp32_mAP_50_95": fp32,
                   "studies": studies, "seconds": cost, "total_seconds": time.perf_counter() - t0}  # fmt: skip
-        result["agreement"] = agreement(result, sens, read_json(proxy_path) if proxy_path.is_file() else None)
         write_json(run.file(VALIDATION), result)
         run.finish("sensitivity-validation", key, [VALIDATION, VALIDATION_IDS], params)
-    return read_json(run.artifact(VALIDATION))
+    result = read_json(run.artifact(VALIDATION))
+    # against this run's sweep and proxy, whenever they change (the ground truth does not depend on them)
+    result["agreement"] = agreement(result, sens, proxy, run.cfg.sensitivity.rank_as)
+    return result
 
 
-def agreement(result: dict, sens: dict | None, proxy: dict | None) -> dict:
+def agreement(result: dict, sens: dict | None, proxy: dict | None, rank_as: dict | None = None) -> dict:
     """Spearman of every metric with the mAP delta per study and split, and the chosen metric.
 
     Series: each candidate metric with the validated method's perturbations; the default
-    sweep's metrics (round-to-nearest weights, ``sweep:<metric>``); the Torch proxy
+    sweep's metrics (round-to-nearest weights, ``sweep:<metric>``; for a format not swept, the
+    format of ``rank_as`` that stands in for it); the Torch proxy
     (``torch_proxy``, in its format). The metric is chosen by the mean Spearman on the selection
     split over the *alone* studies and confirmed on the rest.
     """
@@ -225,12 +229,14 @@ def agreement(result: dict, sens: dict | None, proxy: dict | None) -> dict:
         rows = [r for r in st["rows"] if r["conv"] != "__all__"]
         sign = 1 if st["direction"] == "alone" else -1
         series = {m: [sign * r["metrics"][m] for r in rows] for m in rows[0]["metrics"]}
-        if sens and st["format"] in sens.get("formats", {}) and sens["formats"][st["format"]]["records"]:
-            recs = sens["formats"][st["format"]]["records"]
+        formats = (sens or {}).get("formats", {})
+        swept = st["format"] if st["format"] in formats else (rank_as or {}).get(st["format"])
+        if swept in formats:  # a format not swept takes the ranking it is ranked as
+            recs = sens["formats"][swept]["records"]
             for m in sens.get("metrics", []):
                 if all(st["direction"] in recs.get(r["conv"], {}) for r in rows):
                     series[f"sweep:{m}"] = [sign * recs[r["conv"]][st["direction"]][m] for r in rows]
-        if proxy and st["direction"] == "alone" and proxy.get("sweep", {}).get("format") == st["format"]:
+        if proxy and st["direction"] == "alone" and proxy["sweep"]["format"] == st["format"]:
             by_node = {r["node"]: r["torch_sqnr_db"] for r in proxy.get("rows", [])}
             if all(r["conv"] in by_node for r in rows):
                 series["torch_proxy"] = [by_node[r["conv"]] for r in rows]
@@ -305,13 +311,14 @@ def scheme_files(run: RunDir) -> list[dict]:
 
     s = run.cfg.sensitivity
     sens_path = run.artifact(SENS)
-    params = {"top_k": s.top_k, "budgets": s.budgets, "low": s.budget_low, "high": s.budget_high, "metric": s.metric}
+    params = {"top_k": s.top_k, "budgets": s.budgets, "low": s.budget_low, "high": s.budget_high, "metric": s.metric,
+              "rank_as": s.rank_as}  # fmt: skip
     key = stage_key(params, [sens_path])
     if not run.is_fresh("schemes", key):
         out_dir = run.path / SCHEMES_DIR
         for old in out_dir.glob("*.json"):  # a scheme list from other params must not linger
             old.unlink()
-        paths = write_schemes(sens_path, out_dir, s.top_k, s.budgets, s.budget_low, s.budget_high, s.metric)
+        paths = write_schemes(sens_path, out_dir, s.top_k, s.budgets, s.budget_low, s.budget_high, s.metric, s.rank_as)
         rels = [str(p.relative_to(run.path)) for p in paths] + [SCHEMES_INDEX]
         run.finish("schemes", key, rels, params)
     index = read_json(run.artifact(SCHEMES_INDEX))
@@ -326,5 +333,6 @@ def run_sensitivity(run: RunDir) -> dict:
     if s.budgets and not all(0 < b <= 100 for b in s.budgets):
         raise LowbitError(f"sensitivity.budgets must be percentages in (0, 100], got {s.budgets}", "use e.g. [25, 50, 75, 90]")
     sens = onnx_sweep(run)
-    return {"layers": layer_table(run), "sensitivity": sens, "validation": validation(run, sens),
-            "proxy": torch_proxy(run, sens), "schemes": scheme_files(run)}  # fmt: skip
+    proxy = torch_proxy(run, sens)
+    return {"layers": layer_table(run), "sensitivity": sens, "proxy": proxy,
+            "validation": validation(run, sens, None if "skipped" in proxy else proxy), "schemes": scheme_files(run)}  # fmt: skip
