@@ -204,6 +204,8 @@ class SensitivityCfg(_Section):
 
     @model_validator(mode="after")
     def _ranked_from_a_sweep(self):
+        if "rank_as" not in self.model_fields_set:
+            return self  # the default {w4a16: w4a8} applies only where w4a8 is swept (quant.schemes)
         for fmt, source in self.rank_as.items():
             if fmt in self.formats:
                 continue  # swept: its own ranking wins

@@ -478,3 +478,54 @@ def test_w8a8_ort_reproduces_the_ort_int8_model_on_yolov10n(yolov10n_onnx, coco_
     assert np.array_equal(got, want)
     fp32 = _exact(model).run(None, {"images": x})[0]
     assert np.abs(want - fp32).max() > 0.01  # the file is quantized: the equality is not trivial
+
+
+def _fake_validation(rng, convs):
+    studies = {}
+    for fmt, direction in (("w4a16", "alone"), ("w4a8", "alone"), ("w4a16", "kept")):
+        rows = []
+        for i, c in enumerate(convs):
+            truth = -0.01 * i  # later layers cost more here
+            sign = 1 if direction == "alone" else -1
+            rows.append({"conv": c, "delta_select": truth + rng.normal(0, 1e-4), "delta_confirm": truth, "delta_all": truth,
+                         "metrics": {"det_sqnr": sign * (40 - i), "raw_sqnr": sign * float(rng.normal()),
+                                     "label_free_map": sign * (50 - i)}})  # fmt: skip
+        rows.append({"conv": "__all__", "delta_select": -0.3, "delta_confirm": -0.3, "delta_all": -0.3, "metrics": {"det_sqnr": 1, "raw_sqnr": 1, "label_free_map": 1}})
+        studies[f"{fmt}-{direction}"] = {"format": fmt, "direction": direction, "rows": rows}
+    return {"studies": studies, "select": "val100", "confirm": "val500 minus val100"}
+
+
+def test_agreement_chooses_the_metric_that_ranks_like_map():
+    from lowbit_helpers.report.sensitivity import validation_table
+    from lowbit_helpers.steps.sensitivity import agreement
+
+    rng = np.random.default_rng(0)
+    convs = [f"c{i}" for i in range(12)]
+    result = _fake_validation(rng, convs)
+    # the default sweep swept w4a8 only; w4a16 takes its ranking (rank_as)
+    sens = {"metrics": ["det_sqnr"], "formats": {"w4a8": {"records": {c: {"alone": {"det_sqnr": 30.0 - i}, "kept": {"det_sqnr": 5.0 + i}}
+                                                                      for i, c in enumerate(convs)}}}}  # fmt: skip
+    proxy = {"sweep": {"format": "w4a8"}, "rows": [{"node": c, "torch_sqnr_db": float(rng.normal())} for c in convs]}
+    a = agreement(result, sens, proxy, {"w4a16": "w4a8"})
+    assert a["chosen"] == "det_sqnr"  # label-free mAP ranks as well, but the sweep cannot compute it
+    t = a["spearman"]
+    assert t["w4a8-alone"]["det_sqnr"]["select"]["rho"] == pytest.approx(1.0)
+    assert t["w4a16-kept"]["det_sqnr"]["confirm"]["rho"] == pytest.approx(1.0)  # kept: more gain = more sensitive
+    assert t["w4a16-alone"]["sweep:det_sqnr"]["all"]["rho"] == pytest.approx(1.0)  # w4a8's sweep stands in for w4a16
+    assert t["w4a16-kept"]["sweep:det_sqnr"]["all"]["rho"] == pytest.approx(1.0)
+    assert "torch_proxy" in t["w4a8-alone"] and "torch_proxy" not in t["w4a16-alone"]  # the proxy's own format only
+    assert abs(t["w4a8-alone"]["raw_sqnr"]["select"]["rho"]) < 0.8
+    assert "sweep:det_sqnr" not in agreement(result, sens, None)["spearman"]["w4a16-alone"]  # without rank_as: no stand-in
+    table = validation_table({**result, "agreement": a})
+    assert table.loc["det_sqnr", "mean select (alone)"] == pytest.approx(1.0, abs=1e-3)
+    assert table.loc["raw_sqnr", "mean select (alone)"] < 0.8
+
+
+def test_rank_as_lends_a_swept_ranking_to_a_format_not_swept():
+    sens = _fake_sens()
+    names = [s["name"] for s in make_schemes(sens, [0, 5], [], rank_as={"w4a16": "w4a8", "fp8": "w4a16"})]
+    assert names == ["w8a8-top0", "w8a8-top5", "w4a8-top0", "w4a8-top5", "w4a16-top0", "w4a16-top5"]  # fp8: no swept source
+    w4a16 = top_k_scheme(sens, "w4a16", 5, ranked_as="w4a8")
+    w4a8 = top_k_scheme(sens, "w4a8", 5)
+    assert w4a16["kept"] == w4a8["kept"] and w4a16["ranked_by"].startswith("w4a8 kept")
+    assert set(w4a16["nodes"].values()) == {"w4a16", "fp32"}

@@ -101,7 +101,7 @@ def make_schemes(sens: dict, top_k: list[int], budgets: list[float], low: str = 
     """Every top-K scheme for each swept format (or ``formats``) and each format of ``rank_as``
     (format -> the swept format whose ranking it takes), and every budgeted scheme."""
     calibration = sens.get("calibration", {})
-    rank_as = rank_as or {}
+    rank_as = {f: src for f, src in (rank_as or {}).items() if src in sens["formats"]}
     out = []
     swept = [f for f in sens["formats"] if not FORMATS[f].ort_placement]  # w8a8-ort: ORT's own files, no scheme
     for fmt in formats or [*swept, *(f for f in rank_as if f not in swept)]:

@@ -1,14 +1,17 @@
-"""Notebook 04: per-layer sensitivity on the ONNX graph, the Torch proxy, their agreement, schemes.
+"""Notebook 04: per-layer sensitivity on the ONNX graph, the metric validation, the Torch proxy, schemes.
 
 Stages (each cached in the run's manifest like the others):
 
 * ``onnx_sweep``: every Conv x every format of ``params.sensitivity.formats`` x {alone, kept},
-  raw-head SQNR on calibration images disjoint from evaluation (:mod:`lowbit_helpers.quant.sensitivity`);
-* ``map_check``: COCO mAP of single-layer perturbations for the most sensitive layers and a
-  spread of the others, and the Spearman correlation of the cheap metric with mAP;
+  every metric of :mod:`lowbit_helpers.quant.head_metrics` on calibration images disjoint from
+  evaluation (:mod:`lowbit_helpers.quant.sensitivity`);
+* ``validation``: the true COCO mAP of single-layer perturbations against each candidate
+  metric (:mod:`lowbit_helpers.quant.sensitivity_validation`), off by default (its committed
+  result is shown instead; ``validate-sensitivity`` reruns it);
 * ``torch_proxy``: the plan's Torch sweep (:mod:`lowbit_helpers.quant.torch_proxy`), the verified name
   mapping, and the Spearman correlation with the ONNX ranking;
-* ``schemes``: top-K and budgeted schemes (:mod:`lowbit_helpers.quant.schemes`) in ``schemes/``.
+* ``schemes``: top-K and budgeted schemes (:mod:`lowbit_helpers.quant.schemes`) in ``schemes/``,
+  ranked by ``params.sensitivity.metric``.
 """
 
 from __future__ import annotations
@@ -242,12 +245,16 @@ def agreement(result: dict, sens: dict | None, proxy: dict | None, rank_as: dict
                 series["torch_proxy"] = [by_node[r["conv"]] for r in rows]
         table[name] = {m: {p: spearman(x, [r[f"delta_{p}"] for r in rows]) for p in ("select", "confirm", "all")}
                        for m, x in series.items()}  # fmt: skip
+    from ..quant.head_metrics import METRICS
+
     alone = [n for n, st in result["studies"].items() if st["direction"] == "alone"]
     names = set.intersection(*(set(table[n]) for n in alone)) if alone else set()
     mean_select = {m: float(np.mean([table[n][m]["select"]["rho"] for n in alone])) for m in names}
-    chosen = max(sorted(mean_select), key=lambda m: mean_select[m]) if mean_select else None
+    # the sweep can compute these (label-free mAP and the proxy are shown for comparison)
+    eligible = {m: v for m, v in mean_select.items() if m in METRICS and np.isfinite(v)}
+    chosen = max(sorted(eligible), key=lambda m: eligible[m]) if eligible else None
     return {"spearman": table, "mean_select_rho": mean_select, "chosen": chosen,
-            "rule": "the highest mean Spearman over the alone studies on the selection split"}  # fmt: skip
+            "rule": "of the metrics the sweep computes, the highest mean Spearman over the alone studies on the selection split"}  # fmt: skip
 
 
 def torch_proxy(run: RunDir, sens: dict) -> dict:
