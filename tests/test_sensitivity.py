@@ -113,7 +113,7 @@ def test_workers_and_groups_do_not_change_the_result(tmp_path):
     ranges = activation_ranges(model, images)
     one = sweep(model, images, get_format("w4a8"), ranges, workers=1, group=100)
     two = sweep(model, images, get_format("w4a8"), ranges, workers=2, group=2)
-    assert one["groups"] == 3 and two["groups"] == 1 + 2 * 3  # the all-Convs group + ceil(5 / 2) per direction
+    assert one["groups"] == 3 and two["groups"] == 1 + 2 * 4  # the all-Convs group + ceil(6 / 2) per direction, rounded up to 2 workers
     assert two["workers"] == 2
     assert one["records"] == two["records"] and one["all"] == two["all"]
 

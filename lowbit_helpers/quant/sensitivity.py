@@ -329,6 +329,7 @@ def run_perturbations(model: onnx.ModelProto, images: Sequence, perturber: Calla
     for d in directions:
         keys = [(c, d) for c in convs]
         n = max(1, -(-len(keys) // max(1, group)))
+        n = -(-n // workers) * workers  # a multiple of the workers: none idles while another finishes
         groups += [part for part in (keys[i::n] for i in range(n)) if part]
     groups.insert(0, [(ALL, "all")])
     job = _Job(model, plan, perturber, groups, images, scorer, threads)
