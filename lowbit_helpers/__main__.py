@@ -238,7 +238,8 @@ def _cmd_validate_sensitivity(args) -> int:
     a = result["agreement"]
     for name, table in a["spearman"].items():
         print(name + ": " + ", ".join(f"{m} {t['select']['rho']:+.2f}/{t['confirm']['rho']:+.2f}" for m, t in table.items()))
-    print(f"chosen metric: {a['chosen']} (Spearman select / confirm); {result['total_seconds']:.0f} s")
+    print(f"chosen metric: {a['chosen'] or 'none (the selection split ranks nothing)'}; best on the selection split: "
+          f"{a['best_on_select']} (Spearman select / confirm above); {result['total_seconds']:.0f} s")  # fmt: skip
     print(f"wrote {out}")
     return 0
 

@@ -507,7 +507,7 @@ def test_agreement_chooses_the_metric_that_ranks_like_map():
                                                                       for i, c in enumerate(convs)}}}}  # fmt: skip
     proxy = {"sweep": {"format": "w4a8"}, "rows": [{"node": c, "torch_sqnr_db": float(rng.normal())} for c in convs]}
     a = agreement(result, sens, proxy, {"w4a16": "w4a8"})
-    assert a["chosen"] == "det_sqnr"  # label-free mAP ranks as well, but the sweep cannot compute it
+    assert a["chosen"] == a["best_on_select"] == "det_sqnr"  # label-free mAP ranks as well, but the sweep cannot compute it
     t = a["spearman"]
     assert t["w4a8-alone"]["det_sqnr"]["select"]["rho"] == pytest.approx(1.0)
     assert t["w4a16-kept"]["det_sqnr"]["confirm"]["rho"] == pytest.approx(1.0)  # kept: more gain = more sensitive
@@ -519,6 +519,12 @@ def test_agreement_chooses_the_metric_that_ranks_like_map():
     table = validation_table({**result, "agreement": a})
     assert table.loc["det_sqnr", "mean select (alone)"] == pytest.approx(1.0, abs=1e-3)
     assert table.loc["raw_sqnr", "mean select (alone)"] < 0.8
+    # a selection split that ranks nothing (noise larger than the effects) makes no pick
+    for st in result["studies"].values():
+        for r in st["rows"]:
+            r["delta_select"] = float(rng.normal())
+    noisy = agreement(result, sens, proxy, {"w4a16": "w4a8"})
+    assert noisy["chosen"] is None and noisy["best_on_select"] in noisy["mean_select_rho"]
 
 
 def test_rank_as_lends_a_swept_ranking_to_a_format_not_swept():

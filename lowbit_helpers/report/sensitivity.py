@@ -262,20 +262,25 @@ def conclusion(result: dict) -> str:
                      f"{s['all']['raw_sqnr']:.1f} dB){worst_text}. Sweep cost {cost}.")  # fmt: skip
     if "skipped" not in val:
         a = val["agreement"]
-        chosen = a["chosen"]
-        parts = []
-        for name, table in a["spearman"].items():
-            t = table.get(chosen) or {}
-            if t:
-                c = t["confirm"]
-                parts.append(f"{name} {t['select']['rho']:+.2f} on {val['select']}, {c['rho']:+.2f} [{c['lo']:+.2f}, {c['hi']:+.2f}] "
-                             f"on {val['confirm']}")  # fmt: skip
-        raw = a["mean_select_rho"].get("raw_sqnr", math.nan)
         src = " (committed result; rerun: `python -m lowbit_helpers validate-sensitivity PARAMS`)" if val.get("committed") else ""
-        lines.append(f"* Metric validation{src}: **{_label(chosen)}** predicts the true mAP best ({a['rule']}): Spearman "
-                     + "; ".join(parts) + f". Raw-head SQNR: mean {raw:+.2f} on {val['select']}. The sweep ranks by "
-                     f"`{metric}`" + ("." if metric == chosen else f", not the validated choice `{chosen}`: set "
-                                      f"sensitivity.metric to follow it."))  # fmt: skip
+
+        def spear(m: str) -> str:
+            parts = []
+            for name, table in a["spearman"].items():
+                t = table.get(m)
+                if t:
+                    c = t["confirm"]
+                    parts.append(f"{name} {t['select']['rho']:+.2f} on {val['select']}, {c['rho']:+.2f} "
+                                 f"[{c['lo']:+.2f}, {c['hi']:+.2f}] on {val['confirm']}")  # fmt: skip
+            return "; ".join(parts)
+
+        if a["chosen"]:
+            pick = f"**{_label(a['chosen'])}** is chosen ({a['rule']}): Spearman {spear(a['chosen'])}."
+        else:
+            pick = (f"no metric is chosen: on {val['select']} none ranks the layers (best there: `{a['best_on_select']}`, "
+                    f"{spear(a['best_on_select'])}), so the rule ({a['rule']}) makes no pick.")  # fmt: skip
+        lines.append(f"* Metric validation{src}: {pick} The sweep ranks by **`{metric}`**: {spear(metric)}; raw-head "
+                     f"SQNR: {spear('raw_sqnr')}.")  # fmt: skip
     else:
         lines.append(f"* Metric validation: {val['skipped']}.")
     if "skipped" not in proxy:

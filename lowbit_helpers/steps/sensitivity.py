@@ -252,9 +252,12 @@ def agreement(result: dict, sens: dict | None, proxy: dict | None, rank_as: dict
     mean_select = {m: float(np.mean([table[n][m]["select"]["rho"] for n in alone])) for m in names}
     # the sweep can compute these (label-free mAP and the proxy are shown for comparison)
     eligible = {m: v for m, v in mean_select.items() if m in METRICS and np.isfinite(v)}
-    chosen = max(sorted(eligible), key=lambda m: eligible[m]) if eligible else None
-    return {"spearman": table, "mean_select_rho": mean_select, "chosen": chosen,
-            "rule": "of the metrics the sweep computes, the highest mean Spearman over the alone studies on the selection split"}  # fmt: skip
+    best = max(sorted(eligible), key=lambda m: eligible[m]) if eligible else None
+    # a pick needs a selection split that ranks at all: the winner's interval above 0 in every alone study
+    decided = best is not None and all(table[n][best]["select"]["lo"] > 0 for n in alone)
+    return {"spearman": table, "mean_select_rho": mean_select, "best_on_select": best, "chosen": best if decided else None,
+            "rule": "of the metrics the sweep computes, the highest mean Spearman over the alone studies on the selection "
+                    "split, if its interval there is above 0 in every alone study (else no pick: the split cannot rank)"}  # fmt: skip
 
 
 def torch_proxy(run: RunDir, sens: dict) -> dict:
