@@ -299,7 +299,8 @@ def sweep_match(run: RunDir, images: int = 2) -> dict:
         r0 = cfg.sensitivity.range_images
         x = np.asarray(np.load(calib_path, mmap_mode="r")[r0 : r0 + images])
         out = {}
-        for fmt in cfg.sensitivity.formats:
+        # w8a8-ort is ORT's own file, not a materialised scheme (tests hold it to that file bit for bit)
+        for fmt in [f for f in cfg.sensitivity.formats if not FORMATS[f].ort_placement]:
             q, _ = materialize(model, {c: fmt for c in convs}, "rtn", ranges=ranges)
             ref = apply_format(model, convs, FORMATS[fmt], ranges)
             heads = []
