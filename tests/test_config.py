@@ -77,6 +77,21 @@ def test_w8a8_ort_is_a_sweep_format_only():
 
     assert "w8a8-ort" in parse_config({"name": "x", "sensitivity": {"formats": ["w8a8-ort", "w4a8"]}}).sensitivity.formats
     for bad in ({"budget_high": "w8a8-ort"}, {"validation": {"formats": ["w8a8-ort"]}}, {"validation": {"kept_format": "w8a8-ort"}},
-                {"metric": "sqnr"}):  # fmt: skip
+                {"metric": "sqnr"}, {"formats": ["w8a8", "w4a8"], "rank_as": {"w4a16": "w8a8-ort"}}):  # fmt: skip
         with pytest.raises(LowbitError):
             parse_config({"name": "x", "sensitivity": bad})
+
+
+def test_resolved_params_load_again_with_any_format_list(tmp_path):
+    """The run directory's params.yaml lists every key; a format list without w4a8 must still load
+    (the default rank_as {w4a16: w4a8} is then ignored)."""
+    from lowbit_helpers.quant.schemes import make_schemes
+
+    cfg = parse_config({"name": "x", "sensitivity": {"formats": ["w8a8-ort"], "budgets": []}})
+    p = tmp_path / "params.yaml"
+    p.write_text(cfg.to_yaml())
+    again = load_config(p)
+    assert again.sensitivity.formats == ["w8a8-ort"] and again.sensitivity.rank_as == {"w4a16": "w4a8"}
+    sens = {"convs": ["a"], "params": {"a": 1}, "metric": "det_sqnr",
+            "formats": {"w8a8-ort": {"records": {"a": {"alone": {"det_sqnr": 1.0}}}}}}  # fmt: skip
+    assert make_schemes(sens, [0], [], rank_as=again.sensitivity.rank_as) == []  # no w4a8 sweep: no w4a16 scheme

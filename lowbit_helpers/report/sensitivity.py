@@ -233,6 +233,8 @@ def proxy_tables(proxy: dict, n: int = 8) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def scheme_table(schemes: list[dict], params: dict) -> pd.DataFrame:
+    if not schemes:  # e.g. only w8a8-ort swept: ORT's own file, no scheme
+        return pd.DataFrame({"scheme": [], "note": []}).set_index("scheme")
     total = sum(params.values())
     rows = []
     for s in schemes:
