@@ -60,14 +60,20 @@ def dfl_boxes(raw: np.ndarray, size: int = 640, idx: np.ndarray | None = None) -
         raise ValueError(f"raw head has {n} anchors; {size}x{size} with strides {STRIDES} gives {len(pts)}")
     if idx is None:
         idx = np.arange(n)
-    logits = raw[: 4 * REG_MAX, idx].reshape(4, REG_MAX, len(idx)).astype(np.float32)
-    logits = logits - logits.max(axis=1, keepdims=True)
-    p = np.exp(logits)
-    p /= p.sum(axis=1, keepdims=True)
-    dist = np.einsum("sbn,b->sn", p, np.arange(REG_MAX, dtype=np.float32))  # (4, K): l, t, r, b
+    dist = dfl_distances(raw, idx)  # (4, K): l, t, r, b
     x1y1 = pts[idx] - dist[:2].T
     x2y2 = pts[idx] + dist[2:].T
     return np.concatenate([x1y1, x2y2], 1) * stride[idx, None]
+
+
+def dfl_distances(raw: np.ndarray, idx: np.ndarray, dtype=np.float32) -> np.ndarray:
+    """(4, K) left / top / right / bottom distances of anchors ``idx`` in units of their stride:
+    the DFL integral (softmax-weighted bin index), computed in ``dtype``."""
+    logits = raw[: 4 * REG_MAX, idx].reshape(4, REG_MAX, len(idx)).astype(dtype)
+    logits = logits - logits.max(axis=1, keepdims=True)
+    p = np.exp(logits)
+    p /= p.sum(axis=1, keepdims=True)
+    return np.einsum("sbn,b->sn", p, np.arange(REG_MAX, dtype=dtype))
 
 
 def class_logits(raw: np.ndarray) -> np.ndarray:

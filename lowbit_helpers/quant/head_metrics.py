@@ -51,13 +51,11 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 
 
 def dfl_distances(raw: np.ndarray, idx: np.ndarray) -> np.ndarray:
-    """(4, K) left / top / right / bottom distances in input pixels of anchors ``idx``."""
+    """(4, K) left / top / right / bottom distances in input pixels of anchors ``idx`` (float64)."""
+    from ..decode import dfl_distances as in_strides
+
     _, stride = anchors(640)
-    logits = raw[: 4 * REG_MAX, idx].reshape(4, REG_MAX, len(idx)).astype(np.float64)
-    logits = logits - logits.max(axis=1, keepdims=True)
-    p = np.exp(logits)
-    p /= p.sum(axis=1, keepdims=True)
-    return np.einsum("sbn,b->sn", p, np.arange(REG_MAX, dtype=np.float64)) * stride[idx]
+    return in_strides(raw, idx, np.float64) * stride[idx]
 
 
 class Reference:

@@ -336,32 +336,31 @@ def run_perturbations(model: onnx.ModelProto, images: Sequence, perturber: Calla
     seconds = {"setup": 0.0, "base_passes": 0.0, "subgraphs": 0.0}
     states: dict = {}
     workers = max(1, min(workers, len(groups)))
-    memory = MemoryPeak().__enter__()
-    try:
-        if workers == 1:
-            _JOB = job
-            results = map(_run_group, range(len(groups)))
-            pool = None
-        else:
-            import multiprocessing as mp
+    with MemoryPeak() as memory:
+        try:
+            if workers == 1:
+                _JOB = job
+                results = map(_run_group, range(len(groups)))
+                pool = None
+            else:
+                import multiprocessing as mp
 
-            # spawn, not fork: a fork of a process whose OpenMP / ORT thread pools have run (torch
-            # statistics, calibration sessions) can inherit a held lock and hang in the child
-            pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(job,))
-            results = pool.imap_unordered(_run_group, range(len(groups)))
-        for done, (part, secs) in enumerate(results, 1):
-            for key, state in part.items():
-                states[key] = scorer.merge(states[key], state) if key in states else state
-            for k in seconds:
-                seconds[k] += secs[k]
-            if progress:
-                progress(f"{getattr(perturber, 'name', '?')}: group {done}/{len(groups)}")
-        if pool is not None:
-            pool.close()
-            pool.join()
-    finally:
-        _JOB = None
-        memory.__exit__()
+                # spawn, not fork: a fork of a process whose OpenMP / ORT thread pools have run (torch
+                # statistics, calibration sessions) can inherit a held lock and hang in the child
+                pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(job,))
+                results = pool.imap_unordered(_run_group, range(len(groups)))
+            for done, (part, secs) in enumerate(results, 1):
+                for key, state in part.items():
+                    states[key] = scorer.merge(states[key], state) if key in states else state
+                for k in seconds:
+                    seconds[k] += secs[k]
+                if progress:
+                    progress(f"{getattr(perturber, 'name', '?')}: group {done}/{len(groups)}")
+            if pool is not None:
+                pool.close()
+                pool.join()
+        finally:
+            _JOB = None
     cost = {"seconds": {**{f"{k}_cpu": v for k, v in seconds.items()}, "total": time.perf_counter() - t0},
             "peak_rss_gb": memory.gb, "workers": workers, "threads_per_worker": threads, "groups": len(groups),
             "cached_tensors": len(set().union(*(plan.boundary[c] for c in convs))) if convs else 0,

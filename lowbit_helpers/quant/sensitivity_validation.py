@@ -143,6 +143,13 @@ def _pearson_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return np.where(den > 0, (a * b).sum(axis=-1) / den, np.nan)
 
 
+def rho(a, b) -> float:
+    """Spearman's rho (scipy), NaN for fewer than three pairs."""
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(a, b).statistic) if len(a) > 2 else float("nan")
+
+
 def spearman(x, y, n: int = 2000, confidence: float = 0.95, seed: int = 0) -> dict:
     """Spearman's rho of paired values (scipy's statistic) with a percentile bootstrap interval
     over the pairs (all resamples ranked at once: the Pearson correlation of their ranks)."""

@@ -60,9 +60,9 @@ def cost_table(result: dict) -> pd.DataFrame:
 
 
 def _spearman(a, b) -> float:
-    from scipy.stats import spearmanr
+    from ..quant.sensitivity_validation import rho
 
-    return float(spearmanr(a, b).statistic) if len(a) > 2 else math.nan
+    return rho(a, b)
 
 
 def stability_table(result: dict) -> pd.DataFrame:

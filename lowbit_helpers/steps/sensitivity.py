@@ -111,9 +111,9 @@ def onnx_sweep(run: RunDir) -> dict:
 
 
 def _spearman(a, b) -> float:
-    from scipy.stats import spearmanr
+    from ..quant.sensitivity_validation import rho
 
-    return float(spearmanr(a, b).statistic) if len(a) > 2 else float("nan")
+    return rho(a, b)
 
 
 def validation_reason(run: RunDir) -> str | None:
