@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from .artifacts import read_json, sha256_file, write_json
 from .config import Config, load_config
 from .errors import LowbitError
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
 MANIFEST = "manifest.json"
 PARAMS = "params.yaml"
 
@@ -37,6 +39,7 @@ class RunDir:
     def __init__(self, path: str | Path, cfg: Config):
         self.path = Path(path)
         self.cfg = cfg
+        self._started: dict[str, float] = {}  # stage -> perf_counter when it was found stale (its duration)
 
     # ------------------------------------------------------------ creation
     @classmethod
@@ -71,6 +74,14 @@ class RunDir:
     @property
     def run_id(self) -> str:
         return self.path.name
+
+    @property
+    def label(self) -> str:
+        """The run directory as a report may show it: relative to the repository, never the machine's absolute path."""
+        try:
+            return self.path.resolve().relative_to(REPO_ROOT).as_posix()
+        except ValueError:
+            return f"<output.runs_dir>/{self.run_id}"
 
     # ------------------------------------------------------------ manifest
     def manifest(self) -> dict:
@@ -112,14 +123,16 @@ class RunDir:
         """True when ``stage`` finished with this key and its outputs are unchanged."""
         m = self.manifest()
         entry = m["stages"].get(stage)
-        if not entry or entry.get("key") != key:
-            return False
-        for rel in entry["outputs"]:
+        fresh = bool(entry) and entry.get("key") == key
+        for rel in entry["outputs"] if fresh else ():
             art = m["artifacts"].get(rel)
             p = self.path / rel
             if art is None or not p.is_file() or sha256_file(p) != art["sha256"]:
-                return False
-        return True
+                fresh = False
+                break
+        if not fresh:
+            self._started[stage] = time.perf_counter()
+        return fresh
 
     def finish(self, stage: str, key: str, outputs: list[str], params: Any = None) -> None:
         """Record ``outputs`` (paths relative to the run) as the complete result of ``stage``."""
@@ -128,7 +141,9 @@ class RunDir:
             p = self.path / rel
             m["artifacts"][rel] = {"sha256": sha256_file(p), "bytes": p.stat().st_size, "stage": stage,
                                    "params": params, "created": _now()}  # fmt: skip
-        m["stages"][stage] = {"key": key, "outputs": list(outputs), "finished": _now()}
+        started = self._started.pop(stage, None)
+        m["stages"][stage] = {"key": key, "outputs": list(outputs), "finished": _now(),
+                              "seconds": None if started is None else round(time.perf_counter() - started, 1)}  # fmt: skip
         m["updated"] = _now()
         self._save(m)
 

@@ -31,3 +31,14 @@ def yolov10n_onnx(yolov10n, tmp_path_factory) -> Path:
     from lowbit_helpers.export import export_raw_onnx
 
     return export_raw_onnx(yolov10n, tmp_path_factory.mktemp("export") / "yolov10n.onnx")
+
+
+# Tests that need the real model (download, export) or the COCO folder are slow by definition:
+# `-m "not slow"` is then the unit tests on tiny inputs alone (the README gives its time).
+SLOW_FIXTURES = {"coco_root", "yolov10n", "yolov10n_onnx"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

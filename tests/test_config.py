@@ -8,7 +8,7 @@ from lowbit_helpers.errors import LowbitError
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.parametrize("name", ["default", "smoke", "yolov10m", "gpu"])
+@pytest.mark.parametrize("name", ["default", "full", "smoke", "yolov10m", "gpu"])
 def test_shipped_params_are_valid(name):
     cfg = load_config(REPO / "params" / f"{name}.yaml")
     assert cfg.name == name

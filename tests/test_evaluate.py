@@ -91,3 +91,19 @@ def test_intervals(val100):
     diff = bootstrap_difference(a, b, n=100)
     assert diff["delta"] > 0 and diff["lo"] < diff["delta"] < diff["hi"]
     assert bootstrap_map(a, n=100, seed=0) == ci  # seeded: reproducible
+
+
+def test_parallel_evaluations_equal_one_process(val100):
+    """The scoring pool (runtime.threads spawned processes) returns what one process computes."""
+    from types import SimpleNamespace
+
+    from lowbit_helpers.steps.splits import evaluation, evaluations
+
+    run = SimpleNamespace(cfg=SimpleNamespace(evaluation=SimpleNamespace(bootstrap=50, seed=3), runtime=SimpleNamespace(threads=2)))
+    jobs = [(gt_as_detections(val100, jitter=j, seed=i), val100) for i, j in enumerate((0.05, 0.1, 0.2))]
+    got = evaluations(run, jobs)
+    for (dets, sub), (ev, samples) in zip(jobs, got):
+        want_ev, want_samples = evaluation(run, dets, sub)
+        assert json.dumps([ev.metrics, ev.per_class]) == json.dumps([want_ev.metrics, want_ev.per_class])  # NaN: classes absent
+        assert np.array_equal(samples, want_samples)
+    assert len({ev.metrics["mAP_50_95"] for ev, _ in got}) == 3  # three different inputs, in order

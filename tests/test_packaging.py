@@ -1,5 +1,6 @@
 """pixi.toml and pyproject.toml declare the same pinned packages; the environment is coherent."""
 
+import os
 import re
 import subprocess
 import sys
@@ -50,7 +51,32 @@ def test_exactly_one_onnxruntime_and_pip_check_clean():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def test_modelopt_onnx_ptq_imports():
-    from modelopt.onnx.quantization import quantize
+def test_the_wheel_holds_every_module_and_runs_installed(tmp_path):
+    """``pip install .`` (not editable) gets the whole package: built from a copy of the sources,
+    installed into a scratch target, imported from there (not from the editable checkout)."""
+    import shutil
+    import zipfile
 
-    assert callable(quantize)
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    shutil.copytree(REPO / "lowbit_helpers", src / "lowbit_helpers", ignore=shutil.ignore_patterns("__pycache__"))
+    run = lambda *a: subprocess.run([sys.executable, "-m", "pip", *a], capture_output=True, text=True, cwd=tmp_path)  # noqa: E731
+    built = run("wheel", "--no-deps", "--no-build-isolation", "--quiet", "-w", str(tmp_path / "dist"), str(src))
+    assert built.returncode == 0, built.stderr
+    (wheel,) = (tmp_path / "dist").glob("lowbit_helpers-*.whl")
+    modules = {p.relative_to(REPO).as_posix() for p in (REPO / "lowbit_helpers").rglob("*.py") if "__pycache__" not in p.parts}
+    assert {"lowbit_helpers/quant/sensitivity.py", "lowbit_helpers/report/summary.py", "lowbit_helpers/steps/int8.py"} <= modules
+    assert modules <= set(zipfile.ZipFile(wheel).namelist())
+    site = tmp_path / "site"
+    installed = run("install", "--no-deps", "--no-index", "--quiet", "--target", str(site), str(wheel))
+    assert installed.returncode == 0, installed.stderr
+    probe = ("import lowbit_helpers, lowbit_helpers.quant.sensitivity, lowbit_helpers.report.summary, lowbit_helpers.steps.int8;"
+             "print(lowbit_helpers.__file__)")  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert out.returncode == 0, out.stderr
+    assert Path(out.stdout.strip()).is_relative_to(site)  # the installed copy, not the checkout
+    cli = subprocess.run([sys.executable, "-m", "lowbit_helpers", "--help"], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert cli.returncode == 0 and "validate-sensitivity" in cli.stdout, cli.stderr

@@ -158,3 +158,48 @@ def test_latency_ties_and_recipe_labels():
     assert r.recipe_label({"backend": "nncf", "bias_correction": None, "format": "openvino"}, "mixed") == "mixed full BC (IR)"
     # an old run's ORT entry says "full" (NNCF's default then): no BC is shown for it
     assert r.recipe_label({"backend": "ort", "bias_correction": "full"}, "minmax") == "minmax"
+
+
+def _synthetic_candidates(fp32_ms: float = 50.0) -> dict:
+    """A notebook-05 result shaped as steps.candidates.run_candidates writes it (numbers made up)."""
+
+    def split(x, name="val500 minus val100"):
+        return {"subset": name, "metrics": {"mAP_50_95": 0.38 + x}, "fp32_mAP_50_95": 0.38,
+                "delta_vs_fp32": {"delta": x, "lo": x - 0.008, "hi": x + 0.008}}
+
+    cands = {"w4a16-top0.g": ("w4a16-top0", -0.034, 1.7), "w4a16-top10.g": ("w4a16-top10", -0.022, 2.7),
+             "budget75-w4a8-w8a8.g": ("budget75-w4a8-w8a8", -0.013, 2.5)}  # fmt: skip
+    recipes = {n: {"scheme": {"name": s, "kind": "budget" if s.startswith("budget") else "top_k"}} for n, (s, _, _) in cands.items()}
+    evals = {n: {"select": split(x + 0.01, "val100"), "confirm": split(x), "size_bytes": int(mib * 2**20)} for n, (_, x, mib) in cands.items()}
+    rows = [{"name": "fp32", "median_ms": fp32_ms}, {"name": "int8:ort-keep", "median_ms": 0.55 * fp32_ms}]
+    rows += [{"name": n, "median_ms": 1.2 * fp32_ms} for n in cands]
+    return {"method": "g", "recipes": recipes, "evaluations": evals, "latency": {"rows": rows},
+            "winners": {"50": {"budget_percent": 50.0, "candidate": "w4a16-top10.g", "eligible": 2},
+                        "75": {"budget_percent": 75.0, "candidate": "budget75-w4a8-w8a8.g", "eligible": 1}}}  # fmt: skip
+
+
+def test_headline_answers_first_from_one_bench():
+    from lowbit_helpers.report.headline import headline_sentences, headline_table
+
+    fp32_size = 9 << 20
+    int8, cand = _synthetic_int8_result(), _synthetic_candidates()
+    table = headline_table(int8, cand, fp32_size)
+    assert list(table.index) == ["FP32 reference", "CPU INT8 (ORT, VNNI CPU)", "TensorRT INT8 (ModelOpt Q/DQ)",
+                                 "low-bit, ≥ 50 % of weights in 4-bit", "low-bit, ≥ 75 % of weights in 4-bit", "uniform W4A16"]  # fmt: skip
+    assert table.loc["CPU INT8 (ORT, VNNI CPU)", "model"] == "ort-keep"  # notebook 03's rule, not a second one
+    assert table.loc["TensorRT INT8 (ModelOpt Q/DQ)", "model"] == "modelopt-e"
+    # every ratio from notebook 05's bench: the INT8 pick's 0.55 there, not notebook 03's 0.6
+    assert table.loc["CPU INT8 (ORT, VNNI CPU)", "latency × FP32"] == 0.55
+    assert table.loc["uniform W4A16", "latency × FP32"] == 1.2 and table.loc["FP32 reference", "latency × FP32"] == 1.0
+    assert table.loc["TensorRT INT8 (ModelOpt Q/DQ)", "latency × FP32"] == "— (GPU only)"
+    assert table.loc["low-bit, ≥ 75 % of weights in 4-bit", "Δ val500 minus val100 [95%]"].startswith("-1.30 [-2.10, -0.50]")
+    text = headline_sentences(int8, cand, fp32_size)
+    assert text[0].startswith("**CPU:** ship `ort-keep` for ORT, VNNI CPU: -0.10 [-0.90, +0.70]") and "0.55× FP32 latency" in text[0]
+    assert "is compatible with the 0.5-point target" in text[0]  # its interval reaches -0.90
+    assert "**TensorRT:** ship `modelopt-e`: -1.20 [-2.00, -0.40]" in text[1] and "misses" in text[1]
+    assert text[2].startswith("**Low-bit:** at ≥ 75 % of weights in 4-bit, ship `budget75-w4a8-w8a8.g`") and "28% of FP32's file" in text[2]
+    assert "Uniform W4A16 (`w4a16-top0.g`) costs -3.40" in text[2] and text[3].startswith("Latency ratios: notebook 05's")
+    # without notebook 05, notebook 03's bench gives the ratios; nothing at all: no table
+    only8 = headline_table(int8, {"skipped": "off"}, fp32_size)
+    assert only8.loc["CPU INT8 (ORT, VNNI CPU)", "latency × FP32"] == 0.6 and len(only8) == 3
+    assert headline_table({"skipped": "x"}, {"skipped": "y"}, fp32_size) is None

@@ -527,6 +527,40 @@ def test_agreement_chooses_the_metric_that_ranks_like_map():
     assert noisy["chosen"] is None and noisy["best_on_select"] in noisy["mean_select_rho"]
 
 
+def test_ground_truth_reliability_from_its_two_halves():
+    from lowbit_helpers.quant.sensitivity_validation import reliability
+    from lowbit_helpers.report.sensitivity import reliability_table
+    from lowbit_helpers.steps.sensitivity import agreement
+
+    rng = np.random.default_rng(1)
+    effect = -np.linspace(0, 0.01, 24)
+    exact = reliability(effect, effect, 200, {"select": 100, "confirm": 400})
+    assert exact["split_half"]["rho"] == pytest.approx(1.0)
+    assert exact["splits"]["select"]["ceiling"] == pytest.approx(1.0) == exact["splits"]["confirm"]["ceiling"]
+    # noise as large as the effects: the halves disagree, more images help, fewer hurt (Spearman-Brown)
+    a, b = effect + rng.normal(0, 0.004, 24), effect + rng.normal(0, 0.004, 24)
+    noisy = reliability(a, b, 200, {"select": 100, "confirm": 400})
+    r = noisy["split_half"]["rho"]
+    assert 0 < r < 0.95
+    assert noisy["splits"]["confirm"]["reliability"] == pytest.approx(2 * r / (1 + r))
+    assert noisy["splits"]["select"]["reliability"] == pytest.approx(0.5 * r / (1 - 0.5 * r))
+    assert noisy["splits"]["select"]["ceiling"] < np.sqrt(r) < noisy["splits"]["confirm"]["ceiling"] < 1
+    # halves that rank against each other: no reliability, no ceiling
+    none = reliability(effect, -effect, 200, {"confirm": 400})
+    assert none["split_half"]["rho"] == pytest.approx(-1.0) and np.isnan(none["splits"]["confirm"]["ceiling"])
+    # agreement carries it per study, the report shows it
+    result = _fake_validation(rng, [f"c{i}" for i in range(12)])
+    result["images"] = {"select": 100, "confirm": 400, "all": 500, "confirm_a": 200, "confirm_b": 200}
+    for st in result["studies"].values():
+        for row in st["rows"]:
+            row["delta_confirm_a"] = row["delta_confirm"] + float(rng.normal(0, 1e-4))
+            row["delta_confirm_b"] = row["delta_confirm"] + float(rng.normal(0, 1e-4))
+    rel = agreement(result, None, None)["reliability"]
+    assert set(rel) == set(result["studies"]) and rel["w4a8-alone"]["split_half"]["rho"] == pytest.approx(1.0)
+    table = reliability_table({"agreement": {"reliability": rel}})
+    assert table.loc["w4a8-alone", "confirm: ceiling on Spearman"] == pytest.approx(1.0)
+
+
 def test_rank_as_lends_a_swept_ranking_to_a_format_not_swept():
     sens = _fake_sens()
     names = [s["name"] for s in make_schemes(sens, [0, 5], [], rank_as={"w4a16": "w4a8", "fp8": "w4a16"})]

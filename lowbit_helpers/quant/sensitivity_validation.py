@@ -170,6 +170,34 @@ def spearman(x, y, n: int = 2000, confidence: float = 0.95, seed: int = 0) -> di
     return {"rho": rho, "lo": float(lo), "hi": float(hi), "n": int(len(x)), "method": "percentile bootstrap over layers"}
 
 
+def halves(subset, name: str) -> dict:
+    """``subset`` in two halves of alternate ids, named ``{name}_a`` and ``{name}_b``."""
+    import dataclasses
+
+    return {f"{name}_{h}": dataclasses.replace(subset, ids=subset.ids[i::2], name=f"{subset.name}, half {h}")
+            for i, h in enumerate("ab")}  # fmt: skip
+
+
+def reliability(delta_a, delta_b, half_images: int, images: dict[str, int]) -> dict:
+    """How far a ground truth of N images can rank layers at all, from its two halves.
+
+    The split-half Spearman of the per-layer mAP deltas measured on two disjoint halves, stepped
+    up to N images with the Spearman-Brown formula (``r_N = k r / (1 + (k - 1) r)``, ``k = N /
+    half_images``), and the *ceiling* ``sqrt(r_N)``: the Spearman that even a metric ranking the
+    layers exactly as their true effect would reach against that noisy ground truth (the
+    attenuation bound). Spearman-Brown is derived for Pearson's reliability; on ranks it is an
+    approximation, which is why the split-half interval is given with it.
+    """
+    half = spearman(delta_a, delta_b)
+    r = half["rho"]
+    splits = {}
+    for part, n in images.items():
+        k = n / half_images
+        r_n = k * r / (1 + (k - 1) * r) if np.isfinite(r) and r > 0 else float("nan")
+        splits[part] = {"images": int(n), "reliability": r_n, "ceiling": float(np.sqrt(r_n)) if r_n > 0 else float("nan")}
+    return {"split_half": half, "half_images": int(half_images), "splits": splits}
+
+
 def choose_layers(values: dict[str, dict[str, float]], total: int, top: int) -> list[str]:
     """The ``top`` most sensitive layers by each metric, then layers spread evenly over the first
     metric's ranking until ``total`` (at least the tops), in graph order.

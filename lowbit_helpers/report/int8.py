@@ -399,9 +399,11 @@ def int8_conclusion(result: dict, target_points: float = 0.5) -> str:
                 acc = fp32_eng.get(eng, {}).get("confirm")
                 lines[-1] += (f" {ENGINE_LABELS[eng]} runs the FP32 model itself at {r['median_ms'] / fp32_ms:.2f}× ORT FP32"
                               + (f" ({fmt_delta(acc['delta_vs_fp32'])} on {conf_name})." if acc else "."))  # fmt: skip
-    trt = [n for n in vals if recipes[n]["backend"] == "modelopt" and has(n, "ort-exact")]
+    from ..steps.int8 import tensorrt_pick
+
+    trt = tensorrt_pick(result)
     if trt:
-        best = max(trt, key=lambda n: d(n, "ort-exact", "select")["delta"])
+        best = trt["name"]
         ex = d(best, "ort-exact")
         lines.append(
             f"**TensorRT (ModelOpt Q/DQ):** ship `{best}` (best {sel_name} Δ with exact arithmetic, which is what TensorRT "

@@ -198,6 +198,25 @@ def validation_table(validation: dict) -> pd.DataFrame:
     return df.sort_values("mean select (alone)", ascending=False)
 
 
+def reliability_table(validation: dict) -> pd.DataFrame:
+    """How well the ground truth agrees with itself: per study, the Spearman of the layers' mAP
+    deltas on the two halves of the confirmation split, and what it implies for each split (the
+    reliability stepped up to the split's image count, and the ceiling a perfect metric could
+    reach against it)."""
+    rel = validation["agreement"].get("reliability") or {}
+    rows = []
+    for study, r in rel.items():
+        h = r["split_half"]
+        row = {"study": study, f"split-half Spearman ({r['half_images']} vs {r['half_images']} images) [95% CI]":
+               f"{h['rho']:+.2f} [{h['lo']:+.2f}, {h['hi']:+.2f}]"}  # fmt: skip
+        for part in ("select", "confirm"):
+            p = r["splits"][part]
+            row[f"{part} ({p['images']} images): reliability"] = round(p["reliability"], 2)
+            row[f"{part}: ceiling on Spearman"] = round(p["ceiling"], 2)
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("study") if rows else pd.DataFrame()
+
+
 def validation_figure(validation: dict, metrics: tuple[str, ...] = ("raw_sqnr",)):
     """Per study: the chosen metric (and raw-head SQNR) against the true mAP delta on the confirmation split."""
     import matplotlib.pyplot as plt

@@ -6,9 +6,10 @@ import pandas as pd
 
 from ..artifacts import atomic_path, read_json, write_json
 from ..rundir import RunDir
-from ..steps.baseline import MODEL_INFO
+from ..steps.baseline import MODEL, MODEL_INFO
 from ..steps.sensitivity import SCHEMES_DIR
 from .baseline import baseline_table, model_table, parity_table, parity_verdict
+from .headline import headline_sentences, headline_table
 from .int8 import accuracy_table, drop_decomposition, emulation_table, int8_conclusion, int8_table, kernel_probe_text, latency_breakdown, skipped_engines_text
 
 SUMMARY_MD = "summary.md"
@@ -22,10 +23,25 @@ def provenance(run: RunDir) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def timing(run: RunDir, top: int = 12) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Where the time went: (seconds per notebook of the last run, the ``top`` longest stages
+    recorded). A stage reused from the cache keeps the duration of the run that computed it."""
+    m = run.manifest()
+    nbs = pd.DataFrame([{"notebook": k, "status": v["status"], "seconds": v["seconds"]} for k, v in m.get("notebooks", {}).items()])
+    stages = [{"stage": k, "seconds": v["seconds"], "finished": v["finished"]} for k, v in m["stages"].items() if v.get("seconds") is not None]
+    stages = pd.DataFrame(stages, columns=["stage", "seconds", "finished"]).sort_values("seconds", ascending=False).head(top)
+    return nbs, stages.reset_index(drop=True)
+
+
 def write_summary(run: RunDir, int8_result: dict | None = None, sensitivity_result: dict | None = None,
                   candidates_result: dict | None = None) -> str:  # fmt: skip
     """``summary.md`` in the run directory: the tables of this report as markdown."""
     parts = [f"# {run.cfg.name}: YOLOv10 low-bit report", "", run.cfg.description.strip(), ""]
+    fp32_size = run.artifact(MODEL).stat().st_size
+    answer = headline_table(int8_result, candidates_result, fp32_size)
+    if answer is not None:  # the answer first
+        parts += ["## The answer", "", *[line + "\n" for line in headline_sentences(int8_result, candidates_result, fp32_size)],
+                  answer.to_markdown(), ""]  # fmt: skip
     parts += ["## Model", "", model_table(read_json(run.artifact(MODEL_INFO))).to_markdown(), ""]
     parts += ["## FP32 baseline", "", baseline_table(run).to_markdown(index=False), ""]
     pt = parity_table(run)

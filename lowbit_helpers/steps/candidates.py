@@ -32,7 +32,7 @@ from ..runtime import BENCH_SETTINGS
 from . import baseline
 from .int8 import VARIANT_EVAL, ort_cpu_pick, read_int8_result, variant_model
 from .sensitivity import SCHEMES_DIR, SCHEMES_INDEX, SENS
-from .splits import fp32_reference, open_splits, score
+from .splits import evaluations_and_references, fp32_reference, open_splits, score, score_evaluated
 
 # artifacts, relative to the run directory ({name}: a candidate)
 CANDIDATE_ONNX = "candidates/{name}.onnx"
@@ -269,8 +269,10 @@ def confirm(run: RunDir, name: str) -> dict:
         fp32_dets = _fp32_detections(run)
         t0 = time.perf_counter()
         dets = predict_onnx(make_session(q, cfg.runtime.providers, cfg.runtime.threads), union, cfg.decode)
-        out = {"confirm_predict_seconds": round(time.perf_counter() - t0, 1), "confirm": score(run, dets, conf, fp32_dets),
-               "whole": score(run, dets, union, fp32_dets)}  # fmt: skip
+        seconds = round(time.perf_counter() - t0, 1)
+        ev_conf, ev_union = evaluations_and_references(run, [(dets, conf), (dets, union)], fp32_dets)  # in parallel
+        out = {"confirm_predict_seconds": seconds, "confirm": score_evaluated(run, ev_conf, conf, fp32_dets),
+               "whole": score_evaluated(run, ev_union, union, fp32_dets)}  # fmt: skip
         write_json(run.file(rel), out)
         run.finish(f"candidate-confirm:{name}", key, [rel], params)
     return read_json(run.artifact(rel))

@@ -39,7 +39,7 @@ from ..quant.ort_int8 import ORT_METHODS
 from ..rundir import RunDir, stage_key
 from ..runtime import BENCH_SETTINGS
 from . import baseline
-from .splits import evaluation, fp32_reference, open_splits, score, score_evaluated
+from .splits import evaluations_and_references, fp32_reference, open_splits, score, score_evaluated
 
 # artifacts, relative to the run directory ({name}: the variant's name, {subset}: an evaluation subset)
 VARIANT_ONNX = "onnx/{name}.onnx"
@@ -232,7 +232,9 @@ def engine_scores(run: RunDir, model: Path, engines: list[str]) -> dict:
     sessions = {e: engine_session(model, e, cfg.runtime.providers, cfg.runtime.threads) for e in engines}
     dets, seconds = predict_sessions(sessions, union, cfg.decode)
     subsets = {"select": sel, "confirm": conf, "whole": union}
-    evaluated = {(e, k): evaluation(run, dets[e], sub) for e in engines for k, sub in subsets.items()}  # each once
+    pairs = [(e, k) for e in engines for k in subsets]
+    # each once, in parallel, with FP32's evaluations where this process has none yet
+    evaluated = dict(zip(pairs, evaluations_and_references(run, [(dets[e], subsets[k]) for e, k in pairs], fp32_dets)))
     out = {}
     for e in engines:
         out[e] = {"predict_seconds": round(seconds[e], 1)}
@@ -446,6 +448,17 @@ def ort_cpu_pick(result: dict) -> dict | None:
     best = max(fast or names, key=lambda n: vals[n]["engines"]["ort"]["select"]["delta_vs_fp32"]["delta"])
     return {"name": best, "among_fast": bool(fast), "exact_kernels": exact_kernels, "considered": fast or names,
             "ort_disabled_optimizers": vals[best].get("ort_disabled_optimizers", [])}
+
+
+def tensorrt_pick(result: dict) -> dict | None:
+    """The TensorRT recipe to ship: the ModelOpt recipe with the best Δ to FP32 on the selection
+    split under exact Q/DQ arithmetic (what TensorRT computes); None when none was scored so."""
+    vals = result.get("validations") or {}
+    names = [n for n in vals if result["recipes"][n]["backend"] == "modelopt" and "ort-exact" in (vals[n].get("engines") or {})]
+    if not names:
+        return None
+    best = max(names, key=lambda n: vals[n]["engines"]["ort-exact"]["select"]["delta_vs_fp32"]["delta"])
+    return {"name": best, "considered": names}
 
 
 def read_int8_result(run: RunDir) -> dict | None:

@@ -30,8 +30,9 @@ SENS = "sensitivity/sensitivity.json"
 LAYERS = "sensitivity/layers.json"
 VALIDATION = "sensitivity/validation.json"
 VALIDATION_REPORT = "sensitivity_validation.json"  # the committed copy beside the report
+FULL_RUN = "full"  # params/full.yaml's run id: the exhaustive study whose committed validation other runs show
 VALIDATION_IDS = "sensitivity/validation_confirm_ids.txt"
-VALIDATION_VERSION = 1
+VALIDATION_VERSION = 2  # 2: the confirmation split's two halves scored (ground-truth reliability)
 SWEEP_VERSION = 2  # 2: detection-aware metrics, groups of sessions over worker processes
 PROXY = "sensitivity/torch_proxy.json"
 SCHEMES_DIR = "schemes"
@@ -138,11 +139,14 @@ def validation(run: RunDir, sens: dict | None, proxy: dict | None = None, progre
     """
     why = validation_reason(run)
     if why:
-        committed = Path(run.cfg.output.reports_dir) / run.run_id / VALIDATION_REPORT
+        reports = Path(run.cfg.output.reports_dir)
+        # this run's committed result, else the exhaustive study's (params/full.yaml, same model and images)
+        committed = next((p for p in (reports / run.run_id / VALIDATION_REPORT, reports / FULL_RUN / VALIDATION_REPORT)
+                          if p.is_file()), reports / run.run_id / VALIDATION_REPORT)  # fmt: skip
         if committed.is_file() and not read_json(run.artifact(baseline.MODEL_INFO))["structure_only"]:
             result = read_json(committed)
             result["agreement"] = agreement(result, sens, proxy, run.cfg.sensitivity.rank_as)
-            return {**result, "committed": str(VALIDATION_REPORT), "not_rerun": why}
+            return {**result, "committed": committed.relative_to(reports).as_posix(), "not_rerun": why}
         return {"skipped": why}
     cfg, s = run.cfg, run.cfg.sensitivity
     v = s.validation
@@ -172,9 +176,10 @@ def validation(run: RunDir, sens: dict | None, proxy: dict | None = None, progre
         ranges = activation_ranges(model, range_imgs, cfg.runtime.threads)
         stats = collect_stats(model, convs, np.asarray(calib[: cfg.candidates.stats_images]), cfg.runtime.threads)
         sel, rest, union = splits.open_splits(run, v.select_subset, v.subset, VALIDATION_IDS, "sensitivity.validation")
+        # the confirmation split in two halves (alternate ids): how well the ground truth agrees with itself
+        parts = {"select": sel, "confirm": rest, "all": union, **sv.halves(rest, "confirm")}
         fp32_dets = splits.fp32_reference(run, v.subset)
-        fp32 = {name: evaluate_coco(sub, splits.only(fp32_dets, sub.ids)).metrics["mAP_50_95"]
-                for name, sub in (("select", sel), ("confirm", rest), ("all", union))}  # fmt: skip
+        fp32 = {name: evaluate_coco(sub, splits.only(fp32_dets, sub.ids)).metrics["mAP_50_95"] for name, sub in parts.items()}
         candidates = sv.CandidateScorer(cfg.decode)
         truth = sv.DetectionScorer(union, cfg.decode)
         cocos = sv.CocoImages(union)
@@ -198,8 +203,7 @@ def validation(run: RunDir, sens: dict | None, proxy: dict | None = None, progre
             rows = []
             for c in layers + [ALL]:
                 dets = states[c, direction if c != ALL else "all"]
-                maps = {part: evaluate_coco(sub, splits.only(dets, sub.ids)).metrics["mAP_50_95"]
-                        for part, sub in (("select", sel), ("confirm", rest), ("all", union))}  # fmt: skip
+                maps = {part: evaluate_coco(sub, splits.only(dets, sub.ids)).metrics["mAP_50_95"] for part, sub in parts.items()}
                 rows.append({"conv": c, **{f"delta_{p}": maps[p] - fp32[p] for p in maps},
                              "metrics": cand[c] if c != ALL else cand_all})  # fmt: skip
             studies[name] = {"format": fmt, "direction": direction, "method": v.method, "layers": layers,
@@ -207,6 +211,7 @@ def validation(run: RunDir, sens: dict | None, proxy: dict | None = None, progre
             cost[name] = {"candidates_seconds": t2 - t1, "truth_seconds": time.perf_counter() - t2,
                           "truth_evaluations": len(layers) + 1, "images": len(union)}  # fmt: skip
         result = {"method": v.method, "subset": v.subset, "select": sel.name, "confirm": rest.name, "fp32_mAP_50_95": fp32,
+                  "images": {part: len(sub.ids) for part, sub in parts.items()},
                   "studies": studies, "seconds": cost, "total_seconds": time.perf_counter() - t0}  # fmt: skip
         write_json(run.file(VALIDATION), result)
         run.finish("sensitivity-validation", key, [VALIDATION, VALIDATION_IDS], params)
@@ -225,9 +230,10 @@ def agreement(result: dict, sens: dict | None, proxy: dict | None, rank_as: dict
     (``torch_proxy``, in its format). The metric is chosen by the mean Spearman on the selection
     split over the *alone* studies and confirmed on the rest.
     """
+    from ..quant import sensitivity_validation as sv
     from ..quant.sensitivity_validation import spearman
 
-    table = {}
+    table, reliability = {}, {}
     for name, st in result["studies"].items():
         rows = [r for r in st["rows"] if r["conv"] != "__all__"]
         sign = 1 if st["direction"] == "alone" else -1
@@ -245,6 +251,9 @@ def agreement(result: dict, sens: dict | None, proxy: dict | None, rank_as: dict
                 series["torch_proxy"] = [by_node[r["conv"]] for r in rows]
         table[name] = {m: {p: spearman(x, [r[f"delta_{p}"] for r in rows]) for p in ("select", "confirm", "all")}
                        for m, x in series.items()}  # fmt: skip
+        if "images" in result and all("delta_confirm_a" in r for r in rows):
+            reliability[name] = sv.reliability([r["delta_confirm_a"] for r in rows], [r["delta_confirm_b"] for r in rows],
+                                               result["images"]["confirm_a"], result["images"])  # fmt: skip
     from ..quant.head_metrics import METRICS
 
     alone = [n for n, st in result["studies"].items() if st["direction"] == "alone"]
@@ -255,7 +264,7 @@ def agreement(result: dict, sens: dict | None, proxy: dict | None, rank_as: dict
     best = max(sorted(eligible), key=lambda m: eligible[m]) if eligible else None
     # a pick needs a selection split that ranks at all: the winner's interval above 0 in every alone study
     decided = best is not None and all(table[n][best]["select"]["lo"] > 0 for n in alone)
-    return {"spearman": table, "mean_select_rho": mean_select, "best_on_select": best, "chosen": best if decided else None,
+    return {"spearman": table, "reliability": reliability, "mean_select_rho": mean_select, "best_on_select": best, "chosen": best if decided else None,
             "rule": "of the metrics the sweep computes, the highest mean Spearman over the alone studies on the selection "
                     "split, if its interval there is above 0 in every alone study (else no pick: the split cannot rank)"}  # fmt: skip
 

@@ -89,12 +89,60 @@ def evaluation(run: RunDir, dets: list[dict], subset):
     return ev, bootstrap_samples(ev, e.bootstrap or 200, e.seed)
 
 
-def _reference(run: RunDir, ref_dets: list[dict], subset):
+def _evaluate_job(subset, dets: list[dict], n: int, seed: int):
+    """One :func:`evaluation` in a worker process: the evaluation without pycocotools' state (what
+    scoring reads: metrics, per-class AP) and its resamples."""
+    from ..evaluate import CocoEvaluation, bootstrap_samples, evaluate_coco
+
+    ev = evaluate_coco(subset, only(dets, subset.ids))
+    return CocoEvaluation(ev.metrics, ev.per_class, None), bootstrap_samples(ev, n, seed)
+
+
+def evaluations(run: RunDir, jobs: list[tuple[list[dict], object]]) -> list[tuple]:
+    """:func:`evaluation` of each (detections, subset), in ``runtime.threads`` spawned processes.
+
+    pycocotools and the bootstrap are single-threaded: on two cores, two evaluations at a time
+    halve notebook 03's and 05's scoring. The results equal :func:`evaluation`'s (same code, same
+    seeds); only the pycocotools state that nothing downstream reads stays in the worker.
+    """
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+    from dataclasses import replace
+
     e = run.cfg.evaluation
-    key = (id(ref_dets), tuple(subset.ids), e.bootstrap or 200, e.seed)
+    workers = min(len(jobs), max(1, run.cfg.runtime.threads))
+    if workers <= 1:
+        return [evaluation(run, dets, sub) for dets, sub in jobs]
+    args = [(replace(sub), dets, e.bootstrap or 200, e.seed) for dets, sub in jobs]  # a copy without the loaded COCO
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+        futures = [pool.submit(_evaluate_job, *a) for a in args]
+        return [f.result() for f in futures]
+
+
+def _reference_key(run: RunDir, ref_dets: list[dict], subset) -> tuple:
+    e = run.cfg.evaluation
+    return (id(ref_dets), tuple(subset.ids), e.bootstrap or 200, e.seed)
+
+
+def _reference(run: RunDir, ref_dets: list[dict], subset):
+    key = _reference_key(run, ref_dets, subset)
     if key not in _REFERENCE_CACHE:
         _REFERENCE_CACHE[key] = (ref_dets, *evaluation(run, ref_dets, subset))  # holding the list keeps its id unique
     return _REFERENCE_CACHE[key][1:]
+
+
+def evaluations_and_references(run: RunDir, jobs: list[tuple[list[dict], object]], ref_dets: list[dict]) -> list[tuple]:
+    """:func:`evaluations` of ``jobs``, with the reference's (FP32's) evaluation of each of their
+    subsets not yet cached computed in the same pool and cached for :func:`score_evaluated`."""
+    missing = {}
+    for _, sub in jobs:
+        key = _reference_key(run, ref_dets, sub)
+        if key not in _REFERENCE_CACHE:
+            missing.setdefault(key, sub)
+    done = evaluations(run, [(ref_dets, sub) for sub in missing.values()] + list(jobs))
+    for key, ev in zip(missing, done):
+        _REFERENCE_CACHE[key] = (ref_dets, *ev)
+    return done[len(missing):]
 
 
 def score(run: RunDir, dets: list[dict], subset, fp32_dets: list[dict], against: dict | None = None) -> dict:
@@ -105,8 +153,9 @@ def score(run: RunDir, dets: list[dict], subset, fp32_dets: list[dict], against:
     ``against`` ({label: detections}) adds the paired difference to each of those too (e.g. a
     model's kernel result against its exact arithmetic) as ``delta_vs[label]``.
     """
-    others = {label: evaluation(run, other, subset) for label, other in (against or {}).items()}
-    return score_evaluated(run, evaluation(run, dets, subset), subset, fp32_dets, others or None)
+    labels = list(against or {})
+    done = evaluations_and_references(run, [(dets, subset)] + [(against[k], subset) for k in labels], fp32_dets)
+    return score_evaluated(run, done[0], subset, fp32_dets, dict(zip(labels, done[1:])) or None)
 
 
 def score_evaluated(run: RunDir, evaluated: tuple, subset, fp32_dets: list[dict], against: dict | None = None) -> dict:
