@@ -15,7 +15,7 @@ from .artifacts import atomic_path
 from .config import Config, load_config
 from .errors import LowbitError
 from .report.summary import SUMMARY_MD
-from .rundir import RunDir
+from .rundir import RunDir, run_lock
 from .steps.sensitivity import SCHEMES_DIR
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
@@ -56,11 +56,16 @@ def render_html(executed: Path, out: Path) -> Path:
 def run_pipeline(params_path: str | Path, run_id: str | None = None, progress: bool = True,
                  notebook_dir: Path = NOTEBOOK_DIR) -> Path:  # fmt: skip
     """Execute the six notebooks for ``params_path``; return the report's path."""
+    cfg = load_config(params_path).resolved()
+    preflight(cfg)
+    with run_lock(cfg, run_id):  # one run per run id at a time
+        return _run_locked(cfg, run_id, progress, notebook_dir)
+
+
+def _run_locked(cfg: Config, run_id: str | None, progress: bool, notebook_dir: Path) -> Path:
     import papermill as pm
     from papermill.exceptions import PapermillExecutionError
 
-    cfg = load_config(params_path).resolved()
-    preflight(cfg)
     run = RunDir.create(cfg, run_id)
     report_dir = Path(cfg.output.reports_dir) / run.run_id
     report = report_dir / "report.html"

@@ -10,6 +10,7 @@ manifest, never through globals, so any one of them can be rerun alone.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -146,6 +147,44 @@ class RunDir:
                               "seconds": None if started is None else round(time.perf_counter() - started, 1)}  # fmt: skip
         m["updated"] = _now()
         self._save(m)
+
+
+LOCK = ".lock"
+
+
+@contextlib.contextmanager
+def run_lock(cfg: Config, run_id: str | None = None):
+    """Hold ``<runs_dir>/<run-id>/.lock`` (an exclusive ``flock``) for a whole run: a second run with
+    the same id refuses at once, before it writes anything; the lock goes with the process (a
+    killed run leaves nothing to clean up)."""
+    import fcntl
+    import os
+
+    run_id = run_id or cfg.name
+    path = Path(cfg.output.runs_dir) / run_id
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fh = open(path / LOCK, "a+")
+    except OSError as exc:
+        raise LowbitError(f"cannot write the run directory {path}: {exc.strerror}",
+                          "set output.runs_dir in the params to a writable folder") from None  # fmt: skip
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read().strip() or "another process"
+        fh.close()
+        raise LowbitError(f"run {run_id!r} is already running ({holder}) in {path}",
+                          "wait for it to finish, or give this run another id (--run-id NAME)") from None  # fmt: skip
+    try:
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()}\n")
+        fh.flush()
+        yield path
+    finally:
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        fh.close()
 
 
 def open_run(params_path: str | Path = "", run_dir: str | Path = "") -> RunDir:

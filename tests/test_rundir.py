@@ -29,3 +29,44 @@ def test_a_computed_stage_records_its_duration_and_a_reused_one_keeps_it(tmp_pat
 def test_the_label_is_never_the_machines_absolute_path(tmp_path):
     run = _run(tmp_path, "abc")
     assert run.label == "<output.runs_dir>/abc" and str(tmp_path) not in run.label
+
+
+def test_one_run_per_run_id_at_a_time(tmp_path, capsys, coco_root):
+    """A second run with the same id refuses before writing anything; another id runs beside it."""
+    import pytest
+
+    from lowbit_helpers.__main__ import main
+    from lowbit_helpers.errors import LowbitError
+    from lowbit_helpers.rundir import run_lock
+
+    cfg = Config(name="r", output={"runs_dir": str(tmp_path / "runs"), "reports_dir": str(tmp_path / "reports")})
+    with run_lock(cfg):
+        with pytest.raises(LowbitError, match="run 'r' is already running"):
+            with run_lock(cfg):
+                pass
+        with run_lock(cfg, "other"):  # a different id: no collision
+            assert (tmp_path / "runs" / "other" / ".lock").is_file()
+        params = tmp_path / "r.yaml"
+        params.write_text(f"name: r\noutput: {{runs_dir: {tmp_path / 'runs'}, reports_dir: {tmp_path / 'reports'}}}\n"
+                          f"data: {{coco_root: {coco_root}}}\n")  # fmt: skip
+        assert main(["run", str(params)]) == 2  # the whole pipeline, as a second process would start it
+        err = capsys.readouterr().err
+        assert "error: run 'r' is already running (pid " in err and "fix: wait for it to finish" in err
+        assert sorted(p.name for p in (tmp_path / "runs" / "r").iterdir()) == [".lock"]  # nothing written
+    with run_lock(cfg):  # released with its holder
+        pass
+
+
+def test_an_unwritable_runs_directory_is_named(tmp_path):
+    import pytest
+
+    from lowbit_helpers.errors import LowbitError
+    from lowbit_helpers.rundir import run_lock
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    cfg = Config(name="r", output={"runs_dir": str(blocker / "runs")})
+    with pytest.raises(LowbitError, match="cannot write the run directory") as e:
+        with run_lock(cfg):
+            pass
+    assert "output.runs_dir" in e.value.fix
