@@ -84,6 +84,21 @@ def test_smoke_run_of_all_notebooks(tmp_path, coco_root):
     assert read_json(run / "calib/calib.json")["shape"] == [4, 3, 640, 640]
     assert (run / "summary.md").read_text() == (tmp_path / "reports" / "smoke-test" / "summary.md").read_text()
 
+    # the answer first: the headline table and its sentences open the report, then every section
+    summary = (run / "summary.md").read_text()
+    assert summary.index("## The answer") < summary.index("## FP32 baseline") and "**CPU:** ship `" in summary
+    assert str(tmp_path) not in html and str(tmp_path) not in summary  # no absolute path of the machine
+    # as a browser shows it: headless Chromium's DOM and screenshot
+    from lowbit_helpers.report.browser import render
+
+    page = render(report)
+    assert page["headings"][:2] == ["YOLOv10 low-bit quantization report", "The answer"]
+    answer = next(t for t in page["tables"] if t["after"] == "The answer")
+    assert answer["rows"] >= 4 and any(x.startswith("ort-") for x in answer["text"]) and "fp32" in answer["text"]
+    figures = {i["after"] for i in page["images"] if i["inline_bytes"] > 5000}
+    assert {"Per-class accuracy", "Per-layer sensitivity", "Low-bit candidates"} <= figures, page["images"]
+    assert page["screenshot_std"] > 0.02  # the first screen is not blank
+
     # a rerun with unchanged params reuses every stage
     # (summaries that only read cached stages, keyed "always" / "derived", are rewritten each time)
     finished = {k: v["finished"] for k, v in manifest["stages"].items() if v["key"] not in ("always", "derived")}

@@ -203,3 +203,35 @@ def test_headline_answers_first_from_one_bench():
     only8 = headline_table(int8, {"skipped": "off"}, fp32_size)
     assert only8.loc["CPU INT8 (ORT, VNNI CPU)", "latency × FP32"] == 0.6 and len(only8) == 3
     assert headline_table({"skipped": "x"}, {"skipped": "y"}, fp32_size) is None
+
+
+@pytest.mark.slow
+def test_the_browser_check_sees_what_a_reader_sees(tmp_path):
+    """A blank page and an empty figure fail the check the smoke run applies to the real report."""
+    import base64
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lowbit_helpers.report.browser import render
+
+    fig, ax = plt.subplots(figsize=(4, 3))
+    ax.plot([0, 1, 2], [1, 3, 2])
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    png = base64.b64encode(buf.getvalue()).decode()
+    page = tmp_path / "p.html"
+    page.write_text(f"<html><body><h1>Report</h1><h2>The answer</h2><table><tr><th>role</th></tr><tr><td>fp32</td></tr></table>"
+                    f"<h2>Plot</h2><img src='data:image/png;base64,{png}'><img src='data:image/png;base64,'></body></html>")  # fmt: skip
+    r = render(page)
+    assert r["headings"] == ["Report", "The answer", "Plot"]
+    assert r["tables"][0]["after"] == "The answer" and r["tables"][0]["text"] == ["role", "fp32"]
+    assert [i["inline_bytes"] > 5000 for i in r["images"]] == [True, False]  # the empty figure is seen as empty
+    assert r["screenshot_std"] > 0.02
+    blank = tmp_path / "blank.html"
+    blank.write_text("<html><body></body></html>")
+    assert render(blank)["screenshot_std"] == 0.0

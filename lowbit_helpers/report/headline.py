@@ -27,6 +27,11 @@ def _bench(int8_result: dict | None, cand_result: dict | None) -> tuple[dict, st
     return {}, "no latency measured"
 
 
+def fp32_ms(int8_result: dict | None, cand_result: dict | None) -> float | None:
+    """FP32's median latency in the bench every ratio of the report comes from."""
+    return _bench(int8_result, cand_result)[0].get("fp32")
+
+
 def picks(int8_result: dict | None, cand_result: dict | None) -> list[dict]:
     """The rows of the headline, each {role, model, split score, size, latency label, rule}."""
     from ..steps.int8 import ort_cpu_pick, tensorrt_pick

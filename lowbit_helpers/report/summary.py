@@ -9,7 +9,7 @@ from ..rundir import RunDir
 from ..steps.baseline import MODEL, MODEL_INFO
 from ..steps.sensitivity import SCHEMES_DIR
 from .baseline import baseline_table, model_table, parity_table, parity_verdict
-from .headline import headline_sentences, headline_table
+from .headline import fp32_ms, headline_sentences, headline_table
 from .int8 import accuracy_table, drop_decomposition, emulation_table, int8_conclusion, int8_table, kernel_probe_text, latency_breakdown, skipped_engines_text
 
 SUMMARY_MD = "summary.md"
@@ -43,7 +43,7 @@ def write_summary(run: RunDir, int8_result: dict | None = None, sensitivity_resu
         parts += ["## The answer", "", *[line + "\n" for line in headline_sentences(int8_result, candidates_result, fp32_size)],
                   answer.to_markdown(), ""]  # fmt: skip
     parts += ["## Model", "", model_table(read_json(run.artifact(MODEL_INFO))).to_markdown(), ""]
-    parts += ["## FP32 baseline", "", baseline_table(run).to_markdown(index=False), ""]
+    parts += ["## FP32 baseline", "", baseline_table(run, fp32_ms(int8_result, candidates_result)).to_markdown(index=False), ""]
     pt = parity_table(run)
     parts += ["## Parity with Ultralytics", "", parity_verdict(run), ""]
     if pt is not None:

@@ -1,0 +1,102 @@
+"""The rendered report as a reader's browser shows it: headless Chromium's DOM and screenshot.
+
+Chromium runs the page's own scripts and layout, so a figure that does not decode, a table
+that renders empty or a page that shows nothing is caught here, not by reading the HTML source.
+Debian's ``chromium`` package (``.ci/run`` installs it when missing).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+from html.parser import HTMLParser
+from pathlib import Path
+
+from ..errors import LowbitError
+
+CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome")
+FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--disable-dev-shm-usage"]
+
+
+def chromium() -> str:
+    for name in CHROMIUM_NAMES:
+        if path := shutil.which(name):
+            return path
+    raise LowbitError("no Chromium found (looked for " + ", ".join(CHROMIUM_NAMES) + ")",
+                      "install Debian's package: apt-get install -y chromium")  # fmt: skip
+
+
+class _Page(HTMLParser):
+    """What the rendered DOM holds: headings, tables (rows with text) and images (decoded size)."""
+
+    def __init__(self):
+        super().__init__()
+        self.headings: list[str] = []
+        self.tables: list[dict] = []
+        self.images: list[dict] = []
+        self._heading: list[str] | None = None
+        self._table: dict | None = None
+        self._cell: list[str] | None = None
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag in ("h1", "h2", "h3"):
+            self._heading = []
+        elif tag == "table":
+            self._table = {"rows": 0, "cells": 0, "text": [], "after": self.headings[-1] if self.headings else ""}
+        elif tag == "tr" and self._table is not None:
+            self._table["rows"] += 1
+        elif tag in ("td", "th") and self._table is not None:
+            self._cell = []
+        elif tag == "img":
+            src = a.get("src") or ""
+            self.images.append({"after": self.headings[-1] if self.headings else "", "inline_bytes": len(src) * 3 // 4
+                                if src.startswith("data:image") else 0, "src": src[:40]})  # fmt: skip
+
+    def handle_endtag(self, tag):
+        if tag in ("h1", "h2", "h3") and self._heading is not None:
+            self.headings.append("".join(self._heading).strip().rstrip("¶").strip())
+            self._heading = None
+        elif tag in ("td", "th") and self._cell is not None and self._table is not None:
+            text = "".join(self._cell).strip()
+            self._table["cells"] += bool(text)
+            self._table["text"].append(text)
+            self._cell = None
+        elif tag == "table" and self._table is not None:
+            self.tables.append(self._table)
+            self._table = None
+
+    def handle_data(self, data):
+        if self._heading is not None:
+            self._heading.append(data)
+        if self._cell is not None:
+            self._cell.append(data)
+
+
+def render(html: str | Path, width: int = 1400, height: int = 6000, timeout: float = 120) -> dict:
+    """Open ``html`` in headless Chromium: {headings, tables, images, screenshot (PNG path),
+    screenshot_std (pixel spread of the first screen: 0 for a blank page)}."""
+    import numpy as np
+    from matplotlib import image as mpimg
+
+    html = Path(html).resolve()
+    if not html.is_file():
+        raise LowbitError(f"report not found: {html}", "run the main job first (bash scripts/report.sh)")
+    exe = chromium()
+    out = Path(tempfile.mkdtemp(prefix="report-browser-"))
+    url = html.as_uri()
+    dom = subprocess.run([exe, *FLAGS, "--virtual-time-budget=5000", "--dump-dom", url],
+                         capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    if dom.returncode != 0 or not dom.stdout.strip():
+        raise LowbitError(f"Chromium could not render {html}: {dom.stderr.strip()[-300:]}", "check the Chromium install")
+    shot = out / "report.png"
+    subprocess.run([exe, *FLAGS, f"--window-size={width},{height}", f"--screenshot={shot}", url],
+                   capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    if not shot.is_file():
+        raise LowbitError(f"Chromium wrote no screenshot of {html}", "check the Chromium install")
+    page = _Page()
+    page.feed(dom.stdout)
+    pixels = mpimg.imread(str(shot))[:1200]
+    return {"headings": page.headings, "tables": page.tables, "images": page.images, "screenshot": str(shot),
+            "screenshot_std": float(np.asarray(pixels, float).std()), "dom_bytes": len(dom.stdout)}  # fmt: skip
