@@ -31,10 +31,13 @@ def notebooks(folder: Path = NOTEBOOK_DIR) -> list[Path]:
 
 
 def preflight(cfg: Config) -> None:
-    """Fail fast, before anything is written, on a missing model or dataset."""
+    """Fail fast, before anything is written, on a missing or wrong model, dataset, calibration
+    list or execution provider."""
     from .assets import resolve_model
     from .data import open_coco, read_image_list
+    from .runtime import check_providers
 
+    check_providers(cfg.runtime.providers)
     resolve_model(cfg.model.weights)
     open_coco(cfg.data.coco_root, cfg.data.annotations, cfg.data.subset)
     read_image_list(Path(cfg.data.coco_root) / cfg.data.calib_list)

@@ -24,6 +24,22 @@ RUNTIMES = ("ort", "openvino")
 OPENVINO_PRECISIONS = ("f32", "bf16")  # OpenVINO's CPU inference precision hint
 
 
+def check_providers(providers: list[str] | None) -> list[str]:
+    """``providers`` (default: CPU) if this onnxruntime has them all, else one clear error."""
+    import onnxruntime as ort
+
+    providers = providers or ["CPUExecutionProvider"]
+    available = ort.get_available_providers()
+    unknown = [p for p in providers if p not in available]
+    if unknown:
+        raise LowbitError(
+            f"execution provider(s) {', '.join(unknown)} not available in onnxruntime {ort.__version__} "
+            f"(available: {', '.join(available)})",
+            "use runtime.providers: [CPUExecutionProvider] here, or install the gpu environment on a GPU machine",
+        )
+    return providers
+
+
 def make_session(model: str | Path, providers: list[str] | None = None, threads: int = 2,
                  optimized_path: str | Path | None = None, profile_prefix: str | Path | None = None,
                  arithmetic: str = "kernels", runtime: str = "ort", precision: str = "f32", spinning: bool = True):  # fmt: skip
@@ -55,15 +71,7 @@ def make_session(model: str | Path, providers: list[str] | None = None, threads:
         return OpenVINOSession(model, threads, precision)
     import onnxruntime as ort
 
-    providers = providers or ["CPUExecutionProvider"]
-    available = ort.get_available_providers()
-    unknown = [p for p in providers if p not in available]
-    if unknown:
-        raise LowbitError(
-            f"execution provider(s) {', '.join(unknown)} not available in onnxruntime {ort.__version__} "
-            f"(available: {', '.join(available)})",
-            "use runtime.providers: [CPUExecutionProvider] here, or install the gpu environment on a GPU machine",
-        )
+    providers = check_providers(providers)
     model = Path(model)
     if not model.is_file():
         raise LowbitError(f"model not found: {model}", "give an existing .onnx file")

@@ -119,3 +119,50 @@ def test_load_memory_is_measured_in_a_fresh_process(yolov10n_onnx, tmp_path):
     bad.write_bytes(b"not onnx")
     with pytest.raises(LowbitError, match="fresh process"):
         load_memory([bad])
+
+
+def _bad_run_inputs(tmp_path, coco_root):
+    """(label, params override, expected words): each a bad input `run` must refuse up front."""
+    import onnx
+
+    from .test_assets import tiny_onnx
+
+    truncated = tmp_path / "truncated.onnx"
+    truncated.write_bytes(b"\x08\x07\x12\x04trunc")
+    classifier = tiny_onnx(tmp_path / "resnet.onnx", [1, 3, 224, 224], [1, 1000])
+    wrong_head = tiny_onnx(tmp_path / "e2e.onnx", [1, 3, 640, 640], [1, 300, 6])
+    empty_calib = tmp_path / "empty_calib.txt"
+    empty_calib.write_text("")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    assert onnx.load(str(classifier)).graph.output[0].name == "output0"
+    return [
+        ("missing model", {"model": {"weights": str(tmp_path / "none.onnx")}}, "model file not found"),
+        ("truncated ONNX", {"model": {"weights": str(truncated)}}, "not a readable ONNX"),
+        ("non-YOLO ONNX", {"model": {"weights": str(classifier)}}, "images [1, 3, 224, 224]"),
+        ("wrong output shape", {"model": {"weights": str(wrong_head)}}, "output0 [1, 300, 6]"),
+        ("missing dataset", {"data": {"coco_root": str(tmp_path / "no_coco")}}, "COCO root not found"),
+        ("empty calibration list", {"data": {"coco_root": str(coco_root), "calib_list": str(empty_calib)}}, "is empty"),
+        ("unknown key", {"decode": {"iou_thresh": 0.5}}, "decode.iou_thresh: unknown key"),
+        ("wrong type", {"latency": {"runs": "many"}}, "latency.runs"),
+        ("GPU provider without a GPU", {"runtime": {"providers": ["CUDAExecutionProvider"]}}, "CUDAExecutionProvider"),
+        ("unwritable runs directory", {"output": {"runs_dir": str(blocker / "runs"), "reports_dir": str(tmp_path / "rep")}},
+         "cannot write the run directory"),
+    ]
+
+
+def test_bad_inputs_to_the_main_job_are_refused_before_anything_is_written(tmp_path, coco_root, capsys):
+    """Each: one `error:` line naming the cause, a `fix:` line, exit code 2, no run directory, no report."""
+    import yaml
+
+    for label, override, words in _bad_run_inputs(tmp_path, coco_root):
+        case = tmp_path / label.replace(" ", "_")
+        params = {"name": "bad", "data": {"coco_root": str(coco_root)},
+                  "output": {"runs_dir": str(case / "runs"), "reports_dir": str(case / "reports")}}  # fmt: skip
+        for section, values in override.items():
+            params.setdefault(section, {}).update(values)
+        path = tmp_path / f"{case.name}.yaml"
+        path.write_text(yaml.safe_dump(params))
+        err = _fails(["run", str(path)], capsys, words)
+        assert len([line for line in err.splitlines() if line.startswith("error: ")]) == 1, (label, err)
+        assert not (case / "runs").exists() and not (case / "reports").exists(), label
