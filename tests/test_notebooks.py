@@ -96,7 +96,7 @@ def test_smoke_run_of_all_notebooks(tmp_path, coco_root):
     answer = next(t for t in page["tables"] if t["after"] == "The answer")
     assert answer["rows"] >= 4 and any(x.startswith("ort-") for x in answer["text"]) and "fp32" in answer["text"]
     figures = {i["after"] for i in page["images"] if i["inline_bytes"] > 5000}
-    assert {"Per-class accuracy", "Per-layer sensitivity", "Low-bit candidates"} <= figures, page["images"]
+    assert {"What the picks see", "Per-class accuracy", "Per-layer sensitivity", "Low-bit candidates"} <= figures, page["images"]
     assert page["screenshot_std"] > 0.02  # the first screen is not blank
 
     # a rerun with unchanged params reuses every stage

@@ -134,3 +134,21 @@ def headline_sentences(int8_result: dict | None, cand_result: dict | None, fp32_
     if out:
         out.append(f"Latency ratios: {where}.")
     return out
+
+
+def shipped_models(run, int8_result: dict | None, cand_result: dict | None) -> dict:
+    """Label -> ONNX path: FP32, the CPU INT8 pick and the low-bit pick at the highest budget."""
+    from ..steps import baseline
+    from ..steps.candidates import CANDIDATE_ONNX
+    from ..steps.int8 import variant_model
+
+    models = {"FP32": run.artifact(baseline.MODEL)}
+    rows = picks(int8_result, cand_result)
+    cpu = next((r for r in rows if r["kind"] == "cpu"), None)
+    if cpu:
+        v = next(v for v in run.cfg.int8.variants if v.name == cpu["model"])
+        models[f"INT8 {cpu['model']}"] = run.artifact(variant_model(v))
+    low = [r for r in rows if r["kind"] == "lowbit"]
+    if low:
+        models[f"low-bit {low[-1]['model']}"] = run.artifact(CANDIDATE_ONNX.format(name=low[-1]["model"]))
+    return models
