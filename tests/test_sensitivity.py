@@ -557,8 +557,11 @@ def test_ground_truth_reliability_from_its_two_halves():
             row["delta_confirm_b"] = row["delta_confirm"] + float(rng.normal(0, 1e-4))
     rel = agreement(result, None, None)["reliability"]
     assert set(rel) == set(result["studies"]) and rel["w4a8-alone"]["split_half"]["rho"] == pytest.approx(1.0)
-    table = reliability_table({"agreement": {"reliability": rel}})
+    a = agreement(result, None, None)
+    table = reliability_table({"agreement": a})
     assert table.loc["w4a8-alone", "confirm: ceiling on Spearman"] == pytest.approx(1.0)
+    # the metric's Spearman over the ceiling (det_sqnr ranks exactly like the truth here)
+    assert table.loc["w4a8-alone", "detection SQNR (foreground scores + boxes): confirm Spearman / ceiling"] == "+1.00 / 1.00 = 1.00"
 
 
 def test_rank_as_lends_a_swept_ranking_to_a_format_not_swept():

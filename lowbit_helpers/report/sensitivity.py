@@ -198,12 +198,14 @@ def validation_table(validation: dict) -> pd.DataFrame:
     return df.sort_values("mean select (alone)", ascending=False)
 
 
-def reliability_table(validation: dict) -> pd.DataFrame:
+def reliability_table(validation: dict, metrics: tuple[str, ...] = ("det_sqnr", "score_sqnr")) -> pd.DataFrame:
     """How well the ground truth agrees with itself: per study, the Spearman of the layers' mAP
     deltas on the two halves of the confirmation split, and what it implies for each split (the
     reliability stepped up to the split's image count, and the ceiling a perfect metric could
-    reach against it)."""
+    reach against it); for ``metrics``, the confirmation Spearman over that ceiling (the usual
+    correction for attenuation: an estimate of its agreement with the noise-free ranking)."""
     rel = validation["agreement"].get("reliability") or {}
+    table = validation["agreement"]["spearman"]
     rows = []
     for study, r in rel.items():
         h = r["split_half"]
@@ -213,6 +215,10 @@ def reliability_table(validation: dict) -> pd.DataFrame:
             p = r["splits"][part]
             row[f"{part} ({p['images']} images): reliability"] = round(p["reliability"], 2)
             row[f"{part}: ceiling on Spearman"] = round(p["ceiling"], 2)
+        for m in metrics:
+            if m in table.get(study, {}):
+                rho = table[study][m]["confirm"]["rho"]
+                row[f"{_label(m)}: confirm Spearman / ceiling"] = f"{rho:+.2f} / {r['splits']['confirm']['ceiling']:.2f} = {rho / r['splits']['confirm']['ceiling']:.2f}"
         rows.append(row)
     return pd.DataFrame(rows).set_index("study") if rows else pd.DataFrame()
 
