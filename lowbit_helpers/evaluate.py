@@ -161,36 +161,90 @@ class _MatchTable:
         return cls(per_cat, n_img, np.asarray(p.recThrs))
 
     def map_50_95(self, weights: np.ndarray) -> float:
-        """mAP50-95 with image i counted ``weights[i]`` times (all ones = pycocotools' value)."""
-        values = []
-        for entry in self.per_cat:
-            if entry is None:
-                continue
-            img_idx, tps, fps, gt_count = entry
-            npig = float(weights @ gt_count)
-            if npig == 0:
-                continue  # pycocotools leaves such a category at -1 and out of the mean
-            w = weights[img_idx]
-            keep = w > 0
-            w = w[keep]
-            tp = np.cumsum(tps[:, keep] * w, axis=1)
-            fp = np.cumsum(fps[:, keep] * w, axis=1)
-            values.append(self._precision_at_recalls(tp, fp, npig).ravel())
-        return float(np.mean(np.concatenate(values))) if values else 0.0
+        """mAP50-95 with image i counted ``weights[i]`` times (all ones = pycocotools' value).
 
-    def _precision_at_recalls(self, tp: np.ndarray, fp: np.ndarray, npig: float) -> np.ndarray:
-        """(T, D) cumulative TP/FP -> (T, R) interpolated precision at the recall thresholds."""
-        q = np.zeros((tp.shape[0], len(self.rec_thrs)))
-        if tp.shape[1] == 0:
-            return q
-        rc = tp / npig
+        pycocotools' accumulate (weighted TP / FP counts, the precision envelope, the precision
+        at each recall threshold), computed on the true positives alone, all categories and IoU
+        thresholds at once (pycocotools has no weighted form; a bootstrap calls this a thousand
+        times per evaluation). Why that is exact:
+
+        * recall rises only at a true positive of weight > 0, so the first detection whose recall
+          reaches a threshold > 0 is one of them; for the threshold 0 it is the category's first;
+        * precision rises only at those too, so the envelope (the best precision at or after a
+          detection) at one of them is the best precision over them from there on;
+        * at a true positive, cumulative FP weight = cumulative weight of the detections up to it
+          - their ignored weight - cumulative TP weight, the same sums pycocotools forms.
+
+        The per-(threshold, category) running maximum is one ``maximum.accumulate`` over rows
+        shifted apart by a constant, which rounds the precision to about 1e-14.
+        """
+        w = np.asarray(weights, np.float64)
+        f = self._flat()
+        if f is None:
+            return 0.0
+        t_n, s_n, r_n = f["T"], f["S"], len(self.rec_thrs)
+        npig = f["gt"] @ w  # (S,) ground truths per category in this weighting
+        wd = w[f["img"]]  # weight of each detection
+        cumw = np.concatenate([[0.0], np.cumsum(wd)])  # cumw[i]: weight of detections [0, i)
+        seg_cumw = cumw[1:] - cumw[f["seg_start"]][f["seg"]]  # up to and including each, within its category
+        pos, row = f["tp_pos"], f["tp_row"]
+        wt = wd[pos]
+        keep = wt > 0
+        pos, row, wt = pos[keep], row[keep], wt[keep]
+        row_len = np.bincount(row, minlength=t_n * s_n)
+        row_start = np.concatenate([[0], np.cumsum(row_len)[:-1]])
+        cs = np.concatenate([[0.0], np.cumsum(wt)])
+        tp = cs[1:] - cs[row_start][row]
+        ig = self._ignored_weight(f, wd, pos, row)
+        seg = f["seg"][pos]
+        fp = seg_cumw[pos] - ig - tp
+        with np.errstate(divide="ignore", invalid="ignore"):
+            rc = tp / npig[seg]
         pr = tp / (fp + tp + np.spacing(1))
-        pr = np.maximum.accumulate(pr[:, ::-1], axis=1)[:, ::-1]  # the precision envelope
-        for t in range(tp.shape[0]):
-            inds = np.searchsorted(rc[t], self.rec_thrs, side="left")
-            valid = inds < pr.shape[1]
-            q[t, valid] = pr[t, inds[valid]]
-        return q
+        shift = 2.0 * (t_n * s_n - row)  # rows apart, later rows lower: a running maximum stays in its row
+        env = np.maximum.accumulate((pr + shift)[::-1])[::-1] - shift
+        bins = np.searchsorted(self.rec_thrs, rc, side="right")  # thresholds at or below each recall
+        hist = np.bincount(row * (r_n + 1) + bins, minlength=t_n * s_n * (r_n + 1)).reshape(t_n * s_n, r_n + 1)
+        before = np.cumsum(hist, axis=1)[:, :r_n]  # (rows, R): true positives with recall < threshold k
+        before[:, 0] = 0  # threshold 0: the category's first detection (the best precision of all)
+        valid = before < row_len[:, None]
+        q = np.zeros(valid.shape)
+        if env.size:
+            q[valid] = env[(row_start[:, None] + before)[valid]]
+        ap = q.reshape(t_n, s_n, r_n).mean(axis=(0, 2))  # per category
+        counted = npig > 0  # pycocotools leaves a category without ground truth at -1 and out of the mean
+        return float(ap[counted].mean()) if counted.any() else 0.0
+
+    def _flat(self) -> dict | None:
+        """The per-category tables concatenated once: detection image, category, true-positive
+        and ignored positions per IoU threshold (row = threshold x categories + category)."""
+        if getattr(self, "_flat_cache", None) is None:
+            cats = [e for e in self.per_cat if e is not None]
+            if not cats:
+                return None
+            lens = np.array([e[0].size for e in cats])
+            t_n, s_n = cats[0][1].shape[0], len(cats)
+            seg = np.repeat(np.arange(s_n), lens)
+            tps = np.concatenate([e[1] for e in cats], axis=1)
+            ign = ~np.concatenate([e[1] | e[2] for e in cats], axis=1)  # neither TP nor FP: ignored
+            t_tp, p_tp = np.nonzero(tps)  # row-major: by threshold, then position
+            t_ig, p_ig = np.nonzero(ign)
+            self._flat_cache = {"T": t_n, "S": s_n, "img": np.concatenate([e[0] for e in cats]), "seg": seg,
+                                "seg_start": np.concatenate([[0], np.cumsum(lens)[:-1]]),
+                                "gt": np.stack([e[3] for e in cats]), "tp_pos": p_tp, "tp_row": t_tp * s_n + seg[p_tp],
+                                "ig_pos": p_ig, "ig_row": t_ig * s_n + seg[p_ig]}  # fmt: skip
+        return self._flat_cache
+
+    @staticmethod
+    def _ignored_weight(f: dict, wd: np.ndarray, pos: np.ndarray, row: np.ndarray) -> np.ndarray:
+        """Ignored detections' weight at or before each true positive, in its row (none, usually)."""
+        if not f["ig_pos"].size:
+            return np.zeros(pos.size)
+        key_ig = f["ig_row"] * (wd.size + 1) + f["ig_pos"]  # sorted: row-major
+        cs = np.concatenate([[0.0], np.cumsum(wd[f["ig_pos"]])])
+        first = np.searchsorted(key_ig, row * (wd.size + 1), side="left")
+        upto = np.searchsorted(key_ig, row * (wd.size + 1) + pos, side="right")
+        return cs[upto] - cs[first]
 
 
 def bootstrap_map(ev: CocoEvaluation, n: int = 1000, confidence: float = 0.95, seed: int = 0) -> dict:

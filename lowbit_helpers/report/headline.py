@@ -48,13 +48,14 @@ def picks(int8_result: dict | None, cand_result: dict | None) -> list[dict]:
             rows.append({"kind": "cpu", "role": f"CPU INT8 (ORT, {env.get('int8_kernel_class', '?').upper()} CPU)", "model": n,
                          "score": vals[n]["engines"]["ort"]["confirm"], "engine": "ORT kernels",
                          "size_bytes": vals[n]["size_bytes"], "bench": f"int8:{n}",
-                         "rule": "ORT recipes faster than FP32: best val100 Δ through ORT's kernels"})  # fmt: skip
+                         "rule": f"best val100 Δ through ORT's kernels of the {len(cpu['considered'])} ORT recipe(s) here "
+                                 "faster than FP32"})  # fmt: skip
         trt = tensorrt_pick(int8_result)
         if trt:
             n = trt["name"]
             rows.append({"kind": "tensorrt", "role": "TensorRT INT8 (ModelOpt Q/DQ)", "model": n, "score": vals[n]["engines"]["ort-exact"]["confirm"],
                          "engine": "exact Q/DQ (what TensorRT computes)", "size_bytes": vals[n]["size_bytes"], "bench": None,
-                         "rule": "ModelOpt recipes: best val100 Δ with exact Q/DQ arithmetic"})  # fmt: skip
+                         "rule": f"best val100 Δ with exact Q/DQ arithmetic of the {len(trt['considered'])} ModelOpt recipe(s) here"})  # fmt: skip
     if okc:
         ev, rec = cand_result["evaluations"], cand_result["recipes"]
         for w in cand_result["winners"].values():
