@@ -13,3 +13,6 @@ class LowbitError(Exception):
         super().__init__(f"{cause}\n  fix: {fix}")
         self.cause = cause
         self.fix = fix
+
+    def __reduce__(self):  # back from a worker process whole (its args hold the joined message only)
+        return (type(self), (self.cause, self.fix))

@@ -56,6 +56,18 @@ def render_html(executed: Path, out: Path) -> Path:
     return out
 
 
+def _relative_calibration_list(scheme: Path, coco_root: Path) -> None:
+    from .artifacts import read_json, write_json
+
+    data = read_json(scheme)
+    listed = (data.get("calibration") or {}).get("list") if isinstance(data, dict) else None
+    if listed and Path(listed).is_absolute():
+        p = Path(listed)
+        data["calibration"]["list"] = (f"<data.coco_root>/{p.relative_to(coco_root).as_posix()}" if p.is_relative_to(coco_root)
+                                       else p.name)  # fmt: skip
+        write_json(scheme, data)
+
+
 def run_pipeline(params_path: str | Path, run_id: str | None = None, progress: bool = True,
                  notebook_dir: Path = NOTEBOOK_DIR) -> Path:  # fmt: skip
     """Execute the six notebooks for ``params_path``; return the report's path."""
@@ -102,6 +114,8 @@ def _run_locked(cfg: Config, run_id: str | None, progress: bool, notebook_dir: P
     if schemes.is_dir():  # the scheme files are a product of the run: they travel with the report
         shutil.rmtree(report_dir / SCHEMES_DIR, ignore_errors=True)
         shutil.copytree(schemes, report_dir / SCHEMES_DIR)
+        for f in (report_dir / SCHEMES_DIR).glob("*.json"):  # sweeps cached before the list was stored relative
+            _relative_calibration_list(f, Path(cfg.data.coco_root))
     with atomic_path(report) as tmp:
         shutil.copyfile(html_dir / f"{REPORT_NOTEBOOK}.html", tmp)
     return report

@@ -31,6 +31,13 @@ def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def check_run_id(run_id: str | None) -> str:
+    """A run id that names one folder inside the runs directory (checked before anything is written)."""
+    if not run_id or "/" in run_id or "\\" in run_id or run_id.startswith("."):
+        raise LowbitError(f"invalid run id {run_id!r}", "use letters, digits, '-', '_' and '.' only")
+    return run_id
+
+
 def stage_key(params: Any, inputs: list[str | Path] = ()) -> str:
     blob = json.dumps({"params": params, "inputs": [sha256_file(p) for p in inputs]}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
@@ -46,9 +53,7 @@ class RunDir:
     @classmethod
     def create(cls, cfg: Config, run_id: str | None = None) -> "RunDir":
         """Make (or reuse) ``<runs_dir>/<run-id>`` for an already resolved config."""
-        run_id = run_id or cfg.name
-        if not run_id or "/" in run_id or run_id.startswith("."):
-            raise LowbitError(f"invalid run id {run_id!r}", "use letters, digits, '-', '_' and '.' only")
+        run_id = check_run_id(run_id or cfg.name)
         path = Path(cfg.output.runs_dir) / run_id
         path.mkdir(parents=True, exist_ok=True)
         run = cls(path, cfg)
@@ -160,7 +165,7 @@ def run_lock(cfg: Config, run_id: str | None = None):
     import fcntl
     import os
 
-    run_id = run_id or cfg.name
+    run_id = check_run_id(run_id or cfg.name)
     path = Path(cfg.output.runs_dir) / run_id
     try:
         path.mkdir(parents=True, exist_ok=True)

@@ -70,3 +70,17 @@ def test_an_unwritable_runs_directory_is_named(tmp_path):
         with run_lock(cfg):
             pass
     assert "output.runs_dir" in e.value.fix
+
+
+def test_a_run_id_outside_the_runs_directory_is_refused_before_anything_is_written(tmp_path):
+    import pytest
+
+    from lowbit_helpers.errors import LowbitError
+    from lowbit_helpers.rundir import run_lock
+
+    cfg = Config(name="r", output={"runs_dir": str(tmp_path / "runs")})
+    for bad in ("../escape", ".hidden", ""):
+        with pytest.raises(LowbitError, match="invalid run id"):
+            with run_lock(cfg, bad or None) if bad else run_lock(cfg.model_copy(update={"name": ""})):
+                pass
+    assert not (tmp_path / "escape").exists() and not (tmp_path / "runs").exists()

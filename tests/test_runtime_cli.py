@@ -136,6 +136,11 @@ def _bad_run_inputs(tmp_path, coco_root):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
     assert onnx.load(str(classifier)).graph.output[0].name == "output0"
+    import onnxruntime as ort
+
+    # a GPU provider this onnxruntime lacks (CUDA here; on a GPU build, one it was not built with)
+    gpu = next(p for p in ("CUDAExecutionProvider", "ROCMExecutionProvider", "MIGraphXExecutionProvider")
+               if p not in ort.get_available_providers())  # fmt: skip
     return [
         ("missing model", {"model": {"weights": str(tmp_path / "none.onnx")}}, "model file not found"),
         ("truncated ONNX", {"model": {"weights": str(truncated)}}, "not a readable ONNX"),
@@ -145,7 +150,7 @@ def _bad_run_inputs(tmp_path, coco_root):
         ("empty calibration list", {"data": {"coco_root": str(coco_root), "calib_list": str(empty_calib)}}, "is empty"),
         ("unknown key", {"decode": {"iou_thresh": 0.5}}, "decode.iou_thresh: unknown key"),
         ("wrong type", {"latency": {"runs": "many"}}, "latency.runs"),
-        ("GPU provider without a GPU", {"runtime": {"providers": ["CUDAExecutionProvider"]}}, "CUDAExecutionProvider"),
+        ("GPU provider without a GPU", {"runtime": {"providers": [gpu]}}, gpu),
         ("unwritable runs directory", {"output": {"runs_dir": str(blocker / "runs"), "reports_dir": str(tmp_path / "rep")}},
          "cannot write the run directory"),
     ]

@@ -7,13 +7,13 @@ import pandas as pd
 from ..artifacts import read_json
 from ..rundir import RunDir
 from ..steps.baseline import FP32_LATENCY, FP32_METRICS, MODEL_INFO, PARITY
-from .common import pct
+from .common import pct, shown_path
 
 
 def model_table(info: dict) -> pd.DataFrame:
     rows = [
         ("model", info["label"]),
-        ("source", f"{info['source_kind']}: {info['source_path'] or info['source']}"),
+        ("source", f"{info['source_kind']}: {shown_path(info['source_path']) or info['source']}"),
         ("source SHA-256", info.get("source_sha256") or "—"),
         ("inputs", "; ".join(f"{i['name']} {i['shape']} {i['dtype']}" for i in info["inputs"])),
         ("outputs", "; ".join(f"{o['name']} {o['shape']} {o['dtype']}" for o in info["outputs"])),

@@ -2,7 +2,7 @@
 
 Chromium runs the page's own scripts and layout, so a figure that does not decode, a table
 that renders empty or a page that shows nothing is caught here, not by reading the HTML source.
-Debian's ``chromium`` package (``.ci/run`` installs it when missing).
+Debian's ``chromium`` package (``scripts/test.sh`` installs it when missing: ``scripts/get_chromium.sh``).
 """
 
 from __future__ import annotations
@@ -75,8 +75,8 @@ class _Page(HTMLParser):
 
 
 def render(html: str | Path, width: int = 1400, height: int = 6000, timeout: float = 120) -> dict:
-    """Open ``html`` in headless Chromium: {headings, tables, images, screenshot (PNG path),
-    screenshot_std (pixel spread of the first screen: 0 for a blank page)}."""
+    """Open ``html`` in headless Chromium: {headings, tables, images, screenshot_std (pixel spread
+    of the first screen of its screenshot: 0 for a blank page)}."""
     import numpy as np
     from matplotlib import image as mpimg
 
@@ -84,19 +84,24 @@ def render(html: str | Path, width: int = 1400, height: int = 6000, timeout: flo
     if not html.is_file():
         raise LowbitError(f"report not found: {html}", "run the main job first (bash scripts/report.sh)")
     exe = chromium()
-    out = Path(tempfile.mkdtemp(prefix="report-browser-"))
     url = html.as_uri()
-    dom = subprocess.run([exe, *FLAGS, "--virtual-time-budget=5000", "--dump-dom", url],
-                         capture_output=True, text=True, timeout=timeout)  # fmt: skip
-    if dom.returncode != 0 or not dom.stdout.strip():
-        raise LowbitError(f"Chromium could not render {html}: {dom.stderr.strip()[-300:]}", "check the Chromium install")
-    shot = out / "report.png"
-    subprocess.run([exe, *FLAGS, f"--window-size={width},{height}", f"--screenshot={shot}", url],
-                   capture_output=True, text=True, timeout=timeout)  # fmt: skip
-    if not shot.is_file():
-        raise LowbitError(f"Chromium wrote no screenshot of {html}", "check the Chromium install")
+    with tempfile.TemporaryDirectory(prefix="report-browser-") as tmp:
+        flags = [*FLAGS, f"--user-data-dir={tmp}/profile"]  # no profile left in the home folder
+        shot = Path(tmp) / "report.png"
+        try:
+            dom = subprocess.run([exe, *flags, "--virtual-time-budget=5000", "--dump-dom", url],
+                                 capture_output=True, text=True, timeout=timeout)  # fmt: skip
+            subprocess.run([exe, *flags, f"--window-size={width},{height}", f"--screenshot={shot}", url],
+                           capture_output=True, text=True, timeout=timeout)  # fmt: skip
+        except subprocess.TimeoutExpired:
+            raise LowbitError(f"Chromium did not finish rendering {html} in {timeout:.0f} s",
+                              "check that the page opens in a browser; a larger timeout for a very large report") from None  # fmt: skip
+        if dom.returncode != 0 or not dom.stdout.strip():
+            raise LowbitError(f"Chromium could not render {html}: {dom.stderr.strip()[-300:]}", "check the Chromium install")
+        if not shot.is_file():
+            raise LowbitError(f"Chromium wrote no screenshot of {html}", "check the Chromium install")
+        pixels = np.asarray(mpimg.imread(str(shot))[:1200], float)
     page = _Page()
     page.feed(dom.stdout)
-    pixels = mpimg.imread(str(shot))[:1200]
-    return {"headings": page.headings, "tables": page.tables, "images": page.images, "screenshot": str(shot),
-            "screenshot_std": float(np.asarray(pixels, float).std()), "dom_bytes": len(dom.stdout)}  # fmt: skip
+    return {"headings": page.headings, "tables": page.tables, "images": page.images,
+            "screenshot_std": float(pixels.std()), "dom_bytes": len(dom.stdout)}  # fmt: skip

@@ -7,6 +7,23 @@ import math
 import pandas as pd
 
 
+def shown_path(path: str | None) -> str:
+    """A path as a report may show it: relative to the repository or the weights cache, else its
+    file name; never the machine's absolute path."""
+    from pathlib import Path
+
+    from ..assets import cache_dir
+    from ..rundir import REPO_ROOT
+
+    if not path:
+        return ""
+    p = Path(path).resolve()
+    for root, label in ((REPO_ROOT, ""), (cache_dir().resolve(), "<LOWBIT_CACHE>/")):
+        if p.is_relative_to(root):
+            return label + p.relative_to(root).as_posix()
+    return f"…/{p.name}"
+
+
 def fmt_delta(d: dict) -> str:
     """A Δ in points with its interval: "-0.45 [-1.07, +0.92]" (from a ``difference_interval`` dict)."""
     return f"{100 * d['delta']:+.2f} [{100 * d['lo']:+.2f}, {100 * d['hi']:+.2f}]"

@@ -48,28 +48,30 @@ def picks(int8_result: dict | None, cand_result: dict | None) -> list[dict]:
             rows.append({"kind": "cpu", "role": f"CPU INT8 (ORT, {env.get('int8_kernel_class', '?').upper()} CPU)", "model": n,
                          "score": vals[n]["engines"]["ort"]["confirm"], "engine": "ORT kernels",
                          "size_bytes": vals[n]["size_bytes"], "bench": f"int8:{n}",
-                         "rule": f"best val100 Δ through ORT's kernels of the {len(cpu['considered'])} ORT recipe(s) here "
-                                 "faster than FP32"})  # fmt: skip
+                         "rule": f"best {vals[n]['engines']['ort']['select']['subset']} Δ through ORT's kernels of the "
+                                 f"{len(cpu['considered'])} ORT recipe(s) here faster than FP32"})  # fmt: skip
         trt = tensorrt_pick(int8_result)
         if trt:
             n = trt["name"]
             rows.append({"kind": "tensorrt", "role": "TensorRT INT8 (ModelOpt Q/DQ)", "model": n, "score": vals[n]["engines"]["ort-exact"]["confirm"],
                          "engine": "exact Q/DQ (what TensorRT computes)", "size_bytes": vals[n]["size_bytes"], "bench": None,
-                         "rule": f"best val100 Δ with exact Q/DQ arithmetic of the {len(trt['considered'])} ModelOpt recipe(s) here"})  # fmt: skip
+                         "rule": f"best {vals[n]['engines']['ort-exact']['select']['subset']} Δ with exact Q/DQ arithmetic of the "
+                                 f"{len(trt['considered'])} ModelOpt recipe(s) here"})  # fmt: skip
     if okc:
         ev, rec = cand_result["evaluations"], cand_result["recipes"]
-        for w in cand_result["winners"].values():
+        for w in sorted(cand_result["winners"].values(), key=lambda w: w["budget_percent"]):
             n = w["candidate"]
             if "confirm" not in ev[n]:
                 continue
             rows.append({"kind": "lowbit", "role": f"low-bit, ≥ {w['budget_percent']:g} % of weights in 4-bit", "model": n, "score": ev[n]["confirm"],
                          "engine": "ORT kernels", "size_bytes": ev[n]["size_bytes"], "bench": n,
-                         "rule": f"best val100 mAP of the {w['eligible']} guided candidates at that budget"})  # fmt: skip
+                         "rule": f"best {ev[n]['select']['subset']} mAP of the {w['eligible']} guided candidates at that budget"})  # fmt: skip
         w16 = next((n for n, r in rec.items() if r["scheme"].get("name") == "w4a16-top0"), None)
         if w16 and "confirm" in ev[w16]:
             rows.append({"kind": "w4a16", "role": "uniform W4A16", "model": w16, "score": ev[w16]["confirm"], "engine": "ORT kernels",
                          "size_bytes": ev[w16]["size_bytes"], "bench": w16,
-                         "rule": f"every Conv W4A16; 4-bit method {cand_result['method']} chosen on val100 (the ladder)"})  # fmt: skip
+                         "rule": f"every Conv W4A16; 4-bit method {cand_result['method']} chosen on "
+                                 f"{ev[w16]['select']['subset']} (the ladder)"})  # fmt: skip
     return rows
 
 
@@ -89,7 +91,8 @@ def headline_table(int8_result: dict | None, cand_result: dict | None, fp32_size
     for r in rows:
         ms = bench.get(r["bench"]) if r["bench"] else None
         out.append({"role": r["role"], "model": r["model"], f"mAP50-95 {split}": pct(r["score"]["metrics"]["mAP_50_95"]),
-                    f"Δ {split} [95%]": f"{fmt_delta(r['score']['delta_vs_fp32'])} ({r['engine']})",
+                    f"Δ {split} [95%]": f"{fmt_delta(r['score']['delta_vs_fp32'])} ({r['engine']}"
+                                        + (f", on {r['score']['subset']})" if r["score"]["subset"] != split else ")"),
                     "size (MiB)": round(r["size_bytes"] / 2**20, 2),
                     "latency × FP32": round(ms / fp32_ms, 3) if ms and fp32_ms else "— (GPU only)" if not r["bench"] else "—",
                     "chosen by": r["rule"]})  # fmt: skip

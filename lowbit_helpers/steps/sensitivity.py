@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..artifacts import read_json, write_json
+from ..artifacts import read_json, sha256_file, write_json
 from ..errors import LowbitError
 from ..rundir import RunDir, stage_key
 from . import baseline
@@ -104,7 +104,7 @@ def onnx_sweep(run: RunDir) -> dict:
         sens = measure(model, images, ranges, [get_format(f) for f in s.formats], s.directions, s.metric, s.workers,
                        s.group, run.cfg.runtime.threads, s.naive_check)  # fmt: skip
         sens["model"] = baseline.MODEL
-        sens["calibration"].update(list=str(Path(run.cfg.data.coco_root) / run.cfg.data.calib_list),
+        sens["calibration"].update(list=f"<data.coco_root>/{run.cfg.data.calib_list}",  # no machine path in schemes
                                    range_images=[0, s.range_images], sweep_images=[s.range_images, s.range_images + s.images])  # fmt: skip
         write_json(run.file(SENS), sens)
         run.finish("sensitivity", key, [SENS], params)
@@ -143,8 +143,12 @@ def validation(run: RunDir, sens: dict | None, proxy: dict | None = None, progre
         # this run's committed result, else the exhaustive study's (params/full.yaml, same model and images)
         committed = next((p for p in (reports / run.run_id / VALIDATION_REPORT, reports / FULL_RUN / VALIDATION_REPORT)
                           if p.is_file()), reports / run.run_id / VALIDATION_REPORT)  # fmt: skip
+        model_sha = sha256_file(run.artifact(baseline.MODEL))
         if committed.is_file() and not read_json(run.artifact(baseline.MODEL_INFO))["structure_only"]:
             result = read_json(committed)
+            if result.get("model_sha256") != model_sha:  # another model's layers: its ranking says nothing here
+                return {"skipped": f"{why}; the committed result reports/{committed.relative_to(reports).as_posix()} is of "
+                                   "another model (its model_sha256 differs)"}  # fmt: skip
             result["agreement"] = agreement(result, sens, proxy, run.cfg.sensitivity.rank_as)
             return {**result, "committed": committed.relative_to(reports).as_posix(), "not_rerun": why}
         return {"skipped": why}
@@ -210,7 +214,8 @@ def validation(run: RunDir, sens: dict | None, proxy: dict | None = None, progre
                              "rows": rows, "candidates": cand, "all": cand_all}  # fmt: skip
             cost[name] = {"candidates_seconds": t2 - t1, "truth_seconds": time.perf_counter() - t2,
                           "truth_evaluations": len(layers) + 1, "images": len(union)}  # fmt: skip
-        result = {"method": v.method, "subset": v.subset, "select": sel.name, "confirm": rest.name, "fp32_mAP_50_95": fp32,
+        result = {"method": v.method, "model_sha256": sha256_file(model_path), "subset": v.subset, "select": sel.name,
+                  "confirm": rest.name, "fp32_mAP_50_95": fp32,
                   "images": {part: len(sub.ids) for part, sub in parts.items()},
                   "studies": studies, "seconds": cost, "total_seconds": time.perf_counter() - t0}  # fmt: skip
         write_json(run.file(VALIDATION), result)
