@@ -130,3 +130,66 @@ def test_failing_notebook_is_named_and_leaves_no_report(tmp_path, coco_root):
     assert "01_bootstrap_baseline.ipynb failed in cell" in e.value.cause and "deliberate failure" in e.value.cause
     assert not (tmp_path / "reports" / "broken" / "report.html").exists()
     assert read_json(tmp_path / "runs" / "broken" / "manifest.json")["notebooks"]["01_bootstrap_baseline"]["status"] == "failed"
+
+
+def _kill_when(cmd: list[str], cwd: Path, manifest: Path, ready, timeout: float = 900) -> None:
+    """Start ``cmd`` in its own process group and SIGKILL the whole group (papermill's kernel
+    included) as soon as ``ready(manifest)`` holds: a crash, not a clean stop."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(cmd, cwd=cwd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t0 = time.time()
+    try:
+        while time.time() - t0 < timeout:
+            if proc.poll() is not None:
+                raise AssertionError(f"the run ended (rc {proc.returncode}) before it could be interrupted")
+            try:
+                if manifest.is_file() and ready(read_json(manifest)):
+                    break
+            except (ValueError, OSError):  # caught mid-write: read it again
+                pass
+            time.sleep(0.2)
+        else:
+            raise AssertionError("the run never reached the point to interrupt")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _claims_hold(run: Path) -> dict:
+    """Every stage the manifest calls finished has its outputs, byte for byte; its finish times."""
+    from lowbit_helpers.artifacts import sha256_file
+
+    m = read_json(run / "manifest.json")
+    for stage, entry in m["stages"].items():
+        for rel in entry["outputs"]:
+            assert (run / rel).is_file() and sha256_file(run / rel) == m["artifacts"][rel]["sha256"], (stage, rel)
+    return {k: v["finished"] for k, v in m["stages"].items() if v["key"] not in ("always", "derived")}
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_where_it_stopped(tmp_path, coco_root):
+    """SIGKILL during notebook 03, then during notebook 05: each rerun keeps every finished stage,
+    redoes only what was unfinished, and no report exists until the run completes."""
+    import sys
+
+    params = smoke_params(tmp_path, coco_root)
+    cmd = [sys.executable, "-m", "lowbit_helpers", "run", str(params), "--run-id", "killed"]
+    run, report = tmp_path / "runs" / "killed", tmp_path / "reports" / "killed" / "report.html"
+    in_03 = lambda m: any(k.startswith("int8-eval:") for k in m["stages"])  # noqa: E731
+    in_05 = lambda m: any(k.startswith("candidate-eval:") for k in m["stages"])  # noqa: E731
+    _kill_when(cmd, REPO, run / "manifest.json", in_03)
+    before = _claims_hold(run)
+    assert not report.exists() and not in_05(read_json(run / "manifest.json"))
+    _kill_when(cmd, REPO, run / "manifest.json", in_05)
+    middle = _claims_hold(run)
+    assert {k: middle[k] for k in before} == before  # nothing finished before the first kill was redone
+    assert len(middle) > len(before) and not report.exists()
+    assert run_pipeline(params, run_id="killed", progress=False) == report
+    after = _claims_hold(run)
+    assert {k: after[k] for k in middle} == middle and len(after) > len(middle)
+    assert all(v["status"] == "ok" for v in read_json(run / "manifest.json")["notebooks"].values())
