@@ -156,3 +156,51 @@ def shipped_models(run, int8_result: dict | None, cand_result: dict | None) -> d
     if low:
         models[f"low-bit {low[-1]['model']}"] = run.artifact(CANDIDATE_ONNX.format(name=low[-1]["model"]))
     return models
+
+
+def per_class_delta(run, int8_result: dict | None, cand_result: dict | None, min_instances: int = 25):
+    """AP50-95 Δ to FP32 per class, in points, for the CPU INT8 pick and the low-bit pick at the
+    highest budget, on the whole confirmation subset (val500), for classes with at least
+    ``min_instances`` ground-truth boxes there. None when neither pick has that subset scored."""
+    import numpy as np
+
+    from ..evaluate import evaluate_coco
+    from ..steps import splits
+    from ..steps.int8 import splits as int8_splits
+
+    rows = picks(int8_result, cand_result)
+    cpu = next((r for r in rows if r["kind"] == "cpu"), None)
+    low = [r for r in rows if r["kind"] == "lowbit"]
+    columns = {}
+    if cpu:
+        columns[f"INT8 {cpu['model']}"] = int8_result["validations"][cpu["model"]]["engines"]["ort"].get("whole")
+    if low:
+        columns[f"low-bit {low[-1]['model']}"] = cand_result["evaluations"][low[-1]["model"]].get("whole")
+    columns = {k: v for k, v in columns.items() if v}
+    if not columns:
+        return None
+    _, _, union = int8_splits(run)
+    if any(v["subset"] != union.name for v in columns.values()):
+        return None
+    fp32 = evaluate_coco(union, splits.only(splits.fp32_reference(run, run.cfg.int8.confirm_subset), union.ids)).per_class
+    coco = union.coco
+    count = {coco.cats[c]["name"]: len(coco.getAnnIds(imgIds=union.ids, catIds=[c])) for c in coco.getCatIds()}
+    classes = [c for c in fp32 if count.get(c, 0) >= min_instances and np.isfinite(fp32[c])]
+    table = pd.DataFrame({label: [100 * (v["per_class_ap"][c] - fp32[c]) for c in classes] for label, v in columns.items()},
+                         index=[f"{c} ({count[c]})" for c in classes])  # fmt: skip
+    return table.sort_values(table.columns[-1])
+
+
+def per_class_figure(table: pd.DataFrame, subset_name: str):
+    """The per-class Δ table as a heatmap (red: lower AP than FP32, blue: higher)."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    lim = max(1.0, float(table.abs().to_numpy().max()))
+    fig, ax = plt.subplots(figsize=(2.2 + 2.0 * table.shape[1], 0.26 * len(table) + 1.2))
+    sns.heatmap(table, cmap="RdBu", center=0, vmin=-lim, vmax=lim, annot=True, fmt=".1f", annot_kws={"fontsize": 7},
+                cbar_kws={"label": "Δ AP50-95 vs FP32 (points)"}, ax=ax)  # fmt: skip
+    ax.set_title(f"Per-class AP Δ on {subset_name} (classes with their box count)", fontsize=10)
+    ax.tick_params(axis="y", labelsize=7)
+    fig.tight_layout()
+    return fig
