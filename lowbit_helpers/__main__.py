@@ -218,18 +218,19 @@ def _cmd_validate_sensitivity(args) -> int:
     import shutil
 
     from .config import load_config
-    from .rundir import RunDir
+    from .rundir import RunDir, run_lock
     from .steps import baseline
     from .steps import sensitivity as step
 
     cfg = load_config(args.params).resolved()
     s = cfg.sensitivity
     cfg = cfg.model_copy(update={"sensitivity": s.model_copy(update={"validation": s.validation.model_copy(update={"enabled": True})})})
-    run = RunDir.create(cfg, args.run_id)
-    baseline.baseline_onnx(run)
-    baseline.calibration(run)
-    # the ground truth needs no sweep; notebook 04 adds the sweep's and the Torch proxy's rows
-    result = step.validation(run, None, progress=print)
+    with run_lock(cfg, args.run_id):  # the run directory is the main job's: one writer at a time
+        run = RunDir.create(cfg, args.run_id)
+        baseline.baseline_onnx(run)
+        baseline.calibration(run)
+        # the ground truth needs no sweep; notebook 04 adds the sweep's and the Torch proxy's rows
+        result = step.validation(run, None, progress=print)
     if "skipped" in result:
         raise LowbitError(f"the validation cannot run: {result['skipped']}", "use a params file with real weights")
     out = Path(cfg.output.reports_dir) / run.run_id / step.VALIDATION_REPORT

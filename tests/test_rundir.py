@@ -53,6 +53,9 @@ def test_one_run_per_run_id_at_a_time(tmp_path, capsys, coco_root):
         err = capsys.readouterr().err
         assert "error: run 'r' is already running (pid " in err and "fix: wait for it to finish" in err
         assert sorted(p.name for p in (tmp_path / "runs" / "r").iterdir()) == [".lock"]  # nothing written
+        assert main(["validate-sensitivity", str(params)]) == 2  # the other command that writes a run directory
+        assert "error: run 'r' is already running" in capsys.readouterr().err
+        assert sorted(p.name for p in (tmp_path / "runs" / "r").iterdir()) == [".lock"]
     with run_lock(cfg):  # released with its holder
         pass
 
