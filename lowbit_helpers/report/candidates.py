@@ -236,7 +236,8 @@ def pareto_front(points: list[tuple[float, float]], lower_x_better: bool = True)
 
 
 def pareto_figure(result: dict):
-    """mAP (selection split) against file size, ORT latency and 4-bit share; frontier marked."""
+    """mAP (selection split) against file size, ORT latency and 4-bit share; frontier marked, with
+    notebook 03's INT8 pick (a star) from the same bench and split."""
     import matplotlib.pyplot as plt
 
     rows = candidate_rows(result)
@@ -261,6 +262,14 @@ def pareto_figure(result: dict):
         ax.plot([xs[i] for i in fx], [ys[i] for i in fx], "-o", color="tab:red", ms=5, label="frontier")
         for i in front:
             ax.annotate(names[i], (xs[i], ys[i]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        int8 = result.get("best_int8") or {}
+        fp32_ms, int8_ms = lat.get("fp32", {}).get("median_ms"), lat.get(f"int8:{int8.get('name')}", {}).get("median_ms")
+        int8_x = {"size_ratio": int8["size_bytes"] / result["fp32_size_bytes"] if int8.get("size_bytes") else None,
+                  "latency_ratio": int8_ms / fp32_ms if int8_ms and fp32_ms else None,
+                  "four_bit_share": 0.0}.get(key)  # fmt: skip
+        if int8 and int8_x is not None:  # notebook 03's pick, on the same split
+            ax.scatter([int8_x], [100 * int8["select_mAP"]], marker="*", s=120, color="tab:green", zorder=3,
+                       label=f"INT8 pick ({int8['name']})")  # fmt: skip
         if fp32_map is not None:
             ax.axhline(100 * fp32_map, color="gray", ls="--", lw=1, label="FP32")
         ax.set_xlabel(label)

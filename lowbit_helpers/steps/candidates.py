@@ -368,7 +368,8 @@ def best_int8(run: RunDir) -> dict | None:
     v = next(v for v in run.cfg.int8.variants if v.name == pick["name"])
     evaluated = read_json(run.artifact(VARIANT_EVAL.format(name=v.name)))
     return {"name": v.name, "select_mAP": evaluated["engines"]["ort"]["select"]["metrics"]["mAP_50_95"],
-            "model": variant_model(v), "coco": evaluated.get("coco", {}), "rule": "notebook 03's ORT CPU pick"}
+            "model": variant_model(v), "coco": evaluated.get("coco", {}), "size_bytes": evaluated["size_bytes"],
+            "rule": "notebook 03's ORT CPU pick"}  # fmt: skip
 
 
 def winners(run: RunDir, cands: dict[str, dict], evals: dict[str, dict]) -> dict[str, dict]:
