@@ -75,6 +75,16 @@ def picks(int8_result: dict | None, cand_result: dict | None) -> list[dict]:
     return rows
 
 
+def _first(rows: list[dict], kind: str) -> dict | None:
+    return next((r for r in rows if r["kind"] == kind), None)
+
+
+def _top_budget(rows: list[dict]) -> dict | None:
+    """The low-bit pick at the highest 4-bit budget (rows come in budget order)."""
+    low = [r for r in rows if r["kind"] == "lowbit"]
+    return low[-1] if low else None
+
+
 def headline_table(int8_result: dict | None, cand_result: dict | None, fp32_size_bytes: int) -> pd.DataFrame | None:
     """FP32 and every pick: mAP50-95 and Δ [95 %] on the confirmation split, size, latency × FP32, the rule."""
     rows = picks(int8_result, cand_result)
@@ -104,34 +114,30 @@ def headline_sentences(int8_result: dict | None, cand_result: dict | None, fp32_
     rows = picks(int8_result, cand_result)
     bench, where = _bench(int8_result, cand_result)
     fp32_ms = bench.get("fp32")
-    first = {}
-    for r in rows:
-        first.setdefault(r["kind"], r)
     out = []
 
     def lat(r):
         ms = bench.get(r["bench"]) if r["bench"] else None
         return f"{ms / fp32_ms:.2f}× FP32 latency" if ms and fp32_ms else "latency not measured here"
 
-    cpu = first.get("cpu")
+    cpu = _first(rows, "cpu")
     if cpu:
         d = cpu["score"]["delta_vs_fp32"]
         out.append(f"**CPU:** ship `{cpu['model']}` for {cpu['role'][len('CPU INT8 ('):-1]}: {fmt_delta(d)} points on "
                    f"{cpu['score']['subset']} through ORT's kernels, which {_verdict(d, INT8_TARGET)} the {INT8_TARGET}-point "
                    f"target, at {lat(cpu)}.")  # fmt: skip
-    trt = first.get("tensorrt")
+    trt = _first(rows, "tensorrt")
     if trt:
         d = trt["score"]["delta_vs_fp32"]
         out.append(f"**TensorRT:** ship `{trt['model']}`: {fmt_delta(d)} points on {trt['score']['subset']} with exact Q/DQ "
                    f"arithmetic (what TensorRT computes), which {_verdict(d, INT8_TARGET)} the {INT8_TARGET}-point target; "
                    "its TensorRT latency needs a GPU.")  # fmt: skip
-    low = [r for r in rows if r["kind"] == "lowbit"]
-    if low:
-        best = low[-1]  # the highest 4-bit budget
+    best = _top_budget(rows)
+    if best:
         d = best["score"]["delta_vs_fp32"]
         text = (f"**Low-bit:** at {best['role'][len('low-bit, '):]}, ship `{best['model']}`: {fmt_delta(d)} points on "
                 f"{best['score']['subset']}, {best['size_bytes'] / fp32_size_bytes:.0%} of FP32's file, {lat(best)}.")  # fmt: skip
-        w16 = first.get("w4a16")
+        w16 = _first(rows, "w4a16")
         if w16:
             text += f" Uniform W4A16 (`{w16['model']}`) costs {fmt_delta(w16['score']['delta_vs_fp32'])}."
         out.append(text)
@@ -148,13 +154,12 @@ def shipped_models(run, int8_result: dict | None, cand_result: dict | None) -> d
 
     models = {"FP32": run.artifact(baseline.MODEL)}
     rows = picks(int8_result, cand_result)
-    cpu = next((r for r in rows if r["kind"] == "cpu"), None)
+    cpu, low = _first(rows, "cpu"), _top_budget(rows)
     if cpu:
         v = next(v for v in run.cfg.int8.variants if v.name == cpu["model"])
         models[f"INT8 {cpu['model']}"] = run.artifact(variant_model(v))
-    low = [r for r in rows if r["kind"] == "lowbit"]
     if low:
-        models[f"low-bit {low[-1]['model']}"] = run.artifact(CANDIDATE_ONNX.format(name=low[-1]["model"]))
+        models[f"low-bit {low['model']}"] = run.artifact(CANDIDATE_ONNX.format(name=low["model"]))
     return models
 
 
@@ -169,13 +174,12 @@ def per_class_delta(run, int8_result: dict | None, cand_result: dict | None, min
     from ..steps.int8 import splits as int8_splits
 
     rows = picks(int8_result, cand_result)
-    cpu = next((r for r in rows if r["kind"] == "cpu"), None)
-    low = [r for r in rows if r["kind"] == "lowbit"]
+    cpu, low = _first(rows, "cpu"), _top_budget(rows)
     columns = {}
     if cpu:
         columns[f"INT8 {cpu['model']}"] = int8_result["validations"][cpu["model"]]["engines"]["ort"].get("whole")
     if low:
-        columns[f"low-bit {low[-1]['model']}"] = cand_result["evaluations"][low[-1]["model"]].get("whole")
+        columns[f"low-bit {low['model']}"] = cand_result["evaluations"][low["model"]].get("whole")
     columns = {k: v for k, v in columns.items() if v}
     if not columns:
         return None

@@ -80,13 +80,19 @@ def _read_detections(path: str, mtime_ns: int, size: int) -> list[dict]:
 _REFERENCE_CACHE: dict = {}  # (detections list, image ids, n, seed) -> the reference's evaluation and resamples
 
 
+def _resampling(run: RunDir) -> tuple[int, int]:
+    """(bootstrap resamples, seed) of every evaluation here (200 when the params say 0: the paired
+    intervals still need resamples)."""
+    e = run.cfg.evaluation
+    return e.bootstrap or 200, e.seed
+
+
 def evaluation(run: RunDir, dets: list[dict], subset):
     """A :class:`..evaluate.CocoEvaluation` of ``dets`` restricted to ``subset`` and its bootstrap resamples."""
     from ..evaluate import bootstrap_samples, evaluate_coco
 
-    e = run.cfg.evaluation
     ev = evaluate_coco(subset, only(dets, subset.ids))
-    return ev, bootstrap_samples(ev, e.bootstrap or 200, e.seed)
+    return ev, bootstrap_samples(ev, *_resampling(run))
 
 
 def _evaluate_job(subset, dets: list[dict], n: int, seed: int):
@@ -109,19 +115,17 @@ def evaluations(run: RunDir, jobs: list[tuple[list[dict], object]]) -> list[tupl
     from concurrent.futures import ProcessPoolExecutor
     from dataclasses import replace
 
-    e = run.cfg.evaluation
     workers = min(len(jobs), max(1, run.cfg.runtime.threads))
     if workers <= 1:
         return [evaluation(run, dets, sub) for dets, sub in jobs]
-    args = [(replace(sub), dets, e.bootstrap or 200, e.seed) for dets, sub in jobs]  # a copy without the loaded COCO
+    args = [(replace(sub), dets, *_resampling(run)) for dets, sub in jobs]  # a copy without the loaded COCO
     with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
         futures = [pool.submit(_evaluate_job, *a) for a in args]
         return [f.result() for f in futures]
 
 
 def _reference_key(run: RunDir, ref_dets: list[dict], subset) -> tuple:
-    e = run.cfg.evaluation
-    return (id(ref_dets), tuple(subset.ids), e.bootstrap or 200, e.seed)
+    return (id(ref_dets), tuple(subset.ids), *_resampling(run))
 
 
 def _reference(run: RunDir, ref_dets: list[dict], subset):
