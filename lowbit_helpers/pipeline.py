@@ -26,7 +26,8 @@ def notebooks(folder: Path = NOTEBOOK_DIR) -> list[Path]:
     found = sorted(folder.glob("0[1-6]_*.ipynb"))
     if len(found) != 6:
         raise LowbitError(f"expected notebooks 01..06 in {folder}, found {[p.name for p in found]}",
-                          "run from a complete checkout of the repository")  # fmt: skip
+                          "the notebooks ship with the repository, not with the wheel: run `python -m lowbit_helpers run` "
+                          "from a complete checkout (the helpers' other commands work from the wheel alone)")  # fmt: skip
     return found
 
 
@@ -56,22 +57,26 @@ def render_html(executed: Path, out: Path) -> Path:
     return out
 
 
-def _relative_calibration_list(scheme: Path, coco_root: Path) -> None:
+def export_scheme(src: Path, dst: Path, coco_root: Path) -> None:
+    """A scheme file as it travels with the report: no measured cost, no machine path (runs cached
+    before the sensitivity stage did both itself still hold them)."""
     from .artifacts import read_json, write_json
+    from .rundir import split_measured
 
-    data = read_json(scheme)
+    data, _ = split_measured(read_json(src))
     listed = (data.get("calibration") or {}).get("list") if isinstance(data, dict) else None
     if listed and Path(listed).is_absolute():
         p = Path(listed)
         data["calibration"]["list"] = (f"<data.coco_root>/{p.relative_to(coco_root).as_posix()}" if p.is_relative_to(coco_root)
                                        else p.name)  # fmt: skip
-        write_json(scheme, data)
+    write_json(dst, data)
 
 
 def run_pipeline(params_path: str | Path, run_id: str | None = None, progress: bool = True,
                  notebook_dir: Path = NOTEBOOK_DIR) -> Path:  # fmt: skip
     """Execute the six notebooks for ``params_path``; return the report's path."""
     cfg = load_config(params_path).resolved()
+    notebooks(notebook_dir)  # before anything is written
     preflight(cfg)
     with run_lock(cfg, run_id):  # one run per run id at a time
         return _run_locked(cfg, run_id, progress, notebook_dir)
@@ -113,9 +118,8 @@ def _run_locked(cfg: Config, run_id: str | None, progress: bool, notebook_dir: P
     schemes = run.path / SCHEMES_DIR
     if schemes.is_dir():  # the scheme files are a product of the run: they travel with the report
         shutil.rmtree(report_dir / SCHEMES_DIR, ignore_errors=True)
-        shutil.copytree(schemes, report_dir / SCHEMES_DIR)
-        for f in (report_dir / SCHEMES_DIR).glob("*.json"):  # sweeps cached before the list was stored relative
-            _relative_calibration_list(f, Path(cfg.data.coco_root))
+        for f in sorted(schemes.glob("*.json")):
+            export_scheme(f, report_dir / SCHEMES_DIR / f.name, Path(cfg.data.coco_root))
     with atomic_path(report) as tmp:
         shutil.copyfile(html_dir / f"{REPORT_NOTEBOOK}.html", tmp)
     return report

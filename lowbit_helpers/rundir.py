@@ -6,12 +6,19 @@
 and of its inputs' SHA-256) and its outputs with their SHA-256; a stage whose key matches
 and whose outputs are intact is not recomputed. Notebooks read earlier outputs through the
 manifest, never through globals, so any one of them can be rerun alone.
+
+Results and costs are kept apart: what a stage *costs* on this machine (wall-clock seconds, peak
+memory: :data:`MEASURED_KEYS`) is moved out of its JSON outputs into the manifest when the stage
+finishes, and :meth:`RunDir.read` merges it back. Every output but :data:`MEASUREMENTS` (the
+benches, logs and the manifest itself) is then a function of the params and the inputs alone: two
+runs with the same params write them byte for byte alike (``tests/test_notebooks.py``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import fnmatch
 import hashlib
 import json
 import time
@@ -25,6 +32,70 @@ from .errors import LowbitError
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MANIFEST = "manifest.json"
 PARAMS = "params.yaml"
+
+# Keys of a JSON output that hold what its stage cost on this machine, not what it computed;
+# finish() keeps them in the manifest (artifacts[rel]["measured"]), RunDir.read() merges them back.
+MEASURED_KEYS = frozenset({
+    "seconds", "total_seconds", "predict_seconds", "confirm_predict_seconds", "build_seconds", "seconds_with_ranges",
+    "candidates_seconds", "truth_seconds", "seconds_per_perturbation", "estimated_seconds", "first_run_ms",
+    "peak_rss_mb", "peak_rss_gb",
+})  # fmt: skip
+# Outputs that are a measurement as a whole, or a record of one process: the only files of a run
+# directory that two runs with the same params may write differently (fnmatch patterns on the path
+# relative to the run: ``*`` also matches ``/``).
+MEASUREMENTS = {
+    MANIFEST: "stage times and measured costs",
+    PARAMS: "the params with their paths made absolute",
+    ".lock": "the pid of the run holding it",
+    "*/latency.json": "latency and memory benches",
+    "*.log": "quantizer logs (progress, timings)",
+    "summary.md": "the report's text, latency included",
+    "html/*": "the executed notebooks, rendered",
+    "notebooks/*": "the executed notebooks",
+    "baseline-coco/*_ultralytics_e2e.onnx": "Ultralytics stamps its own export with the export time",
+}
+
+
+def split_measured(obj: Any) -> tuple[Any, Any]:
+    """(``obj`` without its :data:`MEASURED_KEYS`, those values in the same nesting; None when there are none)."""
+    if isinstance(obj, dict):
+        kept, measured = {}, {}
+        for k, v in obj.items():
+            if k in MEASURED_KEYS:
+                measured[k] = v
+            else:
+                kept[k], m = split_measured(v)
+                if m is not None:
+                    measured[k] = m
+        return kept, measured or None
+    if isinstance(obj, list):
+        pairs = [split_measured(v) for v in obj]
+        measured = [m for _, m in pairs]
+        return [k for k, _ in pairs], measured if any(m is not None for m in measured) else None
+    return obj, None
+
+
+def merge_measured(obj: Any, measured: Any) -> Any:
+    """The inverse of :func:`split_measured`."""
+    if measured is None:
+        return obj
+    if isinstance(measured, list):
+        return [merge_measured(o, m) for o, m in zip(obj, measured)]
+    out = dict(obj)
+    for k, m in measured.items():
+        out[k] = merge_measured(out[k], m) if k in out and k not in MEASURED_KEYS else m
+    return out
+
+
+def is_measurement(rel: str) -> bool:
+    return any(fnmatch.fnmatchcase(rel, pattern) for pattern in MEASUREMENTS)
+
+
+def reproducible_outputs(run_path: str | Path) -> list[str]:
+    """Every file of a run directory that the params and inputs alone determine (all but :data:`MEASUREMENTS`)."""
+    root = Path(run_path)
+    rels = (p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    return sorted(r for r in rels if not is_measurement(r))
 
 
 def _now() -> str:
@@ -48,6 +119,7 @@ class RunDir:
         self.path = Path(path)
         self.cfg = cfg
         self._started: dict[str, float] = {}  # stage -> perf_counter when it was found stale (its duration)
+        self._nested: dict[str, float] = {}  # stage -> seconds of the stages computed while it ran
 
     # ------------------------------------------------------------ creation
     @classmethod
@@ -121,6 +193,11 @@ class RunDir:
             raise LowbitError(f"{p} changed after it was recorded", "rerun the stage that writes it")
         return p
 
+    def read(self, rel: str) -> Any:
+        """A recorded JSON output (as :meth:`artifact` checks it), with its measured costs merged back."""
+        obj = read_json(self.artifact(rel))
+        return merge_measured(obj, self.manifest()["artifacts"][rel].get("measured"))
+
     def has(self, rel: str) -> bool:
         return rel in self.manifest()["artifacts"] and (self.path / rel).is_file()
 
@@ -141,15 +218,31 @@ class RunDir:
         return fresh
 
     def finish(self, stage: str, key: str, outputs: list[str], params: Any = None) -> None:
-        """Record ``outputs`` (paths relative to the run) as the complete result of ``stage``."""
+        """Record ``outputs`` (paths relative to the run) as the complete result of ``stage``.
+
+        A JSON output's measured costs move into the manifest first (see the module's docstring).
+        ``seconds`` is the stage's own time: a stage computed while it ran (an input it needed)
+        counts in its own duration only, so that the stages' seconds add up to the run's."""
         m = self.manifest()
         for rel in outputs:
             p = self.path / rel
+            measured = None
+            if p.suffix == ".json" and not is_measurement(rel):
+                kept, measured = split_measured(read_json(p))
+                if measured is not None:
+                    write_json(p, kept)
             m["artifacts"][rel] = {"sha256": sha256_file(p), "bytes": p.stat().st_size, "stage": stage,
-                                   "params": params, "created": _now()}  # fmt: skip
+                                   "params": params, "created": _now(), **({"measured": measured} if measured else {})}  # fmt: skip
         started = self._started.pop(stage, None)
-        m["stages"][stage] = {"key": key, "outputs": list(outputs), "finished": _now(),
-                              "seconds": None if started is None else round(time.perf_counter() - started, 1)}  # fmt: skip
+        seconds = None
+        if started is not None:
+            total = time.perf_counter() - started
+            seconds = round(total - self._nested.pop(stage, 0.0), 1)
+            # charge this stage's whole time to the innermost stage that was already running
+            outer = max((s for s, t in self._started.items() if t <= started), key=self._started.get, default=None)
+            if outer is not None:
+                self._nested[outer] = self._nested.get(outer, 0.0) + total
+        m["stages"][stage] = {"key": key, "outputs": list(outputs), "finished": _now(), "seconds": seconds}
         m["updated"] = _now()
         self._save(m)
 

@@ -80,3 +80,8 @@ def test_the_wheel_holds_every_module_and_runs_installed(tmp_path):
     assert Path(out.stdout.strip()).is_relative_to(site)  # the installed copy, not the checkout
     cli = subprocess.run([sys.executable, "-m", "lowbit_helpers", "--help"], capture_output=True, text=True, cwd=tmp_path, env=env)
     assert cli.returncode == 0 and "validate-sensitivity" in cli.stdout, cli.stderr
+    # the notebooks are the repository's, not the wheel's: `run` from the wheel alone says so, writes nothing
+    (tmp_path / "p.yaml").write_text(f"name: w\noutput: {{runs_dir: {tmp_path / 'runs'}, reports_dir: {tmp_path / 'reports'}}}\n")
+    main = subprocess.run([sys.executable, "-m", "lowbit_helpers", "run", "p.yaml"], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert main.returncode == 2 and "error: expected notebooks 01..06" in main.stderr and "from a complete checkout" in main.stderr
+    assert not (tmp_path / "runs").exists()

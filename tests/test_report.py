@@ -152,6 +152,14 @@ def test_latency_ties_and_recipe_labels():
     assert "`ort-keep` under OpenVINO" in fastest(0.02).split(":")[1]  # within 3 %: the more accurate one
     assert "`ort-a` under OpenVINO at 0.20×" in fastest(0.04)  # 4 % slower: not tied
     assert "Tied on speed" not in fastest(0.04)
+    # an INT8 deployment slower than FP32's fastest is no speed pick: the rule says none, and why
+    slow = _synthetic_int8_result()
+    for row in slow["latency"]:
+        row["median_ms"] = 45.0 if row["name"] != "fp32" else row["median_ms"]
+    line = r.int8_conclusion(slow)
+    line = line[line.index("**Fastest CPU deployment**"):].split("\n")[0]
+    assert line.startswith("**Fastest CPU deployment** within 0.5 points on val100: none.")
+    assert "slower than FP32's fastest (20.0 ms)" in line and "`ort-keep` under OpenVINO (45.0 ms)" in line
     assert r.recipe_label({"backend": "ort", "reduce_range": True}, "avgminmax") == "avgminmax 7-bit w"
     assert r.recipe_label({"backend": "ort", "placement": "conv-inputs", "bias_correction": "fast"}, "avgminmax") == (
         "avgminmax Q/DQ on Conv inputs fast BC")

@@ -26,6 +26,55 @@ def test_a_computed_stage_records_its_duration_and_a_reused_one_keeps_it(tmp_pat
     assert again.manifest()["stages"]["t"]["seconds"] is None
 
 
+def test_a_stage_computed_inside_another_counts_in_its_own_duration_only(tmp_path):
+    run = _run(tmp_path)
+    run.file("o.txt").write_text("x")
+    assert not run.is_fresh("outer", "k")
+    time.sleep(0.2)
+    assert not run.is_fresh("inner", "k")  # an input the outer stage needs, computed while it runs
+    assert not run.is_fresh("innermost", "k")
+    time.sleep(0.4)
+    run.finish("innermost", "k", ["o.txt"])
+    time.sleep(0.2)
+    run.finish("inner", "k", ["o.txt"])
+    time.sleep(0.2)
+    run.finish("outer", "k", ["o.txt"])
+    seconds = {k: v["seconds"] for k, v in run.manifest()["stages"].items()}
+    assert 0.35 <= seconds["innermost"] < 0.55 and 0.15 <= seconds["inner"] < 0.3 and 0.35 <= seconds["outer"] < 0.55, seconds
+
+
+def test_measured_costs_live_in_the_manifest_and_come_back_on_read(tmp_path):
+    """What a stage cost (seconds, peak memory) is not a result: the file holds what the params
+    determine, the manifest the rest, and RunDir.read merges the two back."""
+    import json
+
+    from lowbit_helpers.artifacts import read_json, write_json
+    from lowbit_helpers.rundir import is_measurement, merge_measured, reproducible_outputs, split_measured
+
+    obj = {"metrics": {"mAP": 0.5}, "predict_seconds": 1.25, "engines": {"ort": {"seconds": {"total": 3.0}, "n": 4}},
+           "rows": [{"a": 1, "build_seconds": 2.0}, {"a": 2}], "calibration": {"seconds": 9.0, "peak_rss_mb": 900.0}}  # fmt: skip
+    kept, measured = split_measured(obj)
+    assert kept == {"metrics": {"mAP": 0.5}, "engines": {"ort": {"n": 4}}, "rows": [{"a": 1}, {"a": 2}], "calibration": {}}
+    assert measured["rows"] == [{"build_seconds": 2.0}, None] and measured["engines"]["ort"]["seconds"] == {"total": 3.0}
+    assert merge_measured(kept, measured) == obj and split_measured({"a": [1, 2]}) == ({"a": [1, 2]}, None)
+    run = _run(tmp_path)
+    for name, predict in (("a", 1.25), ("b", 7.5)):  # the same result, computed at two speeds
+        assert not run.is_fresh(f"s-{name}", "k")
+        write_json(run.file(f"results/{name}.json"), {**obj, "predict_seconds": predict})
+        run.finish(f"s-{name}", "k", [f"results/{name}.json"])
+    a, b = (run.path / "results" / f"{n}.json" for n in "ab")
+    assert a.read_bytes() == b.read_bytes() and "seconds" not in a.read_text() and read_json(a) == kept
+    assert run.read("results/a.json") == obj and run.read("results/b.json")["predict_seconds"] == 7.5
+    assert run.manifest()["artifacts"]["results/a.json"]["measured"]["predict_seconds"] == 1.25
+    # a bench is a measurement as a whole: left as written, and not among the reproducible outputs
+    bench = {"rows": [{"median_ms": 3.0, "seconds": 1.0}]}
+    write_json(run.file("results/latency.json"), bench)
+    run.finish("bench", "k", ["results/latency.json"])
+    assert read_json(run.path / "results/latency.json") == bench and json.loads(json.dumps(bench)) == run.read("results/latency.json")
+    assert is_measurement("results/latency.json") and is_measurement("onnx/x.modelopt.log") and not is_measurement("results/a.json")
+    assert reproducible_outputs(run.path) == ["results/a.json", "results/b.json"]
+
+
 def test_the_label_is_never_the_machines_absolute_path(tmp_path):
     run = _run(tmp_path, "abc")
     assert run.label == "<output.runs_dir>/abc" and str(tmp_path) not in run.label

@@ -110,7 +110,6 @@ def activation_ranges(model: str | Path, calib: np.ndarray, method: str, op_type
         raise LowbitError(f"unknown calibration method {method!r}", f"use one of {', '.join(RANGE_METHODS)}")
     if len(calib) == 0:
         raise LowbitError("no calibration images", "build the calibration tensor with at least one image")
-    histogram = method in ("percentile", "entropy")
     order = list(range(len(calib))) if order is None else list(order)
     with tempfile.TemporaryDirectory(prefix="lowbit.ranges.") as tmp:
         calibrator = create_calibrator(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pandas as pd
 
-from ..artifacts import read_json
 from ..rundir import RunDir
 from ..steps.baseline import FP32_LATENCY, FP32_METRICS, MODEL_INFO, PARITY
 from .common import pct, shown_path
@@ -31,14 +30,14 @@ def model_table(info: dict) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["", "value"]).set_index("")
 
 
-def baseline_table(run: RunDir, bench_ms: float | None = None) -> pd.DataFrame:
+def baseline_table(run: RunDir, bench_ms: float | None = None, latency: bool = True) -> pd.DataFrame:
     """FP32 accuracy and latency in one row (accuracy blank for structure-only models).
 
     ``bench_ms``: FP32's median from the report's one interleaved bench, shown instead of
-    notebook 01's own timing, so that the report has one FP32 latency."""
-    info = read_json(run.artifact(MODEL_INFO))
-    metrics = read_json(run.artifact(FP32_METRICS))
-    lat = read_json(run.artifact(FP32_LATENCY))
+    notebook 01's own timing, so that the report has one FP32 latency; ``latency=False``: no latency."""
+    info = run.read(MODEL_INFO)
+    metrics = run.read(FP32_METRICS)
+    lat = run.read(FP32_LATENCY)
     row = {"model": info["label"], "precision": "FP32", "params (M)": round(info["parameters"] / 1e6, 2),
            "GMACs": round(info["macs"] / 1e9, 2), "size (MiB)": round(info["file_bytes"] / 2**20, 1)}  # fmt: skip
     if metrics.get("structure_only"):
@@ -53,16 +52,16 @@ def baseline_table(run: RunDir, bench_ms: float | None = None) -> pd.DataFrame:
             "AP S/M/L": f"{pct(m['mAP_small'])} / {pct(m['mAP_medium'])} / {pct(m['mAP_large'])}",
         })  # fmt: skip
     row["decode"] = metrics.get("decode", {}).get("mode", "—")
-    if bench_ms:
+    if latency and bench_ms:
         row[f"median ms ({lat['threads']} thr, the report's bench)"] = round(bench_ms, 1)
-    else:
+    elif latency:
         row.update({f"median ms ({lat['threads']} thr)": round(lat["median_ms"], 1), "p90 ms": round(lat["p90_ms"], 1),
                     "img/s": round(lat["throughput_fps"], 1)})  # fmt: skip
     return pd.DataFrame([row])
 
 
 def parity_table(run: RunDir) -> pd.DataFrame | None:
-    p = read_json(run.artifact(PARITY))
+    p = run.read(PARITY)
     if "skipped" in p:
         return None
     df = pd.DataFrame(p["rows"])
@@ -75,7 +74,7 @@ def parity_table(run: RunDir) -> pd.DataFrame | None:
 
 
 def parity_verdict(run: RunDir) -> str:
-    p = read_json(run.artifact(PARITY))
+    p = run.read(PARITY)
     if "skipped" in p:
         return f"Parity check skipped: {p['skipped']}."
     d = p["difference_topk_vs_e2e"]
@@ -85,7 +84,7 @@ def parity_verdict(run: RunDir) -> str:
 
 
 def per_class_frame(run: RunDir) -> pd.DataFrame | None:
-    metrics = read_json(run.artifact(FP32_METRICS))
+    metrics = run.read(FP32_METRICS)
     if metrics.get("structure_only"):
         return None
     s = pd.Series(metrics["per_class_ap"], name="AP50-95").dropna().sort_values()

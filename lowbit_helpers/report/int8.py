@@ -368,14 +368,23 @@ def int8_conclusion(result: dict, target_points: float = 0.5) -> str:
             f"which {_gap_verdict(e['delta_vs']['ort-exact'], 0.1)} the 0.1-point target. Kernels − exact per variant there: {gaps}. "
             f"Chosen and shown on {e['subset']} only (emulation runs about 100× slower than native)."
         )  # fmt: skip
-    # fastest CPU deployment with accuracy within target_points on the selection split under its own runtime
-    fastest = []
+    # fastest CPU deployment with accuracy within target_points on the selection split under its own runtime,
+    # and faster than FP32 itself (ORT's or OpenVINO f32's, whichever is faster): a slower INT8 is no speed pick
+    fp32_floor = min(lat[("fp32", rt)]["median_ms"] for rt in ("ort", "openvino") if ("fp32", rt) in lat)
+    fastest, slower = [], []
     for (name, rt), r in lat.items():
         if name == "fp32" or name not in vals or not has(name, rt):
             continue
         if -100 * d(name, rt, "select")["delta"] <= target_points:
-            fastest.append((r["median_ms"], name, rt))
-    if fastest:
+            (fastest if r["median_ms"] < fp32_floor else slower).append((r["median_ms"], name, rt))
+    if not fastest:
+        lines.append(
+            f"**Fastest CPU deployment** within {target_points} points on {sel_name}: none. "
+            + (f"The {len(slower)} deployment(s) within those points run slower than FP32's fastest "
+               f"({fp32_floor:.1f} ms): " + ", ".join(f"`{n}` under {RUNTIME_NAMES[r]} ({ms:.1f} ms)" for ms, n, r in sorted(slower))
+               + "." if slower else "No deployment is within those points.")
+        )  # fmt: skip
+    else:
         # latencies within TIE_LATENCY of the fastest are one class (a bench's run-to-run spread is a
         # few %): among them, the best selection-split Δ
         floor = min(fastest)[0]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from ..artifacts import atomic_path, read_json, write_json
+from ..artifacts import atomic_path, write_json
 from ..rundir import RunDir
 from ..steps.baseline import MODEL, MODEL_INFO
 from ..steps.sensitivity import SCHEMES_DIR
@@ -25,7 +25,8 @@ def provenance(run: RunDir) -> pd.DataFrame:
 
 def timing(run: RunDir, top: int = 12) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Where the time went: (seconds per notebook of the last run, the ``top`` longest stages
-    recorded). A stage reused from the cache keeps the duration of the run that computed it."""
+    recorded, each its own time without the stages it needed computed meanwhile). A stage reused from
+    the cache keeps the duration of the run that computed it."""
     m = run.manifest()
     nbs = pd.DataFrame([{"notebook": k, "status": v["status"], "seconds": v["seconds"]} for k, v in m.get("notebooks", {}).items()])
     stages = [{"stage": k, "seconds": v["seconds"], "finished": v["finished"]} for k, v in m["stages"].items() if v.get("seconds") is not None]
@@ -42,7 +43,7 @@ def write_summary(run: RunDir, int8_result: dict | None = None, sensitivity_resu
     if answer is not None:  # the answer first
         parts += ["## The answer", "", *[line + "\n" for line in headline_sentences(int8_result, candidates_result, fp32_size)],
                   answer.to_markdown(), ""]  # fmt: skip
-    parts += ["## Model", "", model_table(read_json(run.artifact(MODEL_INFO))).to_markdown(), ""]
+    parts += ["## Model", "", model_table(run.read(MODEL_INFO)).to_markdown(), ""]
     parts += ["## FP32 baseline", "", baseline_table(run, fp32_ms(int8_result, candidates_result)).to_markdown(index=False), ""]
     pt = parity_table(run)
     parts += ["## Parity with Ultralytics", "", parity_verdict(run), ""]
@@ -90,7 +91,8 @@ def write_summary(run: RunDir, int8_result: dict | None = None, sensitivity_resu
     text = "\n".join(parts)
     with atomic_path(run.file(SUMMARY_MD)) as tmp:
         tmp.write_text(text)
-    write_json(run.file(SUMMARY_JSON), {"baseline": baseline_table(run).to_dict(orient="records")})
+    # accuracy only: the latencies are in the benches' latency.json files (measurements, not results)
+    write_json(run.file(SUMMARY_JSON), {"baseline": baseline_table(run, latency=False).to_dict(orient="records")})
     run.finish("summary", "always", [SUMMARY_MD, SUMMARY_JSON])
     return text
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..artifacts import atomic_path, read_json, write_json
+from ..artifacts import atomic_path, write_json
 from ..assets import ModelSource, resolve_model
 from ..config import Config
 from ..data import calibration_tensor, open_coco, preprocess, read_image_list
@@ -75,7 +75,7 @@ def baseline_onnx(run: RunDir) -> dict:
         write_json(run.file(MODEL_INFO), info)
         write_json(run.file(SMOKE), ort_smoke(out, cfg))
         run.finish("baseline_onnx", key, [MODEL, MODEL_INFO, SMOKE], params)
-    return {"info": read_json(run.artifact(MODEL_INFO)), "smoke": read_json(run.artifact(SMOKE))}
+    return {"info": run.read(MODEL_INFO), "smoke": run.read(SMOKE)}
 
 
 def _first_image(cfg: Config) -> Path:
@@ -151,7 +151,7 @@ def calibration(run: RunDir) -> dict:
             "images": [str(p.relative_to(list_path.parent)) for p in paths[:n]],
         })  # fmt: skip
         run.finish("calibration", key, [CALIB, CALIB_INFO], {k: v for k, v in params.items() if k != "images"})
-    return read_json(run.artifact(CALIB_INFO))
+    return run.read(CALIB_INFO)
 
 
 # ------------------------------------------------------------------ 02: FP32 COCO evaluation
@@ -177,7 +177,7 @@ def evaluate_model(model: str | Path, cfg: Config, subset_name: str | None = Non
 
 def fp32_evaluation(run: RunDir) -> dict:
     cfg = run.cfg
-    info = read_json(run.artifact(MODEL_INFO))
+    info = run.read(MODEL_INFO)
     if info["structure_only"]:
         result = {"structure_only": True, "reason": f"{info['label']}: no accuracy is computed for random weights"}
         write_json(run.file(FP32_METRICS), result)
@@ -191,7 +191,7 @@ def fp32_evaluation(run: RunDir) -> dict:
         write_json(run.file(FP32_DETECTIONS), dets)
         write_json(run.file(FP32_METRICS), result)
         run.finish("fp32_evaluation", key, [FP32_METRICS, FP32_DETECTIONS], params)
-    return read_json(run.artifact(FP32_METRICS))
+    return run.read(FP32_METRICS)
 
 
 # ------------------------------------------------------------------ 02: FP32 latency
@@ -207,7 +207,7 @@ def fp32_latency(run: RunDir) -> dict:
         row["model"] = MODEL
         write_json(run.file(FP32_LATENCY), {**row, "environment": environment()})
         run.finish("fp32_latency", key, [FP32_LATENCY], params)
-    return read_json(run.artifact(FP32_LATENCY))
+    return run.read(FP32_LATENCY)
 
 
 # ------------------------------------------------------------------ 02: parity with Ultralytics
@@ -222,7 +222,7 @@ def parity(run: RunDir, progress: bool = True) -> dict:
     from ..runtime import make_session
 
     cfg = run.cfg
-    info = read_json(run.artifact(MODEL_INFO))
+    info = run.read(MODEL_INFO)
     if not cfg.parity.enabled or info["source_kind"] != "checkpoint":
         why = "disabled in params" if not cfg.parity.enabled else f"needs an Ultralytics checkpoint; model is {info['label']}"
         result = {"skipped": why}
@@ -274,4 +274,4 @@ def parity(run: RunDir, progress: bool = True) -> dict:
                   "tolerance": PARITY_TOLERANCE, "passed": abs(diff["delta"]) <= PARITY_TOLERANCE}  # fmt: skip
         write_json(run.file(PARITY), result)
         run.finish("parity", key, [PARITY], params)
-    return read_json(run.artifact(PARITY))
+    return run.read(PARITY)

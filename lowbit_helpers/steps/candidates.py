@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..artifacts import atomic_path, read_json, write_json
+from ..artifacts import atomic_path, write_json
 from ..errors import LowbitError
 from ..rundir import RunDir, stage_key
 from ..runtime import BENCH_SETTINGS
@@ -102,8 +102,8 @@ def calibration(run: RunDir) -> tuple[dict, dict, dict]:
 
 # ------------------------------------------------------------------ schemes
 def notebook04_schemes(run: RunDir) -> dict[str, dict]:
-    index = read_json(run.artifact(SCHEMES_INDEX))
-    return {e["name"]: read_json(run.artifact(f"{SCHEMES_DIR}/{e['file']}")) for e in index}
+    index = run.read(SCHEMES_INDEX)
+    return {e["name"]: run.read(f"{SCHEMES_DIR}/{e['file']}") for e in index}
 
 
 def all_schemes(run: RunDir) -> dict[str, dict]:
@@ -111,7 +111,7 @@ def all_schemes(run: RunDir) -> dict[str, dict]:
     from ..quant.schemes import heuristic_scheme, random_scheme
 
     cfg, c = run.cfg, run.cfg.candidates
-    sens = read_json(run.artifact(SENS))
+    sens = run.read(SENS)
     nb04 = notebook04_schemes(run)
     wanted = list(nb04) if c.schemes is None else c.schemes
     unknown = [n for n in wanted + c.ladder_schemes if n not in nb04]
@@ -173,7 +173,7 @@ def build(run: RunDir, scheme: dict, method: str) -> dict:
                              f"--calib-npy calib.npy --method {method} --out {name}.onnx"}  # fmt: skip
         write_json(run.file(recipe_rel), recipe)
         run.finish(f"candidate:{name}", key, [rel, recipe_rel], {"scheme": scheme["name"], "method": method})
-    return read_json(run.artifact(recipe_rel))
+    return run.read(recipe_rel)
 
 
 # ------------------------------------------------------------------ evaluation
@@ -231,7 +231,7 @@ def evaluate(run: RunDir, name: str) -> dict:
         out.update(qdq=qdq_counts(q), ort_cpu=ort_executed_ops(q, cfg.runtime.threads), size_bytes=q.stat().st_size)
         write_json(run.file(rel), out)
         run.finish(f"candidate-eval:{name}", key, [rel], params)
-    return read_json(run.artifact(rel))
+    return run.read(rel)
 
 
 def exact(run: RunDir, name: str) -> dict:
@@ -249,7 +249,7 @@ def exact(run: RunDir, name: str) -> dict:
         xs = make_session(q, cfg.runtime.providers, cfg.runtime.threads, arithmetic="exact")
         write_json(run.file(rel), {"select_exact": score(run, predict_onnx(xs, sel, cfg.decode), sel, _fp32_detections(run))})
         run.finish(f"candidate-exact:{name}", key, [rel], params)
-    return read_json(run.artifact(rel))
+    return run.read(rel)
 
 
 def confirm(run: RunDir, name: str) -> dict:
@@ -275,7 +275,7 @@ def confirm(run: RunDir, name: str) -> dict:
                "whole": score_evaluated(run, ev_union, union, fp32_dets)}  # fmt: skip
         write_json(run.file(rel), out)
         run.finish(f"candidate-confirm:{name}", key, [rel], params)
-    return read_json(run.artifact(rel))
+    return run.read(rel)
 
 
 def sweep_match(run: RunDir, images: int = 2) -> dict:
@@ -315,7 +315,7 @@ def sweep_match(run: RunDir, images: int = 2) -> dict:
                         "head_max_abs": float(np.abs(heads[1]).max())}  # fmt: skip
         write_json(run.file(SWEEP_MATCH), out)
         run.finish("candidates-sweep-match", key, [SWEEP_MATCH], params)
-    return read_json(run.artifact(SWEEP_MATCH))
+    return run.read(SWEEP_MATCH)
 
 
 # ------------------------------------------------------------------ the ladder and the candidates
@@ -366,7 +366,7 @@ def best_int8(run: RunDir) -> dict | None:
     if pick is None:
         return None
     v = next(v for v in run.cfg.int8.variants if v.name == pick["name"])
-    evaluated = read_json(run.artifact(VARIANT_EVAL.format(name=v.name)))
+    evaluated = run.read(VARIANT_EVAL.format(name=v.name))
     return {"name": v.name, "select_mAP": evaluated["engines"]["ort"]["select"]["metrics"]["mAP_50_95"],
             "model": variant_model(v), "coco": evaluated.get("coco", {}), "size_bytes": evaluated["size_bytes"],
             "rule": "notebook 03's ORT CPU pick"}  # fmt: skip
@@ -404,7 +404,7 @@ def latency(run: RunDir, names: list[str], int8: dict | None) -> dict:
             r.update(name=label, model=Path(r["model"]).name, load_mb=mem, size_bytes=Path(models[labels.index(label)]).stat().st_size)
         write_json(run.file(LATENCY), {"rows": rows, "environment": environment()})
         run.finish("candidates-latency", key, [LATENCY], params)
-    return read_json(run.artifact(LATENCY))
+    return run.read(LATENCY)
 
 
 def run_candidates(run: RunDir) -> dict:
@@ -412,7 +412,7 @@ def run_candidates(run: RunDir) -> dict:
     cfg, c = run.cfg, run.cfg.candidates
     if not c.enabled:
         return {"skipped": "candidates.enabled is false in the params"}
-    info = read_json(run.artifact(baseline.MODEL_INFO))
+    info = run.read(baseline.MODEL_INFO)
     if info["structure_only"]:
         return {"skipped": f"{info['label']}: structure only (random weights), no accuracy to choose candidates by"}
     if not cfg.sensitivity.enabled:
@@ -447,6 +447,7 @@ def run_candidates(run: RunDir) -> dict:
               "guided": next((n for n, r in recipes.items() if r["scheme"]["name"] == guided), None),
               "controls": controls, "best_int8": int8, "latency": lat, "fp32_size_bytes": run.artifact(baseline.MODEL).stat().st_size,
               "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
-    write_json(run.file(CANDIDATES), result)
+    # the bench is results/latency.json (a measurement); this file holds what the params determine
+    write_json(run.file(CANDIDATES), {k: v for k, v in result.items() if k != "latency"})
     run.finish("candidates", "derived", [CANDIDATES])
     return result

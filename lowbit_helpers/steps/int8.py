@@ -184,12 +184,15 @@ def quantize_variant(run: RunDir, v: Int8Variant) -> dict:
     if not run.is_fresh(f"int8:{v.name}", key):
         measured = run_measured(cmd, run.file(log_rel))
         recipe = read_json(run.file(recipe_rel))
-        recipe.update(command=shlex.join(["python", *cmd[1:]]), calibration=measured)
+        # paths relative to the run directory (the command runs from there): no machine path in the recipe
+        here = f"{run.path}/"
+        recipe.update(command=shlex.join(["python", *(a.removeprefix(here) for a in cmd[1:])]), calibration=measured,
+                      input=str(recipe["input"]).removeprefix(here), cwd="the run directory")  # fmt: skip
         write_json(run.file(recipe_rel), recipe)
         if v.backend == "modelopt":
             outputs.append(VARIANT_MODELOPT_LOG.format(name=v.name))
         run.finish(f"int8:{v.name}", key, outputs, {"variant": v.model_dump()})
-    return read_json(run.artifact(recipe_rel))
+    return run.read(recipe_rel)
 
 
 def splits(run: RunDir):
@@ -295,7 +298,7 @@ def validate_variant(run: RunDir, v: Int8Variant) -> dict:
             result["coco"] = {s["subset"]: s for s in (scores["ort"][k] for k in ("select", "confirm", "whole"))}
         write_json(run.file(rel), result)
         run.finish(f"int8-eval:{v.name}", key, [rel], params)
-    return read_json(run.artifact(rel))
+    return run.read(rel)
 
 
 def fp32_engines(run: RunDir) -> dict:
@@ -310,7 +313,7 @@ def fp32_engines(run: RunDir) -> dict:
                "environment": params["environment"]}  # fmt: skip
         write_json(run.file(FP32_ENGINES), out)
         run.finish("int8-fp32-engines", key, [FP32_ENGINES], params)
-    return read_json(run.artifact(FP32_ENGINES))
+    return run.read(FP32_ENGINES)
 
 
 def emulated(run: RunDir, v: Int8Variant) -> dict:
@@ -347,7 +350,7 @@ def emulated(run: RunDir, v: Int8Variant) -> dict:
                "kernels": score(run, dets["emulated"], sub, fp32, {"ort-exact": dets["ort-exact"]})}  # fmt: skip
         write_json(run.file(rel), out)
         run.finish(f"int8-emulated:{v.name}", key, [rel], params)
-    return read_json(run.artifact(rel))
+    return run.read(rel)
 
 
 def kernel_probe(run: RunDir) -> dict:
@@ -368,7 +371,7 @@ def kernel_probe(run: RunDir) -> dict:
             out["emulated"] = emulated_probe(qemu, em.cpu) if qemu else {"skipped": "qemu-x86_64-static not found"}
         write_json(run.file(KERNEL_PROBE), out)
         run.finish("int8-kernel-probe", key, [KERNEL_PROBE])
-    return read_json(run.artifact(KERNEL_PROBE))
+    return run.read(KERNEL_PROBE)
 
 
 def latency(run: RunDir) -> dict:
@@ -411,7 +414,7 @@ def latency(run: RunDir) -> dict:
                         for name, m in zip(names, models) if name not in ir}  # fmt: skip
         write_json(run.file(rel), {"rows": rows, "profiles": profiles, "environment": environment()})
         run.finish("int8-latency", key, [rel], params)
-    return read_json(run.artifact(rel))
+    return run.read(rel)
 
 
 def ort_cpu_pick(result: dict) -> dict | None:
@@ -468,9 +471,9 @@ def read_int8_result(run: RunDir) -> dict | None:
     needed = [r for pair in rels.values() for r in pair] + [LATENCY, KERNEL_PROBE]
     if not all(run.has(r) for r in needed):
         return None
-    return {"recipes": {n: read_json(run.artifact(r)) for n, (r, _) in rels.items()},
-            "validations": {n: read_json(run.artifact(e)) for n, (_, e) in rels.items()},
-            "latency": read_json(run.artifact(LATENCY))["rows"], "kernel_probe": read_json(run.artifact(KERNEL_PROBE))}
+    return {"recipes": {n: run.read(r) for n, (r, _) in rels.items()},
+            "validations": {n: run.read(e) for n, (_, e) in rels.items()},
+            "latency": run.read(LATENCY)["rows"], "kernel_probe": run.read(KERNEL_PROBE)}
 
 
 def run_int8(run: RunDir) -> dict:
@@ -480,7 +483,7 @@ def run_int8(run: RunDir) -> dict:
         return {"skipped": "int8.enabled is false in the params"}
     check_variants(cfg)
     recipes = {v.name: quantize_variant(run, v) for v in cfg.int8.variants}
-    info = read_json(run.artifact(baseline.MODEL_INFO))
+    info = run.read(baseline.MODEL_INFO)
     probe = kernel_probe(run)
     emulation = {}
     if info["structure_only"]:

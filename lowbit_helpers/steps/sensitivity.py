@@ -84,7 +84,7 @@ def layer_table(run: RunDir) -> list[dict]:
                          "params": params[name], "macs": macs.get(name, 0)})  # fmt: skip
         write_json(run.file(LAYERS), rows)
         run.finish("sensitivity-layers", key, [LAYERS])
-    return read_json(run.artifact(LAYERS))
+    return run.read(LAYERS)
 
 
 def onnx_sweep(run: RunDir) -> dict:
@@ -108,7 +108,7 @@ def onnx_sweep(run: RunDir) -> dict:
                                    range_images=[0, s.range_images], sweep_images=[s.range_images, s.range_images + s.images])  # fmt: skip
         write_json(run.file(SENS), sens)
         run.finish("sensitivity", key, [SENS], params)
-    return {**read_json(run.artifact(SENS)), "metric": s.metric}
+    return {**run.read(SENS), "metric": s.metric}
 
 
 def _spearman(a, b) -> float:
@@ -122,7 +122,7 @@ def validation_reason(run: RunDir) -> str | None:
     v = run.cfg.sensitivity.validation
     if not v.enabled:
         return "sensitivity.validation.enabled is false (run it with `python -m lowbit_helpers validate-sensitivity PARAMS`)"
-    if read_json(run.artifact(baseline.MODEL_INFO))["structure_only"]:
+    if run.read(baseline.MODEL_INFO)["structure_only"]:
         return "random weights: no accuracy to predict"
     return None
 
@@ -144,7 +144,7 @@ def validation(run: RunDir, sens: dict | None, proxy: dict | None = None, progre
         committed = next((p for p in (reports / run.run_id / VALIDATION_REPORT, reports / FULL_RUN / VALIDATION_REPORT)
                           if p.is_file()), reports / run.run_id / VALIDATION_REPORT)  # fmt: skip
         model_sha = sha256_file(run.artifact(baseline.MODEL))
-        if committed.is_file() and not read_json(run.artifact(baseline.MODEL_INFO))["structure_only"]:
+        if committed.is_file() and not run.read(baseline.MODEL_INFO)["structure_only"]:
             result = read_json(committed)
             if result.get("model_sha256") != model_sha:  # another model's layers: its ranking says nothing here
                 return {"skipped": f"{why}; the committed result reports/{committed.relative_to(reports).as_posix()} is of "
@@ -220,7 +220,7 @@ def validation(run: RunDir, sens: dict | None, proxy: dict | None = None, progre
                   "studies": studies, "seconds": cost, "total_seconds": time.perf_counter() - t0}  # fmt: skip
         write_json(run.file(VALIDATION), result)
         run.finish("sensitivity-validation", key, [VALIDATION, VALIDATION_IDS], params)
-    result = read_json(run.artifact(VALIDATION))
+    result = run.read(VALIDATION)
     # against this run's sweep and proxy, whenever they change (the ground truth does not depend on them)
     result["agreement"] = agreement(result, sens, proxy, run.cfg.sensitivity.rank_as)
     return result
@@ -327,7 +327,7 @@ def torch_proxy(run: RunDir, sens: dict) -> dict:
                "top20_overlap": len(set(sorted(onnx_rank, key=onnx_rank.get)[:20]) & {n for n, _ in by_torch[:20]})}  # fmt: skip
         write_json(run.file(PROXY), out)
         run.finish("sensitivity-proxy", key, [PROXY], params)
-    return read_json(run.artifact(PROXY))
+    return run.read(PROXY)
 
 
 def scheme_files(run: RunDir) -> list[dict]:
@@ -345,8 +345,8 @@ def scheme_files(run: RunDir) -> list[dict]:
         paths = write_schemes(sens_path, out_dir, s.top_k, s.budgets, s.budget_low, s.budget_high, s.metric, s.rank_as)
         rels = [str(p.relative_to(run.path)) for p in paths] + [SCHEMES_INDEX]
         run.finish("schemes", key, rels, params)
-    index = read_json(run.artifact(SCHEMES_INDEX))
-    return [read_json(run.artifact(f"{SCHEMES_DIR}/{e['file']}")) for e in index]
+    index = run.read(SCHEMES_INDEX)
+    return [run.read(f"{SCHEMES_DIR}/{e['file']}") for e in index]
 
 
 def run_sensitivity(run: RunDir) -> dict:
