@@ -215,8 +215,7 @@ def _cmd_sensitivity(args) -> int:
 
 def _cmd_validate_sensitivity(args) -> int:
     """Notebook 04's metric validation alone, on a run's cached stages; its JSON beside the report."""
-    import shutil
-
+    from .artifacts import write_json
     from .config import load_config
     from .rundir import RunDir, run_lock
     from .steps import baseline
@@ -235,7 +234,7 @@ def _cmd_validate_sensitivity(args) -> int:
         raise LowbitError(f"the validation cannot run: {result['skipped']}", "use a params file with real weights")
     out = Path(cfg.output.reports_dir) / run.run_id / step.VALIDATION_REPORT
     out.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(run.path / step.VALIDATION, out)
+    write_json(out, run.read(step.VALIDATION))  # with its measured costs (the run's file leaves them to the manifest)
     a = result["agreement"]
     for name, table in a["spearman"].items():
         print(name + ": " + ", ".join(f"{m} {t['select']['rho']:+.2f}/{t['confirm']['rho']:+.2f}" for m, t in table.items()))

@@ -28,16 +28,18 @@ from .runtime import latency_stats
 
 def gpu_models(run_dir: str | Path, which: str = "winners") -> dict[str, Path]:
     """FP32, notebook 03's best INT8 variant, and notebook 05's winners (or all candidates)."""
+    from .rundir import RunDir
     from .steps.baseline import MODEL
-    from .steps.candidates import CANDIDATE_ONNX, CANDIDATES
+    from .steps.candidates import CANDIDATE_ONNX, CANDIDATES, best_int8
 
     run = Path(run_dir)
     if not (run / CANDIDATES).is_file():
         raise LowbitError(f"{run / CANDIDATES} not found", "run the pipeline (notebook 05) for this run directory first")
     res = read_json(run / CANDIDATES)
     models = {"fp32": run / MODEL}
-    if res.get("best_int8"):
-        models[f"int8:{res['best_int8']['name']}"] = run / res["best_int8"]["model"]
+    int8 = best_int8(RunDir.open(run))
+    if int8:
+        models[f"int8:{int8['name']}"] = run / int8["model"]
     names = list(res["recipes"]) if which == "all" else sorted({w["candidate"] for w in res["winners"].values()}
                                                               | {n for n in res["recipes"] if n.startswith(("w4a16-top0", "w4a8-top0"))})  # fmt: skip
     for n in names:

@@ -92,10 +92,9 @@ def is_measurement(rel: str) -> bool:
 
 
 def reproducible_outputs(run_path: str | Path) -> list[str]:
-    """Every file of a run directory that the params and inputs alone determine (all but :data:`MEASUREMENTS`)."""
-    root = Path(run_path)
-    rels = (p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
-    return sorted(r for r in rels if not is_measurement(r))
+    """Every output the manifest records for a run directory that the params and inputs alone
+    determine (all but :data:`MEASUREMENTS`; what a killed stage left half-written is not recorded)."""
+    return sorted(r for r in read_json(Path(run_path) / MANIFEST)["artifacts"] if not is_measurement(r))
 
 
 def _now() -> str:
@@ -215,6 +214,7 @@ class RunDir:
                 break
         if not fresh:
             self._started[stage] = time.perf_counter()
+            self._nested.pop(stage, None)
         return fresh
 
     def finish(self, stage: str, key: str, outputs: list[str], params: Any = None) -> None:

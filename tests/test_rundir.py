@@ -26,21 +26,37 @@ def test_a_computed_stage_records_its_duration_and_a_reused_one_keeps_it(tmp_pat
     assert again.manifest()["stages"]["t"]["seconds"] is None
 
 
-def test_a_stage_computed_inside_another_counts_in_its_own_duration_only(tmp_path):
+def test_a_stage_computed_inside_another_counts_in_its_own_duration_only(tmp_path, monkeypatch):
+    import lowbit_helpers.rundir as rundir
+
+    now = [100.0]  # a clock the test moves (rundir reads time.perf_counter)
+    monkeypatch.setattr(rundir.time, "perf_counter", lambda: now[0])
     run = _run(tmp_path)
     run.file("o.txt").write_text("x")
+
+    def tick(seconds):
+        now[0] += seconds
+
     assert not run.is_fresh("outer", "k")
-    time.sleep(0.2)
+    tick(2)
     assert not run.is_fresh("inner", "k")  # an input the outer stage needs, computed while it runs
     assert not run.is_fresh("innermost", "k")
-    time.sleep(0.4)
+    tick(4)
     run.finish("innermost", "k", ["o.txt"])
-    time.sleep(0.2)
+    tick(1)
     run.finish("inner", "k", ["o.txt"])
-    time.sleep(0.2)
+    tick(3)
     run.finish("outer", "k", ["o.txt"])
+    tick(5)
+    assert not run.is_fresh("next", "k")  # after them, not inside: nothing of theirs is charged to it
+    tick(1.5)
+    run.finish("next", "k", ["o.txt"])
     seconds = {k: v["seconds"] for k, v in run.manifest()["stages"].items()}
-    assert 0.35 <= seconds["innermost"] < 0.55 and 0.15 <= seconds["inner"] < 0.3 and 0.35 <= seconds["outer"] < 0.55, seconds
+    assert seconds == {"innermost": 4.0, "inner": 1.0, "outer": 5.0, "next": 1.5}
+    assert not run.is_fresh("outer", "k2")  # recomputed: its earlier nested time is not subtracted again
+    tick(2)
+    run.finish("outer", "k2", ["o.txt"])
+    assert run.manifest()["stages"]["outer"]["seconds"] == 2.0
 
 
 def test_measured_costs_live_in_the_manifest_and_come_back_on_read(tmp_path):

@@ -43,7 +43,7 @@ CANDIDATE_CONFIRM = "results/{name}.confirm.json"  # confirmation split and the 
 CONFIRM_IDS = "results/confirm_ids.txt"  # the confirmation split: confirm_subset minus select_subset
 LADDER = "results/ladder.json"
 LATENCY = "results/latency.json"
-CANDIDATES = "results/candidates.json"  # everything notebook 05 and the summary show
+CANDIDATES = "results/candidates.json"  # notebook 05's results, less what depends on a bench
 SWEEP_MATCH = "results/sweep_match.json"  # materialised model vs the sweep's fake quantization
 CONTROL_KINDS = ("random", "heuristic")  # schemes that test the guidance, never shipped
 
@@ -408,7 +408,7 @@ def latency(run: RunDir, names: list[str], int8: dict | None) -> dict:
 
 
 def run_candidates(run: RunDir) -> dict:
-    """Everything notebook 05 shows (also written to ``results/candidates.json``)."""
+    """Everything notebook 05 shows (written to ``results/candidates.json`` less the bench and the INT8 pick)."""
     cfg, c = run.cfg, run.cfg.candidates
     if not c.enabled:
         return {"skipped": "candidates.enabled is false in the params"}
@@ -447,7 +447,8 @@ def run_candidates(run: RunDir) -> dict:
               "guided": next((n for n, r in recipes.items() if r["scheme"]["name"] == guided), None),
               "controls": controls, "best_int8": int8, "latency": lat, "fp32_size_bytes": run.artifact(baseline.MODEL).stat().st_size,
               "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
-    # the bench is results/latency.json (a measurement); this file holds what the params determine
-    write_json(run.file(CANDIDATES), {k: v for k, v in result.items() if k != "latency"})
+    # what the params determine: not the bench (results/latency.json, a measurement), nor notebook
+    # 03's ORT pick, which keeps the variants that bench found faster than FP32 (best_int8(run) gives it)
+    write_json(run.file(CANDIDATES), {k: v for k, v in result.items() if k not in ("latency", "best_int8")})
     run.finish("candidates", "derived", [CANDIDATES])
     return result

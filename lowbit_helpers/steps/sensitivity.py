@@ -217,7 +217,7 @@ def validation(run: RunDir, sens: dict | None, proxy: dict | None = None, progre
         result = {"method": v.method, "model_sha256": sha256_file(model_path), "subset": v.subset, "select": sel.name,
                   "confirm": rest.name, "fp32_mAP_50_95": fp32,
                   "images": {part: len(sub.ids) for part, sub in parts.items()},
-                  "studies": studies, "seconds": cost, "total_seconds": time.perf_counter() - t0}  # fmt: skip
+                  "studies": studies, "cost": cost, "total_seconds": time.perf_counter() - t0}  # fmt: skip
         write_json(run.file(VALIDATION), result)
         run.finish("sensitivity-validation", key, [VALIDATION, VALIDATION_IDS], params)
     result = run.read(VALIDATION)
