@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .artifacts import read_json, write_json
+from .artifacts import write_json
 from .errors import LowbitError
 from .runtime import latency_stats
 
@@ -35,9 +35,10 @@ def gpu_models(run_dir: str | Path, which: str = "winners") -> dict[str, Path]:
     run = Path(run_dir)
     if not (run / CANDIDATES).is_file():
         raise LowbitError(f"{run / CANDIDATES} not found", "run the pipeline (notebook 05) for this run directory first")
-    res = read_json(run / CANDIDATES)
+    recorded = RunDir.open(run)
+    res = recorded.read(CANDIDATES)
     models = {"fp32": run / MODEL}
-    int8 = best_int8(RunDir.open(run))
+    int8 = best_int8(recorded)
     if int8:
         models[f"int8:{int8['name']}"] = run / int8["model"]
     names = list(res["recipes"]) if which == "all" else sorted({w["candidate"] for w in res["winners"].values()}

@@ -378,12 +378,13 @@ def int8_conclusion(result: dict, target_points: float = 0.5) -> str:
         if -100 * d(name, rt, "select")["delta"] <= target_points:
             (fastest if r["median_ms"] < fp32_floor else slower).append((r["median_ms"], name, rt))
     if not fastest:
-        lines.append(
-            f"**Fastest CPU deployment** within {target_points} points on {sel_name}: none. "
-            + (f"The {len(slower)} deployment(s) within those points run slower than FP32's fastest "
-               f"({fp32_floor:.1f} ms): " + ", ".join(f"`{n}` under {RUNTIME_NAMES[r]} ({ms:.1f} ms)" for ms, n, r in sorted(slower))
-               + "." if slower else "No deployment is within those points.")
-        )  # fmt: skip
+        text = f"**Fastest CPU deployment** within {target_points} points on {sel_name}: none. "
+        if slower:
+            listed = ", ".join(f"`{n}` under {RUNTIME_NAMES[r]} ({ms:.1f} ms)" for ms, n, r in sorted(slower))
+            text += f"The {len(slower)} deployment(s) within those points run slower than FP32's fastest ({fp32_floor:.1f} ms): {listed}."
+        else:
+            text += "No deployment is within those points."
+        lines.append(text)
     else:
         # latencies within TIE_LATENCY of the fastest are one class (a bench's run-to-run spread is a
         # few %): among them, the best selection-split Δ
