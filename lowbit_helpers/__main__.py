@@ -8,9 +8,9 @@ import time
 from pathlib import Path
 
 from .errors import LowbitError
-from .quant.bias_correction import BC_IMAGES
-from .quant.formats import FORMATS
-from .quant.head_metrics import METRICS
+from .int8.bias_correction import BC_IMAGES
+from .formats import FORMATS
+from .sensitivity.metrics import METRICS
 
 
 def _raw_onnx(path: str, check_output: bool = True) -> Path:
@@ -131,7 +131,7 @@ def _cmd_quantize_int8(args) -> int:
     import json
 
     from .data import calibration_tensor, read_image_list
-    from .quant.calibration import load_calibration
+    from .int8.calibration import load_calibration
 
     if args.reduce_range and args.backend != "ort":
         raise LowbitError("--reduce-range is an ORT quantize_static option", "use it with --backend ort")
@@ -152,26 +152,26 @@ def _cmd_quantize_int8(args) -> int:
         calib = calibration_tensor(paths, min(args.images, len(paths)) if args.images else len(paths))
     method = args.method or {"ort": "avgminmax", "modelopt": "entropy", "nncf": "mixed"}[args.backend]
     if args.backend == "ort":
-        from .quant.ort_int8 import quantize_int8_ort
+        from .int8.ort import quantize_int8_ort
 
         recipe = quantize_int8_ort(model, args.out, calib, method=method, head_policy=args.head_policy,
                                    exclude=args.exclude, percentile=args.percentile,
                                    reduce_range=args.reduce_range, placement=args.placement)  # fmt: skip
     elif args.backend == "nncf":
-        from .quant.nncf_int8 import quantize_int8_nncf
+        from .int8.nncf import quantize_int8_nncf
 
         recipe = quantize_int8_nncf(model, args.out, calib, method=method, head_policy=args.head_policy,
                                     exclude=args.exclude, bias_correction=bias_correction,
                                     target=args.format)  # fmt: skip
     else:
-        from .quant.modelopt_int8 import quantize_int8_modelopt
+        from .int8.modelopt import quantize_int8_modelopt
 
         recipe = quantize_int8_modelopt(model, args.out, calib, method=method, head_policy=args.head_policy,
                                         exclude=args.exclude, op_types_to_exclude=args.exclude_op_type,
                                         calibration_eps=args.calibration_eps,
                                         high_precision_dtype=args.high_precision_dtype)  # fmt: skip
     if bias_correction == "fast" and args.backend != "nncf":  # NNCF corrects inside its own pipeline
-        from .quant.bias_correction import correct_recipe_file
+        from .int8.bias_correction import correct_recipe_file
 
         try:
             recipe = correct_recipe_file(args.out, model, calib, args.bias_correction_images)
@@ -187,8 +187,8 @@ def _cmd_quantize_int8(args) -> int:
 def _cmd_sensitivity(args) -> int:
     from .artifacts import write_json
     from .data import calibration_tensor, read_image_list
-    from .quant.formats import get_format
-    from .quant.sensitivity import measure
+    from .formats import get_format
+    from .sensitivity.sweep import measure
 
     model = _raw_onnx(args.model)
     formats = [get_format(f) for f in args.format]
@@ -251,10 +251,10 @@ def _cmd_materialize(args) -> int:
 
     from .artifacts import atomic_path, read_json, sha256_file, write_json
     from .data import calibration_tensor, read_image_list
-    from .quant.calibration import load_calibration
-    from .quant.gptq import collect_stats
-    from .quant.materialize import check_scheme, materialize, parse_method, stats_convs
-    from .quant.sensitivity import activation_ranges
+    from .int8.calibration import load_calibration
+    from .lowbit.gptq import collect_stats
+    from .lowbit.materialize import check_scheme, materialize, parse_method, stats_convs
+    from .sensitivity.sweep import activation_ranges
 
     scheme_path = Path(args.scheme)
     if not scheme_path.is_file():
@@ -311,7 +311,7 @@ def _cmd_gpu_bench(args) -> int:
 
 
 def _cmd_schemes(args) -> int:
-    from .quant.schemes import write_schemes
+    from .sensitivity.schemes import write_schemes
 
     from .artifacts import read_json
 
@@ -374,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--reduce-range", action="store_true", help="ort: 7-bit weights (no int16 saturation on CPUs without VNNI)")
     q.add_argument("--bias-correction", choices=["none", "full", "fast"],
                    help="nncf: its own, full (default) | fast; ort, modelopt: none (default) | fast (this project's "
-                        "per-Conv correction of the finished Q/DQ file, quant/bias_correction.py)")  # fmt: skip
+                        "per-Conv correction of the finished Q/DQ file, int8/bias_correction.py)")  # fmt: skip
     q.add_argument("--bias-correction-images", type=_positive, default=BC_IMAGES,
                    help="ort, modelopt: calibration images [0, N) for the bias-correction statistics")
     q.add_argument("--placement", choices=["all", "conv-inputs"], default="all",
@@ -394,13 +394,13 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sensitivity", help="per-Conv sensitivity of a raw-head ONNX (alone / kept, detection-aware metrics)")
     s.add_argument("model")
     s.add_argument("--format", nargs="+", default=["w4a16"], choices=list(FORMATS),
-                   help="w8a8-ort: the quantizers ORT's quantize_static deploys (quant/deployed.py)")
+                   help="w8a8-ort: the quantizers ORT's quantize_static deploys (sensitivity/deployed.py)")
     s.add_argument("--coco-root", required=True, help="its calibration list gives the (evaluation-disjoint) images")
     s.add_argument("--calib-list", default="calib160.txt", help="relative to --coco-root")
     s.add_argument("--images", type=int, default=64, help="sweep images: list entries [R, R+N)")
     s.add_argument("--range-images", type=int, default=32, help="activation ranges from list entries [0, R)")
     s.add_argument("--directions", nargs="+", default=["alone", "kept"], choices=["alone", "kept"])
-    s.add_argument("--metric", default="det_sqnr", choices=list(METRICS), help="the ranking metric (quant/head_metrics.py)")
+    s.add_argument("--metric", default="det_sqnr", choices=list(METRICS), help="the ranking metric (sensitivity/metrics.py)")
     s.add_argument("--workers", type=_positive, default=2, help="sweep processes (one ORT thread each)")
     s.add_argument("--group", type=_positive, default=32, help="perturbations whose sessions live at once per worker")
     s.add_argument("--naive-check", type=int, default=2, help="Convs per format also computed naively")

@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import LowbitError
-from .quant.bias_correction import BC_IMAGES
+from .int8.bias_correction import BC_IMAGES
 
 
 class _Section(BaseModel):
@@ -83,7 +83,7 @@ class Int8Variant(_Section):
     reduce_range: bool = Field(False, description="ort: 7-bit weights (no int16 saturation without VNNI)")
     bias_correction: Literal["none", "full", "fast"] | None = Field(
         None, description="nncf: its own, full (default) | fast; ort, modelopt: none (default) | fast "
-        "(quant/bias_correction.py on the finished Q/DQ file)")
+        "(int8/bias_correction.py on the finished Q/DQ file)")
     placement: Literal["all", "conv-inputs"] = Field("all", description="ort: Q/DQ on every op ORT quantizes, or on Conv inputs only")
     format: Literal["onnx", "openvino"] = Field("onnx", description="nncf: a Q/DQ ONNX, or an OpenVINO IR (OpenVINO only)")
 
@@ -248,7 +248,7 @@ class CandidatesCfg(_Section):
 
 
 def _check_method(name: str) -> str:
-    from .quant.materialize import METHOD_GRAMMAR, parse_method
+    from .lowbit.materialize import METHOD_GRAMMAR, parse_method
 
     try:
         parse_method(name)

@@ -1,4 +1,4 @@
-"""Fast bias correction of finished Q/DQ files (quant/bias_correction.py), on tiny graphs."""
+"""Fast bias correction of finished Q/DQ files (int8/bias_correction.py), on tiny graphs."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from lowbit_helpers.errors import LowbitError
-from lowbit_helpers.quant.bias_correction import correct_biases
-from lowbit_helpers.quant.ort_int8 import quantize_int8_ort
+from lowbit_helpers.int8.bias_correction import correct_biases
+from lowbit_helpers.int8.ort import quantize_int8_ort
 
 
 def _conv_silu_conv(path, seed=0):

@@ -85,7 +85,7 @@ def test_w8a8_ort_is_a_sweep_format_only():
 def test_resolved_params_load_again_with_any_format_list(tmp_path):
     """The run directory's params.yaml lists every key; a format list without w4a8 must still load
     (the default rank_as {w4a16: w4a8} is then ignored)."""
-    from lowbit_helpers.quant.schemes import make_schemes
+    from lowbit_helpers.sensitivity.schemes import make_schemes
 
     cfg = parse_config({"name": "x", "sensitivity": {"formats": ["w8a8-ort"], "budgets": []}})
     p = tmp_path / "params.yaml"

@@ -11,12 +11,12 @@ from onnx import TensorProto, helper, numpy_helper
 
 from lowbit_helpers.__main__ import main
 from lowbit_helpers.errors import LowbitError
-from lowbit_helpers.quant import gptq
-from lowbit_helpers.quant.formats import FORMATS, apply_format
-from lowbit_helpers.quant.materialize import LADDER, materialize, parse_method
-from lowbit_helpers.quant.schemes import block_of, heuristic_scheme, random_scheme
-from lowbit_helpers.quant.sensitivity import activation_ranges, conv_nodes
-from lowbit_helpers.quant.weights import WeightSpec, compute_scale, dequantize, quantize_codes, quantize_weight
+from lowbit_helpers.lowbit import gptq
+from lowbit_helpers.formats import FORMATS, apply_format
+from lowbit_helpers.lowbit.materialize import LADDER, materialize, parse_method
+from lowbit_helpers.sensitivity.schemes import block_of, heuristic_scheme, random_scheme
+from lowbit_helpers.sensitivity.sweep import activation_ranges, conv_nodes
+from lowbit_helpers.weights import WeightSpec, compute_scale, dequantize, quantize_codes, quantize_weight
 from lowbit_helpers.runtime import make_session
 
 

@@ -67,12 +67,12 @@ def test_the_wheel_holds_every_module_and_runs_installed(tmp_path):
     assert built.returncode == 0, built.stderr
     (wheel,) = (tmp_path / "dist").glob("lowbit_helpers-*.whl")
     modules = {p.relative_to(REPO).as_posix() for p in (REPO / "lowbit_helpers").rglob("*.py") if "__pycache__" not in p.parts}
-    assert {"lowbit_helpers/quant/sensitivity.py", "lowbit_helpers/report/summary.py", "lowbit_helpers/steps/int8.py"} <= modules
+    assert {"lowbit_helpers/sensitivity/sweep.py", "lowbit_helpers/report/summary.py", "lowbit_helpers/steps/int8.py"} <= modules
     assert modules <= set(zipfile.ZipFile(wheel).namelist())
     site = tmp_path / "site"
     installed = run("install", "--no-deps", "--no-index", "--quiet", "--target", str(site), str(wheel))
     assert installed.returncode == 0, installed.stderr
-    probe = ("import lowbit_helpers, lowbit_helpers.quant.sensitivity, lowbit_helpers.report.summary, lowbit_helpers.steps.int8;"
+    probe = ("import lowbit_helpers, lowbit_helpers.sensitivity.sweep, lowbit_helpers.report.summary, lowbit_helpers.steps.int8;"
              "print(lowbit_helpers.__file__)")  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(site)}
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path, env=env)

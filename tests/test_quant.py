@@ -11,9 +11,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from lowbit_helpers.__main__ import build_parser, main
 from lowbit_helpers.errors import LowbitError
-from lowbit_helpers.quant.calibration import ArrayReader, activation_ranges, load_calibration
-from lowbit_helpers.quant.inspect import cosine, ort_executed_ops, qdq_counts, sqnr_db
-from lowbit_helpers.quant.policy import excluded_nodes
+from lowbit_helpers.int8.calibration import ArrayReader, activation_ranges, load_calibration
+from lowbit_helpers.runtime.inspect import cosine, ort_executed_ops, qdq_counts, sqnr_db
+from lowbit_helpers.int8.policy import excluded_nodes
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +119,7 @@ def test_ort_recipe_uses_these_ranges(tmp_path):
     """The Q/DQ ORT writes carry the ranges computed here (ORT's own calibrator decides nothing)."""
     from onnxruntime.quantization.quant_utils import compute_scale_zp
 
-    from lowbit_helpers.quant.ort_int8 import quantize_int8_ort
+    from lowbit_helpers.int8.ort import quantize_int8_ort
 
     model = _one_conv_model(tmp_path / "c.onnx")
     data = np.random.default_rng(1).normal(size=(6, 3, 8, 8)).astype(np.float32) * 3
@@ -216,7 +216,7 @@ def test_quantize_command_passes_each_backend_only_its_options():
 def test_ort_recipe_keeps_orts_softmax_range(tmp_path):
     """ORT's quantizer gives a Softmax output the range [0, 1] whatever the data; the computed
     ranges must not bypass that (YOLOv10's attention Softmax lost accuracy when they did)."""
-    from lowbit_helpers.quant.ort_int8 import quantize_int8_ort
+    from lowbit_helpers.int8.ort import quantize_int8_ort
 
     w = numpy_helper.from_array(np.random.default_rng(0).normal(size=(4, 3, 3, 3)).astype(np.float32), "w")
     g = helper.make_graph(

@@ -9,10 +9,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 from lowbit_helpers.__main__ import main
 from lowbit_helpers.errors import LowbitError
-from lowbit_helpers.quant.formats import FORMATS, activation_qparams, apply_format, get_format, quantize_weight
-from lowbit_helpers.quant.schemes import budget_scheme, make_schemes, top_k_scheme
-from lowbit_helpers.quant.head_metrics import METRICS, Accumulator, Reference, dfl_distances, sqnr_db
-from lowbit_helpers.quant.sensitivity import activation_ranges, conv_nodes, naive, session, sweep
+from lowbit_helpers.formats import FORMATS, activation_qparams, apply_format, get_format, quantize_weight
+from lowbit_helpers.sensitivity.schemes import budget_scheme, make_schemes, top_k_scheme
+from lowbit_helpers.sensitivity.metrics import METRICS, Accumulator, Reference, dfl_distances, sqnr_db
+from lowbit_helpers.sensitivity.sweep import activation_ranges, conv_nodes, naive, sim_session, sweep
 
 
 # ------------------------------------------------------------------ formats
@@ -198,7 +198,7 @@ def test_dfl_distances_are_pixels():
 
 # ------------------------------------------------------------------ validation helpers
 def test_spearman_with_an_interval_over_layers():
-    from lowbit_helpers.quant.sensitivity_validation import spearman
+    from lowbit_helpers.sensitivity.validation import spearman
 
     x = np.arange(30, dtype=float)
     perfect = spearman(x, 2 * x + 1)
@@ -210,7 +210,7 @@ def test_spearman_with_an_interval_over_layers():
 
 
 def test_choose_layers_takes_each_metrics_worst_and_a_spread():
-    from lowbit_helpers.quant.sensitivity_validation import choose_layers
+    from lowbit_helpers.sensitivity.validation import choose_layers
 
     convs = [f"c{i}" for i in range(20)]
     a = {c: float(i) for i, c in enumerate(convs)}  # c0 most sensitive by a
@@ -223,7 +223,7 @@ def test_choose_layers_takes_each_metrics_worst_and_a_spread():
 
 def test_label_free_map_scores_against_fp32_detections():
     from lowbit_helpers.decode import Detections
-    from lowbit_helpers.quant.sensitivity_validation import label_free_map
+    from lowbit_helpers.sensitivity.validation import label_free_map
 
     boxes = np.array([[10, 10, 60, 80], [100, 100, 300, 200]], np.float32)
     classes = np.array([0, 3])
@@ -244,7 +244,7 @@ def torch_model(yolov10n):
 
 
 def test_name_mapping_covers_every_conv(yolov10n_onnx, torch_model):
-    from lowbit_helpers.quant.torch_proxy import map_convs
+    from lowbit_helpers.sensitivity.torch_proxy import map_convs
 
     m = onnx.load(str(yolov10n_onnx))
     mapping = map_convs(m, torch_model)
@@ -258,7 +258,7 @@ def test_resumed_forward_and_proxy_agree_with_onnx(yolov10n_onnx, torch_model, c
     import torch
 
     from lowbit_helpers.data import calibration_tensor, read_image_list
-    from lowbit_helpers.quant.torch_proxy import forward_from, layer_outputs, torch_ranges, torch_sweep
+    from lowbit_helpers.sensitivity.torch_proxy import forward_from, layer_outputs, torch_ranges, torch_sweep
 
     images = calibration_tensor(read_image_list(coco_root / "calib160.txt"), 2)
     x = torch.from_numpy(images[:1].copy())
@@ -388,8 +388,8 @@ def _exact(model):
 
 
 def _deployed(path, images, head_policy="none"):
-    from lowbit_helpers.quant.deployed import DeployedQdq
-    from lowbit_helpers.quant.ort_int8 import quantize_int8_ort
+    from lowbit_helpers.sensitivity.deployed import DeployedQdq
+    from lowbit_helpers.int8.ort import quantize_int8_ort
 
     out = path.with_name(path.stem + ".qdq.onnx")
     quantize_int8_ort(path, out, images, "avgminmax", head_policy=head_policy)
@@ -397,7 +397,7 @@ def _deployed(path, images, head_policy="none"):
 
 
 def test_w8a8_ort_all_convs_is_the_deployed_file(tmp_path):
-    from lowbit_helpers.quant.deployed import DeployedPerturber
+    from lowbit_helpers.sensitivity.deployed import DeployedPerturber
 
     path = tmp_path / "t.onnx"
     model = _tiny_net(path, fragile=False)
@@ -416,7 +416,7 @@ def test_w8a8_ort_all_convs_is_the_deployed_file(tmp_path):
     want = _exact(qdq).run(None, {"images": x})[0]
     assert np.array_equal(_exact(applied).run(None, {"images": x})[0], want)  # bit for bit, exact Q/DQ arithmetic
     pert = DeployedPerturber(path, images)
-    got = session(applied, 1, pert.disabled_optimizers).run(None, {"images": x})[0]
+    got = sim_session(applied, 1, pert.disabled_optimizers).run(None, {"images": x})[0]
     assert np.array_equal(got, want)  # and through the sweep's sessions
     # alone: fewer quantizers than all; an empty set leaves the graph alone
     alone = dq.apply(model, ["/model.1/conv/Conv"])
@@ -426,7 +426,7 @@ def test_w8a8_ort_all_convs_is_the_deployed_file(tmp_path):
 
 
 def test_w8a8_ort_sweep_equals_naive_and_ranks_the_wide_range(tmp_path):
-    from lowbit_helpers.quant.deployed import DeployedPerturber
+    from lowbit_helpers.sensitivity.deployed import DeployedPerturber
 
     path = tmp_path / "f.onnx"
     model = _tiny_net(path, fragile=True)
@@ -448,7 +448,7 @@ def test_w8a8_ort_sweep_equals_naive_and_ranks_the_wide_range(tmp_path):
 
 
 def test_deployed_file_of_another_model_is_refused(tmp_path):
-    from lowbit_helpers.quant.deployed import DeployedQdq
+    from lowbit_helpers.sensitivity.deployed import DeployedQdq
 
     a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
     _tiny_net(a, False)
@@ -528,7 +528,7 @@ def test_agreement_chooses_the_metric_that_ranks_like_map():
 
 
 def test_ground_truth_reliability_from_its_two_halves():
-    from lowbit_helpers.quant.sensitivity_validation import reliability
+    from lowbit_helpers.sensitivity.validation import reliability
     from lowbit_helpers.report.sensitivity import reliability_table
     from lowbit_helpers.steps.sensitivity import agreement
 

@@ -60,7 +60,7 @@ def cost_table(result: dict) -> pd.DataFrame:
 
 
 def _spearman(a, b) -> float:
-    from ..quant.sensitivity_validation import rho
+    from ..sensitivity.validation import rho
 
     return rho(a, b)
 

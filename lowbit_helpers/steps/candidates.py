@@ -56,8 +56,8 @@ def _calibration(calib_path: str, calib_sha: str, model_path: str, model_sha: st
     and the per-layer weight cache that :func:`materialize` fills (one per model and statistics)."""
     import onnx
 
-    from ..quant.gptq import collect_stats
-    from ..quant.sensitivity import activation_ranges, conv_nodes
+    from ..lowbit.gptq import collect_stats
+    from ..sensitivity.sweep import activation_ranges, conv_nodes
 
     model = onnx.load(model_path)
     calib = np.load(calib_path, mmap_mode="r")
@@ -108,7 +108,7 @@ def notebook04_schemes(run: RunDir) -> dict[str, dict]:
 
 def all_schemes(run: RunDir) -> dict[str, dict]:
     """Notebook 04's schemes (or ``candidates.schemes``), fp8, and the random / heuristic controls."""
-    from ..quant.schemes import heuristic_scheme, random_scheme
+    from ..sensitivity.schemes import heuristic_scheme, random_scheme
 
     cfg, c = run.cfg, run.cfg.candidates
     sens = run.read(SENS)
@@ -149,10 +149,10 @@ def build(run: RunDir, scheme: dict, method: str) -> dict:
     """Materialise ``scheme`` with ``method`` into ``candidates/<name>.onnx`` (cached); its recipe."""
     import onnx
 
-    from ..quant.materialize import materialize
+    from ..lowbit.materialize import materialize
 
     cfg = run.cfg
-    from ..quant.materialize import QUANT_VERSION
+    from ..lowbit.materialize import QUANT_VERSION
 
     name = candidate_name(scheme, method)
     model, _, model_sha, calib_sha = inputs(run)
@@ -198,7 +198,7 @@ def _fp32_detections(run: RunDir) -> list[dict]:
 def _fp32_heads(model: str, model_sha: str, paths: tuple, threads: int) -> tuple[list[np.ndarray], np.ndarray]:
     """The fidelity images and FP32's raw head on them (the same for every candidate)."""
     from ..data import preprocess
-    from ..quant.inspect import raw_heads
+    from ..runtime.inspect import raw_heads
     from ..runtime import make_session
 
     images = [preprocess(p)[0] for p in paths]
@@ -208,7 +208,7 @@ def _fp32_heads(model: str, model_sha: str, paths: tuple, threads: int) -> tuple
 def evaluate(run: RunDir, name: str) -> dict:
     """Selection-split mAP with Δ to FP32, raw-head fidelity, Q/DQ counts, what ORT runs, file size."""
     from ..evaluate import predict_onnx
-    from ..quant.inspect import fidelity, ort_executed_ops, qdq_counts, raw_heads
+    from ..runtime.inspect import fidelity, ort_executed_ops, qdq_counts, raw_heads
     from ..runtime import make_session
 
     cfg = run.cfg
@@ -284,9 +284,9 @@ def sweep_match(run: RunDir, images: int = 2) -> dict:
     arithmetic on calibration images the sweep scored (0.0: the same numbers)."""
     import onnx
 
-    from ..quant.formats import FORMATS, apply_format
-    from ..quant.materialize import materialize
-    from ..quant.sensitivity import conv_nodes
+    from ..formats import FORMATS, apply_format
+    from ..lowbit.materialize import materialize
+    from ..sensitivity.sweep import conv_nodes
     from ..runtime import make_session
 
     cfg = run.cfg
@@ -324,7 +324,7 @@ def select_map(result: dict) -> float:
 
 
 def run_ladder(run: RunDir, schemes: dict[str, dict]) -> dict:
-    from ..quant.materialize import parse_method
+    from ..lowbit.materialize import parse_method
 
     c = run.cfg.candidates
     for m in c.ladder:

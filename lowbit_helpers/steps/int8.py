@@ -31,11 +31,11 @@ from pathlib import Path
 from ..artifacts import read_json, write_json
 from ..config import EMULATE_DEFAULT, Config, Int8Variant
 from ..errors import LowbitError
-from ..quant.bias_correction import BC_VERSION
-from ..quant.calibration import RANGES_VERSION
-from ..quant.modelopt_int8 import MODELOPT_METHODS
-from ..quant.nncf_int8 import NNCF_METHODS
-from ..quant.ort_int8 import ORT_METHODS
+from ..int8.bias_correction import BC_VERSION
+from ..int8.calibration import RANGES_VERSION
+from ..int8.modelopt import MODELOPT_METHODS
+from ..int8.nncf import NNCF_METHODS
+from ..int8.ort import ORT_METHODS
 from ..rundir import RunDir, stage_key
 from ..runtime import BENCH_SETTINGS
 from . import baseline
@@ -123,7 +123,7 @@ def sensitive_convs(run: RunDir, n: int) -> list[str]:
     if fmt is None:
         raise LowbitError("an INT8 variant sets keep_sensitive, which ranks Convs by the w8a8-ort (or w8a8) sensitivity "
                           "sweep, but sensitivity.formats has neither", "add w8a8-ort to sensitivity.formats")  # fmt: skip
-    from ..quant.schemes import ranking
+    from ..sensitivity.schemes import ranking
     from .sensitivity import onnx_sweep
 
     order, _ = ranking(onnx_sweep(run), fmt)
@@ -265,7 +265,7 @@ def _rewrites(model: Path) -> dict:
 
 def validate_variant(run: RunDir, v: Int8Variant) -> dict:
     from ..data import preprocess
-    from ..quant.inspect import head_fidelity, ort_executed_ops, qdq_counts
+    from ..runtime.inspect import head_fidelity, ort_executed_ops, qdq_counts
     from ..runtime import engine_session, make_session
 
     cfg = run.cfg
@@ -319,7 +319,7 @@ def fp32_engines(run: RunDir) -> dict:
 def emulated(run: RunDir, v: Int8Variant) -> dict:
     """ORT's kernels for ``v`` on the CPU model ``int8.emulate.cpu`` (QEMU user mode), against the
     exact arithmetic on the same images: what the file loses on such a CPU."""
-    from ..emulate import EmulatedSession, qemu_binary
+    from ..runtime.emulate import EmulatedSession, qemu_binary
     from ..evaluate import predict_sessions
     from ..runtime import make_session
 
@@ -355,8 +355,8 @@ def emulated(run: RunDir, v: Int8Variant) -> dict:
 
 def kernel_probe(run: RunDir) -> dict:
     """The int16 saturation probe (:mod:`..quant.kernel_check`) on this CPU and on the emulated one."""
-    from ..emulate import emulated_probe, qemu_binary
-    from ..quant.kernel_check import PROBE_VERSION, probe
+    from ..runtime.emulate import emulated_probe, qemu_binary
+    from ..int8.kernel_check import PROBE_VERSION, probe
 
     em = run.cfg.int8.emulate
     qemu = qemu_binary()
@@ -487,7 +487,7 @@ def run_int8(run: RunDir) -> dict:
     probe = kernel_probe(run)
     emulation = {}
     if info["structure_only"]:
-        from ..quant.inspect import ort_executed_ops, qdq_counts
+        from ..runtime.inspect import ort_executed_ops, qdq_counts
 
         validations, fp32 = {}, {}
         for v in cfg.int8.variants:

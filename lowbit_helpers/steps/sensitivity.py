@@ -3,14 +3,14 @@
 Stages (each cached in the run's manifest like the others):
 
 * ``onnx_sweep``: every Conv x every format of ``params.sensitivity.formats`` x {alone, kept},
-  every metric of :mod:`lowbit_helpers.quant.head_metrics` on calibration images disjoint from
-  evaluation (:mod:`lowbit_helpers.quant.sensitivity`);
+  every metric of :mod:`lowbit_helpers.sensitivity.metrics` on calibration images disjoint from
+  evaluation (:mod:`lowbit_helpers.sensitivity.sweep`);
 * ``validation``: the true COCO mAP of single-layer perturbations against each candidate
-  metric (:mod:`lowbit_helpers.quant.sensitivity_validation`), off by default (its committed
+  metric (:mod:`lowbit_helpers.sensitivity.validation`), off by default (its committed
   result is shown instead; ``validate-sensitivity`` reruns it);
-* ``torch_proxy``: the plan's Torch sweep (:mod:`lowbit_helpers.quant.torch_proxy`), the verified name
+* ``torch_proxy``: the plan's Torch sweep (:mod:`lowbit_helpers.sensitivity.torch_proxy`), the verified name
   mapping, and the Spearman correlation with the ONNX ranking;
-* ``schemes``: top-K and budgeted schemes (:mod:`lowbit_helpers.quant.schemes`) in ``schemes/``,
+* ``schemes``: top-K and budgeted schemes (:mod:`lowbit_helpers.sensitivity.schemes`) in ``schemes/``,
   ranked by ``params.sensitivity.metric``.
 """
 
@@ -41,7 +41,7 @@ SCHEMES_INDEX = f"{SCHEMES_DIR}/index.json"  # written by quant.schemes.write_sc
 
 def _images(run: RunDir) -> tuple[np.ndarray, np.ndarray]:
     """(range images, sweep images): calibration images [0, R) and [R, R+N)."""
-    from ..quant.calibration import load_calibration
+    from ..int8.calibration import load_calibration
 
     s = run.cfg.sensitivity
     calib = load_calibration(run.artifact(baseline.CALIB))
@@ -59,8 +59,8 @@ def layer_table(run: RunDir) -> list[dict]:
     import onnx
 
     from ..graph import graph_info
-    from ..quant.sensitivity import conv_params
-    from ..quant.torch_proxy import onnx_to_torch_name
+    from ..sensitivity.sweep import conv_params
+    from ..sensitivity.torch_proxy import onnx_to_torch_name
 
     model_path = run.artifact(baseline.MODEL)
     key = stage_key({"versions": baseline.versions()}, [model_path])
@@ -88,8 +88,8 @@ def layer_table(run: RunDir) -> list[dict]:
 
 
 def onnx_sweep(run: RunDir) -> dict:
-    from ..quant.formats import get_format
-    from ..quant.sensitivity import measure
+    from ..formats import get_format
+    from ..sensitivity.sweep import measure
 
     s = run.cfg.sensitivity
     model = run.artifact(baseline.MODEL)
@@ -112,7 +112,7 @@ def onnx_sweep(run: RunDir) -> dict:
 
 
 def _spearman(a, b) -> float:
-    from ..quant.sensitivity_validation import rho
+    from ..sensitivity.validation import rho
 
     return rho(a, b)
 
@@ -163,12 +163,12 @@ def validation(run: RunDir, sens: dict | None, proxy: dict | None = None, progre
         import onnx
 
         from ..evaluate import evaluate_coco
-        from ..quant import sensitivity_validation as sv
-        from ..quant.calibration import load_calibration
-        from ..quant.gptq import collect_stats
-        from ..quant.head_metrics import METRICS
-        from ..quant.materialize import parse_method
-        from ..quant.sensitivity import ALL, ArrayImages, MethodPerturber, activation_ranges, conv_nodes, run_perturbations
+        from ..sensitivity import validation as sv
+        from ..int8.calibration import load_calibration
+        from ..lowbit.gptq import collect_stats
+        from ..sensitivity.metrics import METRICS
+        from ..lowbit.materialize import parse_method
+        from ..sensitivity.sweep import ALL, ArrayImages, MethodPerturber, activation_ranges, conv_nodes, run_perturbations
         from . import splits
 
         t0 = time.perf_counter()
@@ -235,8 +235,8 @@ def agreement(result: dict, sens: dict | None, proxy: dict | None, rank_as: dict
     (``torch_proxy``, in its format). The metric is chosen by the mean Spearman on the selection
     split over the *alone* studies and confirmed on the rest.
     """
-    from ..quant import sensitivity_validation as sv
-    from ..quant.sensitivity_validation import spearman
+    from ..sensitivity import validation as sv
+    from ..sensitivity.validation import spearman
 
     table, reliability = {}, {}
     for name, st in result["studies"].items():
@@ -259,7 +259,7 @@ def agreement(result: dict, sens: dict | None, proxy: dict | None, rank_as: dict
         if "images" in result and all("delta_confirm_a" in r for r in rows):
             reliability[name] = sv.reliability([r["delta_confirm_a"] for r in rows], [r["delta_confirm_b"] for r in rows],
                                                result["images"]["confirm_a"], result["images"])  # fmt: skip
-    from ..quant.head_metrics import METRICS
+    from ..sensitivity.metrics import METRICS
 
     alone = [n for n, st in result["studies"].items() if st["direction"] == "alone"]
     names = set.intersection(*(set(table[n]) for n in alone)) if alone else set()
@@ -291,8 +291,8 @@ def torch_proxy(run: RunDir, sens: dict) -> dict:
         import torch
 
         from ..export import load_torch_model
-        from ..quant.formats import get_format
-        from ..quant.torch_proxy import map_convs, torch_ranges, torch_sweep
+        from ..formats import get_format
+        from ..sensitivity.torch_proxy import map_convs, torch_ranges, torch_sweep
 
         torch.set_num_threads(cfg.runtime.threads)
         tm = load_torch_model(source)
@@ -331,7 +331,7 @@ def torch_proxy(run: RunDir, sens: dict) -> dict:
 
 
 def scheme_files(run: RunDir) -> list[dict]:
-    from ..quant.schemes import write_schemes
+    from ..sensitivity.schemes import write_schemes
 
     s = run.cfg.sensitivity
     sens_path = run.artifact(SENS)

@@ -17,20 +17,22 @@ statistics): ORT's full placement 26.0 -> 28.4 dB; Q/DQ on Conv inputs only 29.3
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
+import onnx
+from onnx import numpy_helper
 
 from ..artifacts import atomic_path, read_json, sha256_file, write_json
 from ..errors import LowbitError
+from ..runtime import Activations
 
 BC_IMAGES = 32  # calibration images [0, N) for the statistics (the same images as the ranges' first N)
 BC_VERSION = 1  # part of the stage key of every recipe corrected here
 
 
 def _attr(node, name, default):
-    import onnx
-
     for a in node.attribute:
         if a.name == name:
             return onnx.helper.get_attribute_value(a)
@@ -49,7 +51,6 @@ def _zero_point(node, inits, arr) -> np.ndarray:
 def _quantized_convs(graph, fp32_weights: dict[str, np.ndarray]) -> tuple[list[dict], list[str]]:
     """Every Conv fed by DequantizeLinear on input and weights, with what correcting it needs;
     and the names of those left alone (no bias to shift)."""
-    from onnx import numpy_helper
 
     inits = {i.name: i for i in graph.initializer}
     prod = {o: n for n in graph.node for o in n.output}
@@ -121,13 +122,11 @@ def _quantized_convs(graph, fp32_weights: dict[str, np.ndarray]) -> tuple[list[d
     return jobs, no_bias
 
 
-def bias_shifts(qdq_model, fp32_path: str | Path, images: np.ndarray) -> tuple[list[dict], dict[str, np.ndarray], list[str]]:
+def bias_shifts(qdq_model, fp32_path: str | Path, images: np.ndarray,
+                threads: int = 2) -> tuple[list[dict], dict[str, np.ndarray], list[str]]:  # fmt: skip
     """Per quantized Conv of ``qdq_model`` (an onnx.ModelProto), the mean output shift over
     ``images``; and the quantized Convs without a bias (left alone)."""
-    import onnx
-    import onnxruntime as ort
-    import torch
-    from onnx import numpy_helper
+    import torch  # late: torch costs seconds at import, kept off the command line's start-up
 
     fp32 = onnx.load(str(fp32_path))
     finit = {i.name: i for i in fp32.graph.initializer}
@@ -143,21 +142,16 @@ def bias_shifts(qdq_model, fp32_path: str | Path, images: np.ndarray) -> tuple[l
     if missing:
         raise LowbitError(f"bias correction: the FP32 model has no tensor named {missing[0]!r} (a quantized Conv input; "
                           f"{len(missing)} such)", "pass the FP32 model this Q/DQ file was quantized from")  # fmt: skip
-    have = {o.name for o in fp32.graph.output}
-    for x in names:
-        if x not in have:
-            fp32.graph.output.append(onnx.helper.make_tensor_value_info(x, onnx.TensorProto.FLOAT, None))
-    session = ort.InferenceSession(fp32.SerializeToString(), providers=["CPUExecutionProvider"])
-    feed = session.get_inputs()[0].name
+    acts = Activations(fp32, names, threads)
     w_f = {j["node"]: torch.from_numpy(np.array(fp32_weights[j["node"]], np.float32)) for j in jobs}
     w_q = {j["node"]: torch.from_numpy(np.array(j["w_q"], np.float32)) for j in jobs}
     sums = {j["node"]: np.zeros(w_q[j["node"]].shape[0]) for j in jobs}
     conv2d = torch.nn.functional.conv2d
     with torch.inference_mode():
         for img in images:  # one image at a time: memory stays one forward pass of activations
-            acts = dict(zip(names, session.run(names, {feed: np.ascontiguousarray(img[None], np.float32)})))
+            values = acts.of(img)
             for j in jobs:
-                x = torch.from_numpy(acts[j["x"]])
+                x = torch.from_numpy(values[j["x"]])
                 lo, hi = j["x_limits"]
                 xq = (torch.clamp(torch.round(x / j["x_scale"]) + j["x_zp"], lo, hi) - j["x_zp"]) * j["x_scale"]
                 diff = conv2d(x, w_f[j["node"]], **j["conv"]) - conv2d(xq, w_q[j["node"]], **j["conv"])
@@ -172,8 +166,6 @@ def bias_shifts(qdq_model, fp32_path: str | Path, images: np.ndarray) -> tuple[l
 
 def correct_biases(qdq_path: str | Path, fp32_path: str | Path, images: np.ndarray, out: str | Path | None = None) -> dict:
     """Write ``qdq_path`` (or ``out``) with every quantized Conv's bias corrected; returns a summary."""
-    import onnx
-    from onnx import numpy_helper
 
     if len(images) == 0:
         raise LowbitError("bias correction needs calibration images", "pass at least one calibration image")
@@ -200,8 +192,6 @@ def correct_biases(qdq_path: str | Path, fp32_path: str | Path, images: np.ndarr
 
 def correct_recipe_file(model_out: str | Path, fp32_path: str | Path, calib: np.ndarray, images: int = BC_IMAGES) -> dict:
     """Bias-correct a backend's output in place and record it in its ``.recipe.json``."""
-    import time
-
     t0 = time.perf_counter()
     summary = correct_biases(model_out, fp32_path, calib[:images])
     summary["seconds"] = round(time.perf_counter() - t0, 1)

@@ -171,7 +171,7 @@ class DeployedQdq:
                     n.input[:] = [pre if x == o.name else x for x in n.input]
                 dq = qdq(pre, scale, zero)
                 new_nodes.append(helper.make_node("Identity", [dq], [o.name], name=f"{o.name}::ort::out"))
-        from .formats import replace_nodes
+        from ..formats import replace_nodes
 
         replace_nodes(g, new_nodes)
         return out
@@ -191,7 +191,7 @@ class DeployedPerturber:
         import tempfile
         from pathlib import Path
 
-        from .ort_int8 import quantize_int8_ort
+        from ..int8.ort import quantize_int8_ort
 
         with tempfile.TemporaryDirectory(prefix="lowbit.w8a8-ort.") as tmp:
             out = Path(tmp) / "qdq.onnx"

@@ -39,8 +39,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import LowbitError
 from . import gptq
-from .formats import FORMATS, act_qdq_nodes, replace_nodes
-from .weights import WeightSpec, compute_scale, dequantize, quantize_codes
+from ..formats import FORMATS, act_qdq_nodes, replace_nodes
+from ..weights import WeightSpec, compute_scale, dequantize, quantize_codes
 
 PRECISIONS = ("fp32", "fp16", "w8a8", "w4a16", "w4a8", "fp8")
 # Part of every candidate's cache key: bump it when the arithmetic of weights.py / gptq.py /

@@ -16,6 +16,7 @@ import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
 
 from ..errors import LowbitError
+from ..runtime import Activations
 
 
 def load_calibration(path: str | Path, count: int | None = None) -> np.ndarray:
@@ -89,7 +90,8 @@ def quantized_op_types(op_types: list[str] | None) -> list[str]:
 
 
 def activation_ranges(model: str | Path, calib: np.ndarray, method: str, op_types: list[str] | None = None,
-                      percentile: float = 99.999, order: list[int] | None = None) -> dict[str, tuple[np.float32, np.float32]]:  # fmt: skip
+                      percentile: float = 99.999, order: list[int] | None = None,
+                      threads: int = 2) -> dict[str, tuple[np.float32, np.float32]]:  # fmt: skip
     """Per tensor ORT would calibrate, its (rmin, rmax), independent of slicing and image order.
 
     * ``minmax``: the global min and max over all images;
@@ -118,19 +120,15 @@ def activation_ranges(model: str | Path, calib: np.ndarray, method: str, op_type
             extra_options={"symmetric": False, "percentile": percentile,
                            **({"num_bins": ENTROPY_BINS} if method == "entropy" else {})},
         )  # fmt: skip
-        session, names = calibrator.infer_session, sorted(calibrator.tensors_to_calibrate)
-        feed = session.get_inputs()[0].name
-        outputs = [o.name for o in session.get_outputs()]
-
-        def activations(i):
-            got = dict(zip(outputs, session.run(None, {feed: np.ascontiguousarray(calib[i : i + 1])})))
-            return {t: got[t] for t in names if t in got}
+        names = sorted(calibrator.tensors_to_calibrate)
+        # the graph as written (ORT's calibrator runs it with optimizations off too)
+        acts = Activations(model, names, threads, arithmetic="exact")
 
         # pass 1: per-image min / max of every tensor
         mins: dict[str, list[float]] = {t: [] for t in names}
         maxs: dict[str, list[float]] = {t: [] for t in names}
-        for i in order:
-            for t, a in activations(i).items():
+        for values in acts.each(calib, order):
+            for t, a in values.items():
                 mins[t].append(float(np.nanmin(a)) if a.size else 0.0)
                 maxs[t].append(float(np.nanmax(a)) if a.size else 0.0)
         names = [t for t in names if mins[t]]
@@ -145,8 +143,8 @@ def activation_ranges(model: str | Path, calib: np.ndarray, method: str, op_type
         thr = {t: np.float32(max(abs(lo[t]), abs(hi[t]))) for t in names}
         bins = calibrator.num_bins
         hists = {t: np.zeros(bins, np.int64) for t in names}
-        for i in order:
-            for t, a in activations(i).items():
+        for values in acts.each(calib, order):
+            for t, a in values.items():
                 hists[t] += np.histogram(a.ravel(), bins, range=(-thr[t], thr[t]))[0]
         collector = HistogramCollector(method=calibrator.method, symmetric=False, num_bins=bins,
                                        num_quantized_bins=calibrator.num_quantized_bins, percentile=percentile,

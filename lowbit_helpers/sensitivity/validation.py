@@ -22,7 +22,7 @@ import io
 import numpy as np
 
 from ..decode import decode
-from .head_metrics import Accumulator, Reference
+from .metrics import Accumulator, Reference
 
 PSEUDO_GT_SCORE = 0.25  # FP32 detections at or above this score are the label-free ground truth
 LABEL_FREE = "label_free_map"

@@ -38,7 +38,7 @@ class Format:
     weight_bits: int  # 4 or 8
     act_bits: int | None  # 8, or None for float activations
     fp8: bool = False
-    ort_placement: bool = False  # Q/DQ where ORT's quantize_static puts them (quant/deployed.py), not only Conv inputs
+    ort_placement: bool = False  # Q/DQ where ORT's quantize_static puts them (sensitivity/deployed.py), not only Conv inputs
 
     @property
     def bits_saved(self) -> int:
@@ -56,7 +56,7 @@ FORMATS = {
 
 
 def get_format(name: str) -> Format:
-    from ..errors import LowbitError
+    from .errors import LowbitError
 
     if name not in FORMATS:
         raise LowbitError(f"unknown format {name!r}", f"use one of {sorted(FORMATS)}")

@@ -18,7 +18,7 @@ the decoder throws away. The detection-aware metrics below look at what the deco
 Every value is in dB, higher is less sensitive, and is a ratio of sums over images (so one
 image with a tiny signal does not dominate). :class:`Accumulator` keeps the sums.
 A label-free mAP (the perturbed model's detections scored against FP32's own) is computed
-by :mod:`.sensitivity_validation`, where its cost (decode, NMS and pycocotools per
+by :mod:`.validation`, where its cost (decode, NMS and pycocotools per
 perturbation) is affordable.
 """
 
@@ -29,19 +29,11 @@ import math
 import numpy as np
 
 from ..decode import NUM_CLASSES, REG_MAX, anchors
+from ..runtime.inspect import sqnr_from_sums as sqnr_db
 
 FG_SCORE = 0.1  # FP32 best class score from which an anchor counts as foreground
 METRICS = ("raw_sqnr", "score_sqnr", "fg_score_sqnr", "fg_box_sqnr", "det_sqnr")
 _SUMS = ("raw", "score", "fg_score", "fg_box")  # (signal, noise) pairs behind the metrics
-
-
-def sqnr_db(signal: float, noise: float) -> float:
-    """10 log10(signal / noise): the project's one SQNR (``inf`` without noise)."""
-    if noise == 0:
-        return float("inf")
-    if signal == 0:
-        return float("-inf")
-    return float(10 * math.log10(signal / noise))
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:

@@ -71,7 +71,7 @@ def probe(folder: str | Path, threads: int = 1) -> dict:
     (the vpmaddubsw int16 clip); ``reduce_range_exact`` when the 7-bit twin matches exactly.
     """
     from ..runtime import cpu_int8_isa, make_session
-    from .inspect import ort_executed_ops
+    from ..runtime.inspect import ort_executed_ops
 
     folder = Path(folder)
     x = np.ones((1, CHANNELS, 4, 4), np.float32)
@@ -90,7 +90,7 @@ def probe(folder: str | Path, threads: int = 1) -> dict:
     return out
 
 
-if __name__ == "__main__":  # python -m lowbit_helpers.quant.kernel_check: the probe on this CPU, as JSON
+if __name__ == "__main__":  # python -m lowbit_helpers.int8.kernel_check: the probe on this CPU, as JSON
     import json
     import sys
     import tempfile

@@ -24,8 +24,8 @@ from pathlib import Path
 
 from ..artifacts import read_json, write_json
 from ..errors import LowbitError
-from .formats import FORMATS
-from .sensitivity import value
+from ..formats import FORMATS
+from .sweep import value
 
 
 def _noise(sqnr_db: float) -> float:

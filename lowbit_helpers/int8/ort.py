@@ -103,7 +103,7 @@ def quantize_int8_ort(model_in: str | Path, model_out: str | Path, calib: np.nda
         "quant_format": "QDQ", "activation_type": "QUInt8", "weight_type": "QInt8", "per_channel": True,
         "reduce_range": reduce_range, "op_types_to_quantize": op_types, "nodes_to_exclude": excluded,
         "extra_options": {**extra, "TensorQuantOverrides": f"rmin / rmax of {len(ranges)} tensors"},
-        "ranges": {"function": "lowbit_helpers.quant.calibration.activation_ranges", "method": method,
+        "ranges": {"function": "lowbit_helpers.int8.calibration.activation_ranges", "method": method,
                    **({"percentile": percentile} if method == "percentile" else {}), "images": len(calib),
                    "seconds": round(range_seconds, 1)},
         "calibration_images": len(calib),

@@ -31,7 +31,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .weights import WeightSpec, compute_scale, expand_scale
+from ..runtime import Activations
+from ..weights import WeightSpec, compute_scale, expand_scale
 
 
 @dataclass
@@ -94,8 +95,6 @@ class StatsCollector:
     stats: dict[str, ConvStats] = field(default_factory=dict)
 
     def __post_init__(self):
-        from .sensitivity import session, with_outputs
-
         g = self.model.graph
         inits = {i.name: i for i in g.initializer}
         by_name = {n.name: n for n in g.node}
@@ -107,16 +106,12 @@ class StatsCollector:
             d = w_shape[1] * w_shape[2] * w_shape[3]
             self.stats[name] = ConvStats(geo, np.zeros((geo.group, d, d), np.float64), np.zeros((geo.group, d), np.float64))
             self._inputs[name] = node.input[0]
-        tensors = sorted(set(self._inputs.values()))
-        self._session = session(with_outputs(self.model, tensors), self.threads)
-        self._feed = self._session.get_inputs()[0].name
-        self._names = [o.name for o in self._session.get_outputs()]
+        self._activations = Activations(self.model, sorted(set(self._inputs.values())), self.threads)
 
     def add(self, images: np.ndarray) -> None:
-        import torch
+        import torch  # late: torch costs seconds at import, kept off the command line's start-up
 
-        for x in images:
-            values = dict(zip(self._names, self._session.run(None, {self._feed: x[None]})))
+        for values in self._activations.each(images):
             for name, st in self.stats.items():
                 cols = unfold(values[self._inputs[name]], st.geometry)  # float32 products, float64 sums
                 st.xxt += torch.bmm(cols, cols.transpose(1, 2)).double().numpy()

@@ -34,8 +34,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from .formats import Format, apply_format
-from .head_metrics import METRICS, Accumulator, Reference
+from ..formats import Format, apply_format
+from ..runtime import activations, make_session, with_outputs
+from .metrics import METRICS, Accumulator, Reference
 
 DIRECTIONS = ("alone", "kept")
 ALL = "__all__"  # the key of the every-Conv-in-format perturbation
@@ -46,35 +47,11 @@ def conv_nodes(model: onnx.ModelProto) -> list[str]:
     return [n.name for n in model.graph.node if n.op_type == "Conv"]
 
 
-def with_outputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
-    """Copy of ``model`` that also returns the named intermediate float tensors."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    have = {o.name for o in out.graph.output}
-    for name in names:
-        if name not in have:
-            out.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    return out
-
-
-def session(model: onnx.ModelProto, threads: int = 2, disabled: Iterable[str] = ()):
-    """CPU session for an in-memory graph; no memory arena (many small sessions live at once).
-    ``disabled``: more graph optimizers to turn off (a perturber's ``disabled_optimizers``)."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.enable_cpu_mem_arena = False
-    so.log_severity_level = 3
-    # Without these ORT fuses DequantizeLinear -> Conv -> QuantizeLinear chains into QLinearConv
-    # (and refuses float8 ones), and re-quantizes the float weights of a Conv between a
-    # DequantizeLinear and a QuantizeLinear with its own int8 scales (WeightBiasQuantization,
-    # ORT 1.24): the fake-quantized Conv must stay a float Conv with exactly the given weights.
-    return ort.InferenceSession(model.SerializeToString(), sess_options=so, providers=["CPUExecutionProvider"],
-                                disabled_optimizers=["QDQSelectorActionTransformer", "WeightBiasQuantization", *disabled])
+def sim_session(model: onnx.ModelProto, threads: int = 2, disabled: Iterable[str] = ()):
+    """The sweep's session of an in-memory graph: the fake-quantized graph in float (``simulated``
+    arithmetic), no memory arena (many small sessions live at once); ``disabled``: more graph
+    optimizers to turn off (a perturber's ``disabled_optimizers``)."""
+    return make_session(model, threads=threads, arithmetic="simulated", disabled_optimizers=disabled, memory_arena=False)
 
 
 def activation_ranges(model: onnx.ModelProto, images: np.ndarray, threads: int = 2) -> dict[str, tuple[float, float]]:
@@ -84,15 +61,11 @@ def activation_ranges(model: onnx.ModelProto, images: np.ndarray, threads: int =
     extremes averaged, so one outlier image does not set the range).
     """
     inputs = sorted({n.input[0] for n in model.graph.node if n.op_type == "Conv"})
-    sess = session(with_outputs(model, inputs), threads)
-    feed = sess.get_inputs()[0].name
-    names = [o.name for o in sess.get_outputs()]
     lo, hi = {k: [] for k in inputs}, {k: [] for k in inputs}
-    for x in images:
-        for name, value in zip(names, sess.run(None, {feed: x[None]})):
-            if name in lo:
-                lo[name].append(float(value.min()))
-                hi[name].append(float(value.max()))
+    for values in activations(model, inputs, images, threads):
+        for name, value in values.items():
+            lo[name].append(float(value.min()))
+            hi[name].append(float(value.max()))
     return {k: (float(np.mean(lo[k])), float(np.mean(hi[k]))) for k in inputs}
 
 
@@ -156,7 +129,7 @@ class MethodPerturber:
         self.cache: dict = {}
 
     def __call__(self, model: onnx.ModelProto, convs: set[str]) -> onnx.ModelProto:
-        from .materialize import materialize
+        from ..lowbit.materialize import materialize
 
         convs = set(convs) & set(conv_nodes(model))
         if not convs:
@@ -233,18 +206,18 @@ def _run_group(index: int) -> tuple[dict, dict]:
     subs = {}
     for conv, d in group:
         if conv == ALL:
-            subs[conv, d] = session(fmt(model, set(plan.convs)), job.threads, disabled)
+            subs[conv, d] = sim_session(fmt(model, set(plan.convs)), job.threads, disabled)
             continue
         sub = plan.subgraph(extractor, conv)
         # kept: every other Conv, also those outside the sub-graph (a perturber may quantize edges
         # into the sub-graph that a Conv upstream owns; it ignores what the sub-graph lacks)
         convs = {conv} if d == "alone" else set(plan.convs) - {conv}
-        subs[conv, d] = session(fmt(sub, convs), job.threads, disabled)
+        subs[conv, d] = sim_session(fmt(sub, convs), job.threads, disabled)
     needed = sorted({t for key in subs for t in plan.boundary[key[0]]} - {plan.input})
     fp32_out = needed if direction != "kept" else []
-    bases = {"fp32": session(with_outputs(model, fp32_out), job.threads, disabled)}
+    bases = {"fp32": sim_session(with_outputs(model, fp32_out), job.threads, disabled)}
     if direction == "kept":
-        bases["kept"] = session(with_outputs(fmt(model, set(plan.convs)), needed), job.threads, disabled)
+        bases["kept"] = sim_session(with_outputs(fmt(model, set(plan.convs)), needed), job.threads, disabled)
     t_setup = time.perf_counter() - t0
     states = {key: job.scorer.new() for key in subs}
     t_base = t_sub = 0.0
@@ -418,12 +391,12 @@ def naive(model: onnx.ModelProto, images: np.ndarray, fmt: Format | Callable, ra
     """
     perturber = FormatPerturber(fmt, ranges) if isinstance(fmt, Format) else fmt
     disabled = getattr(perturber, "disabled_optimizers", ())
-    ref_sess = session(model, threads, disabled)
+    ref_sess = sim_session(model, threads, disabled)
     feed = model.graph.input[0].name
     refs = [Reference(ref_sess.run(None, {feed: x[None]})[0]) for x in images]
     t0 = time.perf_counter()
     convs = conv_nodes(model)
-    sess = session(perturber(model, {conv} if direction == "alone" else set(convs) - {conv}), threads, disabled)
+    sess = sim_session(perturber(model, {conv} if direction == "alone" else set(convs) - {conv}), threads, disabled)
     acc = Accumulator()
     for x, ref in zip(images, refs):
         acc.add(ref, sess.run(None, {feed: x[None]})[0])

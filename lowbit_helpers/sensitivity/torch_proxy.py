@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .formats import FP8_MAX, Format
+from ..formats import FP8_MAX, Format
 
 
 # ------------------------------------------------------------------ name mapping
@@ -194,7 +194,7 @@ def torch_sweep(model, modules: list[str], images: np.ndarray, fmt: Format, rang
                         noise[n] += float(((out.double() - ref) ** 2).sum())
             if progress:
                 progress(f"torch {fmt.name}: {min(start + chunk, len(images))}/{len(images)} images")
-    from .head_metrics import sqnr_db
+    from .metrics import sqnr_db
 
     sqnr = {n: sqnr_db(signal, noise[n]) for n in modules}
     return {"format": fmt.name, "images": int(len(images)), "sqnr_db": sqnr, "seconds": time.perf_counter() - t0}

@@ -19,9 +19,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .errors import LowbitError
+from ..errors import LowbitError
 
-LOCAL_QEMU = Path(__file__).resolve().parent.parent / ".cache" / "qemu" / "usr" / "bin" / "qemu-x86_64-static"
+LOCAL_QEMU = Path(__file__).resolve().parents[2] / ".cache" / "qemu" / "usr" / "bin" / "qemu-x86_64-static"
 
 
 def qemu_binary() -> str | None:
@@ -59,7 +59,7 @@ def _run(qemu: str, cpu: str, args: list[str], what: str) -> str:
 
 def emulated_probe(qemu: str, cpu: str) -> dict:
     """:func:`.quant.kernel_check.probe` inside the emulated CPU."""
-    return json.loads(_run(qemu, cpu, ["-m", "lowbit_helpers.quant.kernel_check"], "the saturation probe"))
+    return json.loads(_run(qemu, cpu, ["-m", "lowbit_helpers.int8.kernel_check"], "the saturation probe"))
 
 
 class EmulatedSession:
@@ -71,9 +71,9 @@ class EmulatedSession:
     """
 
     def __init__(self, qemu: str, cpu: str, model: str | Path, threads: int = 2):
-        from .runtime import _Input
+        from .sessions import _Input
 
-        cmd = _command(qemu, cpu, ["-m", "lowbit_helpers.emulate", str(model), str(threads)])
+        cmd = _command(qemu, cpu, ["-m", "lowbit_helpers.runtime.emulate", str(model), str(threads)])
         self._err = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._err, env=_child_env())
         try:
@@ -153,7 +153,8 @@ def _receive(stream):
 
 def _serve(model: str, threads: str) -> None:
     """The emulated side: an ORT session (kernels) answering raw tensors on stdin with raw heads."""
-    from .runtime import cpu_int8_isa, make_session, run_head
+    from .machine import cpu_int8_isa
+    from .sessions import make_session, run_head
 
     session = make_session(model, threads=int(threads))
     out, inp = sys.stdout.buffer, sys.stdin.buffer
@@ -164,5 +165,5 @@ def _serve(model: str, threads: str) -> None:
         _send(out, run_head(session, x))
 
 
-if __name__ == "__main__":  # python -m lowbit_helpers.emulate MODEL THREADS (run under QEMU by EmulatedSession)
+if __name__ == "__main__":  # python -m lowbit_helpers.runtime.emulate MODEL THREADS (run under QEMU by EmulatedSession)
     _serve(*sys.argv[1:3])

@@ -1,1 +1,0 @@
-"""Quantization algorithms: one module each, ONNX in -> ONNX out, the recipe saved beside it."""
