@@ -8,9 +8,13 @@ import time
 from pathlib import Path
 
 from .errors import LowbitError
-from .int8.bias_correction import BC_IMAGES
 from .formats import FORMATS
+from .int8 import ALL_BIAS_CORRECTIONS, ALL_METHODS, BACKENDS, HEAD_POLICIES, Int8Options, option_specs
+from .lowbit import method_grammar
+from .runtime import RUNTIMES
+from .runtime.sessions import OPENVINO_PRECISIONS
 from .sensitivity.metrics import METRICS
+from .sensitivity.sweep import DIRECTIONS
 
 
 def _raw_onnx(path: str, check_output: bool = True) -> Path:
@@ -128,58 +132,24 @@ def _cmd_bench(args) -> int:
 
 
 def _cmd_quantize_int8(args) -> int:
-    import json
-
     from .data import calibration_tensor, read_image_list
+    from .int8 import Int8Options, checked, option_specs, quantize_int8
     from .int8.calibration import load_calibration
 
-    if args.reduce_range and args.backend != "ort":
-        raise LowbitError("--reduce-range is an ORT quantize_static option", "use it with --backend ort")
-    if args.format != "onnx" and args.backend != "nncf":
-        raise LowbitError("--format is an NNCF option", "use it with --backend nncf")
-    if args.placement != "all" and args.backend != "ort":
-        raise LowbitError("--placement is an ORT quantize_static option", "use it with --backend ort")
-    bias_correction = args.bias_correction or ("full" if args.backend == "nncf" else "none")
-    allowed = ("full", "fast") if args.backend == "nncf" else ("none", "fast")
-    if bias_correction not in allowed:
-        raise LowbitError(f"--bias-correction {bias_correction} is not available for --backend {args.backend}",
-                          f"use one of {', '.join(allowed)} with {args.backend}")  # fmt: skip
+    # every option the command line has, into one options object; the backend's rules check it
+    # (int8/base.py: check_options, the same rules as a params variant's)
+    own = {k: tuple(getattr(args, k)) if spec.many else getattr(args, k) for k, spec in option_specs().items()}
+    o = checked(args.backend, Int8Options(method=args.method, head_policy=args.head_policy, exclude=tuple(args.exclude),
+                                          bias_correction=args.bias_correction,
+                                          bias_correction_images=args.bias_correction_images, **own),
+                flags=True)  # fmt: skip
     model = _raw_onnx(args.model, check_output=False)
     if args.calib_npy:
         calib = load_calibration(args.calib_npy, args.images)
     else:
         paths = read_image_list(args.calib)
         calib = calibration_tensor(paths, min(args.images, len(paths)) if args.images else len(paths))
-    method = args.method or {"ort": "avgminmax", "modelopt": "entropy", "nncf": "mixed"}[args.backend]
-    if args.backend == "ort":
-        from .int8.ort import quantize_int8_ort
-
-        recipe = quantize_int8_ort(model, args.out, calib, method=method, head_policy=args.head_policy,
-                                   exclude=args.exclude, percentile=args.percentile,
-                                   reduce_range=args.reduce_range, placement=args.placement)  # fmt: skip
-    elif args.backend == "nncf":
-        from .int8.nncf import quantize_int8_nncf
-
-        recipe = quantize_int8_nncf(model, args.out, calib, method=method, head_policy=args.head_policy,
-                                    exclude=args.exclude, bias_correction=bias_correction,
-                                    target=args.format)  # fmt: skip
-    else:
-        from .int8.modelopt import quantize_int8_modelopt
-
-        recipe = quantize_int8_modelopt(model, args.out, calib, method=method, head_policy=args.head_policy,
-                                        exclude=args.exclude, op_types_to_exclude=args.exclude_op_type,
-                                        calibration_eps=args.calibration_eps,
-                                        high_precision_dtype=args.high_precision_dtype)  # fmt: skip
-    if bias_correction == "fast" and args.backend != "nncf":  # NNCF corrects inside its own pipeline
-        from .int8.bias_correction import correct_recipe_file
-
-        try:
-            recipe = correct_recipe_file(args.out, model, calib, args.bias_correction_images)
-        except BaseException:  # no uncorrected file left behind looking like the corrected one
-            for p in (Path(args.out), Path(args.out).with_suffix(".recipe.json")):
-                p.unlink(missing_ok=True)
-            raise
-    print(json.dumps({k: recipe[k] for k in ("backend", "method", "head_policy", "seconds")}))
+    quantize_int8(args.backend, model, args.out, calib, o)
     print(f"wrote {args.out}")
     return 0
 
@@ -252,8 +222,9 @@ def _cmd_materialize(args) -> int:
     from .artifacts import atomic_path, read_json, sha256_file, write_json
     from .data import calibration_tensor, read_image_list
     from .int8.calibration import load_calibration
-    from .lowbit.gptq import collect_stats
-    from .lowbit.materialize import check_scheme, materialize, parse_method, stats_convs
+    from .lowbit import parse_method
+    from .lowbit.stats import collect_stats
+    from .lowbit.materialize import check_scheme, materialize, stats_convs
     from .sensitivity.sweep import activation_ranges
 
     scheme_path = Path(args.scheme)
@@ -352,43 +323,41 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--bootstrap", type=int, default=1000, help="resamples for the 95%% interval (0: none)")
     v.add_argument("--threads", type=int, default=2)
     v.add_argument("--providers", nargs="+", default=["CPUExecutionProvider"])
-    v.add_argument("--runtime", choices=["ort", "openvino"], default="ort")
+    v.add_argument("--runtime", choices=list(RUNTIMES), default=RUNTIMES[0])
     v.add_argument("--exact", action="store_true", help="ORT with graph optimizations off: exact Q/DQ arithmetic, no integer kernels")
-    v.add_argument("--precision", choices=["f32", "bf16"], default="f32", help="openvino: inference precision")
+    v.add_argument("--precision", choices=list(OPENVINO_PRECISIONS), default=OPENVINO_PRECISIONS[0],
+                   help="openvino: inference precision")
     v.add_argument("--out", required=True, help="metrics.json")
     v.add_argument("--detections", help="also write the detections (COCO results json)")
     v.add_argument("--quiet", action="store_true")
     v.set_defaults(func=_cmd_evaluate)
 
-    q = sub.add_parser("quantize-int8", help="INT8 Q/DQ: ORT quantize_static (ORT CPU), ModelOpt (TensorRT) or NNCF (the peer)")
+    q = sub.add_parser("quantize-int8", help="INT8 Q/DQ with a registered backend: " + "; ".join(
+        f"{b.name} ({b.help})" for b in BACKENDS.values()))  # fmt: skip
     q.add_argument("model")
-    q.add_argument("--backend", choices=["ort", "modelopt", "nncf"], default="ort",
-                   help="ort (default: the recipe the report ships for ORT CPU) | modelopt | nncf")
+    q.add_argument("--backend", default=next(iter(BACKENDS)), metavar="{" + ",".join(BACKENDS) + "}",
+                   help=" | ".join(f"{b.name}: {b.help}" for b in BACKENDS.values()))  # fmt: skip
     src = q.add_mutually_exclusive_group(required=True)
     src.add_argument("--calib", help="text file of calibration image paths, relative to the file's folder")
     src.add_argument("--calib-npy", help="instead: an N x 3 x 640 x 640 float32 .npy (a run's calib/calib.npy)")
     q.add_argument("--out", required=True)
-    q.add_argument("--method", choices=["avgminmax", "minmax", "percentile", "entropy", "max", "mixed", "performance"],
-                   help="ort: avgminmax (default) | minmax | percentile | entropy; modelopt: max | entropy (default entropy); "
-                        "nncf: mixed (default) | performance (its presets)")  # fmt: skip
-    q.add_argument("--reduce-range", action="store_true", help="ort: 7-bit weights (no int16 saturation on CPUs without VNNI)")
-    q.add_argument("--bias-correction", choices=["none", "full", "fast"],
-                   help="nncf: its own, full (default) | fast; ort, modelopt: none (default) | fast (this project's "
-                        "per-Conv correction of the finished Q/DQ file, int8/bias_correction.py)")  # fmt: skip
-    q.add_argument("--bias-correction-images", type=_positive, default=BC_IMAGES,
-                   help="ort, modelopt: calibration images [0, N) for the bias-correction statistics")
-    q.add_argument("--placement", choices=["all", "conv-inputs"], default="all",
-                   help="ort: Q/DQ on every op ORT quantizes (all: QLinearConv under ORT) or on Conv inputs only "
-                        "(conv-inputs: NNCF's placement, fused by OpenVINO, float under ORT)")  # fmt: skip
-    q.add_argument("--format", choices=["onnx", "openvino"], default="onnx",
-                   help="nncf: a Q/DQ ONNX, or an OpenVINO IR (--out model.xml; OpenVINO runs it, ORT cannot)")  # fmt: skip
+    q.add_argument("--method", metavar="{" + ",".join(ALL_METHODS) + "}", help="; ".join(
+        f"{b.name}: {' | '.join(b.methods)} (default {b.default_method})" for b in BACKENDS.values()))  # fmt: skip
+    q.add_argument("--bias-correction", metavar="{" + ",".join(ALL_BIAS_CORRECTIONS) + "}", help="; ".join(
+        f"{b.name}: {' | '.join(b.bias_corrections)} (default {b.default_bias_correction})" for b in BACKENDS.values())
+        + "; fast on a Q/DQ file is this project's per-Conv correction (int8/bias_correction.py)")  # fmt: skip
+    q.add_argument("--bias-correction-images", type=_positive, default=Int8Options.bias_correction_images,
+                   help="calibration images [0, N) for this project's bias-correction statistics")
     q.add_argument("--images", type=int, default=128, help="calibration images (the first N of the list)")
-    q.add_argument("--head-policy", choices=["none", "conservative", "head"], default="conservative")
+    q.add_argument("--head-policy", choices=list(HEAD_POLICIES), default=Int8Options.head_policy)
     q.add_argument("--exclude", nargs="*", default=[], help="ONNX node names kept in float")
-    q.add_argument("--exclude-op-type", nargs="*", default=[], help="modelopt: op types kept in float")
-    q.add_argument("--percentile", type=float, default=99.999)
-    q.add_argument("--calibration-eps", nargs="+", default=["cpu"], help="modelopt: cpu | cuda:0 | trt")
-    q.add_argument("--high-precision-dtype", choices=["fp32", "fp16"], default="fp32")
+    for key, spec in option_specs().items():  # each backend's own options, from the registry
+        owner = next(b.name for b in BACKENDS.values() if key in b.options)
+        default = getattr(Int8Options(), key)
+        kw = {"action": "store_true"} if spec.kind is bool else {
+            "type": spec.kind, "metavar": "{" + ",".join(spec.choices) + "}" if spec.choices else None,
+            "nargs": "+" if spec.many else None, "default": list(default) if spec.many else default}  # fmt: skip
+        q.add_argument(spec.flag, dest=key, help=f"{owner}: {spec.help}", **kw)
     q.set_defaults(func=_cmd_quantize_int8)
 
     s = sub.add_parser("sensitivity", help="per-Conv sensitivity of a raw-head ONNX (alone / kept, detection-aware metrics)")
@@ -399,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--calib-list", default="calib160.txt", help="relative to --coco-root")
     s.add_argument("--images", type=int, default=64, help="sweep images: list entries [R, R+N)")
     s.add_argument("--range-images", type=int, default=32, help="activation ranges from list entries [0, R)")
-    s.add_argument("--directions", nargs="+", default=["alone", "kept"], choices=["alone", "kept"])
+    s.add_argument("--directions", nargs="+", default=list(DIRECTIONS), choices=list(DIRECTIONS))
     s.add_argument("--metric", default="det_sqnr", choices=list(METRICS), help="the ranking metric (sensitivity/metrics.py)")
     s.add_argument("--workers", type=_positive, default=2, help="sweep processes (one ORT thread each)")
     s.add_argument("--group", type=_positive, default=32, help="perturbations whose sessions live at once per worker")
@@ -419,8 +388,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out-dir", required=True)
     c.add_argument("--top-k", nargs="+", type=int, default=[0, 5, 10, 20])
     c.add_argument("--budgets", nargs="+", type=float, default=[25, 50, 75, 90], help="percent of conv weights in 4-bit")
-    c.add_argument("--low", default="w4a8", choices=["w4a16", "w4a8"], help="4-bit format of budgeted schemes")
-    c.add_argument("--high", default="w8a8", choices=["w8a8", "fp8"], help="8-bit format of budgeted schemes")
+    c.add_argument("--low", default="w4a8", choices=[n for n, f in FORMATS.items() if f.weight_bits == 4],
+                   help="4-bit format of budgeted schemes")
+    c.add_argument("--high", default="w8a8", choices=[n for n, f in FORMATS.items() if f.weight_bits == 8 and not f.ort_placement],
+                   help="8-bit format of budgeted schemes")
     c.set_defaults(func=_cmd_schemes)
 
     z = sub.add_parser("materialize", help="a mixed-precision scheme (JSON) -> one deployable Q/DQ ONNX with INT4/INT8/FP8 weights")
@@ -429,7 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     zsrc = z.add_mutually_exclusive_group(required=True)
     zsrc.add_argument("--calib", help="text file of calibration image paths (train2017, never evaluation images)")
     zsrc.add_argument("--calib-npy", help="instead: an N x 3 x 640 x 640 float32 .npy (a run's calib/calib.npy)")
-    z.add_argument("--method", default="gptq-bc", help="4-bit method <rtn|mse|gptq>[-bc][-b<B>] (default gptq-bc)")
+    z.add_argument("--method", default="gptq-bc", help=f"4-bit method {method_grammar()} (default gptq-bc)")
     z.add_argument("--range-images", type=_positive, default=32, help="activation ranges from calibration images [0, R)")
     z.add_argument("--stats-images", type=_positive, default=32, help="GPTQ / bias-correction statistics from images [0, N)")
     z.add_argument("--out", required=True, help="OUT.onnx (its recipe goes beside it as OUT.recipe.json)")
@@ -450,7 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--runs", type=int, default=50)
     b.add_argument("--profile", type=int, default=0, metavar="N",
                    help="also run each model N times under ORT's profiler: time per op type, Conv kernels vs the first model")  # fmt: skip
-    b.add_argument("--runtime", nargs="+", choices=["ort", "openvino"], default=["ort"],
+    b.add_argument("--runtime", nargs="+", choices=list(RUNTIMES), default=[RUNTIMES[0]],
                    help="time every model under each (interleaved, one process)")  # fmt: skip
     b.add_argument("--out", required=True, help="bench.json")
     b.set_defaults(func=_cmd_bench)

@@ -13,18 +13,25 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from .errors import LowbitError
+from .formats import FORMATS
+from .int8 import ALL_BIAS_CORRECTIONS, ALL_METHODS, BACKENDS, HEAD_POLICIES, Int8Options, checked, option_specs
 from .int8.bias_correction import BC_IMAGES
+from .lowbit import method_grammar, parse_method
+from .runtime import ENGINES, RUNTIMES
+from .schema import DecodeCfg, Section
+from .sensitivity.metrics import METRICS
+from .sensitivity.sweep import DIRECTIONS
 
 
-class _Section(BaseModel):
-    # strict: "2" is not silently an int; forbid: a misspelt key is an error, not a default
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+def one_of(names) -> Any:
+    """A Literal type of the registered ``names``: the params schema's choices are the registries'."""
+    return Literal[tuple(names)]
 
 
-class ModelCfg(_Section):
+class ModelCfg(Section):
     weights: str = Field(
         "yolov10n",
         description="yolov10{n,s,m,b,l,x} | path/to/model.pt | path/to/model.onnx | random:yolov10{n,..,x}",
@@ -33,7 +40,7 @@ class ModelCfg(_Section):
     opset: int = Field(19, ge=19, le=23, description="ONNX opset of the export; ModelOpt INT8/FP8 need >= 19")
 
 
-class DataCfg(_Section):
+class DataCfg(Section):
     coco_root: str = "../shared/coco2017"
     annotations: str = Field("annotations/instances_val2017_val500.json", description="relative to coco_root")
     subset: str = Field("val100", description="val100 | val500 (<root>/<name>_ids.txt) | first:N | all | ids.txt path")
@@ -41,51 +48,57 @@ class DataCfg(_Section):
     calib_images: int = Field(128, ge=1)
 
 
-class DecodeCfg(_Section):
-    mode: Literal["nms", "topk"] = Field("nms", description="nms: class-aware NMS; topk: YOLOv10 one-to-one top-k")
-    conf: float = Field(0.001, ge=0.0, le=1.0)
-    iou: float = Field(0.7, gt=0.0, le=1.0)
-    max_det: int = Field(300, ge=1)
-    pre_nms_topk: int = Field(30000, ge=1)
-    multi_label: bool = Field(True, description="NMS candidates are (anchor, class) pairs, as in Ultralytics val")
-
-
-class EvaluationCfg(_Section):
+class EvaluationCfg(Section):
     bootstrap: int = Field(1000, ge=0, description="bootstrap resamples over images for the 95% intervals")
     confidence: float = Field(0.95, gt=0.0, lt=1.0)
     seed: int = 0
 
 
-class RuntimeCfg(_Section):
+class RuntimeCfg(Section):
     providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"])
     threads: int = Field(2, ge=1, description="ORT intra-op threads")
 
 
-class LatencyCfg(_Section):
+class LatencyCfg(Section):
     warmup: int = Field(10, ge=0)
     runs: int = Field(50, ge=1)
     profile_runs: int = Field(5, ge=0, description="runs per model under ORT's profiler (0: none): where the time goes")
 
 
-class ParityCfg(_Section):
+class ParityCfg(Section):
     enabled: bool = True
     subset: str = "val100"
     ultralytics_pt: bool = Field(True, description="also score Ultralytics predicting from the .pt")
 
 
-class Int8Variant(_Section):
+class Int8Variant(Section):
     name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
-    backend: Literal["ort", "modelopt", "nncf"]
-    method: Literal["avgminmax", "minmax", "percentile", "entropy", "max", "mixed", "performance"]
-    head_policy: Literal["none", "conservative", "head"] = "conservative"
+    backend: one_of(BACKENDS)
+    method: one_of(ALL_METHODS) = Field(..., description="one of the backend's methods (int8/<backend>.py)")
+    head_policy: one_of(HEAD_POLICIES) = "conservative"
     keep_sensitive: int = Field(0, ge=0, description="also exclude the N Convs with the largest w8a8 kept gain "
                                 "(notebook 04's sweep, computed on first need) from quantization")
     reduce_range: bool = Field(False, description="ort: 7-bit weights (no int16 saturation without VNNI)")
-    bias_correction: Literal["none", "full", "fast"] | None = Field(
+    bias_correction: one_of(ALL_BIAS_CORRECTIONS) | None = Field(
         None, description="nncf: its own, full (default) | fast; ort, modelopt: none (default) | fast "
         "(int8/bias_correction.py on the finished Q/DQ file)")
-    placement: Literal["all", "conv-inputs"] = Field("all", description="ort: Q/DQ on every op ORT quantizes, or on Conv inputs only")
-    format: Literal["onnx", "openvino"] = Field("onnx", description="nncf: a Q/DQ ONNX, or an OpenVINO IR (OpenVINO only)")
+    placement: one_of(option_specs()["placement"].choices) = Field(
+        "all", description="ort: Q/DQ on every op ORT quantizes, or on Conv inputs only")
+    format: one_of(option_specs()["format"].choices) = Field(
+        "onnx", description="nncf: a Q/DQ ONNX, or an OpenVINO IR (OpenVINO only)")
+
+    def options(self) -> Int8Options:
+        """This variant's own options (the int8 section's shared ones are added by notebook 03)."""
+        return Int8Options(method=self.method, head_policy=self.head_policy, bias_correction=self.bias_correction,
+                           reduce_range=self.reduce_range, placement=self.placement, format=self.format)  # fmt: skip
+
+    @model_validator(mode="after")
+    def _backend_rules(self):
+        try:  # the backend's own rules (int8/base.py: check_options), the same as the command line's
+            checked(self.backend, self.options(), self.name)
+        except LowbitError as exc:
+            raise ValueError(f"{exc.cause}; {exc.fix}") from None
+        return self
 
 
 def _default_variants() -> list[Int8Variant]:
@@ -98,13 +111,13 @@ def _default_variants() -> list[Int8Variant]:
     ]
 
 
-Engine = Literal["ort", "ort-exact", "openvino", "openvino-bf16"]
+Engine = one_of(ENGINES)
 
 
 EMULATE_DEFAULT = ["ort-avgminmax", "ort-avgminmax-rr", "ort-avgminmax-keep6"]
 
 
-class EmulateCfg(_Section):
+class EmulateCfg(Section):
     """ORT's kernels on another x86 CPU model, emulated by QEMU user mode (its CPUID and its instructions)."""
 
     cpu: str | None = Field(None, description="QEMU CPU model (Haswell: AVX2 + FMA, no AVX-512 / VNNI); null: off")
@@ -113,7 +126,7 @@ class EmulateCfg(_Section):
                                 description="INT8 variants run there (ORT kernels); the default's names may be absent")
 
 
-class Int8Cfg(_Section):
+class Int8Cfg(Section):
     enabled: bool = True
     variants: list[Int8Variant] = Field(default_factory=_default_variants)
     calib_images: int | None = Field(None, ge=1, description="default: data.calib_images")
@@ -121,14 +134,14 @@ class Int8Cfg(_Section):
     exclude_op_types: list[str] = Field(default_factory=list, description="ModelOpt: op types kept in float")
     percentile: float = Field(99.999, gt=90.0, le=100.0)
     calibration_eps: list[str] = Field(default_factory=lambda: ["cpu"], description="ModelOpt: cpu | cuda:0 | trt")
-    high_precision_dtype: Literal["fp32", "fp16"] = "fp32"
+    high_precision_dtype: one_of(option_specs()["high_precision_dtype"].choices) = "fp32"
     select_subset: str = Field("val100", description="recipes are chosen on these images ...")
     confirm_subset: str = Field("val500", description="... and confirmed on these minus select_subset")
     engines: list[Engine] = Field(default_factory=lambda: ["ort", "ort-exact", "openvino"],
                                   description="each variant's accuracy under each (the first is ORT's kernels)")
     fp32_engines: list[Engine] = Field(default_factory=lambda: ["openvino"],
                                        description="FP32 rows under other engines (bf16 skipped where the CPU lacks it)")
-    latency_runtimes: list[Literal["ort", "openvino"]] = Field(default_factory=lambda: ["ort", "openvino"],
+    latency_runtimes: list[one_of(RUNTIMES)] = Field(default_factory=lambda: ["ort", "openvino"],
                                                                description="must hold ort: ORT FP32 is every ratio's reference")
 
     @field_validator("latency_runtimes")
@@ -143,13 +156,13 @@ class Int8Cfg(_Section):
                                         "bias_correction: fast on ort / modelopt variants")
 
 
-Fmt = Literal["w8a8", "w8a8-ort", "w4a16", "w4a8", "fp8"]
+Fmt = one_of(FORMATS)
 
 
-Metric = Literal["raw_sqnr", "score_sqnr", "fg_score_sqnr", "fg_box_sqnr", "det_sqnr"]  # quant.head_metrics.METRICS
+Metric = one_of(METRICS)
 
 
-class ValidationCfg(_Section):
+class ValidationCfg(Section):
     enabled: bool = Field(False, description="run the metric validation (dozens of COCO evaluations; "
                                              "`python -m lowbit_helpers validate-sensitivity PARAMS` runs it alone)")
     formats: list[Fmt] = Field(default_factory=lambda: ["w4a16", "w4a8"], description="alone direction, each format")
@@ -170,10 +183,10 @@ class ValidationCfg(_Section):
         return v
 
 
-class SensitivityCfg(_Section):
+class SensitivityCfg(Section):
     enabled: bool = True
     formats: list[Fmt] = Field(default_factory=lambda: ["w8a8", "w4a8"])
-    directions: list[Literal["alone", "kept"]] = Field(default_factory=lambda: ["alone", "kept"])
+    directions: list[one_of(DIRECTIONS)] = Field(default_factory=lambda: ["alone", "kept"])
     rank_as: dict[Fmt, Fmt] = Field(default_factory=lambda: {"w4a16": "w4a8"}, description="formats not swept whose top-K schemes take "
                                     "another swept format's ranking, e.g. {w4a16: w4a8} (they rank alike)")
     metric: Metric = Field("det_sqnr", description="the metric that ranks layers (schemes, keep_sensitive)")
@@ -212,7 +225,7 @@ def _default_ladder() -> list[str]:
     return ["rtn", "gptq-bc-b32"]
 
 
-class CandidatesCfg(_Section):
+class CandidatesCfg(Section):
     enabled: bool = True
     ladder: list[str] = Field(default_factory=_default_ladder, min_length=1,
                               description="4-bit PTQ methods measured in order: <rtn|mse|gptq>[-bc][-b<B>]")
@@ -248,21 +261,19 @@ class CandidatesCfg(_Section):
 
 
 def _check_method(name: str) -> str:
-    from .lowbit.materialize import METHOD_GRAMMAR, parse_method
-
     try:
         parse_method(name)
     except LowbitError:
-        raise ValueError(f"unknown 4-bit method {name!r}; use {METHOD_GRAMMAR}") from None
+        raise ValueError(f"unknown 4-bit method {name!r}; use {method_grammar()}") from None
     return name
 
 
-class OutputCfg(_Section):
+class OutputCfg(Section):
     runs_dir: str = "runs"
     reports_dir: str = "reports"
 
 
-class Config(_Section):
+class Config(Section):
     name: str = Field(..., min_length=1, description="names the run directory and report")
     description: str = ""
     model: ModelCfg = ModelCfg()

@@ -20,7 +20,7 @@ from functools import lru_cache
 import numpy as np
 from scipy.special import expit
 
-from .config import DecodeCfg
+from .schema import DecodeCfg
 
 REG_MAX = 16
 NUM_CLASSES = 80

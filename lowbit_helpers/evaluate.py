@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import DecodeCfg
+from .schema import DecodeCfg
 from .data import CocoSubset, preprocess
 from .decode import decode
 

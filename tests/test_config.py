@@ -62,14 +62,40 @@ def test_resolved_makes_paths_absolute(tmp_path):
     ({"name": "a", "backend": "ort", "method": "avgminmax", "bias_correction": "full"}, "use one of none, fast for ort"),
     ({"name": "a", "backend": "nncf", "method": "mixed", "bias_correction": "none"}, "use one of full, fast for nncf"),
     ({"name": "a", "backend": "modelopt", "method": "max", "placement": "conv-inputs"}, "placement is an ORT option"),
+    ({"name": "a", "backend": "modelopt", "method": "max", "reduce_range": True}, "reduce_range is an ORT option"),
+    ({"name": "a", "backend": "ort", "method": "avgminmax", "format": "openvino"}, "format is an NNCF option"),
     ({"name": "a", "backend": "ort", "method": "max"}, "not available for backend ort"),
+    ({"name": "a", "backend": "tensorrt", "method": "max"}, "'ort', 'modelopt' or 'nncf'"),
+    ({"name": "a", "backend": "ort", "method": "kl"}, "'avgminmax', 'minmax', 'percentile'"),
 ])  # fmt: skip
 def test_int8_variant_options_are_checked_per_backend(variant, message):
+    """Each backend's rules (int8/base.py: check_options) refuse a variant when the params load, naming
+    the key and the registered choices; the command line applies the same rules (test_cpu_int8.py)."""
+    with pytest.raises(LowbitError, match=message) as e:
+        parse_config({"name": "x", "int8": {"variants": [variant]}})
+    assert "int8.variants.0" in e.value.cause and e.value.fix
+
+
+def test_int8_variant_names_are_unique():
     from lowbit_helpers.steps.int8 import check_variants
 
-    cfg = parse_config({"name": "x", "int8": {"variants": [variant]}})
-    with pytest.raises(LowbitError, match=message):
-        check_variants(cfg)
+    v = {"name": "a", "backend": "ort", "method": "avgminmax"}
+    with pytest.raises(LowbitError, match="used twice"):
+        check_variants(parse_config({"name": "x", "int8": {"variants": [v, v]}}))
+
+
+def test_unknown_int8_backend_or_method_on_the_command_line(capsys, tmp_path):
+    from lowbit_helpers.__main__ import main
+
+    base = ["quantize-int8", "m.onnx", "--calib-npy", "c.npy", "--out", str(tmp_path / "q.onnx")]
+    for extra, cause, choices in ((["--backend", "tensorrt"], "unknown INT8 backend 'tensorrt'", "ort, modelopt, nncf"),
+                                  (["--method", "kl"], "--method 'kl' is not available for backend ort",
+                                   "avgminmax, minmax, percentile, entropy"),
+                                  (["--placement", "outputs"], "--placement 'outputs' is not available", "all, conv-inputs")):  # fmt: skip
+        assert main(base + extra) == 2
+        err = capsys.readouterr().err
+        assert f"error: {cause}" in err and "fix: use one of " + choices in err, err
+    assert not (tmp_path / "q.onnx").exists()
 
 
 def test_w8a8_ort_is_a_sweep_format_only():

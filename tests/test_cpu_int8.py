@@ -128,13 +128,13 @@ def test_quantize_int8_peer_options(yolov10n_onnx, tmp_path, capsys):
     _fails(["quantize-int8", str(yolov10n_onnx), "--backend", "nncf", "--reduce-range", "--calib-npy", str(calib),
             "--out", str(tmp_path / "q.onnx")], capsys, "--reduce-range")  # fmt: skip
     _fails(["quantize-int8", str(yolov10n_onnx), "--backend", "nncf", "--method", "minmax", "--calib-npy", str(calib),
-            "--images", "2", "--out", str(tmp_path / "q.onnx")], capsys, "NNCF calibration method")  # fmt: skip
+            "--images", "2", "--out", str(tmp_path / "q.onnx")], capsys, "not available for backend nncf")  # fmt: skip
     _fails(["quantize-int8", str(yolov10n_onnx), "--backend", "ort", "--format", "openvino", "--calib-npy", str(calib),
             "--images", "2", "--out", str(tmp_path / "q.xml")], capsys, "NNCF option")  # fmt: skip
     _fails(["quantize-int8", str(yolov10n_onnx), "--backend", "ort", "--bias-correction", "full", "--calib-npy", str(calib),
-            "--images", "2", "--out", str(tmp_path / "q.onnx")], capsys, "use one of none, fast with ort")  # fmt: skip
+            "--images", "2", "--out", str(tmp_path / "q.onnx")], capsys, "use one of none, fast for ort")  # fmt: skip
     _fails(["quantize-int8", str(yolov10n_onnx), "--backend", "nncf", "--bias-correction", "none", "--calib-npy", str(calib),
-            "--images", "2", "--out", str(tmp_path / "q.onnx")], capsys, "use one of full, fast with nncf")  # fmt: skip
+            "--images", "2", "--out", str(tmp_path / "q.onnx")], capsys, "use one of full, fast for nncf")  # fmt: skip
     _fails(["quantize-int8", str(yolov10n_onnx), "--backend", "modelopt", "--placement", "conv-inputs", "--calib-npy",
             str(calib), "--images", "2", "--out", str(tmp_path / "q.onnx")], capsys, "--placement")  # fmt: skip
     _fails(["quantize-int8", str(yolov10n_onnx), "--backend", "nncf", "--format", "openvino", "--calib-npy", str(calib),

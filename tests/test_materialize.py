@@ -11,9 +11,11 @@ from onnx import TensorProto, helper, numpy_helper
 
 from lowbit_helpers.__main__ import main
 from lowbit_helpers.errors import LowbitError
-from lowbit_helpers.lowbit import gptq
+from lowbit_helpers.lowbit import LADDER, gptq, parse_method
+from lowbit_helpers.lowbit.bias_shift import expected_output_shift
+from lowbit_helpers.lowbit.stats import collect_stats
 from lowbit_helpers.formats import FORMATS, apply_format
-from lowbit_helpers.lowbit.materialize import LADDER, materialize, parse_method
+from lowbit_helpers.lowbit.materialize import materialize
 from lowbit_helpers.sensitivity.schemes import block_of, heuristic_scheme, random_scheme
 from lowbit_helpers.sensitivity.sweep import activation_ranges, conv_nodes
 from lowbit_helpers.weights import WeightSpec, compute_scale, dequantize, quantize_codes, quantize_weight
@@ -76,14 +78,16 @@ def test_mse_clip_never_loses_to_max_abs():
 
 def test_method_names():
     m = parse_method("gptq-bc-b64")
-    assert (m.clip, m.gptq, m.bias_correction, m.block) == ("mse", True, True, 64)
+    assert (m.rounding.name, m.rounding.clip, m.bias_correction, m.block) == ("gptq", "mse", True, 64)
+    assert m.record() == {"name": "gptq-bc-b64", "clip": "mse", "gptq": True, "bias_correction": True, "block": 64}
     assert parse_method("rtn").spec(4) == WeightSpec(4, None, "maxabs")
     assert parse_method("gptq-b32").spec(8) == WeightSpec(8, None, "maxabs")  # 8-bit layers stay round-to-nearest
     for name in LADDER:
         assert parse_method(name).name == name
-    for bad in ("gptq+bc", "adaround", "rtn-b1", ""):
-        with pytest.raises(LowbitError, match="unknown 4-bit method"):
+    for bad in ("gptq+bc", "adaround", "rtn-b1", "gptq-b32-bc", ""):
+        with pytest.raises(LowbitError, match="unknown 4-bit method") as e:
             parse_method(bad)
+        assert "rtn|mse|gptq" in e.value.fix  # the registered roundings
 
 
 # ------------------------------------------------------------------ GPTQ and bias correction
@@ -117,7 +121,7 @@ def test_gptq_and_bias_correction_reduce_output_error(group, tmp_path):
     b = rng.normal(size=8).astype(np.float32)
     model = _conv_graph(w, b, group)
     x = _correlated_inputs(rng, 24, 8)
-    stats = gptq.collect_stats(model, ["/model.0/conv/Conv"], x, threads=1)["/model.0/conv/Conv"]
+    stats = collect_stats(model, ["/model.0/conv/Conv"], x, threads=1)["/model.0/conv/Conv"]
     assert stats.count == 24 * 144 and stats.xxt.shape == (group, 72 // group, 72 // group)
     ref = _run(model, x, tmp=tmp_path)
     spec = WeightSpec(4, None, "maxabs")
@@ -127,7 +131,7 @@ def test_gptq_and_bias_correction_reduce_output_error(group, tmp_path):
         wq = dequantize(codes, scale, None)
         out = _run(_conv_graph(wq, b, group), x, tmp=tmp_path)
         errors[name] = float(((out - ref) ** 2).mean())
-        shifted = _run(_conv_graph(wq, b - gptq.bias_correction(w, wq, stats), group), x, tmp=tmp_path)
+        shifted = _run(_conv_graph(wq, b - expected_output_shift(w, wq, stats), group), x, tmp=tmp_path)
         mean_err = np.abs((shifted - ref).mean(axis=(0, 2, 3)))
         assert mean_err.max() < 1e-4 + 1e-3 * np.abs((out - ref).mean(axis=(0, 2, 3))).max() + 1e-3
     assert errors["gptq"] < 0.8 * errors["rtn"], errors
@@ -183,7 +187,7 @@ def test_materialize_mixed_scheme_with_every_method(tmp_path):
     convs = conv_nodes(model)
     nodes = {convs[0]: "w8a8", convs[1]: "w4a8", convs[2]: "w4a16"}
     ranges = activation_ranges(model, x[:4], threads=1)
-    stats = gptq.collect_stats(model, convs, x[:4], threads=1)
+    stats = collect_stats(model, convs, x[:4], threads=1)
     ref = _run(model, x, tmp=tmp_path)
     errs = {}
     for method in ("rtn", "mse-bc", "gptq-bc", "gptq-bc-b16"):
@@ -269,7 +273,7 @@ def test_weight_cache_returns_what_a_fresh_build_computes(tmp_path):
     model = _net()
     x = np.random.default_rng(7).normal(size=(4, 3, 16, 16)).astype(np.float32)
     convs = conv_nodes(model)
-    stats = gptq.collect_stats(model, convs, x, threads=1)
+    stats = collect_stats(model, convs, x, threads=1)
     ranges = activation_ranges(model, x, threads=1)
     cache: dict = {}
     a, _ = materialize(model, {c: "w4a16" for c in convs}, "gptq-bc", ranges=ranges, stats=stats, cache=cache)
@@ -278,7 +282,7 @@ def test_weight_cache_returns_what_a_fresh_build_computes(tmp_path):
                        stats=stats, cache=cache)  # fmt: skip
     fresh, _ = materialize(model, {convs[0]: "w4a8", convs[1]: "w4a16", convs[2]: "w4a16"}, "gptq-bc", ranges=ranges, stats=stats)
     assert np.array_equal(_run(b, x, tmp=tmp_path), _run(fresh, x, tmp=tmp_path))
-    other = gptq.collect_stats(model, convs, x[:2] * 3, threads=1)  # other statistics: not served from the cache
+    other = collect_stats(model, convs, x[:2] * 3, threads=1)  # other statistics: not served from the cache
     c, _ = materialize(model, {c: "w4a16" for c in convs}, "gptq-bc", ranges=ranges, stats=other, cache=cache)
     assert not np.array_equal(_run(a, x, tmp=tmp_path), _run(c, x, tmp=tmp_path))
 
@@ -307,3 +311,36 @@ def test_heuristic_keeps_first_block_and_head():
     s = heuristic_scheme(sens)
     assert s["nodes"]["/model.0/conv/Conv"] == "w8a8" and s["nodes"]["/model.19/conv/Conv"] == "w8a8"
     assert all(v == "w4a8" for k, v in s["nodes"].items() if block_of(k) not in ("model.0", "model.19"))
+
+
+def test_a_new_4bit_method_is_one_class_and_one_registry_line(monkeypatch):
+    """ARCHITECTURE.md's recipe: a rounding class and a line in lowbit.METHODS. The name grammar, the
+    params and materialize then take it, and the deployed file holds exactly the class's codes."""
+    from lowbit_helpers.config import parse_config
+    from lowbit_helpers.lowbit import METHODS
+    from lowbit_helpers.lowbit.base import FourBitMethod
+    from lowbit_helpers.weights import expand_scale
+
+    class RoundTowardZero(FourBitMethod):
+        name, text = "trunc", "max-abs scale, round toward zero"
+
+        def codes(self, w, scale, spec, stats):
+            return np.clip(np.trunc(w / expand_scale(scale, w.shape, spec.block)), -spec.qmax, spec.qmax).astype(np.int8)
+
+    with pytest.raises(LowbitError, match="unknown 4-bit method"):
+        parse_method("trunc")
+    monkeypatch.setitem(METHODS, "trunc", RoundTowardZero())  # the registry line
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(8, 16, 3, 3)).astype(np.float32)
+    model = _conv_graph(w, np.zeros(8, np.float32))
+    assert parse_config({"name": "x", "candidates": {"method": "trunc-b8"}}).candidates.method == "trunc-b8"
+    q, info = materialize(model, {"/model.0/conv/Conv": "w4a16"}, "trunc-b8")
+    assert info["method_text"] == "max-abs scale, round toward zero, blocks of 8 input channels"
+    inits = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer}
+    codes, scale = inits["/model.0/conv/Conv::w4a16::wq"].astype(np.int8), inits["/model.0/conv/Conv::w4a16::ws"]
+    method = parse_method("trunc-b8")
+    spec = method.spec(4)
+    assert np.array_equal(scale, method.rounding.scales(w, spec, None))
+    expected = RoundTowardZero().codes(w, scale, spec, None)
+    assert np.array_equal(codes, expected)
+    assert not np.array_equal(codes, quantize_codes(w, scale, spec))  # not round-to-nearest in disguise

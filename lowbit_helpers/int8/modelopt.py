@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..artifacts import atomic_path, sha256_file, write_json
+from .base import Int8Backend, Int8Options, OptionSpec
 from .policy import checked_exclusions
 
 MODELOPT_METHODS = ("max", "entropy")
@@ -56,3 +57,26 @@ def quantize_int8_modelopt(model_in: str | Path, model_out: str | Path, calib: n
               "input_sha256": sha256_file(model_in), "output_sha256": sha256_file(model_out)}  # fmt: skip
     write_json(model_out.with_suffix(".recipe.json"), recipe)
     return recipe
+
+
+class ModelOptBackend(Int8Backend):
+    """NVIDIA ModelOpt's ONNX PTQ: Q/DQ where TensorRT fuses them (float under ORT CPU)."""
+
+    name, title, library = "modelopt", "ModelOpt", "nvidia-modelopt"
+    help = "TensorRT's placement"
+    methods, default_method = MODELOPT_METHODS, "entropy"
+    options = {
+        "exclude_op_types": OptionSpec("--exclude-op-type", "op types kept in float", many=True),
+        "calibration_eps": OptionSpec("--calibration-eps", "cpu | cuda:0 | trt", many=True),
+        "high_precision_dtype": OptionSpec("--high-precision-dtype", "what stays unquantized", choices=("fp32", "fp16")),
+    }  # fmt: skip
+
+    def quantize(self, model_in, model_out, calib, o: Int8Options) -> dict:
+        return quantize_int8_modelopt(model_in, model_out, calib, method=o.method, head_policy=o.head_policy,
+                                      exclude=list(o.exclude), op_types_to_exclude=list(o.exclude_op_types),
+                                      calibration_eps=list(o.calibration_eps),
+                                      high_precision_dtype=o.high_precision_dtype)  # fmt: skip
+
+    def command_args(self, o: Int8Options) -> list[str]:
+        return (["--calibration-eps", *o.calibration_eps, "--high-precision-dtype", o.high_precision_dtype]
+                + (["--exclude-op-type", *o.exclude_op_types] if o.exclude_op_types else []))  # fmt: skip

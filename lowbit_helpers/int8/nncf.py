@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..artifacts import atomic_path, sha256_file, write_json
+from .base import Int8Backend, Int8Options, OptionSpec
 from .policy import checked_exclusions
 
 NNCF_METHODS = ("mixed", "performance")  # NNCF's QuantizationPreset
@@ -97,3 +98,26 @@ def _save_ir(model, xml: Path) -> None:
         ov.save_model(model, str(tmp), compress_to_fp16=False)
         os.replace(tmp.with_suffix(".bin"), xml.with_suffix(".bin"))
         os.replace(tmp, xml)
+
+
+class NncfBackend(Int8Backend):
+    """NNCF's post-training quantization: the best peer's recipe (ONNX Q/DQ or an OpenVINO IR)."""
+
+    name, title, library = "nncf", "NNCF", "nncf"
+    help = "the peer: NNCF MIXED"
+    methods, default_method = NNCF_METHODS, "mixed"
+    bias_corrections, default_bias_correction, corrects_file = BIAS_CORRECTIONS, "full", False
+    options = {
+        "format": OptionSpec("--format", "a Q/DQ ONNX, or an OpenVINO IR (--out model.xml; OpenVINO runs it, ORT cannot)",
+                             choices=TARGETS),
+    }  # fmt: skip
+
+    def output_suffix(self, o: Int8Options) -> str:
+        return ".xml" if o.format == "openvino" else ".onnx"
+
+    def quantize(self, model_in, model_out, calib, o: Int8Options) -> dict:
+        return quantize_int8_nncf(model_in, model_out, calib, method=o.method, head_policy=o.head_policy,
+                                  exclude=list(o.exclude), bias_correction=o.bias_correction, target=o.format)  # fmt: skip
+
+    def command_args(self, o: Int8Options) -> list[str]:
+        return ["--bias-correction", o.bias_correction] + (["--format", o.format] if o.format != "onnx" else [])

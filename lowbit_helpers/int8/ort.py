@@ -18,6 +18,7 @@ import numpy as np
 from ..artifacts import atomic_path, sha256_file, write_json
 from ..errors import LowbitError
 from .calibration import ArrayReader, activation_ranges
+from .base import Int8Backend, Int8Options, OptionSpec
 from .policy import checked_exclusions
 
 ORT_METHODS = ("avgminmax", "minmax", "percentile", "entropy")
@@ -123,3 +124,28 @@ def quantize_int8_ort(model_in: str | Path, model_out: str | Path, calib: np.nda
               "output_sha256": sha256_file(model_out)}  # fmt: skip
     write_json(model_out.with_suffix(".recipe.json"), recipe)
     return recipe
+
+
+class OrtBackend(Int8Backend):
+    """ONNX Runtime's ``quantize_static``: the CPU-deployable recipe (QLinearConv under ORT)."""
+
+    name, title, library = "ort", "ORT", None
+    help = "the recipe the report ships for ORT CPU"
+    methods, default_method = ORT_METHODS, "avgminmax"
+    options = {
+        "reduce_range": OptionSpec("--reduce-range", "7-bit weights (no int16 saturation on CPUs without VNNI)", kind=bool),
+        "placement": OptionSpec("--placement", "Q/DQ on every op ORT quantizes (all: QLinearConv under ORT) or on Conv "
+                                "inputs only (conv-inputs: NNCF's placement, fused by OpenVINO, float under ORT)",
+                                choices=PLACEMENTS),
+        "percentile": OptionSpec("--percentile", "the percentile method's cut", kind=float),
+    }  # fmt: skip
+
+    def quantize(self, model_in, model_out, calib, o: Int8Options) -> dict:
+        return quantize_int8_ort(model_in, model_out, calib, method=o.method, head_policy=o.head_policy,
+                                 exclude=list(o.exclude), percentile=o.percentile, reduce_range=o.reduce_range,
+                                 placement=o.placement)  # fmt: skip
+
+    def command_args(self, o: Int8Options) -> list[str]:
+        return ((["--percentile", str(o.percentile)] if o.method == "percentile" else [])
+                + (["--reduce-range"] if o.reduce_range else [])
+                + (["--placement", o.placement] if o.placement != "all" else []))  # fmt: skip

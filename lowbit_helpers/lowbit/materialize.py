@@ -19,7 +19,7 @@ The arithmetic is the sweep's (:mod:`.formats`): the same reference quantizer
 (:mod:`.weights`), the same activation ranges (mean of per-image min / max on calibration
 images) and Q/DQ placement (each quantized Conv's input), so a scheme scored by the sweep and
 the model deployed from it compute the same numbers (tested). 4-bit layers take the PTQ
-method (``METHODS``): the scale rule and granularity, GPTQ rounding and bias correction;
+method (:data:`lowbit_helpers.lowbit.METHODS`): its scales and codes, blocked scales, bias correction;
 8-bit layers are rounded to nearest per channel, as in notebook 03.
 
 Why not ORT's ``quantize_static`` with ``QInt4`` overrides: GPTQ's codes are the result of a
@@ -29,77 +29,25 @@ a few dozen lines keeps the codes that were optimised.
 
 from __future__ import annotations
 
-import re
 import time
-from dataclasses import asdict, dataclass
 
+import ml_dtypes
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper, version_converter
 
 from ..errors import LowbitError
-from . import gptq
 from ..formats import FORMATS, act_qdq_nodes, replace_nodes
-from ..weights import WeightSpec, compute_scale, dequantize, quantize_codes
+from ..weights import compute_scale, dequantize, quantize_codes
+from . import Method, parse_method
+from .bias_shift import expected_output_shift
 
-PRECISIONS = ("fp32", "fp16", "w8a8", "w4a16", "w4a8", "fp8")
-# Part of every candidate's cache key: bump it when the arithmetic of weights.py / gptq.py /
+# a scheme's precisions: float ones and every format a Conv can be deployed in (not ORT's own w8a8-ort file)
+PRECISIONS = ("fp32", "fp16", *(name for name, f in FORMATS.items() if not f.ort_placement))
+# Part of every candidate's cache key: bump it when the arithmetic of weights.py / a method's module /
 # this module changes (clip grid, damping, act-order, statistics), so old builds are not reused.
 QUANT_VERSION = 1
 INT4_OPSET = 21  # INT4 tensors and blocked DequantizeLinear
-
-
-@dataclass(frozen=True)
-class Method:
-    """A 4-bit weight PTQ recipe: ``<rounding>[-bc][-b<B>]``.
-
-    rounding ``rtn`` (max-abs scale, round to nearest), ``mse`` (scale clipped to minimise the
-    input-energy-weighted squared error, round to nearest) or ``gptq`` (mse scales, GPTQ
-    rounding); ``-bc`` adds bias correction; ``-b<B>`` uses scales per block of B input
-    channels instead of per output channel.
-    """
-
-    name: str
-    clip: str
-    gptq: bool
-    bias_correction: bool
-    block: int | None
-
-    def spec(self, bits: int) -> WeightSpec:
-        if bits == 4:
-            return WeightSpec(4, self.block, self.clip)
-        return WeightSpec(bits, None, "maxabs")
-
-    @property
-    def needs_stats(self) -> bool:
-        return self.gptq or self.bias_correction or self.clip == "mse"
-
-    @property
-    def describe(self) -> str:
-        parts = [{"rtn": "max-abs scale, round to nearest", "mse": "MSE-clipped scale, round to nearest",
-                  "gptq": "MSE-clipped scale, GPTQ rounding"}[self.name.split("-")[0]]]  # fmt: skip
-        if self.bias_correction:
-            parts.append("bias correction")
-        parts.append("per output channel" if self.block is None else f"blocks of {self.block} input channels")
-        return ", ".join(parts)
-
-
-_METHOD_RE = re.compile(r"^(rtn|mse|gptq)(-bc)?(?:-b(\d+))?$")
-
-# The measured ladder of notebook 05, in order; any name of the grammar above is accepted too.
-LADDER = ["rtn", "rtn-b128", "rtn-b64", "rtn-b32", "mse", "mse-bc", "gptq", "gptq-bc", "gptq-bc-b64", "gptq-bc-b32"]
-
-
-METHOD_GRAMMAR = "<rtn|mse|gptq>[-bc][-b<B>], e.g. rtn, mse-bc, gptq-bc, gptq-bc-b64"
-
-
-def parse_method(name: str) -> Method:
-    m = _METHOD_RE.match(name) if isinstance(name, str) else None
-    if not m or (m.group(3) and int(m.group(3)) < 2):
-        raise LowbitError(f"unknown 4-bit method {name!r}", f"use {METHOD_GRAMMAR}")
-    base = m.group(1)
-    return Method(name, "maxabs" if base == "rtn" else "mse", base == "gptq", bool(m.group(2)),
-                  int(m.group(3)) if m.group(3) else None)  # fmt: skip
 
 
 def check_scheme(model: onnx.ModelProto, nodes: dict[str, str]) -> dict[str, str]:
@@ -138,14 +86,12 @@ def materialize(model: onnx.ModelProto, nodes: dict[str, str], method: str | Met
     """The deployable ONNX of scheme ``nodes`` and a record of what was done.
 
     ``ranges``: calibrated (min, max) of each Conv input (needed by a8 layers; see
-    :func:`.sensitivity.activation_ranges`); ``stats``: :class:`.gptq.ConvStats` of the 4-bit
-    Convs (needed by methods other than ``rtn``; see :func:`.gptq.collect_stats`). ``cache``: a
+    :func:`lowbit_helpers.sensitivity.sweep.activation_ranges`); ``stats``: :class:`.stats.ConvStats` of the
+    4-bit Convs (needed by methods other than ``rtn``; see :func:`.stats.collect_stats`). ``cache``: a
     dict kept by the caller for one model and one set of statistics; a layer's codes depend only
     on its weight, its statistics and the method, so schemes that share a 4-bit layer compute it
     once.
     """
-    import ml_dtypes
-
     method = parse_method(method) if isinstance(method, str) else method
     nodes = check_scheme(model, nodes)
     need_ranges = [c for c, p in nodes.items() if p in FORMATS and FORMATS[p].act_bits is not None]
@@ -156,7 +102,7 @@ def materialize(model: onnx.ModelProto, nodes: dict[str, str], method: str | Met
     missing = [c for c in stats_convs(nodes, method) if stats is None or c not in stats]
     if missing:
         raise LowbitError(f"method {method.name} needs calibration statistics of {len(missing)} Conv(s)",
-                          "pass stats from gptq.collect_stats() on calibration images")  # fmt: skip
+                          "pass stats from lowbit.stats.collect_stats() on calibration images")  # fmt: skip
     t0 = time.perf_counter()
     out = onnx.ModelProto()
     out.CopyFrom(model)
@@ -193,14 +139,15 @@ def materialize(model: onnx.ModelProto, nodes: dict[str, str], method: str | Met
                 if cache is not None and ckey in cache:
                     scale, codes, shift = cache[ckey]
                 else:
-                    scale = gptq.scales_for(w, spec, st) if bits == 4 else compute_scale(w, spec)
-                    if bits == 4 and method.gptq:
-                        codes = gptq.gptq_codes(w, scale, spec, st)
+                    if bits == 4:  # the method's own scales and codes (lowbit/<rounding>.py)
+                        scale = method.rounding.scales(w, spec, st)
+                        codes = method.rounding.codes(w, scale, spec, st)
                     else:
+                        scale = compute_scale(w, spec)
                         codes = quantize_codes(w, scale, spec)
                     shift = None
                     if bits == 4 and method.bias_correction:
-                        shift = gptq.bias_correction(w, dequantize(codes, scale, spec.block), st)
+                        shift = expected_output_shift(w, dequantize(codes, scale, spec.block), st)
                     if cache is not None:
                         cache[ckey] = (scale, codes, shift)
                 if shift is not None:
@@ -234,7 +181,7 @@ def materialize(model: onnx.ModelProto, nodes: dict[str, str], method: str | Met
         int(np.prod(inits[by_name[c].input[1]].dims)) for c, p in nodes.items() if p == "fp32"
     )  # fmt: skip
     four = sum(r["params"] for r in layers.values() if r["precision"] in ("w4a16", "w4a8"))
-    info = {"method": asdict(method), "method_text": method.describe, "precisions": counts,
+    info = {"method": method.record(), "method_text": method.describe, "precisions": counts,
             "conv_params": total, "four_bit_params": four, "four_bit_share": four / total if total else 0.0,
             "opset": next(o.version for o in out.opset_import if o.domain in ("", "ai.onnx")),
             "seconds": round(time.perf_counter() - t0, 2), "layers": layers}  # fmt: skip
@@ -259,6 +206,4 @@ def _with_opset(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
     current = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     if current >= version:
         return model
-    from onnx import version_converter
-
     return version_converter.convert_version(model, version)

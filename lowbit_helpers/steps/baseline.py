@@ -216,7 +216,7 @@ def parity(run: RunDir, progress: bool = True) -> dict:
 
     Pass: |mAP50-95(top-k decode) - mAP50-95(Ultralytics end-to-end ONNX)| <= 0.002.
     """
-    from ..config import DecodeCfg
+    from ..schema import DecodeCfg
     from ..evaluate import bootstrap_difference, evaluate_coco, predict_onnx_multi
     from ..parity import export_ultralytics_e2e, ultralytics_predictions
     from ..runtime import make_session

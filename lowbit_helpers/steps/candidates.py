@@ -56,7 +56,7 @@ def _calibration(calib_path: str, calib_sha: str, model_path: str, model_sha: st
     and the per-layer weight cache that :func:`materialize` fills (one per model and statistics)."""
     import onnx
 
-    from ..lowbit.gptq import collect_stats
+    from ..lowbit.stats import collect_stats
     from ..sensitivity.sweep import activation_ranges, conv_nodes
 
     model = onnx.load(model_path)
@@ -324,7 +324,7 @@ def select_map(result: dict) -> float:
 
 
 def run_ladder(run: RunDir, schemes: dict[str, dict]) -> dict:
-    from ..lowbit.materialize import parse_method
+    from ..lowbit import parse_method
 
     c = run.cfg.candidates
     for m in c.ladder:

@@ -21,21 +21,23 @@ Latency: FP32 and every variant under ORT and OpenVINO, interleaved in one proce
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 import shlex
-import subprocess
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from ..artifacts import read_json, write_json
 from ..config import EMULATE_DEFAULT, Config, Int8Variant
 from ..errors import LowbitError
+from ..int8 import backend, checked, command_args, quantize_int8
+from ..int8.base import Int8Options
 from ..int8.bias_correction import BC_VERSION
-from ..int8.calibration import RANGES_VERSION
-from ..int8.modelopt import MODELOPT_METHODS
-from ..int8.nncf import NNCF_METHODS
-from ..int8.ort import ORT_METHODS
+from ..int8.calibration import RANGES_VERSION, load_calibration
 from ..rundir import RunDir, stage_key
 from ..runtime import BENCH_SETTINGS
 from . import baseline
@@ -54,7 +56,6 @@ FP32_ENGINES = "int8-coco/fp32_engines.json"  # FP32 under the other engines (Op
 CONFIRM_IDS = "int8-coco/confirm_ids.txt"  # the confirmation split: confirm_subset minus select_subset
 KERNEL_PROBE = "int8-coco/kernel_probe.json"  # the int16 saturation probe on this CPU (and emulated)
 LATENCY = "int8-coco/latency.json"
-BACKEND_METHODS = {"ort": ORT_METHODS, "modelopt": MODELOPT_METHODS, "nncf": NNCF_METHODS}
 
 
 def variant_model(v: Int8Variant) -> str:
@@ -67,25 +68,12 @@ def is_ir(v: Int8Variant) -> bool:
 
 
 def check_variants(cfg: Config) -> None:
+    """What one variant cannot say of itself (each backend's own rules are checked when the params
+    load: config.Int8Variant): unique names, and emulated variants that exist."""
     seen = set()
     for v in cfg.int8.variants:
-        allowed = BACKEND_METHODS[v.backend]
-        if v.method not in allowed:
-            raise LowbitError(f"int8.variants: {v.name}: method {v.method!r} is not available for backend {v.backend}",
-                              f"use one of {sorted(allowed)} for {v.backend}")  # fmt: skip
         if v.name in seen:
             raise LowbitError(f"int8.variants: the name {v.name!r} is used twice", "give each variant its own name")
-        if v.format != "onnx" and v.backend != "nncf":
-            raise LowbitError(f"int8.variants: {v.name}: format {v.format} is an NNCF option", "set it only on backend nncf variants")
-        allowed_bc = ("full", "fast") if v.backend == "nncf" else ("none", "fast")
-        if v.bias_correction is not None and v.bias_correction not in allowed_bc:
-            raise LowbitError(f"int8.variants: {v.name}: bias_correction {v.bias_correction} is not available for {v.backend}",
-                              f"use one of {', '.join(allowed_bc)} for {v.backend}")  # fmt: skip
-        if v.placement != "all" and v.backend != "ort":
-            raise LowbitError(f"int8.variants: {v.name}: placement is an ORT option", "set it only on backend ort variants")
-        if v.reduce_range and v.backend != "ort":
-            raise LowbitError(f"int8.variants: {v.name}: reduce_range is an ORT quantize_static option",
-                              "set it only on backend ort variants")  # fmt: skip
         seen.add(v.name)
     unknown = [n for n in cfg.int8.emulate.variants if n not in seen]
     if cfg.int8.emulate.cpu and unknown and cfg.int8.emulate.variants != EMULATE_DEFAULT:
@@ -93,11 +81,9 @@ def check_variants(cfg: Config) -> None:
                           "name variants listed in int8.variants")  # fmt: skip
 
 
-def backend_version(backend: str) -> dict:
+def backend_version(name: str) -> dict:
     """The quantizing library's version beyond :func:`baseline.versions` (part of the variant's key)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    dist = {"nncf": "nncf", "modelopt": "nvidia-modelopt"}.get(backend)
+    dist = backend(name).library
     if dist is None:
         return {}
     try:
@@ -130,44 +116,50 @@ def sensitive_convs(run: RunDir, n: int) -> list[str]:
     return order[:n]
 
 
+def variant_options(cfg: Config, v: Int8Variant, sensitive: list[str] = ()) -> Int8Options:
+    """``v``'s options with the int8 section's shared ones (those its backend takes) and its exclusions."""
+    q = cfg.int8
+    shared = {"percentile": q.percentile, "exclude_op_types": tuple(q.exclude_op_types),
+              "calibration_eps": tuple(q.calibration_eps), "high_precision_dtype": q.high_precision_dtype}  # fmt: skip
+    exclude = list(q.exclude_nodes) + [n for n in sensitive if n not in q.exclude_nodes]
+    return checked(v.backend, replace(v.options(), exclude=tuple(exclude), bias_correction_images=q.bias_correction_images,
+                                      **{k: x for k, x in shared.items() if k in backend(v.backend).options}), v.name)  # fmt: skip
+
+
 def quantize_command(cfg: Config, v: Int8Variant, model: Path, calib: Path, out: Path,
                      sensitive: list[str] = ()) -> list[str]:  # fmt: skip
-    q = cfg.int8
-    cmd = [sys.executable, "-m", "lowbit_helpers", "quantize-int8", str(model), "--backend", v.backend,
-           "--method", v.method, "--calib-npy", str(calib), "--images", str(q.calib_images or cfg.data.calib_images),
-           "--head-policy", v.head_policy, "--out", str(out)]  # fmt: skip
-    exclude = list(q.exclude_nodes) + [n for n in sensitive if n not in q.exclude_nodes]
-    if exclude:
-        cmd += ["--exclude", *exclude]
-    if v.backend == "ort":
-        if v.method == "percentile":
-            cmd += ["--percentile", str(q.percentile)]
-        if v.reduce_range:
-            cmd += ["--reduce-range"]
-        if v.placement != "all":
-            cmd += ["--placement", v.placement]
-    elif v.backend == "nncf":
-        cmd += ["--bias-correction", v.bias_correction or "full"] + (["--format", v.format] if v.format != "onnx" else [])
-    else:
-        cmd += ["--calibration-eps", *q.calibration_eps, "--high-precision-dtype", q.high_precision_dtype]
-        if q.exclude_op_types:
-            cmd += ["--exclude-op-type", *q.exclude_op_types]
-    if v.backend != "nncf" and v.bias_correction == "fast":  # this project's, on the finished file
-        cmd += ["--bias-correction", "fast", "--bias-correction-images", str(q.bias_correction_images)]
-    return cmd
+    """The ``quantize-int8`` command line that reproduces ``v`` (recorded in its recipe)."""
+    images = cfg.int8.calib_images or cfg.data.calib_images
+    return [sys.executable, "-m", "lowbit_helpers", *command_args(v.backend, model, calib, images, out,
+                                                                  variant_options(cfg, v, sensitive))]  # fmt: skip
 
 
-def run_measured(cmd: list[str], log: Path) -> dict:
-    """Run ``cmd`` to completion, output into ``log``; wall time and the child's peak RSS."""
+def _quantize_in_worker(name: str, model: Path, calib: Path, images: int, out: Path, o: Int8Options, log: Path) -> float:
+    """Runs in a fresh process: the backend through the Python API, its output into ``log``; returns the
+    process's peak RSS in MB."""
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1)  # the libraries' own output (C and Python) goes to the log too
+    os.dup2(fd, 2)
+    sys.stdout = sys.stderr = open(fd, "w", buffering=1, closefd=False)
+    quantize_int8(name, model, out, load_calibration(calib, images), o)
+    print(f"wrote {out}")
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:")) / 1024
+
+
+def run_backend(name: str, model: Path, calib: Path, images: int, out: Path, o: Int8Options, log: Path) -> dict:
+    """Quantize in a fresh worker process (ModelOpt patches ORT's calibrators process-wide, and each
+    recipe's own peak memory is measured there); wall time and that peak."""
     t0 = time.perf_counter()
-    with open(log, "w") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        _, status, usage = os.wait4(proc.pid, 0)
-    rc = os.waitstatus_to_exitcode(status)
-    if rc != 0:
-        tail = log.read_text()[-1500:]
-        raise LowbitError(f"quantization failed (exit {rc}): {shlex.join(cmd)}\n{tail}", f"see the full log in {log}")
-    return {"seconds": time.perf_counter() - t0, "peak_rss_mb": usage.ru_maxrss / 1024}
+    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
+        try:
+            peak = pool.submit(_quantize_in_worker, name, model, calib, images, out, o, log).result()
+        except LowbitError:
+            raise
+        except Exception as exc:  # the library's own failure: its message and the log's tail
+            tail = log.read_text()[-1500:] if log.is_file() else ""
+            raise LowbitError(f"quantization failed ({type(exc).__name__}: {exc}) for {out.name}\n{tail}",
+                              f"see the full log in {log}") from None  # fmt: skip
+    return {"seconds": time.perf_counter() - t0, "peak_rss_mb": peak}
 
 
 def quantize_variant(run: RunDir, v: Int8Variant) -> dict:
@@ -175,14 +167,16 @@ def quantize_variant(run: RunDir, v: Int8Variant) -> dict:
     model, calib = run.artifact(baseline.MODEL), run.artifact(baseline.CALIB)
     rel, recipe_rel, log_rel = variant_model(v), VARIANT_RECIPE.format(name=v.name), VARIANT_LOG.format(name=v.name)
     out = run.file(rel)
-    cmd = quantize_command(cfg, v, model, calib, out, sensitive_convs(run, v.keep_sensitive))
+    sensitive = sensitive_convs(run, v.keep_sensitive)
+    cmd = quantize_command(cfg, v, model, calib, out, sensitive)
     # how the ORT recipe computes its ranges, and this project's bias correction: code versions of the recipe
     own = {**({"ranges": RANGES_VERSION} if v.backend == "ort" else {}),
            **({"bias_correction": BC_VERSION} if v.backend != "nncf" and v.bias_correction == "fast" else {})}  # fmt: skip
     key = stage_key({"cmd": cmd[3:], "versions": {**baseline.versions(), **backend_version(v.backend)}, **own}, [model, calib])
     outputs = [rel, recipe_rel, log_rel] + ([VARIANT_IR_BIN.format(name=v.name)] if is_ir(v) else [])
     if not run.is_fresh(f"int8:{v.name}", key):
-        measured = run_measured(cmd, run.file(log_rel))
+        images = cfg.int8.calib_images or cfg.data.calib_images
+        measured = run_backend(v.backend, model, calib, images, out, variant_options(cfg, v, sensitive), run.file(log_rel))
         recipe = read_json(run.file(recipe_rel))
         # paths relative to the run directory (the command runs from there): no machine path in the recipe
         here = f"{run.path}/"

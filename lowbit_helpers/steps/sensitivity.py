@@ -165,9 +165,9 @@ def validation(run: RunDir, sens: dict | None, proxy: dict | None = None, progre
         from ..evaluate import evaluate_coco
         from ..sensitivity import validation as sv
         from ..int8.calibration import load_calibration
-        from ..lowbit.gptq import collect_stats
+        from ..lowbit.stats import collect_stats
         from ..sensitivity.metrics import METRICS
-        from ..lowbit.materialize import parse_method
+        from ..lowbit import parse_method
         from ..sensitivity.sweep import ALL, ArrayImages, MethodPerturber, activation_ranges, conv_nodes, run_perturbations
         from . import splits
 

@@ -1,0 +1,22 @@
+"""The bottom floor of the params schema: the strict section base and the leaves that lower
+floors read (decode settings), so that decode and evaluation need nothing above them."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Section(BaseModel):
+    # strict: "2" is not silently an int; forbid: a misspelt key is an error, not a default
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class DecodeCfg(Section):
+    mode: Literal["nms", "topk"] = Field("nms", description="nms: class-aware NMS; topk: YOLOv10 one-to-one top-k")
+    conf: float = Field(0.001, ge=0.0, le=1.0)
+    iou: float = Field(0.7, gt=0.0, le=1.0)
+    max_det: int = Field(300, ge=1)
+    pre_nms_topk: int = Field(30000, ge=1)
+    multi_label: bool = Field(True, description="NMS candidates are (anchor, class) pairs, as in Ultralytics val")
