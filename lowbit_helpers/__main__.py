@@ -3,18 +3,43 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
 
+import onnx
+
+from .artifacts import atomic_path, read_json, sha256_file, write_json
+from .assets import resolve_model, validate_raw_onnx
+from .config import load_config, parse_config
+from .data import calibration_tensor, read_image_list
 from .errors import LowbitError
-from .formats import FORMATS
-from .int8 import ALL_BIAS_CORRECTIONS, ALL_METHODS, BACKENDS, HEAD_POLICIES, Int8Options, option_specs
-from .lowbit import method_grammar
-from .runtime import RUNTIMES
+from .export import export_raw_onnx
+from .formats import FORMATS, get_format
+from .int8 import (
+    ALL_BIAS_CORRECTIONS,
+    ALL_METHODS,
+    BACKENDS,
+    HEAD_POLICIES,
+    Int8Options,
+    checked,
+    option_specs,
+    quantize_int8,
+)
+from .int8.calibration import load_calibration
+from .lowbit import method_grammar, parse_method
+from .lowbit.materialize import check_scheme, materialize, stats_convs
+from .lowbit.stats import collect_stats
+from .rundir import RunDir, run_lock
+from .runtime import RUNTIMES, bench_models, compare_profiles, environment, profile_model
 from .runtime.sessions import OPENVINO_PRECISIONS
 from .sensitivity.metrics import METRICS
-from .sensitivity.sweep import DIRECTIONS
+from .sensitivity.schemes import write_schemes
+from .sensitivity.sweep import DIRECTIONS, activation_ranges, measure
+from .steps import baseline
+from .steps import sensitivity as step
+from .steps.baseline import evaluate_model
 
 
 def _raw_onnx(path: str, check_output: bool = True) -> Path:
@@ -23,8 +48,6 @@ def _raw_onnx(path: str, check_output: bool = True) -> Path:
     if not model.is_file():
         raise LowbitError(f"model not found: {model}", "give an existing raw-head .onnx")
     if check_output:
-        from .assets import validate_raw_onnx
-
         validate_raw_onnx(model)
     return model
 
@@ -40,33 +63,27 @@ def _positive(text: str) -> int:
 
 
 def _cmd_run(args) -> int:
-    from .pipeline import run_pipeline
-
     t0 = time.perf_counter()
+    # late (here and in gpu-bench): the notebook runner and the report layer (papermill, pandas) stay off
+    # the start-up of every other command
+    from .pipeline import run_pipeline
+    from .report.summary import SUMMARY_MD, update_readme
+
     report = run_pipeline(args.params, args.run_id)
     print(f"report: {report}  ({time.perf_counter() - t0:.0f} s)")
     if args.update_readme:
-        from .report.summary import SUMMARY_MD, update_readme
-
         update_readme(args.update_readme, report.parent / SUMMARY_MD, report.parent.name)
         print(f"updated the results block of {args.update_readme}")
     return 0
 
 
 def _cmd_export(args) -> int:
-    from .assets import resolve_model
-    from .export import export_raw_onnx
-
     out = export_raw_onnx(resolve_model(args.weights), args.out, opset=args.opset)
     print(f"wrote {out}")
     return 0
 
 
 def _cmd_evaluate(args) -> int:
-    from .artifacts import write_json
-    from .config import parse_config
-    from .steps.baseline import evaluate_model
-
     # an OpenVINO IR (.xml) is read by OpenVINO alone; an ONNX is checked to be a raw-head detector
     ir = Path(args.model).suffix == ".xml"
     if ir and args.runtime != "openvino":
@@ -99,9 +116,6 @@ def _cmd_evaluate(args) -> int:
 
 
 def _cmd_bench(args) -> int:
-    from .artifacts import write_json
-    from .runtime import bench_models, environment
-
     for m in args.models:
         if not Path(m).is_file():
             raise LowbitError(f"model not found: {m}", "give existing .onnx files")
@@ -116,8 +130,6 @@ def _cmd_bench(args) -> int:
         r["environment"] = env
         print(f"{r['model']} [{r['runtime']}]: median {r['median_ms']:.1f} ms, p90 {r['p90_ms']:.1f} ms, x{r['ratio_to_first']:.3f}")
     if args.profile:
-        from .runtime import compare_profiles, profile_model
-
         print(f"ORT profiler, {args.profile} runs each; int8 ISA of this CPU: {', '.join(env['cpu_int8_isa']) or 'none'}")
         profiles = [profile_model(m, args.threads, args.providers, args.profile) for m in args.models]
         for r, prof in zip(rows, profiles):
@@ -132,10 +144,6 @@ def _cmd_bench(args) -> int:
 
 
 def _cmd_quantize_int8(args) -> int:
-    from .data import calibration_tensor, read_image_list
-    from .int8 import Int8Options, checked, option_specs, quantize_int8
-    from .int8.calibration import load_calibration
-
     # every option the command line has, into one options object; the backend's rules check it
     # (int8/base.py: check_options, the same rules as a params variant's)
     own = {k: tuple(getattr(args, k)) if spec.many else getattr(args, k) for k, spec in option_specs().items()}
@@ -155,11 +163,6 @@ def _cmd_quantize_int8(args) -> int:
 
 
 def _cmd_sensitivity(args) -> int:
-    from .artifacts import write_json
-    from .data import calibration_tensor, read_image_list
-    from .formats import get_format
-    from .sensitivity.sweep import measure
-
     model = _raw_onnx(args.model)
     formats = [get_format(f) for f in args.format]
     paths = read_image_list(Path(args.coco_root) / args.calib_list)
@@ -185,11 +188,6 @@ def _cmd_sensitivity(args) -> int:
 
 def _cmd_validate_sensitivity(args) -> int:
     """Notebook 04's metric validation alone, on a run's cached stages; its JSON beside the report."""
-    from .artifacts import write_json
-    from .config import load_config
-    from .rundir import RunDir, run_lock
-    from .steps import baseline
-    from .steps import sensitivity as step
 
     cfg = load_config(args.params).resolved()
     s = cfg.sensitivity
@@ -215,18 +213,6 @@ def _cmd_validate_sensitivity(args) -> int:
 
 
 def _cmd_materialize(args) -> int:
-    import json
-
-    import onnx
-
-    from .artifacts import atomic_path, read_json, sha256_file, write_json
-    from .data import calibration_tensor, read_image_list
-    from .int8.calibration import load_calibration
-    from .lowbit import parse_method
-    from .lowbit.stats import collect_stats
-    from .lowbit.materialize import check_scheme, materialize, stats_convs
-    from .sensitivity.sweep import activation_ranges
-
     scheme_path = Path(args.scheme)
     if not scheme_path.is_file():
         raise LowbitError(f"scheme not found: {scheme_path}", "give a scheme JSON written by notebook 04 or `schemes`")
@@ -272,7 +258,7 @@ def _cmd_materialize(args) -> int:
 
 
 def _cmd_gpu_bench(args) -> int:
-    from .gpu import describe, gpu_bench
+    from .gpu import describe, gpu_bench  # late: see _cmd_run
 
     result = gpu_bench(args.run_dir, args.out, args.models, args.runs)
     for line in describe(result):
@@ -282,10 +268,6 @@ def _cmd_gpu_bench(args) -> int:
 
 
 def _cmd_schemes(args) -> int:
-    from .sensitivity.schemes import write_schemes
-
-    from .artifacts import read_json
-
     paths = write_schemes(args.sens, args.out_dir, args.top_k, args.budgets, args.low, args.high)
     missing = [f for f in (args.low, args.high) if f not in read_json(args.sens)["formats"]]
     if args.budgets and missing:

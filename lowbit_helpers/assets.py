@@ -23,6 +23,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import onnx
+
 from .artifacts import atomic_path, sha256_file
 from .errors import LowbitError
 
@@ -163,7 +165,6 @@ def fetch_official(size: str, timeout: float = 15.0) -> Path:
 
 def validate_raw_onnx(path: str | Path) -> None:
     """Refuse anything but one float input [1,3,640,640] and one output [1,144,8400]."""
-    import onnx
 
     path = Path(path)
     try:

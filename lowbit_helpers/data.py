@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 import cv2
 import numpy as np
+from pycocotools.coco import COCO
 
 from .errors import LowbitError
 
@@ -100,8 +102,6 @@ class CocoSubset:
 
     @cached_property
     def coco(self):
-        from pycocotools.coco import COCO
-
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress lines
             return COCO(str(self.ann_file))
 
@@ -125,7 +125,6 @@ class CocoSubset:
 
 def open_coco(root: str | Path, annotations: str, subset: str) -> CocoSubset:
     """``root`` in the standard layout; ``subset``: all | first:N | NAME (root/NAME_ids.txt) | ids.txt path."""
-    import json
 
     root = Path(root)
     if not root.is_dir():

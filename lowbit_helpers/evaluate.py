@@ -14,13 +14,17 @@ from __future__ import annotations
 
 import contextlib
 import io
+import time
 from dataclasses import dataclass
 
 import numpy as np
+from pycocotools.cocoeval import COCOeval
+from tqdm import tqdm
 
-from .schema import DecodeCfg
 from .data import CocoSubset, preprocess
 from .decode import decode
+from .runtime import run_head
+from .schema import DecodeCfg
 
 METRIC_NAMES = ["mAP_50_95", "mAP_50", "mAP_75", "mAP_small", "mAP_medium", "mAP_large",
                 "AR_1", "AR_10", "AR_100", "AR_small", "AR_medium", "AR_large"]  # fmt: skip
@@ -33,9 +37,7 @@ def predict_onnx(session, subset: CocoSubset, decode_cfg: DecodeCfg, progress: b
 
 def predict_onnx_multi(session, subset: CocoSubset, decode_cfgs: list[DecodeCfg], progress: bool = False) -> list[list[dict]]:
     """One forward pass per image, decoded once per config (e.g. NMS and top-k side by side)."""
-    from tqdm import tqdm  # plain tqdm: tqdm.auto warns in notebooks without ipywidgets
 
-    from .runtime import run_head
 
     cats = subset.category_ids
     dets: list[list[dict]] = [[] for _ in decode_cfgs]
@@ -52,9 +54,7 @@ def predict_sessions(sessions: dict, subset: CocoSubset, decode_cfg: DecodeCfg) 
     """Detections of several sessions (e.g. one model under several engines) on ``subset``:
     each image is read and letterboxed once; returns ({key: detections}, {key: seconds spent
     in that session's forward pass and decode})."""
-    import time
 
-    from .runtime import run_head
 
     cats = subset.category_ids
     dets: dict = {k: [] for k in sessions}
@@ -98,8 +98,6 @@ class CocoEvaluation:
 
 
 def evaluate_coco(subset: CocoSubset, detections: list[dict]) -> CocoEvaluation:
-    from pycocotools.cocoeval import COCOeval
-
     coco = subset.coco
     names = {c["id"]: c["name"] for c in coco.loadCats(coco.getCatIds())}
     if not detections:
@@ -169,7 +167,6 @@ class _MatchTable:
         at each recall threshold), computed on the true positives alone, all categories and IoU
         thresholds at once (pycocotools has no weighted form; a bootstrap calls this a thousand
         times per evaluation). Why that is exact:
-
         * recall rises only at a true positive of weight > 0, so the first detection whose recall
           reaches a threshold > 0 is one of them; for the threshold 0 it is the category's first;
         * precision rises only at those too, so the envelope (the best precision at or after a

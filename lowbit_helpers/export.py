@@ -12,6 +12,8 @@ import os
 import types
 from pathlib import Path
 
+import onnx
+
 from .artifacts import atomic_path
 from .assets import ModelSource, validate_raw_onnx
 from .errors import LowbitError
@@ -21,14 +23,14 @@ os.environ.setdefault("YOLO_OFFLINE", "1")
 
 
 def coco_names() -> dict[int, str]:
-    from ultralytics.utils import ROOT, YAML
+    from ultralytics.utils import ROOT, YAML  # late: ultralytics (and torch) cost seconds at import
 
     return dict(YAML.load(ROOT / "cfg/datasets/coco.yaml")["names"])
 
 
 def _raw_one2one_forward(self, x):
     """Replacement for the v10Detect forward: one-to-one branch, raw logits, no decode."""
-    import torch
+    import torch  # late: torch costs seconds at import
 
     out = self.forward_head(x, **self.one2one)
     return torch.cat([out["boxes"], out["scores"]], 1)
@@ -39,8 +41,8 @@ def load_torch_model(source: ModelSource, fuse: bool = True, seed: int = 0):
 
     The official YOLOv10n checkpoint carries no class names; COCO's are set when it has 80 classes.
     """
-    import torch
-    from ultralytics import YOLO
+    import torch  # late: torch costs seconds at import
+    from ultralytics import YOLO  # late: ultralytics (and torch) cost seconds at import
 
     if source.kind == "onnx":
         raise LowbitError(f"{source.path} is already ONNX; there is no torch model to load", "pass a .pt or a name")
@@ -80,9 +82,7 @@ def load_torch_model(source: ModelSource, fuse: bool = True, seed: int = 0):
 
 def export_raw_onnx(source: ModelSource, out: str | Path, opset: int = 19) -> Path:
     """Export ``source`` to ``out`` (atomically) and validate the result's I/O."""
-    import onnx
-    import onnxslim
-    import torch
+    import torch  # late: torch costs seconds at import
 
     out = Path(out)
     if source.kind == "onnx":
@@ -103,6 +103,8 @@ def export_raw_onnx(source: ModelSource, out: str | Path, opset: int = 19) -> Pa
         )
         # onnxslim folds the shape arithmetic the tracer leaves behind (as Ultralytics' own export
         # does) and keeps the node names, which the sensitivity and scheme files are keyed by.
+        import onnxslim  # late: onnxslim imports sympy (a second), only exports need it
+
         proto = onnxslim.slim(onnx.load(str(part)))
         meta = {"source": source.name, "raw_head": "[1,144,8400] 64 DFL + 80 class logits", "opset": str(opset)}
         if source.structure_only:

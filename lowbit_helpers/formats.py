@@ -1,7 +1,6 @@
 """Numeric formats of the sensitivity sweep and the mixed schemes, as fake quantization.
 
 A format is a weight precision plus an activation precision for a Conv:
-
 * ``w8a8``: int8 weights (per output channel, symmetric) and uint8 input activations
   (per tensor, asymmetric, range from calibration) - the placement of notebook 05's
   candidates, NNCF and TensorRT;
@@ -25,9 +24,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import ml_dtypes
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+
+from .errors import LowbitError
+from .weights import WeightSpec, dequantize
+from .weights import quantize_weight as codes_and_scale
 
 FP8_MAX = 448.0  # largest finite float8 e4m3fn
 
@@ -56,8 +60,6 @@ FORMATS = {
 
 
 def get_format(name: str) -> Format:
-    from .errors import LowbitError
-
     if name not in FORMATS:
         raise LowbitError(f"unknown format {name!r}", f"use one of {sorted(FORMATS)}")
     return FORMATS[name]
@@ -72,12 +74,9 @@ def quantize_weight(w: np.ndarray, fmt: Format) -> np.ndarray:
     """
     w = np.asarray(w, dtype=np.float32)
     if fmt.fp8:
-        import ml_dtypes
-
         amax = np.abs(w).reshape(w.shape[0], -1).max(axis=1).reshape(-1, *([1] * (w.ndim - 1)))
         scale = np.where(amax == 0, 1.0, amax).astype(np.float32) / FP8_MAX
         return ((w / scale).astype(ml_dtypes.float8_e4m3fn).astype(np.float32) * scale).astype(np.float32)
-    from .weights import WeightSpec, dequantize, quantize_weight as codes_and_scale
 
     codes, scale = codes_and_scale(w, WeightSpec(fmt.weight_bits))
     return dequantize(codes, scale, None)

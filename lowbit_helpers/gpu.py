@@ -2,7 +2,6 @@
 
 One command (``python -m lowbit_helpers gpu-bench RUN_DIR --out gpu.json``) that a short GPU
 session runs as is (well under 10 minutes for the default run's winners on one GPU):
-
 * ORT CUDA EP: every model in one process, interleaved, median / p90 and the ratio to FP32;
 * TensorRT: each Q/DQ ONNX built *strongly typed* (precisions come from the graph's Q/DQ and
   initializer types, not from builder flags), timed through polygraphy's runner, and the
@@ -15,22 +14,24 @@ numbers: nothing is guessed.
 
 from __future__ import annotations
 
+import json
 import time
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 
 from .artifacts import write_json
 from .errors import LowbitError
-from .runtime import latency_stats
+from .rundir import RunDir
+from .runtime import bench_models, latency_stats
+from .steps.baseline import MODEL
+from .steps.candidates import CANDIDATE_ONNX, CANDIDATES, best_int8
 
 
 def gpu_models(run_dir: str | Path, which: str = "winners") -> dict[str, Path]:
     """FP32, notebook 03's best INT8 variant, and notebook 05's winners (or all candidates)."""
-    from .rundir import RunDir
-    from .steps.baseline import MODEL
-    from .steps.candidates import CANDIDATE_ONNX, CANDIDATES, best_int8
 
     run = Path(run_dir)
     if not (run / CANDIDATES).is_file():
@@ -49,12 +50,9 @@ def gpu_models(run_dir: str | Path, which: str = "winners") -> dict[str, Path]:
 
 
 def bench_cuda_ep(models: dict[str, Path], warmup: int = 20, runs: int = 200) -> dict[str, dict]:
-    import onnxruntime as ort
-
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         return {n: {"skipped": f"no CUDAExecutionProvider in onnxruntime {ort.__version__} (install the gpu extra on a GPU machine)"}
                 for n in models}  # fmt: skip
-    from .runtime import bench_models
 
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
     keys = ("median_ms", "p90_ms", "ratio_to_first", "providers")
@@ -75,7 +73,12 @@ def bench_cuda_ep(models: dict[str, Path], warmup: int = 20, runs: int = 200) ->
 def bench_tensorrt(name: str, model: Path, warmup: int = 20, runs: int = 200) -> dict:
     try:
         import tensorrt as trt
-        from polygraphy.backend.trt import CreateConfig, EngineFromNetwork, NetworkFromOnnxPath, TrtRunner
+        from polygraphy.backend.trt import (  # late: polygraphy only on a GPU machine
+            CreateConfig,
+            EngineFromNetwork,
+            NetworkFromOnnxPath,
+            TrtRunner,
+        )
     except Exception as exc:  # ImportError, or a CUDA library that is missing
         return {"skipped": f"no TensorRT here ({type(exc).__name__}: {exc})"}
     try:
@@ -103,7 +106,6 @@ def bench_tensorrt(name: str, model: Path, warmup: int = 20, runs: int = 200) ->
 
 def _layer_precisions(info_json: str) -> dict:
     """Counts of engine layers by the type of their outputs (from the inspector's JSON)."""
-    import json
 
     layers = json.loads(info_json).get("Layers", [])
     types = Counter()

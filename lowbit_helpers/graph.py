@@ -11,6 +11,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 
 def _shape(vi) -> list:
@@ -18,14 +19,10 @@ def _shape(vi) -> list:
 
 
 def _dtype(vi) -> str:
-    import onnx
-
     return onnx.TensorProto.DataType.Name(vi.type.tensor_type.elem_type).lower()
 
 
 def graph_info(path: str | Path) -> dict:
-    import onnx
-
     model = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
     g = model.graph
     inits = {i.name: i for i in g.initializer}

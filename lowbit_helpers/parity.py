@@ -1,7 +1,6 @@
 """Ultralytics' own predictions on the same images, for the parity check.
 
 Three references, all scored by the same pycocotools call as this project's decode:
-
 * ``onnx_e2e``: Ultralytics predicting with the NMS-free end-to-end ONNX it exported itself
   (square 640 letterbox, one-to-one top-300): what the ``topk`` decode must match;
 * ``pt``: Ultralytics predicting from the ``.pt`` as ``yolo predict`` does by default
@@ -13,7 +12,11 @@ Three references, all scored by the same pycocotools call as this project's deco
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
+
+from tqdm import tqdm
 
 from .assets import ModelSource
 from .data import CocoSubset
@@ -25,10 +28,8 @@ os.environ.setdefault("YOLO_OFFLINE", "1")
 
 def export_ultralytics_e2e(source: ModelSource, out_dir: str | Path, opset: int = 19) -> Path:
     """Ultralytics' own NMS-free end-to-end ONNX export (output [1, 300, 6])."""
-    import shutil
-    import tempfile
 
-    from ultralytics import YOLO
+    from ultralytics import YOLO  # late: ultralytics (and torch) cost seconds at import
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -44,8 +45,7 @@ def export_ultralytics_e2e(source: ModelSource, out_dir: str | Path, opset: int 
 def ultralytics_predictions(model_file: str | Path, subset: CocoSubset, conf: float = 0.001, max_det: int = 300,
                             progress: bool = False, **predict_args) -> list[dict]:  # fmt: skip
     """Detections of ``YOLO(model_file).predict`` on every subset image, in COCO results format."""
-    from tqdm import tqdm  # plain tqdm: tqdm.auto warns in notebooks without ipywidgets
-    from ultralytics import YOLO
+    from ultralytics import YOLO  # late: ultralytics (and torch) cost seconds at import
 
     model = YOLO(str(model_file), task="detect")
     cats = subset.category_ids

@@ -11,11 +11,14 @@ import shutil
 import time
 from pathlib import Path
 
-from .artifacts import atomic_path
+from .artifacts import atomic_path, read_json, write_json
+from .assets import resolve_model
 from .config import Config, load_config
+from .data import open_coco, read_image_list
 from .errors import LowbitError
 from .report.summary import SUMMARY_MD
-from .rundir import RunDir, run_lock
+from .rundir import RunDir, run_lock, split_measured
+from .runtime import check_providers
 from .steps.sensitivity import SCHEMES_DIR
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
@@ -34,9 +37,6 @@ def notebooks(folder: Path = NOTEBOOK_DIR) -> list[Path]:
 def preflight(cfg: Config) -> None:
     """Fail fast, before anything is written, on a missing or wrong model, dataset, calibration
     list or execution provider."""
-    from .assets import resolve_model
-    from .data import open_coco, read_image_list
-    from .runtime import check_providers
 
     check_providers(cfg.runtime.providers)
     resolve_model(cfg.model.weights)
@@ -47,8 +47,8 @@ def preflight(cfg: Config) -> None:
 
 
 def render_html(executed: Path, out: Path) -> Path:
-    import nbformat
-    from nbconvert import HTMLExporter
+    import nbformat  # late: nbformat only to render
+    from nbconvert import HTMLExporter  # late: nbconvert only to render
 
     exporter = HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True)
     body, _ = exporter.from_notebook_node(nbformat.read(str(executed), as_version=4))
@@ -60,8 +60,6 @@ def render_html(executed: Path, out: Path) -> Path:
 def export_scheme(src: Path, dst: Path, coco_root: Path) -> None:
     """A scheme file as it travels with the report: no measured cost, no machine path (runs cached
     before the sensitivity stage did both itself still hold them)."""
-    from .artifacts import read_json, write_json
-    from .rundir import split_measured
 
     data, _ = split_measured(read_json(src))
     listed = (data.get("calibration") or {}).get("list") if isinstance(data, dict) else None
@@ -83,8 +81,8 @@ def run_pipeline(params_path: str | Path, run_id: str | None = None, progress: b
 
 
 def _run_locked(cfg: Config, run_id: str | None, progress: bool, notebook_dir: Path) -> Path:
-    import papermill as pm
-    from papermill.exceptions import PapermillExecutionError
+    import papermill as pm  # late: papermill only to run notebooks
+    from papermill.exceptions import PapermillExecutionError  # late: papermill only to run notebooks
 
     run = RunDir.create(cfg, run_id)
     report_dir = Path(cfg.output.reports_dir) / run.run_id

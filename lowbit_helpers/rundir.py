@@ -18,14 +18,18 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import fcntl
 import fnmatch
 import hashlib
 import json
+import os
 import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .artifacts import read_json, sha256_file, write_json
+from .artifacts import atomic_path, read_json, sha256_file, write_json
 from .config import Config, load_config
 from .errors import LowbitError
 
@@ -113,6 +117,29 @@ def stage_key(params: Any, inputs: list[str | Path] = ()) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+_SAME = object()
+
+
+@dataclass
+class Stage:
+    """A cached stage, declared once: what it is computed from and what it writes.
+
+    ``name``: its entry in the manifest. ``params`` (JSON-able) and ``inputs`` make its key: an
+    input given as a run-relative path is an earlier stage's recorded output (checked, and named
+    in the manifest as this stage's dependency), a ``Path`` is any other file. ``outputs``: the
+    paths it writes, relative to the run (the first is what :meth:`RunDir.stage` returns).
+    ``record``: the parameters the manifest keeps beside the outputs (default: ``params``).
+    ``fixed_key``: a key that is not a hash of the inputs (``"skipped"``, ``"derived"``, ...): such
+    a stage is recomputed every time (it only reads what cached stages wrote)."""
+
+    name: str
+    params: Any = None
+    inputs: Sequence[str | Path] = ()
+    outputs: list[str] = field(default_factory=list)
+    record: Any = _SAME
+    fixed_key: str | None = None
+
+
 class RunDir:
     def __init__(self, path: str | Path, cfg: Config):
         self.path = Path(path)
@@ -128,8 +155,6 @@ class RunDir:
         path = Path(cfg.output.runs_dir) / run_id
         path.mkdir(parents=True, exist_ok=True)
         run = cls(path, cfg)
-        from .artifacts import atomic_path
-
         with atomic_path(path / PARAMS) as tmp:
             tmp.write_text(cfg.to_yaml())
         manifest = run.manifest() if (path / MANIFEST).is_file() else {"artifacts": {}, "stages": {}}
@@ -217,12 +242,13 @@ class RunDir:
             self._nested.pop(stage, None)
         return fresh
 
-    def finish(self, stage: str, key: str, outputs: list[str], params: Any = None) -> None:
+    def finish(self, stage: str, key: str, outputs: list[str], params: Any = None, inputs: Sequence[str] = ()) -> None:
         """Record ``outputs`` (paths relative to the run) as the complete result of ``stage``.
 
         A JSON output's measured costs move into the manifest first (see the module's docstring).
         ``seconds`` is the stage's own time: a stage computed while it ran (an input it needed)
-        counts in its own duration only, so that the stages' seconds add up to the run's."""
+        counts in its own duration only, so that the stages' seconds add up to the run's. ``inputs``:
+        the earlier outputs it read (its dependencies, kept in the manifest)."""
         m = self.manifest()
         for rel in outputs:
             p = self.path / rel
@@ -242,9 +268,28 @@ class RunDir:
             outer = max((s for s, t in self._started.items() if t <= started), key=self._started.get, default=None)
             if outer is not None:
                 self._nested[outer] = self._nested.get(outer, 0.0) + total
-        m["stages"][stage] = {"key": key, "outputs": list(outputs), "finished": _now(), "seconds": seconds}
+        m["stages"][stage] = {"key": key, "outputs": list(outputs), "finished": _now(), "seconds": seconds,
+                              **({"inputs": list(inputs)} if inputs else {})}  # fmt: skip
         m["updated"] = _now()
         self._save(m)
+
+    def stage(self, st: Stage, compute: Callable[[], Any], read: str | None = _SAME) -> Any:
+        """Run ``compute`` unless ``st`` is fresh, then record its outputs; return the first output
+        read back (:meth:`read`), or ``read`` (a run-relative path; None: nothing).
+
+        ``compute`` writes the stage's outputs, or returns the content of its first output (a JSON
+        value, written here); it may append outputs it only discovers while it runs to ``st.outputs``.
+        """
+        resolved = [self.artifact(i) if isinstance(i, str) else Path(i) for i in st.inputs]
+        key = st.fixed_key or stage_key(st.params, resolved)
+        if st.fixed_key is not None or not self.is_fresh(st.name, key):
+            result = compute()
+            if result is not None:
+                write_json(self.file(st.outputs[0]), result)
+            self.finish(st.name, key, st.outputs, st.params if st.record is _SAME else st.record,
+                        inputs=[i for i in st.inputs if isinstance(i, str)])  # fmt: skip
+        rel = st.outputs[0] if read is _SAME else read
+        return None if rel is None else self.read(rel)
 
 
 LOCK = ".lock"
@@ -255,9 +300,6 @@ def run_lock(cfg: Config, run_id: str | None = None):
     """Hold ``<runs_dir>/<run-id>/.lock`` (an exclusive ``flock``) for a whole run: a second run with
     the same id refuses at once, before it writes anything; the lock goes with the process (a
     killed run leaves nothing to clean up)."""
-    import fcntl
-    import os
-
     run_id = check_run_id(run_id or cfg.name)
     path = Path(cfg.output.runs_dir) / run_id
     try:

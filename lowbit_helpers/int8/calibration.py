@@ -10,10 +10,11 @@ ModelOpt's calibrators (one image per ``get_next``).
 
 from __future__ import annotations
 
+import math
+import tempfile
 from pathlib import Path
 
 import numpy as np
-from onnxruntime.quantization import CalibrationDataReader
 
 from ..errors import LowbitError
 from ..runtime import Activations
@@ -36,8 +37,9 @@ def load_calibration(path: str | Path, count: int | None = None) -> np.ndarray:
     return arr
 
 
-class ArrayReader(CalibrationDataReader):
-    """One image per ``get_next`` (ORT's CalibrationDataReader); ``set_range`` restricts it to a slice."""
+class ArrayReader:
+    """One image per ``get_next``: ORT's ``CalibrationDataReader`` interface (which takes any class with
+    ``get_next`` as its own); ``set_range`` restricts it to a slice."""
 
     def __init__(self, data: np.ndarray, input_name: str = "images"):
         self.data = data
@@ -59,6 +61,9 @@ class ArrayReader(CalibrationDataReader):
 
     def rewind(self) -> None:
         self.set_range(0, len(self.data))
+
+    def __iter__(self):
+        return iter(self.get_next, None)
 
 
 # ----------------------------------------------------------------- activation ranges
@@ -84,7 +89,10 @@ ENTROPY_BINS = 2048
 
 def quantized_op_types(op_types: list[str] | None) -> list[str]:
     """The op types ``quantize_static`` quantizes (and calibrates) for ``op_types`` (None: all it knows)."""
-    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+    from onnxruntime.quantization.registry import (  # late: ORT's quantization imports torch
+        QDQRegistry,
+        QLinearOpsRegistry,
+    )
 
     return sorted(op_types) if op_types else sorted(set(QLinearOpsRegistry) | set(QDQRegistry))
 
@@ -102,11 +110,9 @@ def activation_ranges(model: str | Path, calib: np.ndarray, method: str, op_type
 
     ``order`` (a permutation of the images) exists for the test that the result does not depend on it.
     """
-    import math
-    import tempfile
-
-    from onnxruntime.quantization import CalibrationMethod
+    from onnxruntime.quantization import CalibrationMethod  # late: ORT's quantization imports torch (seconds)
     from onnxruntime.quantization.calibrate import HistogramCollector, create_calibrator
+
 
     if method not in RANGE_METHODS:
         raise LowbitError(f"unknown calibration method {method!r}", f"use one of {', '.join(RANGE_METHODS)}")

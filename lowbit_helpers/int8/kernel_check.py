@@ -14,9 +14,16 @@ here because no library ships such a probe; the model is built with ``onnx.helpe
 
 from __future__ import annotations
 
+import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from ..runtime import cpu_int8_isa, make_session
+from ..runtime.inspect import ort_executed_ops
 
 CHANNELS = 64  # input channels of the 1x1 probe Conv: 32 u8 x s8 pairs per output
 PROBE_VERSION = 2  # part of the cached probe's key: bump when the probe changes
@@ -29,8 +36,6 @@ def probe_model(path: str | Path, reduce_range: bool = False, out_channels: int 
     the largest ``reduce_range`` weight) at scale 1/127 (1/64), i.e. 1.0 in float, so the exact output at x = 1
     is ``CHANNELS``; the output is quantized with a range that holds it.
     """
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
 
     q = 64 if reduce_range else 127
     w = np.full((out_channels, CHANNELS, 1, 1), q, dtype=np.int8)
@@ -70,8 +75,6 @@ def probe(folder: str | Path, threads: int = 1) -> dict:
     ``saturates`` is True when the 8-bit weights' kernel result falls short of the exact one
     (the vpmaddubsw int16 clip); ``reduce_range_exact`` when the 7-bit twin matches exactly.
     """
-    from ..runtime import cpu_int8_isa, make_session
-    from ..runtime.inspect import ort_executed_ops
 
     folder = Path(folder)
     x = np.ones((1, CHANNELS, 4, 4), np.float32)
@@ -92,8 +95,6 @@ def probe(folder: str | Path, threads: int = 1) -> dict:
 
 if __name__ == "__main__":  # python -m lowbit_helpers.int8.kernel_check: the probe on this CPU, as JSON
     import json
-    import sys
-    import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
         json.dump(probe(tmp), sys.stdout, indent=1)

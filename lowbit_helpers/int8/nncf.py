@@ -14,12 +14,16 @@ between Q/DQ (the table's QLinearConv column shows it).
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 from ..artifacts import atomic_path, sha256_file, write_json
+from ..errors import LowbitError
 from .base import Int8Backend, Int8Options, OptionSpec
 from .policy import checked_exclusions
 
@@ -35,9 +39,7 @@ def quantize_int8_nncf(model_in: str | Path, model_out: str | Path, calib: np.nd
                        bias_correction: str = "full", target: str = "onnx") -> dict:  # fmt: skip
     """Quantize ``model_in`` to ``model_out`` (``.onnx``, or ``.xml`` for the OpenVINO IR) with NNCF;
     returns (and saves beside it) the recipe."""
-    import onnx
 
-    from ..errors import LowbitError
 
     try:
         import nncf
@@ -60,7 +62,7 @@ def quantize_int8_nncf(model_in: str | Path, model_out: str | Path, calib: np.nd
         dataset = nncf.Dataset(range(len(calib)), lambda i: {name: np.ascontiguousarray(calib[i : i + 1])})
         ignored = excluded
     else:
-        import openvino as ov
+        import openvino as ov  # late: openvino is optional: only its rows need it
 
         model = ov.convert_model(str(model_in))
         dataset = nncf.Dataset(range(len(calib)), lambda i: np.ascontiguousarray(calib[i : i + 1]))
@@ -88,10 +90,8 @@ def quantize_int8_nncf(model_in: str | Path, model_out: str | Path, calib: np.nd
 
 def _save_ir(model, xml: Path) -> None:
     """``xml`` and its ``.bin``, both moved into place only once both are written."""
-    import os
-    import tempfile
 
-    import openvino as ov
+    import openvino as ov  # late: openvino is optional: only its rows need it
 
     with tempfile.TemporaryDirectory(dir=xml.parent) as scratch:
         tmp = Path(scratch) / xml.name

@@ -15,10 +15,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
+
 from ..artifacts import atomic_path, sha256_file, write_json
 from ..errors import LowbitError
-from .calibration import ArrayReader, activation_ranges
 from .base import Int8Backend, Int8Options, OptionSpec
+from .calibration import ArrayReader, activation_ranges
 from .policy import checked_exclusions
 
 ORT_METHODS = ("avgminmax", "minmax", "percentile", "entropy")
@@ -35,7 +37,6 @@ def _ort_adjusted(model_in: str | Path, ranges: dict, excluded: list[str], op_ty
     (``BaseQuantizer.adjust_tensor_ranges``), which ``TensorQuantOverrides`` would otherwise bypass:
     a quantized Softmax's output is [0, 1]; a quantized Relu / Clip's (sole-consumer) input takes
     its output's range. Without the first, YOLOv10's attention Softmax got its data range."""
-    import onnx
 
     g = onnx.load(str(model_in), load_external_data=False).graph
     consumers: dict[str, int] = {}
@@ -56,7 +57,6 @@ def _ort_adjusted(model_in: str | Path, ranges: dict, excluded: list[str], op_ty
 def _check_ranges_used(path: Path, ranges: dict) -> None:
     """Every activation quantizer of the written file has its range from ``ranges`` (none from the
     single image ORT's own calibrator saw)."""
-    import onnx
 
     g = onnx.load(str(path), load_external_data=False).graph
     inits = {i.name for i in g.initializer}
@@ -84,7 +84,12 @@ def quantize_int8_ort(model_in: str | Path, model_out: str | Path, calib: np.nda
     (:mod:`.kernel_check`); it costs one bit of weight resolution everywhere.
     ``placement``: see :data:`PLACEMENTS`.
     """
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (  # late: imports torch
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
 
     model_out = Path(model_out)
     excluded = checked_exclusions(model_in, calib, method, ORT_METHODS, "ORT", head_policy, exclude)

@@ -3,7 +3,6 @@
 The YOLOv10 one-to-one head ends in six 1x1 Convs (``one2one_cv2.{0,1,2}.2`` for the DFL box
 logits, ``one2one_cv3.{0,1,2}.2`` for the class logits) whose outputs are the raw head: what
 the decoder integrates (DFL softmax) and thresholds (sigmoid). Policies:
-
 * ``none``: quantize everything the algorithm quantizes;
 * ``conservative``: keep those six final Convs and everything after them (reshape / concat
   of the output) in float: the plan's conservative head exclusion list;
@@ -13,6 +12,10 @@ the decoder integrates (DFL softmax) and thresholds (sigmoid). Policies:
 from __future__ import annotations
 
 import re
+
+import onnx
+
+from ..errors import LowbitError
 
 HEAD_POLICIES = ("none", "conservative", "head")
 _FINAL_CONV = re.compile(r"/one2one_cv[23]\.\d+/one2one_cv[23]\.\d+\.2/Conv$")
@@ -33,8 +36,6 @@ def excluded_nodes(model, policy: str, extra: list[str] | None = None) -> list[s
     names = [n.name for n in model.graph.node]
     unknown = sorted(set(extra or []) - set(names))
     if unknown:
-        from ..errors import LowbitError
-
         raise LowbitError(f"excluded node(s) not in the graph: {unknown[:5]}",
                           "use ONNX node names as listed in notebook 01 (e.g. /model.0/conv/Conv)")  # fmt: skip
     out = list(extra or [])
@@ -67,9 +68,7 @@ def _downstream(model, start: list[str]) -> list[str]:
 def checked_exclusions(model_path, calib, method: str, methods: tuple[str, ...], backend: str, head_policy: str,
                        exclude: list[str] | None) -> list[str]:  # fmt: skip
     """The checks both INT8 backends make before calibrating; returns the nodes kept in float."""
-    import onnx
 
-    from ..errors import LowbitError
 
     if method not in methods:
         raise LowbitError(f"unknown {backend} calibration method {method!r}", f"use one of {', '.join(methods)}")

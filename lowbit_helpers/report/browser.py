@@ -13,6 +13,8 @@ import tempfile
 from html.parser import HTMLParser
 from pathlib import Path
 
+import numpy as np
+
 from ..errors import LowbitError
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome")
@@ -77,8 +79,7 @@ class _Page(HTMLParser):
 def render(html: str | Path, width: int = 1400, height: int = 6000, timeout: float = 120) -> dict:
     """Open ``html`` in headless Chromium: {headings, tables, images, screenshot_std (pixel spread
     of the first screen of its screenshot: 0 for a blank page)}."""
-    import numpy as np
-    from matplotlib import image as mpimg
+    from matplotlib import image as mpimg  # late: matplotlib only for figures
 
     html = Path(html).resolve()
     if not html.is_file():

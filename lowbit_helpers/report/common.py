@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pandas as pd
+
+from ..assets import cache_dir
+from ..rundir import REPO_ROOT
 
 
 def shown_path(path: str | None) -> str:
     """A path as a report may show it: relative to the repository or the weights cache, else its
     file name; never the machine's absolute path."""
-    from pathlib import Path
 
-    from ..assets import cache_dir
-    from ..rundir import REPO_ROOT
 
     if not path:
         return ""

@@ -8,16 +8,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..data import load_image, preprocess
+from ..decode import decode
+from ..runtime import make_session
+
 SHOW_SCORE = 0.35  # boxes below this score are not drawn (the evaluation keeps them all)
 
 
 def detections_figure(models: dict[str, Path], subset, image_ids: list[int], decode_cfg, threads: int = 2):
     """A grid: one row per image of ``image_ids``, one column per ``models`` entry (label -> ONNX)."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # late: matplotlib only for figures
 
-    from ..data import load_image, preprocess
-    from ..decode import decode
-    from ..runtime import make_session
 
     names = {i: c["name"] for i, c in enumerate(sorted(subset.coco.loadCats(subset.coco.getCatIds()), key=lambda c: c["id"]))}
     sessions = {label: make_session(path, threads=threads) for label, path in models.items()}

@@ -9,8 +9,14 @@ which times FP32, the INT8 pick and every candidate in one process (notebook 03'
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 
+from ..evaluate import evaluate_coco
+from ..steps import baseline, splits
+from ..steps.candidates import CANDIDATE_ONNX
+from ..steps.int8 import ort_cpu_pick, tensorrt_pick, variant_model
+from ..steps.int8 import splits as int8_splits
 from .common import fmt_delta, pct
 from .int8 import _verdict
 
@@ -34,7 +40,6 @@ def fp32_ms(int8_result: dict | None, cand_result: dict | None) -> float | None:
 
 def picks(int8_result: dict | None, cand_result: dict | None) -> list[dict]:
     """The rows of the headline, each {role, model, split score, size, latency label, rule}."""
-    from ..steps.int8 import ort_cpu_pick, tensorrt_pick
 
     rows = []
     ok8 = int8_result and "skipped" not in int8_result and not int8_result.get("structure_only")
@@ -148,9 +153,6 @@ def headline_sentences(int8_result: dict | None, cand_result: dict | None, fp32_
 
 def shipped_models(run, int8_result: dict | None, cand_result: dict | None) -> dict:
     """Label -> ONNX path: FP32, the CPU INT8 pick and the low-bit pick at the highest budget."""
-    from ..steps import baseline
-    from ..steps.candidates import CANDIDATE_ONNX
-    from ..steps.int8 import variant_model
 
     models = {"FP32": run.artifact(baseline.MODEL)}
     rows = picks(int8_result, cand_result)
@@ -167,11 +169,7 @@ def per_class_delta(run, int8_result: dict | None, cand_result: dict | None, min
     """AP50-95 Δ to FP32 per class, in points, for the CPU INT8 pick and the low-bit pick at the
     highest budget, on the whole confirmation subset (val500), for classes with at least
     ``min_instances`` ground-truth boxes there. None when neither pick has that subset scored."""
-    import numpy as np
 
-    from ..evaluate import evaluate_coco
-    from ..steps import splits
-    from ..steps.int8 import splits as int8_splits
 
     rows = picks(int8_result, cand_result)
     cpu, low = _first(rows, "cpu"), _top_budget(rows)
@@ -197,8 +195,8 @@ def per_class_delta(run, int8_result: dict | None, cand_result: dict | None, min
 
 def per_class_figure(table: pd.DataFrame, subset_name: str):
     """The per-class Δ table as a heatmap (red: lower AP than FP32, blue: higher)."""
-    import matplotlib.pyplot as plt
-    import seaborn as sns
+    import matplotlib.pyplot as plt  # late: matplotlib only for figures
+    import seaborn as sns  # late: seaborn only for figures
 
     lim = max(1.0, float(table.abs().to_numpy().max()))
     fig, ax = plt.subplots(figsize=(2.2 + 2.0 * table.shape[1], 0.26 * len(table) + 1.2))

@@ -9,6 +9,8 @@ import math
 
 import pandas as pd
 
+from ..runtime import CONV_OPS, compare_profiles, int8_kernel_class
+from ..steps.int8 import ort_cpu_pick, tensorrt_pick
 from .common import fmt_delta, pct, tidy
 
 ENGINE_LABELS = {"ort": "ORT kernels", "ort-exact": "exact Q/DQ (ORT, no optimizations)", "openvino": "OpenVINO f32",
@@ -141,7 +143,6 @@ def emulation_table(result: dict) -> pd.DataFrame | None:
 def drop_decomposition(result: dict) -> pd.DataFrame | None:
     """Where each ORT variant's INT8 drop goes: the quantization itself (exact arithmetic against
     FP32), this CPU's integer kernels against the exact arithmetic, and the emulated CPU's."""
-    from ..runtime import int8_kernel_class
 
     if result.get("structure_only"):
         return None
@@ -191,7 +192,6 @@ def latency_breakdown(result: dict) -> pd.DataFrame | None:
     instructions (``cpu_int8_isa``), and by what the Q/DQ graph adds outside the Convs
     (QLinearSigmoid + QLinearMul for SiLU instead of FP32's fused QuickGelu, for instance).
     """
-    from ..runtime import CONV_OPS, compare_profiles
 
     profiles = result.get("profiles") or {}
     if "fp32" not in profiles:
@@ -275,7 +275,6 @@ def _profile_sentence(result: dict, name: str) -> str:
     profiles = result.get("profiles") or {}
     if "fp32" not in profiles or name not in profiles:
         return ""
-    from ..runtime import compare_profiles
 
     cmp = compare_profiles(profiles["fp32"], profiles[name])
     other = cmp["other_ms"][1] / cmp["other_ms"][0] if cmp["other_ms"][0] else math.nan
@@ -317,7 +316,6 @@ def int8_conclusion(result: dict, target_points: float = 0.5) -> str:
         lines.append("**Engines that compute a file wrongly** (more than 5 points from its exact arithmetic, so those rows "
                      "measure the engine, not the recipe): " + "; ".join(
                          f"`{n}` under {engine_label(e, result)} ({fmt_delta(g)})" for n, e, g in wrong) + ".")  # fmt: skip
-    from ..steps.int8 import ort_cpu_pick  # the rule (reduce_range, speed) is documented there
 
     pick = ort_cpu_pick(result)
     if pick:
@@ -356,8 +354,6 @@ def int8_conclusion(result: dict, target_points: float = 0.5) -> str:
     # AVX2-only CPUs (emulated)
     emu = {n: e for n, e in (result.get("emulated") or {}).items() if "skipped" not in e}
     if emu:
-        from ..runtime import int8_kernel_class
-
         gaps = "; ".join(f"`{n}` {fmt_delta(x['kernels']['delta_vs']['ort-exact'])}" for n, x in emu.items())
         pick = max(emu, key=lambda n: emu[n]["kernels"]["delta_vs_fp32"]["delta"])
         e = emu[pick]["kernels"]
@@ -409,7 +405,6 @@ def int8_conclusion(result: dict, target_points: float = 0.5) -> str:
                 acc = fp32_eng.get(eng, {}).get("confirm")
                 lines[-1] += (f" {ENGINE_LABELS[eng]} runs the FP32 model itself at {r['median_ms'] / fp32_ms:.2f}× ORT FP32"
                               + (f" ({fmt_delta(acc['delta_vs_fp32'])} on {conf_name})." if acc else "."))  # fmt: skip
-    from ..steps.int8 import tensorrt_pick
 
     trt = tensorrt_pick(result)
     if trt:

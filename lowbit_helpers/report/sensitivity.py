@@ -9,6 +9,8 @@ import math
 
 import pandas as pd
 
+from ..sensitivity.validation import rho
+
 SECTION_COLORS = {"backbone": "#dbe9f6", "neck": "#fbe5d6", "head": "#e2f0d9", "?": "#eeeeee"}
 
 
@@ -60,8 +62,6 @@ def cost_table(result: dict) -> pd.DataFrame:
 
 
 def _spearman(a, b) -> float:
-    from ..sensitivity.validation import rho
-
     return rho(a, b)
 
 
@@ -104,7 +104,7 @@ def format_agreement(result: dict) -> pd.DataFrame:
 
 def sensitivity_figure(result: dict):
     """The ranking metric alone (top) and its kept gain (bottom) per Conv in network order, sections shaded, blocks labelled."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # late: matplotlib only for figures
 
     df = layer_frame(result)
     metric = result["sensitivity"]["metric"]
@@ -150,7 +150,7 @@ def top_table(result: dict, fmt: str | None = None, n: int = 15) -> pd.DataFrame
 
 def scatter_figure(proxy: dict):
     """Torch proxy vs ONNX graph: raw-head SQNR of each layer alone."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # late: matplotlib only for figures
 
     if not proxy.get("rows"):
         return None
@@ -225,7 +225,7 @@ def reliability_table(validation: dict, metrics: tuple[str, ...] = ("det_sqnr", 
 
 def validation_figure(validation: dict, metrics: tuple[str, ...] = ("raw_sqnr",)):
     """Per study: the chosen metric (and raw-head SQNR) against the true mAP delta on the confirmation split."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # late: matplotlib only for figures
 
     chosen = validation["agreement"]["chosen"]
     shown = [chosen] + [m for m in metrics if m != chosen]

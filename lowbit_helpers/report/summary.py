@@ -2,15 +2,28 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 
-from ..artifacts import atomic_path, write_json
-from ..rundir import RunDir
+from ..artifacts import atomic_path
+from ..rundir import RunDir, Stage
 from ..steps.baseline import MODEL, MODEL_INFO
 from ..steps.sensitivity import SCHEMES_DIR
+from . import candidates as rc
+from . import sensitivity as rs
 from .baseline import baseline_table, model_table, parity_table, parity_verdict
 from .headline import fp32_ms, headline_sentences, headline_table
-from .int8 import accuracy_table, drop_decomposition, emulation_table, int8_conclusion, int8_table, kernel_probe_text, latency_breakdown, skipped_engines_text
+from .int8 import (
+    accuracy_table,
+    drop_decomposition,
+    emulation_table,
+    int8_conclusion,
+    int8_table,
+    kernel_probe_text,
+    latency_breakdown,
+    skipped_engines_text,
+)
 
 SUMMARY_MD = "summary.md"
 SUMMARY_JSON = "results/summary.json"
@@ -69,14 +82,10 @@ def write_summary(run: RunDir, int8_result: dict | None = None, sensitivity_resu
         if breakdown is not None:
             parts += ["Where the time goes (ORT profiler, kernel time per run):", "", breakdown.to_markdown(), ""]
     if sensitivity_result and "skipped" not in sensitivity_result:
-        from . import sensitivity as rs
-
         parts += ["## Per-layer sensitivity", "", rs.cost_table(sensitivity_result).to_markdown(), "",
                   rs.conclusion(sensitivity_result), "", f"Schemes (JSON in `{SCHEMES_DIR}/` beside this report):", "",
                   rs.scheme_table(sensitivity_result["schemes"], sensitivity_result["sensitivity"]["params"]).to_markdown(), ""]  # fmt: skip
     if candidates_result and "skipped" not in candidates_result:
-        from . import candidates as rc
-
         c = candidates_result
         parts += ["## Low-bit candidates", "", rc.method_verdict(c), "", "The 4-bit method ladder (selection split):", "",
                   rc.ladder_table(c).to_markdown(), "", "Verdict per budget (chosen on the selection split, confirmed on the other images):", ""]  # fmt: skip
@@ -92,8 +101,8 @@ def write_summary(run: RunDir, int8_result: dict | None = None, sensitivity_resu
     with atomic_path(run.file(SUMMARY_MD)) as tmp:
         tmp.write_text(text)
     # accuracy only: the latencies are in the benches' latency.json files (measurements, not results)
-    write_json(run.file(SUMMARY_JSON), {"baseline": baseline_table(run, latency=False).to_dict(orient="records")})
-    run.finish("summary", "always", [SUMMARY_MD, SUMMARY_JSON])
+    baseline = {"baseline": baseline_table(run, latency=False).to_dict(orient="records")}
+    run.stage(Stage("summary", None, [], [SUMMARY_JSON, SUMMARY_MD], fixed_key="always"), lambda: baseline, read=None)
     return text
 
 
@@ -102,7 +111,6 @@ README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
 
 def update_readme(readme, summary_md, run_id: str) -> None:
     """Replace the README's results block with a run's ``summary.md`` (headings demoted)."""
-    from pathlib import Path
 
     readme, text = Path(readme), Path(summary_md).read_text()
     body = "\n".join("##" + line if line.startswith("#") else line for line in text.splitlines())

@@ -11,7 +11,16 @@
 """
 
 from .activations import Activations, activations, with_outputs
-from .bench import BENCH_SETTINGS, CONV_OPS, bench_models, compare_profiles, conv_key, latency_stats, load_memory, profile_model
+from .bench import (
+    BENCH_SETTINGS,
+    CONV_OPS,
+    bench_models,
+    compare_profiles,
+    conv_key,
+    latency_stats,
+    load_memory,
+    profile_model,
+)
 from .machine import INT8_ISA_FLAGS, cpu_int8_isa, environment, int8_kernel_class
 from .sessions import (
     ARITHMETICS,

@@ -19,7 +19,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 from ..errors import LowbitError
+from .machine import cpu_int8_isa
+from .sessions import _Input, make_session, run_head
 
 LOCAL_QEMU = Path(__file__).resolve().parents[2] / ".cache" / "qemu" / "usr" / "bin" / "qemu-x86_64-static"
 
@@ -71,8 +75,6 @@ class EmulatedSession:
     """
 
     def __init__(self, qemu: str, cpu: str, model: str | Path, threads: int = 2):
-        from .sessions import _Input
-
         cmd = _command(qemu, cpu, ["-m", "lowbit_helpers.runtime.emulate", str(model), str(threads)])
         self._err = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._err, env=_child_env())
@@ -117,8 +119,6 @@ class EmulatedSession:
         return self._inputs
 
     def run(self, output_names, feeds: dict):
-        import numpy as np
-
         (x,) = feeds.values()
         x = np.ascontiguousarray(x, dtype=np.float32)
         _send(self.proc.stdin, x)
@@ -141,8 +141,6 @@ def _send(stream, arr) -> None:
 
 
 def _receive(stream):
-    import numpy as np
-
     n = stream.read(4)
     if len(n) < 4:
         return None
@@ -153,8 +151,6 @@ def _receive(stream):
 
 def _serve(model: str, threads: str) -> None:
     """The emulated side: an ORT session (kernels) answering raw tensors on stdin with raw heads."""
-    from .machine import cpu_int8_isa
-    from .sessions import make_session, run_head
 
     session = make_session(model, threads=int(threads))
     out, inp = sys.stdout.buffer, sys.stdin.buffer

@@ -7,6 +7,7 @@ import platform
 from pathlib import Path
 
 import onnxruntime as ort
+
 # ISA extensions that decide how fast, and how exactly, ORT's int8 kernels run on x86: without
 # VNNI, u8s8 GEMMs go through vpmaddubsw, whose int16 pair sums saturate (see
 # int8/kernel_check.py), and gain far less over FP32 FMA than with vpdpbusd.

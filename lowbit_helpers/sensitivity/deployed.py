@@ -25,9 +25,15 @@ this module.
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+
+from ..formats import replace_nodes
+from ..int8.ort import quantize_int8_ort
 
 OUTPUT = "__graph_output__"  # consumer name of an edge into the graph's output
 
@@ -171,7 +177,6 @@ class DeployedQdq:
                     n.input[:] = [pre if x == o.name else x for x in n.input]
                 dq = qdq(pre, scale, zero)
                 new_nodes.append(helper.make_node("Identity", [dq], [o.name], name=f"{o.name}::ort::out"))
-        from ..formats import replace_nodes
 
         replace_nodes(g, new_nodes)
         return out
@@ -188,11 +193,6 @@ class DeployedPerturber:
     disabled_optimizers = ("NchwcTransformer",)
 
     def __init__(self, model_path, range_images: np.ndarray):
-        import tempfile
-        from pathlib import Path
-
-        from ..int8.ort import quantize_int8_ort
-
         with tempfile.TemporaryDirectory(prefix="lowbit.w8a8-ort.") as tmp:
             out = Path(tmp) / "qdq.onnx"
             self.recipe = quantize_int8_ort(model_path, out, range_images, "avgminmax", head_policy="none")

@@ -3,7 +3,6 @@
 Raw-head SQNR weighs every logit alike, and the raw head is dominated by the large negative
 class logits of background anchors (down to about -90) that the sigmoid flattens to zero and
 the decoder throws away. The detection-aware metrics below look at what the decoder keeps:
-
 * ``raw_sqnr``: SQNR of the raw head (all 144 x 8400 values) - the old metric;
 * ``score_sqnr``: SQNR of the sigmoid class scores (all anchors and classes): background
   logits saturate and stop counting;
@@ -27,8 +26,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from scipy.special import expit
 
 from ..decode import NUM_CLASSES, REG_MAX, anchors
+from ..decode import dfl_distances as in_strides
 from ..runtime.inspect import sqnr_from_sums as sqnr_db
 
 FG_SCORE = 0.1  # FP32 best class score from which an anchor counts as foreground
@@ -37,14 +38,11 @@ _SUMS = ("raw", "score", "fg_score", "fg_box")  # (signal, noise) pairs behind t
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
-    from scipy.special import expit
-
     return expit(x)
 
 
 def dfl_distances(raw: np.ndarray, idx: np.ndarray) -> np.ndarray:
     """(4, K) left / top / right / bottom distances in input pixels of anchors ``idx`` (float64)."""
-    from ..decode import dfl_distances as in_strides
 
     _, stride = anchors(640)
     return in_strides(raw, idx, np.float64) * stride[idx]

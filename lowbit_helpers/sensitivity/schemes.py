@@ -1,10 +1,8 @@
 """Mixed-precision schemes chosen from a sensitivity file: node -> precision, as JSON.
 
 Two families (notebook 04 states the rules beside the list):
-
 The sensitivity file's ranking metric (``sens["metric"]``, in dB, e.g. the detection-aware
 ``det_sqnr`` of :mod:`.head_metrics`) ranks and costs every layer:
-
 * ``top-K`` for a format F: every Conv in F except the K layers whose float precision buys
   the most (largest *kept* gain, i.e. the metric of all-in-F with the layer kept minus that of
   all-in-F; the *alone* metric ranks when no *kept* sweep exists), which stay in ``fp32``.
@@ -20,6 +18,7 @@ The sensitivity file's ranking metric (``sens["metric"]``, in dB, e.g. the detec
 from __future__ import annotations
 
 import math
+import random
 from pathlib import Path
 
 from ..artifacts import read_json, write_json
@@ -148,7 +147,6 @@ def _share_scheme(convs: list[str], params: dict, chosen: set[str], low: str, hi
 
 def random_scheme(sens: dict, percent: float, seed: int, low: str = "w4a8", high: str = "w8a8") -> dict:
     """A control for ``budget_scheme``: 4-bit layers drawn at random (seeded) until the same share is met."""
-    import random
 
     convs, params = sens["convs"], sens["params"]
     order = list(convs)

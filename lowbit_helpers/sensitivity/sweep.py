@@ -1,7 +1,6 @@
 """Per-layer sensitivity on the deployed ONNX graph, in both directions, with cached tensors.
 
 For each Conv L and a format F (see :mod:`.formats`):
-
 * *alone*: only L computes in F, everything else in FP32;
 * *kept*: everything computes in F except L (what keeping L in float buys).
 
@@ -26,16 +25,23 @@ both give the same metrics, and time the naive cost.
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
+import psutil
 
+from ..artifacts import sha256_file
 from ..formats import Format, apply_format
+from ..graph import graph_info
+from ..lowbit.materialize import materialize
 from ..runtime import activations, make_session, with_outputs
+from .deployed import DeployedPerturber
 from .metrics import METRICS, Accumulator, Reference
 
 DIRECTIONS = ("alone", "kept")
@@ -129,8 +135,6 @@ class MethodPerturber:
         self.cache: dict = {}
 
     def __call__(self, model: onnx.ModelProto, convs: set[str]) -> onnx.ModelProto:
-        from ..lowbit.materialize import materialize
-
         convs = set(convs) & set(conv_nodes(model))
         if not convs:
             return model
@@ -249,10 +253,6 @@ class MemoryPeak:
     summed RSS would count it in each)."""
 
     def __enter__(self):
-        import threading
-
-        import psutil
-
         self.peak, self._stop = 0, threading.Event()
         me = psutil.Process()
 
@@ -316,8 +316,6 @@ def run_perturbations(model: onnx.ModelProto, images: Sequence, perturber: Calla
                 results = map(_run_group, range(len(groups)))
                 pool = None
             else:
-                import multiprocessing as mp
-
                 # spawn, not fork: a fork of a process whose OpenMP / ORT thread pools have run (torch
                 # statistics, calibration sessions) can inherit a held lock and hang in the child
                 pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(job,))
@@ -376,8 +374,6 @@ def perturber(fmt: Format, model_path, ranges: dict, range_images: np.ndarray):
     """The sweep's perturber of a format: fake quantization (:mod:`.formats`), or for ``w8a8-ort``
     the quantizers of the file ORT deploys (:mod:`.deployed`, built from ``range_images``)."""
     if fmt.ort_placement:
-        from .deployed import DeployedPerturber
-
         return DeployedPerturber(model_path, range_images)
     return FormatPerturber(fmt, ranges)
 
@@ -440,8 +436,6 @@ def measure(
     ``threads``: ORT threads of the range and naive passes (whole graphs); the sweep itself
     runs ``workers`` processes of one thread each.
     """
-    from ..artifacts import sha256_file
-    from ..graph import graph_info
 
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}; use one of {METRICS}")

@@ -20,8 +20,10 @@ import time
 from collections.abc import Callable
 
 import numpy as np
+from onnx import numpy_helper
 
 from ..formats import FP8_MAX, Format
+from .metrics import sqnr_db
 
 
 # ------------------------------------------------------------------ name mapping
@@ -49,8 +51,7 @@ def map_convs(onnx_model, torch_model, atol: float = 1e-6) -> dict:
     the remaining modules. Nodes that match neither way, and torch Convs no node uses, are
     listed, never dropped.
     """
-    import torch
-    from onnx import numpy_helper
+    import torch  # late: torch costs seconds at import
 
     inits = {i.name: i for i in onnx_model.graph.initializer}
     modules = {n: m for n, m in torch_model.named_modules() if isinstance(m, torch.nn.Conv2d)}
@@ -80,7 +81,7 @@ def map_convs(onnx_model, torch_model, atol: float = 1e-6) -> dict:
 
 # ------------------------------------------------------------------ fake quantization
 def _fake_weight(w, fmt: Format):
-    import torch
+    import torch  # late: torch costs seconds at import
 
     amax = w.abs().flatten(1).amax(1).clamp_min(1e-12)
     if fmt.fp8:
@@ -92,7 +93,7 @@ def _fake_weight(w, fmt: Format):
 
 
 def _act_quantizer(lo: float, hi: float, fmt: Format) -> Callable:
-    import torch
+    import torch  # late: torch costs seconds at import
 
     if fmt.fp8:
         scale = max(abs(lo), abs(hi), 1e-8) / FP8_MAX
@@ -151,7 +152,7 @@ def _run_layers(model, x, cache: list, start: int) -> list:
 
 def torch_ranges(model, modules: list[str], images: np.ndarray) -> dict[str, tuple[float, float]]:
     """Mean over images of each Conv module's per-image input min and max (as the ONNX sweep)."""
-    import torch
+    import torch  # late: torch costs seconds at import
 
     lo: dict[str, list] = {n: [] for n in modules}
     hi: dict[str, list] = {n: [] for n in modules}
@@ -175,7 +176,7 @@ def torch_ranges(model, modules: list[str], images: np.ndarray) -> dict[str, tup
 def torch_sweep(model, modules: list[str], images: np.ndarray, fmt: Format, ranges: dict, chunk: int = 8,
                 progress: Callable[[str], None] | None = None) -> dict:  # fmt: skip
     """SQNR (dB) of the raw head for each module quantized alone in ``fmt``."""
-    import torch
+    import torch  # late: torch costs seconds at import
 
     t0 = time.perf_counter()
     layer_of = {n: int(n.split(".")[1]) for n in modules}  # "model.<i>.<...>"
@@ -194,7 +195,6 @@ def torch_sweep(model, modules: list[str], images: np.ndarray, fmt: Format, rang
                         noise[n] += float(((out.double() - ref) ** 2).sum())
             if progress:
                 progress(f"torch {fmt.name}: {min(start + chunk, len(images))}/{len(images)} images")
-    from .metrics import sqnr_db
 
     sqnr = {n: sqnr_db(signal, noise[n]) for n in modules}
     return {"format": fmt.name, "images": int(len(images)), "sqnr_db": sqnr, "seconds": time.perf_counter() - t0}

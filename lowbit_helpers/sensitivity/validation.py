@@ -17,11 +17,16 @@ over layers (scipy has the statistic; the resampling is a few lines here).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 
 import numpy as np
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 
+from ..data import preprocess
 from ..decode import decode
+from ..evaluate import to_coco
 from .metrics import Accumulator, Reference
 
 PSEUDO_GT_SCORE = 0.25  # FP32 detections at or above this score are the label-free ground truth
@@ -38,8 +43,6 @@ class CocoImages:
         return len(self.subset.ids)
 
     def __getitem__(self, i: int):
-        from ..data import preprocess
-
         image_id = self.subset.ids[i]
         tensor, lb = preprocess(self.subset.image_path(image_id))
         return tensor, (image_id, lb)
@@ -58,8 +61,6 @@ class DetectionScorer:
         return []
 
     def add(self, state: list, ref, out: np.ndarray, meta) -> None:
-        from ..evaluate import to_coco
-
         image_id, lb = meta
         d = decode(out, self.decode_cfg)
         state.extend(to_coco(image_id, lb.to_original(d.boxes), d.scores, d.classes, self.cats))
@@ -101,8 +102,6 @@ def label_free_map(pairs: list) -> float:
 
     ``pairs``: per image ((index, gt boxes xyxy, gt classes), :class:`..decode.Detections`).
     """
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
 
     images, anns, dets = [], [], []
     for (idx, boxes, classes), d in pairs:
@@ -130,7 +129,7 @@ def label_free_map(pairs: list) -> float:
 
 
 def _ranks(a: np.ndarray) -> np.ndarray:
-    from scipy.stats import rankdata
+    from scipy.stats import rankdata  # late: scipy.stats costs a second at import, only the statistics need it
 
     return rankdata(a, axis=-1)  # average ranks for ties, as Spearman's rho takes them
 
@@ -145,7 +144,8 @@ def _pearson_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def rho(a, b) -> float:
     """Spearman's rho (scipy), NaN for fewer than three pairs."""
-    from scipy.stats import spearmanr
+
+    from scipy.stats import spearmanr  # late: see _ranks
 
     return float(spearmanr(a, b).statistic) if len(a) > 2 else float("nan")
 
@@ -153,13 +153,14 @@ def rho(a, b) -> float:
 def spearman(x, y, n: int = 2000, confidence: float = 0.95, seed: int = 0) -> dict:
     """Spearman's rho of paired values (scipy's statistic) with a percentile bootstrap interval
     over the pairs (all resamples ranked at once: the Pearson correlation of their ranks)."""
-    from scipy.stats import spearmanr
 
     x, y = np.asarray(x, float), np.asarray(y, float)
     ok = np.isfinite(x) & np.isfinite(y)
     x, y = x[ok], y[ok]
     if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
         return {"rho": float("nan"), "lo": float("nan"), "hi": float("nan"), "n": int(len(x))}
+    from scipy.stats import spearmanr  # late: see _ranks
+
     rho = float(spearmanr(x, y).statistic)
     idx = np.random.default_rng(seed).integers(0, len(x), (n, len(x)))
     samples = _pearson_rows(_ranks(x[idx]), _ranks(y[idx]))
@@ -172,7 +173,6 @@ def spearman(x, y, n: int = 2000, confidence: float = 0.95, seed: int = 0) -> di
 
 def halves(subset, name: str) -> dict:
     """``subset`` in two halves of alternate ids, named ``{name}_a`` and ``{name}_b``."""
-    import dataclasses
 
     return {f"{name}_{h}": dataclasses.replace(subset, ids=subset.ids[i::2], name=f"{subset.name}, half {h}")
             for i, h in enumerate("ab")}  # fmt: skip

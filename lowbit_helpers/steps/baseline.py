@@ -12,14 +12,22 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnxruntime
+from scipy.special import expit
 
 from ..artifacts import atomic_path, write_json
 from ..assets import ModelSource, resolve_model
 from ..config import Config
 from ..data import calibration_tensor, open_coco, preprocess, read_image_list
 from ..errors import LowbitError
-from ..rundir import RunDir, stage_key
-from ..runtime import BENCH_SETTINGS
+from ..evaluate import bootstrap_difference, bootstrap_map, evaluate_coco, predict_onnx, predict_onnx_multi
+from ..export import export_raw_onnx, load_torch_model
+from ..graph import graph_info
+from ..parity import export_ultralytics_e2e, ultralytics_predictions
+from ..rundir import RunDir, Stage
+from ..runtime import BENCH_SETTINGS, bench_models, engine_session, environment, make_session, run_head
+from ..schema import DecodeCfg
 
 MODEL = "baseline-onnx/model.onnx"
 MODEL_INFO = "baseline-onnx/model_info.json"
@@ -36,10 +44,8 @@ PARITY_TOLERANCE = 0.002
 
 def versions() -> dict:
     """Library versions that change exported or quantized models (part of stage keys)."""
-    import onnx
-    import onnxruntime
-    import torch
-    import ultralytics
+    import torch  # late: torch costs seconds at import
+    import ultralytics  # late: ultralytics (and torch) cost seconds at import
 
     return {"torch": torch.__version__, "ultralytics": ultralytics.__version__, "onnx": onnx.__version__,
             "onnxruntime": onnxruntime.__version__}  # fmt: skip
@@ -52,15 +58,13 @@ def model_source(cfg: Config) -> ModelSource:
 # ------------------------------------------------------------------ 01: baseline ONNX
 def baseline_onnx(run: RunDir) -> dict:
     """Resolve and check the model, put the raw-head ONNX in ``baseline-onnx/``, ORT smoke, graph facts."""
-    from ..export import export_raw_onnx
-    from ..graph import graph_info
 
     cfg = run.cfg
     source = model_source(cfg)
     params = {"source": source.name, "kind": source.kind, "sha256": source.sha256, "opset": cfg.model.opset,
               "versions": versions()}  # fmt: skip
-    key = stage_key(params)
-    if not run.is_fresh("baseline_onnx", key):
+
+    def compute():
         out = run.file(MODEL)
         if source.kind == "onnx":
             with atomic_path(out) as tmp:
@@ -74,7 +78,8 @@ def baseline_onnx(run: RunDir) -> dict:
             info["torch_vs_onnx_max_abs"] = torch_onnx_difference(source, out, _first_image(cfg))
         write_json(run.file(MODEL_INFO), info)
         write_json(run.file(SMOKE), ort_smoke(out, cfg))
-        run.finish("baseline_onnx", key, [MODEL, MODEL_INFO, SMOKE], params)
+
+    run.stage(Stage("baseline_onnx", params, [], [MODEL, MODEL_INFO, SMOKE]), compute, read=None)
     return {"info": run.read(MODEL_INFO), "smoke": run.read(SMOKE)}
 
 
@@ -91,11 +96,8 @@ def torch_onnx_difference(source: ModelSource, onnx_path: str | Path, image: str
     float32 against float64: class logits reach about -90 on background anchors, where
     float32 rounding alone moves them by ~1e-4, so that is the scale to read the others on.
     """
-    import torch
-    from scipy.special import expit
+    import torch  # late: torch costs seconds at import
 
-    from ..export import load_torch_model
-    from ..runtime import make_session, run_head
 
     x, _ = preprocess(image)
     model = load_torch_model(source)
@@ -117,7 +119,6 @@ def torch_onnx_difference(source: ModelSource, onnx_path: str | Path, image: str
 
 def ort_smoke(model: str | Path, cfg: Config) -> dict:
     """One ORT run on a random tensor: loads, runs, right shape, finite."""
-    from ..runtime import make_session, run_head
 
     session = make_session(model, cfg.runtime.providers, cfg.runtime.threads)
     x = np.random.default_rng(0).random((1, 3, 640, 640), dtype=np.float32)
@@ -140,8 +141,8 @@ def calibration(run: RunDir) -> dict:
     paths = read_image_list(list_path)
     n = cfg.data.calib_images
     params = {"list": str(list_path), "images": [str(p) for p in paths[:n]], "count": n}
-    key = stage_key(params)
-    if not run.is_fresh("calibration", key):
+
+    def compute():
         arr = calibration_tensor(paths, n)
         with atomic_path(run.file(CALIB)) as tmp, open(tmp, "wb") as fh:
             np.save(fh, arr)
@@ -150,8 +151,9 @@ def calibration(run: RunDir) -> dict:
             "bytes": int(arr.nbytes), "mean": float(arr.mean()), "std": float(arr.std()),
             "images": [str(p.relative_to(list_path.parent)) for p in paths[:n]],
         })  # fmt: skip
-        run.finish("calibration", key, [CALIB, CALIB_INFO], {k: v for k, v in params.items() if k != "images"})
-    return run.read(CALIB_INFO)
+
+    record = {k: v for k, v in params.items() if k != "images"}
+    return run.stage(Stage("calibration", params, [], [CALIB, CALIB_INFO], record=record), compute, read=CALIB_INFO)
 
 
 # ------------------------------------------------------------------ 02: FP32 COCO evaluation
@@ -159,8 +161,6 @@ def evaluate_model(model: str | Path, cfg: Config, subset_name: str | None = Non
                    engine: str = "ort") -> tuple[dict, list]:  # fmt: skip
     """mAP of one ONNX on a subset with the run's decode and runtime settings, with its interval;
     ``engine``: one of :data:`..runtime.ENGINES` (ORT's kernels by default)."""
-    from ..evaluate import bootstrap_map, evaluate_coco, predict_onnx
-    from ..runtime import engine_session
 
     subset = open_coco(cfg.data.coco_root, cfg.data.annotations, subset_name or cfg.data.subset)
     session = engine_session(model, engine, cfg.runtime.providers, cfg.runtime.threads)
@@ -180,34 +180,29 @@ def fp32_evaluation(run: RunDir) -> dict:
     info = run.read(MODEL_INFO)
     if info["structure_only"]:
         result = {"structure_only": True, "reason": f"{info['label']}: no accuracy is computed for random weights"}
-        write_json(run.file(FP32_METRICS), result)
-        run.finish("fp32_evaluation", "structure-only", [FP32_METRICS])
-        return result
-    model = run.artifact(MODEL)
+        return run.stage(Stage("fp32_evaluation", None, [], [FP32_METRICS], fixed_key="structure-only"), lambda: result)
     params = {"data": cfg.data.model_dump(), "decode": cfg.decode.model_dump(), "evaluation": cfg.evaluation.model_dump()}
-    key = stage_key(params, [model])
-    if not run.is_fresh("fp32_evaluation", key):
-        result, dets = evaluate_model(model, cfg)
+
+    def compute():
+        result, dets = evaluate_model(run.artifact(MODEL), cfg)
         write_json(run.file(FP32_DETECTIONS), dets)
-        write_json(run.file(FP32_METRICS), result)
-        run.finish("fp32_evaluation", key, [FP32_METRICS, FP32_DETECTIONS], params)
-    return run.read(FP32_METRICS)
+        return result
+
+    return run.stage(Stage("fp32_evaluation", params, [MODEL], [FP32_METRICS, FP32_DETECTIONS]), compute)
 
 
 # ------------------------------------------------------------------ 02: FP32 latency
 def fp32_latency(run: RunDir) -> dict:
-    from ..runtime import bench_models, environment
-
     cfg = run.cfg
     model = run.artifact(MODEL)
     params = {"runtime": cfg.runtime.model_dump(), "latency": cfg.latency.model_dump(), "bench": BENCH_SETTINGS}
-    key = stage_key(params, [model])
-    if not run.is_fresh("fp32_latency", key):
+
+    def compute():
         row = bench_models([model], cfg.runtime.threads, cfg.runtime.providers, cfg.latency.warmup, cfg.latency.runs)[0]
         row["model"] = MODEL
-        write_json(run.file(FP32_LATENCY), {**row, "environment": environment()})
-        run.finish("fp32_latency", key, [FP32_LATENCY], params)
-    return run.read(FP32_LATENCY)
+        return {**row, "environment": environment()}
+
+    return run.stage(Stage("fp32_latency", params, [MODEL], [FP32_LATENCY]), compute)
 
 
 # ------------------------------------------------------------------ 02: parity with Ultralytics
@@ -216,24 +211,18 @@ def parity(run: RunDir, progress: bool = True) -> dict:
 
     Pass: |mAP50-95(top-k decode) - mAP50-95(Ultralytics end-to-end ONNX)| <= 0.002.
     """
-    from ..schema import DecodeCfg
-    from ..evaluate import bootstrap_difference, evaluate_coco, predict_onnx_multi
-    from ..parity import export_ultralytics_e2e, ultralytics_predictions
-    from ..runtime import make_session
 
     cfg = run.cfg
     info = run.read(MODEL_INFO)
     if not cfg.parity.enabled or info["source_kind"] != "checkpoint":
         why = "disabled in params" if not cfg.parity.enabled else f"needs an Ultralytics checkpoint; model is {info['label']}"
         result = {"skipped": why}
-        write_json(run.file(PARITY), result)
-        run.finish("parity", "skipped", [PARITY])
-        return result
+        return run.stage(Stage("parity", None, [], [PARITY], fixed_key="skipped"), lambda: result)
     model = run.artifact(MODEL)
     params = {"subset": cfg.parity.subset, "pt": cfg.parity.ultralytics_pt, "decode": cfg.decode.model_dump(),
               "data": cfg.data.model_dump(), "versions": versions(), "source": info["source_sha256"]}  # fmt: skip
-    key = stage_key(params, [model])
-    if not run.is_fresh("parity", key):
+
+    def compute():
         source = model_source(cfg)
         subset = open_coco(cfg.data.coco_root, cfg.data.annotations, cfg.parity.subset)
         d = cfg.decode
@@ -270,8 +259,7 @@ def parity(run: RunDir, progress: bool = True) -> dict:
             score(tag, what, dets, time.perf_counter() - t0)
         e = cfg.evaluation
         diff = bootstrap_difference(evals["ours_topk"], evals["ultralytics_onnx_e2e"], e.bootstrap or 200, e.confidence, e.seed)
-        result = {"subset": subset.name, "num_images": len(subset), "rows": rows, "difference_topk_vs_e2e": diff,
-                  "tolerance": PARITY_TOLERANCE, "passed": abs(diff["delta"]) <= PARITY_TOLERANCE}  # fmt: skip
-        write_json(run.file(PARITY), result)
-        run.finish("parity", key, [PARITY], params)
-    return run.read(PARITY)
+        return {"subset": subset.name, "num_images": len(subset), "rows": rows, "difference_topk_vs_e2e": diff,
+                "tolerance": PARITY_TOLERANCE, "passed": abs(diff["delta"]) <= PARITY_TOLERANCE}  # fmt: skip
+
+    return run.stage(Stage("parity", params, [MODEL], [PARITY]), compute)

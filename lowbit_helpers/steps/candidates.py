@@ -24,11 +24,21 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 
-from ..artifacts import atomic_path, write_json
+from ..artifacts import atomic_path, sha256_file
+from ..data import preprocess
 from ..errors import LowbitError
-from ..rundir import RunDir, stage_key
-from ..runtime import BENCH_SETTINGS
+from ..evaluate import predict_onnx
+from ..formats import FORMATS, apply_format
+from ..lowbit import parse_method
+from ..lowbit.materialize import QUANT_VERSION, materialize
+from ..lowbit.stats import collect_stats
+from ..rundir import RunDir, Stage
+from ..runtime import BENCH_SETTINGS, bench_models, environment, load_memory, make_session
+from ..runtime.inspect import fidelity, ort_executed_ops, qdq_counts, raw_heads
+from ..sensitivity.schemes import heuristic_scheme, random_scheme
+from ..sensitivity.sweep import activation_ranges, conv_nodes
 from . import baseline
 from .int8 import VARIANT_EVAL, ort_cpu_pick, read_int8_result, variant_model
 from .sensitivity import SCHEMES_DIR, SCHEMES_INDEX, SENS
@@ -54,10 +64,7 @@ def _calibration(calib_path: str, calib_sha: str, model_path: str, model_sha: st
                  stats_images: int) -> tuple[dict, dict, dict]:  # fmt: skip
     """Activation ranges (the sweep's: calibration images [0, R)), GPTQ statistics of every Conv,
     and the per-layer weight cache that :func:`materialize` fills (one per model and statistics)."""
-    import onnx
 
-    from ..lowbit.stats import collect_stats
-    from ..sensitivity.sweep import activation_ranges, conv_nodes
 
     model = onnx.load(model_path)
     calib = np.load(calib_path, mmap_mode="r")
@@ -71,8 +78,6 @@ def _calibration(calib_path: str, calib_sha: str, model_path: str, model_sha: st
 
 @functools.lru_cache(maxsize=8)
 def _digest(path: str, mtime_ns: int, size: int) -> str:
-    from ..artifacts import sha256_file
-
     return sha256_file(path)
 
 
@@ -108,7 +113,6 @@ def notebook04_schemes(run: RunDir) -> dict[str, dict]:
 
 def all_schemes(run: RunDir) -> dict[str, dict]:
     """Notebook 04's schemes (or ``candidates.schemes``), fp8, and the random / heuristic controls."""
-    from ..sensitivity.schemes import heuristic_scheme, random_scheme
 
     cfg, c = run.cfg, run.cfg.candidates
     sens = run.read(SENS)
@@ -147,12 +151,9 @@ def candidate_name(scheme: dict, method: str) -> str:
 # ------------------------------------------------------------------ build
 def build(run: RunDir, scheme: dict, method: str) -> dict:
     """Materialise ``scheme`` with ``method`` into ``candidates/<name>.onnx`` (cached); its recipe."""
-    import onnx
 
-    from ..lowbit.materialize import materialize
 
     cfg = run.cfg
-    from ..lowbit.materialize import QUANT_VERSION
 
     name = candidate_name(scheme, method)
     model, _, model_sha, calib_sha = inputs(run)
@@ -160,8 +161,8 @@ def build(run: RunDir, scheme: dict, method: str) -> dict:
     params = {"nodes": scheme["nodes"], "method": method if has_four_bit(scheme) else None,
               "range_images": cfg.sensitivity.range_images, "stats_images": cfg.candidates.stats_images,
               "quant_version": QUANT_VERSION, "versions": baseline.versions(), "model": model_sha, "calib": calib_sha}  # fmt: skip
-    key = stage_key(params)
-    if not run.is_fresh(f"candidate:{name}", key):
+
+    def compute():
         t0 = time.perf_counter()
         ranges, stats, cache = calibration(run)
         q, info = materialize(onnx.load(str(model)), scheme["nodes"], method, ranges=ranges, stats=stats, cache=cache)
@@ -171,9 +172,11 @@ def build(run: RunDir, scheme: dict, method: str) -> dict:
                   "method": method, "materialize": info, "seconds": round(time.perf_counter() - t0, 1),
                   "command": f"python -m lowbit_helpers materialize SCHEME.json {Path(model).name} "
                              f"--calib-npy calib.npy --method {method} --out {name}.onnx"}  # fmt: skip
-        write_json(run.file(recipe_rel), recipe)
-        run.finish(f"candidate:{name}", key, [rel, recipe_rel], {"scheme": scheme["name"], "method": method})
-    return run.read(recipe_rel)
+        return recipe
+
+    # model and calibration enter the key by their digests (params): hashing the ~630 MB tensor per stage would cost minutes
+    st = Stage(f"candidate:{name}", params, [], [recipe_rel, rel], record={"scheme": scheme["name"], "method": method})
+    return run.stage(st, compute)
 
 
 # ------------------------------------------------------------------ evaluation
@@ -197,9 +200,6 @@ def _fp32_detections(run: RunDir) -> list[dict]:
 @functools.lru_cache(maxsize=2)
 def _fp32_heads(model: str, model_sha: str, paths: tuple, threads: int) -> tuple[list[np.ndarray], np.ndarray]:
     """The fidelity images and FP32's raw head on them (the same for every candidate)."""
-    from ..data import preprocess
-    from ..runtime.inspect import raw_heads
-    from ..runtime import make_session
 
     images = [preprocess(p)[0] for p in paths]
     return images, raw_heads(make_session(model, threads=threads), images)
@@ -207,17 +207,14 @@ def _fp32_heads(model: str, model_sha: str, paths: tuple, threads: int) -> tuple
 
 def evaluate(run: RunDir, name: str) -> dict:
     """Selection-split mAP with Δ to FP32, raw-head fidelity, Q/DQ counts, what ORT runs, file size."""
-    from ..evaluate import predict_onnx
-    from ..runtime.inspect import fidelity, ort_executed_ops, qdq_counts, raw_heads
-    from ..runtime import make_session
 
     cfg = run.cfg
     q = run.artifact(CANDIDATE_ONNX.format(name=name))
     model = inputs(run)[0]
     rel = CANDIDATE_EVAL.format(name=name)
     params = _eval_params(run, fidelity_images=cfg.int8.fidelity_images)
-    key = stage_key(params, [model, q])
-    if not run.is_fresh(f"candidate-eval:{name}", key):
+
+    def compute():
         sel, _, _ = splits(run)
         fp32_dets = _fp32_detections(run)
         session = make_session(q, cfg.runtime.providers, cfg.runtime.threads)
@@ -229,72 +226,63 @@ def evaluate(run: RunDir, name: str) -> dict:
                                   cfg.runtime.threads)  # fmt: skip
         out["fidelity"] = fidelity(ref, raw_heads(session, images))
         out.update(qdq=qdq_counts(q), ort_cpu=ort_executed_ops(q, cfg.runtime.threads), size_bytes=q.stat().st_size)
-        write_json(run.file(rel), out)
-        run.finish(f"candidate-eval:{name}", key, [rel], params)
-    return run.read(rel)
+        return out
+
+    return run.stage(Stage(f"candidate-eval:{name}", params, [model, CANDIDATE_ONNX.format(name=name)], [rel]), compute)
 
 
 def exact(run: RunDir, name: str) -> dict:
     """The selection split once more with exact Q/DQ arithmetic (ORT's graph optimizations off)."""
-    from ..evaluate import predict_onnx
-    from ..runtime import make_session
 
     cfg = run.cfg
     q = run.artifact(CANDIDATE_ONNX.format(name=name))
     rel = CANDIDATE_EXACT.format(name=name)
     params = _eval_params(run)
-    key = stage_key(params, [inputs(run)[0], q])
-    if not run.is_fresh(f"candidate-exact:{name}", key):
+
+    def compute():
         sel, _, _ = splits(run)
         xs = make_session(q, cfg.runtime.providers, cfg.runtime.threads, arithmetic="exact")
-        write_json(run.file(rel), {"select_exact": score(run, predict_onnx(xs, sel, cfg.decode), sel, _fp32_detections(run))})
-        run.finish(f"candidate-exact:{name}", key, [rel], params)
-    return run.read(rel)
+        return {"select_exact": score(run, predict_onnx(xs, sel, cfg.decode), sel, _fp32_detections(run))}
+
+    return run.stage(Stage(f"candidate-exact:{name}", params, [inputs(run)[0], CANDIDATE_ONNX.format(name=name)], [rel]),
+                     compute)  # fmt: skip
 
 
 def confirm(run: RunDir, name: str) -> dict:
     """The confirmation split (confirm_subset minus the selection split) and the whole
     confirmation subset, each with Δ to FP32 and its paired-bootstrap interval."""
-    from ..evaluate import predict_onnx
-    from ..runtime import make_session
 
     cfg = run.cfg
     q = run.artifact(CANDIDATE_ONNX.format(name=name))
     model = inputs(run)[0]
     rel = CANDIDATE_CONFIRM.format(name=name)
     params = _eval_params(run)
-    key = stage_key(params, [model, q])
-    if not run.is_fresh(f"candidate-confirm:{name}", key):
+
+    def compute():
         _, conf, union = splits(run)
         fp32_dets = _fp32_detections(run)
         t0 = time.perf_counter()
         dets = predict_onnx(make_session(q, cfg.runtime.providers, cfg.runtime.threads), union, cfg.decode)
         seconds = round(time.perf_counter() - t0, 1)
         ev_conf, ev_union = evaluations_and_references(run, [(dets, conf), (dets, union)], fp32_dets)  # in parallel
-        out = {"confirm_predict_seconds": seconds, "confirm": score_evaluated(run, ev_conf, conf, fp32_dets),
-               "whole": score_evaluated(run, ev_union, union, fp32_dets)}  # fmt: skip
-        write_json(run.file(rel), out)
-        run.finish(f"candidate-confirm:{name}", key, [rel], params)
-    return run.read(rel)
+        return {"confirm_predict_seconds": seconds, "confirm": score_evaluated(run, ev_conf, conf, fp32_dets),
+                "whole": score_evaluated(run, ev_union, union, fp32_dets)}  # fmt: skip
+
+    return run.stage(Stage(f"candidate-confirm:{name}", params, [model, CANDIDATE_ONNX.format(name=name)], [rel]), compute)
 
 
 def sweep_match(run: RunDir, images: int = 2) -> dict:
     """Per swept format, the materialised all-Conv model (round to nearest) against the sweep's
     fake quantization of the same graph: max |difference| of the raw head under exact Q/DQ
     arithmetic on calibration images the sweep scored (0.0: the same numbers)."""
-    import onnx
 
-    from ..formats import FORMATS, apply_format
-    from ..lowbit.materialize import materialize
-    from ..sensitivity.sweep import conv_nodes
-    from ..runtime import make_session
 
     cfg = run.cfg
     model_path, calib_path, model_sha, calib_sha = inputs(run)
     params = {"formats": cfg.sensitivity.formats, "images": images, "range_images": cfg.sensitivity.range_images,
               "model": model_sha, "calib": calib_sha}  # fmt: skip
-    key = stage_key(params)
-    if not run.is_fresh("candidates-sweep-match", key):
+
+    def compute():
         model = onnx.load(str(model_path))
         convs = conv_nodes(model)
         ranges, _, _ = calibration(run)
@@ -313,9 +301,9 @@ def sweep_match(run: RunDir, images: int = 2) -> dict:
                 heads.append(np.concatenate([s.run(None, {s.get_inputs()[0].name: xi[None]})[0] for xi in x]))
             out[fmt] = {"max_abs_diff": float(np.abs(heads[0] - heads[1]).max()), "images": images,
                         "head_max_abs": float(np.abs(heads[1]).max())}  # fmt: skip
-        write_json(run.file(SWEEP_MATCH), out)
-        run.finish("candidates-sweep-match", key, [SWEEP_MATCH], params)
-    return run.read(SWEEP_MATCH)
+        return out
+
+    return run.stage(Stage("candidates-sweep-match", params, [], [SWEEP_MATCH]), compute)
 
 
 # ------------------------------------------------------------------ the ladder and the candidates
@@ -324,8 +312,6 @@ def select_map(result: dict) -> float:
 
 
 def run_ladder(run: RunDir, schemes: dict[str, dict]) -> dict:
-    from ..lowbit import parse_method
-
     c = run.cfg.candidates
     for m in c.ladder:
         parse_method(m)
@@ -350,8 +336,8 @@ def run_ladder(run: RunDir, schemes: dict[str, dict]) -> dict:
     result = {"rows": rows, "mean_select_mAP": mean, "best": best, "method": chosen,
               "rule": f"highest mean mAP50-95 on {c.select_subset} over {', '.join(c.ladder_schemes)}"
                       if c.method == "auto" else "candidates.method in the params"}  # fmt: skip
-    write_json(run.file(LADDER), result)
-    run.finish("candidates-ladder", "derived", [LADDER])  # a summary of cached stages, rewritten each time
+    # a summary of cached stages, rewritten each time
+    run.stage(Stage("candidates-ladder", None, [], [LADDER], fixed_key="derived"), lambda: result, read=None)
     return result
 
 
@@ -386,8 +372,6 @@ def winners(run: RunDir, cands: dict[str, dict], evals: dict[str, dict]) -> dict
 
 
 def latency(run: RunDir, names: list[str], int8: dict | None) -> dict:
-    from ..runtime import bench_models, environment, load_memory
-
     cfg = run.cfg
     models = [run.artifact(baseline.MODEL)] + ([run.artifact(int8["model"])] if int8 else [])
     labels = ["fp32"] + ([f"int8:{int8['name']}"] if int8 else [])
@@ -396,15 +380,16 @@ def latency(run: RunDir, names: list[str], int8: dict | None) -> dict:
     params = {"runtime": cfg.runtime.model_dump(), "latency": cfg.latency.model_dump(), "bench": BENCH_SETTINGS,
               "labels": labels,
               "load_memory": "fresh-process VmHWM"}  # fmt: skip
-    key = stage_key(params, models)
-    if not run.is_fresh("candidates-latency", key):
+
+    def compute():
         rows = bench_models(models, cfg.runtime.threads, cfg.runtime.providers, cfg.latency.warmup, cfg.latency.runs)
         memory = load_memory(models, cfg.runtime.threads)
         for r, label, mem in zip(rows, labels, memory):
             r.update(name=label, model=Path(r["model"]).name, load_mb=mem, size_bytes=Path(models[labels.index(label)]).stat().st_size)
-        write_json(run.file(LATENCY), {"rows": rows, "environment": environment()})
-        run.finish("candidates-latency", key, [LATENCY], params)
-    return run.read(LATENCY)
+        return {"rows": rows, "environment": environment()}
+
+    inputs_ = [baseline.MODEL] + ([int8["model"]] if int8 else []) + [CANDIDATE_ONNX.format(name=n) for n in names]
+    return run.stage(Stage("candidates-latency", params, inputs_, [LATENCY]), compute)
 
 
 def run_candidates(run: RunDir) -> dict:
@@ -449,6 +434,6 @@ def run_candidates(run: RunDir) -> dict:
               "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
     # what the params determine: not the bench (results/latency.json, a measurement), nor notebook
     # 03's ORT pick, which keeps the variants that bench found faster than FP32 (best_int8(run) gives it)
-    write_json(run.file(CANDIDATES), {k: v for k, v in result.items() if k not in ("latency", "best_int8")})
-    run.finish("candidates", "derived", [CANDIDATES])
+    recorded = {k: v for k, v in result.items() if k not in ("latency", "best_int8")}
+    run.stage(Stage("candidates", None, [], [CANDIDATES], fixed_key="derived"), lambda: recorded, read=None)
     return result

@@ -5,7 +5,6 @@ NNCF as the peer): ``python -m lowbit_helpers quantize-int8`` in a subprocess (t
 command, its log and its peak RSS are kept beside the ONNX), then ORT smoke, raw-head fidelity
 against FP32 (SQNR, cosine), Q/DQ counts and the Convs ORT runs as QLinearConv, and COCO mAP
 under each engine of ``int8.engines``:
-
 * ``ort``: ORT's fused integer kernels, whose result depends on this CPU's int8 instructions
   (named with every number: ``cpu_int8_isa``, ``int8_kernel_class``);
 * ``ort-exact``: the Q/DQ graph computed as written (ORT, optimizations off): what TensorRT and
@@ -25,22 +24,39 @@ import multiprocessing as mp
 import os
 import shlex
 import sys
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from ..artifacts import read_json, write_json
+from ..artifacts import read_json
 from ..config import EMULATE_DEFAULT, Config, Int8Variant
+from ..data import open_coco, preprocess
 from ..errors import LowbitError
+from ..evaluate import predict_sessions
 from ..int8 import backend, checked, command_args, quantize_int8
 from ..int8.base import Int8Options
 from ..int8.bias_correction import BC_VERSION
 from ..int8.calibration import RANGES_VERSION, load_calibration
-from ..rundir import RunDir, stage_key
-from ..runtime import BENCH_SETTINGS
+from ..int8.kernel_check import PROBE_VERSION, probe
+from ..rundir import RunDir, Stage
+from ..runtime import (
+    BENCH_SETTINGS,
+    bench_models,
+    engine_session,
+    engine_unavailable,
+    environment,
+    kept_float_rewrite,
+    make_session,
+    profile_model,
+)
+from ..runtime.emulate import EmulatedSession, emulated_probe, qemu_binary
+from ..runtime.inspect import head_fidelity, ort_executed_ops, qdq_counts
+from ..sensitivity.schemes import ranking
 from . import baseline
+from .sensitivity import onnx_sweep
 from .splits import evaluations_and_references, fp32_reference, open_splits, score, score_evaluated
 
 # artifacts, relative to the run directory ({name}: the variant's name, {subset}: an evaluation subset)
@@ -109,8 +125,6 @@ def sensitive_convs(run: RunDir, n: int) -> list[str]:
     if fmt is None:
         raise LowbitError("an INT8 variant sets keep_sensitive, which ranks Convs by the w8a8-ort (or w8a8) sensitivity "
                           "sweep, but sensitivity.formats has neither", "add w8a8-ort to sensitivity.formats")  # fmt: skip
-    from ..sensitivity.schemes import ranking
-    from .sensitivity import onnx_sweep
 
     order, _ = ranking(onnx_sweep(run), fmt)
     return order[:n]
@@ -172,9 +186,11 @@ def quantize_variant(run: RunDir, v: Int8Variant) -> dict:
     # how the ORT recipe computes its ranges, and this project's bias correction: code versions of the recipe
     own = {**({"ranges": RANGES_VERSION} if v.backend == "ort" else {}),
            **({"bias_correction": BC_VERSION} if v.backend != "nncf" and v.bias_correction == "fast" else {})}  # fmt: skip
-    key = stage_key({"cmd": cmd[3:], "versions": {**baseline.versions(), **backend_version(v.backend)}, **own}, [model, calib])
-    outputs = [rel, recipe_rel, log_rel] + ([VARIANT_IR_BIN.format(name=v.name)] if is_ir(v) else [])
-    if not run.is_fresh(f"int8:{v.name}", key):
+    params = {"cmd": cmd[3:], "versions": {**baseline.versions(), **backend_version(v.backend)}, **own}
+    outputs = [recipe_rel, rel, log_rel] + ([VARIANT_IR_BIN.format(name=v.name)] if is_ir(v) else []) + (
+        [VARIANT_MODELOPT_LOG.format(name=v.name)] if v.backend == "modelopt" else [])  # fmt: skip
+
+    def compute():
         images = cfg.int8.calib_images or cfg.data.calib_images
         measured = run_backend(v.backend, model, calib, images, out, variant_options(cfg, v, sensitive), run.file(log_rel))
         recipe = read_json(run.file(recipe_rel))
@@ -182,11 +198,10 @@ def quantize_variant(run: RunDir, v: Int8Variant) -> dict:
         here = f"{run.path}/"
         recipe.update(command=shlex.join(["python", *(a.removeprefix(here) for a in cmd[1:])]), calibration=measured,
                       input=str(recipe["input"]).removeprefix(here), cwd="the run directory")  # fmt: skip
-        write_json(run.file(recipe_rel), recipe)
-        if v.backend == "modelopt":
-            outputs.append(VARIANT_MODELOPT_LOG.format(name=v.name))
-        run.finish(f"int8:{v.name}", key, outputs, {"variant": v.model_dump()})
-    return run.read(recipe_rel)
+        return recipe
+
+    st = Stage(f"int8:{v.name}", params, [baseline.MODEL, baseline.CALIB], outputs, record={"variant": v.model_dump()})
+    return run.stage(st, compute)
 
 
 def splits(run: RunDir):
@@ -197,7 +212,6 @@ def splits(run: RunDir):
 
 def _engine_environment(engines: list[str]) -> dict:
     """What an engine's numbers depend on beyond the file: the CPU's int8 ISA, runtime versions."""
-    from ..runtime import environment
 
     env = environment()
     out = {"onnxruntime": env["onnxruntime"]}
@@ -210,7 +224,6 @@ def _engine_environment(engines: list[str]) -> dict:
 
 def available_engines(engines: list[str]) -> tuple[list[str], dict[str, str]]:
     """The engines this machine can run, and why each other one is skipped."""
-    from ..runtime import engine_unavailable
 
     skipped = {e: why for e in engines if (why := engine_unavailable(e))}
     return [e for e in engines if e not in skipped], skipped
@@ -220,8 +233,6 @@ def engine_scores(run: RunDir, model: Path, engines: list[str]) -> dict:
     """``model`` under each engine: one prediction of the whole confirmation subset each, scored on
     the selection split, the confirmation split and the whole subset (Δ to FP32, and Δ to the
     exact arithmetic when ``ort-exact`` is among the engines)."""
-    from ..evaluate import predict_sessions
-    from ..runtime import engine_session
 
     cfg = run.cfg
     sel, conf, union = splits(run)
@@ -251,17 +262,12 @@ def _eval_params(cfg: Config, engines: list[str]) -> dict:
 def _rewrites(model: Path) -> dict:
     """Stage-key entry for the ORT load-time rewrites turned off for ``model`` (runtime.kept_float_rewrite);
     empty where there are none, so that the keys of every other file stay as they were."""
-    from ..runtime import kept_float_rewrite
 
     off = kept_float_rewrite(model) if Path(model).suffix == ".onnx" else []
     return {"ort_disabled_optimizers": off} if off else {}
 
 
 def validate_variant(run: RunDir, v: Int8Variant) -> dict:
-    from ..data import preprocess
-    from ..runtime.inspect import head_fidelity, ort_executed_ops, qdq_counts
-    from ..runtime import engine_session, make_session
-
     cfg = run.cfg
     q = run.artifact(variant_model(v))
     model = run.artifact(baseline.MODEL)
@@ -271,9 +277,9 @@ def validate_variant(run: RunDir, v: Int8Variant) -> dict:
         skipped.update({e: "skipped: an OpenVINO IR, which ONNX Runtime cannot read" for e in engines if e.startswith("ort")})
         engines = [e for e in engines if not e.startswith("ort")]
     params = {**_eval_params(cfg, engines), **_rewrites(q)}
-    inputs = [model, q] + ([run.artifact(VARIANT_IR_BIN.format(name=v.name))] if is_ir(v) else [])
-    key = stage_key(params, inputs)
-    if not run.is_fresh(f"int8-eval:{v.name}", key):
+    inputs = [baseline.MODEL, variant_model(v)] + ([VARIANT_IR_BIN.format(name=v.name)] if is_ir(v) else [])
+
+    def compute():
         sel, _, _ = splits(run)
         images = [preprocess(sel.image_path(i))[0] for i in sel.ids[: cfg.int8.fidelity_images]]
         if is_ir(v):
@@ -287,12 +293,12 @@ def validate_variant(run: RunDir, v: Int8Variant) -> dict:
         result = {"variant": v.model_dump(), "smoke": smoke, "fidelity": fidelity, "engines": scores,
                   "skipped_engines": skipped, "environment": params["environment"], "qdq": qdq, "ort_cpu": ort_cpu,
                   "ort_disabled_optimizers": params.get("ort_disabled_optimizers", []),
-                  "size_bytes": sum(p.stat().st_size for p in inputs[1:])}  # fmt: skip
+                  "size_bytes": sum(run.artifact(p).stat().st_size for p in inputs[1:])}  # fmt: skip
         if "ort" in scores:  # the ORT-kernel result by subset name (what notebook 05 compares against)
             result["coco"] = {s["subset"]: s for s in (scores["ort"][k] for k in ("select", "confirm", "whole"))}
-        write_json(run.file(rel), result)
-        run.finish(f"int8-eval:{v.name}", key, [rel], params)
-    return run.read(rel)
+        return result
+
+    return run.stage(Stage(f"int8-eval:{v.name}", params, inputs, [rel]), compute)
 
 
 def fp32_engines(run: RunDir) -> dict:
@@ -301,21 +307,17 @@ def fp32_engines(run: RunDir) -> dict:
     model = run.artifact(baseline.MODEL)
     engines, skipped = available_engines(cfg.int8.fp32_engines)
     params = _eval_params(cfg, engines)
-    key = stage_key(params, [model])
-    if not run.is_fresh("int8-fp32-engines", key):
-        out = {"engines": engine_scores(run, model, engines) if engines else {}, "skipped_engines": skipped,
-               "environment": params["environment"]}  # fmt: skip
-        write_json(run.file(FP32_ENGINES), out)
-        run.finish("int8-fp32-engines", key, [FP32_ENGINES], params)
-    return run.read(FP32_ENGINES)
+
+    def compute():
+        return {"engines": engine_scores(run, model, engines) if engines else {}, "skipped_engines": skipped,
+                "environment": params["environment"]}  # fmt: skip
+
+    return run.stage(Stage("int8-fp32-engines", params, [baseline.MODEL], [FP32_ENGINES]), compute)
 
 
 def emulated(run: RunDir, v: Int8Variant) -> dict:
     """ORT's kernels for ``v`` on the CPU model ``int8.emulate.cpu`` (QEMU user mode), against the
     exact arithmetic on the same images: what the file loses on such a CPU."""
-    from ..runtime.emulate import EmulatedSession, qemu_binary
-    from ..evaluate import predict_sessions
-    from ..runtime import make_session
 
     cfg, em = run.cfg, run.cfg.int8.emulate
     q = run.artifact(variant_model(v))
@@ -326,10 +328,8 @@ def emulated(run: RunDir, v: Int8Variant) -> dict:
     params = {"cpu": em.cpu, "subset": em.subset, "decode": cfg.decode.model_dump(), "data": cfg.data.model_dump(),
               "evaluation": cfg.evaluation.model_dump(), "onnxruntime": _engine_environment(["ort-exact"]),
               **_rewrites(q)}  # fmt: skip
-    key = stage_key(params, [run.artifact(baseline.MODEL), q])
-    if not run.is_fresh(f"int8-emulated:{v.name}", key):
-        from ..data import open_coco
 
+    def compute():
         sub = open_coco(cfg.data.coco_root, cfg.data.annotations, em.subset)
         with EmulatedSession(qemu, em.cpu, q, cfg.runtime.threads) as emu:
             if "avx2" not in emu.cpu_int8_isa:
@@ -340,32 +340,27 @@ def emulated(run: RunDir, v: Int8Variant) -> dict:
             dets, seconds = predict_sessions({"emulated": emu, "ort-exact": exact}, sub, cfg.decode)
             isa = emu.cpu_int8_isa
         fp32 = fp32_reference(run, em.subset)
-        out = {"cpu": em.cpu, "cpu_int8_isa": isa, "seconds": round(seconds["emulated"], 1),
-               "kernels": score(run, dets["emulated"], sub, fp32, {"ort-exact": dets["ort-exact"]})}  # fmt: skip
-        write_json(run.file(rel), out)
-        run.finish(f"int8-emulated:{v.name}", key, [rel], params)
-    return run.read(rel)
+        return {"cpu": em.cpu, "cpu_int8_isa": isa, "seconds": round(seconds["emulated"], 1),
+                "kernels": score(run, dets["emulated"], sub, fp32, {"ort-exact": dets["ort-exact"]})}  # fmt: skip
+
+    return run.stage(Stage(f"int8-emulated:{v.name}", params, [baseline.MODEL, variant_model(v)], [rel]), compute)
 
 
 def kernel_probe(run: RunDir) -> dict:
     """The int16 saturation probe (:mod:`..quant.kernel_check`) on this CPU and on the emulated one."""
-    from ..runtime.emulate import emulated_probe, qemu_binary
-    from ..int8.kernel_check import PROBE_VERSION, probe
 
     em = run.cfg.int8.emulate
     qemu = qemu_binary()
-    key = stage_key({"cpu": em.cpu, "environment": _engine_environment(["ort"]), "qemu": qemu is not None,
-                     "probe": PROBE_VERSION}, [])  # fmt: skip
-    if not run.is_fresh("int8-kernel-probe", key):
-        import tempfile
+    params = {"cpu": em.cpu, "environment": _engine_environment(["ort"]), "qemu": qemu is not None, "probe": PROBE_VERSION}
 
+    def compute():
         with tempfile.TemporaryDirectory() as tmp:
             out = {"this_cpu": probe(tmp)}
         if em.cpu:
             out["emulated"] = emulated_probe(qemu, em.cpu) if qemu else {"skipped": "qemu-x86_64-static not found"}
-        write_json(run.file(KERNEL_PROBE), out)
-        run.finish("int8-kernel-probe", key, [KERNEL_PROBE])
-    return run.read(KERNEL_PROBE)
+        return out
+
+    return run.stage(Stage("int8-kernel-probe", params, [], [KERNEL_PROBE], record=None), compute)
 
 
 def latency(run: RunDir) -> dict:
@@ -374,7 +369,6 @@ def latency(run: RunDir) -> dict:
     With ``latency.profile_runs`` each model also runs under ORT's profiler, which says where
     the time goes (per operator type, and Conv by Conv against FP32).
     """
-    from ..runtime import bench_models, environment, profile_model
 
     cfg = run.cfg
     # ORT first: its FP32 row is the reference of every ratio (the config requires ort among latency_runtimes)
@@ -390,9 +384,8 @@ def latency(run: RunDir) -> dict:
     rewrites = {n: r for n, m in zip(names, models) if (r := _rewrites(m))}
     if rewrites:
         params["rewrites"] = rewrites
-    key = stage_key(params, models)
-    rel = LATENCY
-    if not run.is_fresh("int8-latency", key):
+
+    def compute():
         lat = cfg.latency
         # ORT's FP32 first: every ratio is to it; an OpenVINO IR only under OpenVINO
         pairs = [(n, m, r) for r in runtimes for n, m in zip(names, models) if r == "openvino" or n not in ir]
@@ -406,9 +399,10 @@ def latency(run: RunDir) -> dict:
         if lat.profile_runs:
             profiles = {name: profile_model(m, cfg.runtime.threads, cfg.runtime.providers, lat.profile_runs)
                         for name, m in zip(names, models) if name not in ir}  # fmt: skip
-        write_json(run.file(rel), {"rows": rows, "profiles": profiles, "environment": environment()})
-        run.finish("int8-latency", key, [rel], params)
-    return run.read(rel)
+        return {"rows": rows, "profiles": profiles, "environment": environment()}
+
+    inputs = [baseline.MODEL] + [variant_model(v) for v in cfg.int8.variants]
+    return run.stage(Stage("int8-latency", params, inputs, [LATENCY]), compute)
 
 
 def ort_cpu_pick(result: dict) -> dict | None:
@@ -481,8 +475,6 @@ def run_int8(run: RunDir) -> dict:
     probe = kernel_probe(run)
     emulation = {}
     if info["structure_only"]:
-        from ..runtime.inspect import ort_executed_ops, qdq_counts
-
         validations, fp32 = {}, {}
         for v in cfg.int8.variants:
             q = run.artifact(variant_model(v))

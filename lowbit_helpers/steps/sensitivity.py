@@ -1,7 +1,6 @@
 """Notebook 04: per-layer sensitivity on the ONNX graph, the metric validation, the Torch proxy, schemes.
 
 Stages (each cached in the run's manifest like the others):
-
 * ``onnx_sweep``: every Conv x every format of ``params.sensitivity.formats`` x {alone, kept},
   every metric of :mod:`lowbit_helpers.sensitivity.metrics` on calibration images disjoint from
   evaluation (:mod:`lowbit_helpers.sensitivity.sweep`);
@@ -20,11 +19,34 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 
-from ..artifacts import read_json, sha256_file, write_json
+from ..artifacts import read_json, sha256_file
 from ..errors import LowbitError
-from ..rundir import RunDir, stage_key
-from . import baseline
+from ..evaluate import evaluate_coco
+from ..export import load_torch_model
+from ..formats import get_format
+from ..graph import graph_info
+from ..int8.calibration import load_calibration
+from ..lowbit import parse_method
+from ..lowbit.stats import collect_stats
+from ..rundir import RunDir, Stage
+from ..sensitivity import validation as sv
+from ..sensitivity.metrics import METRICS
+from ..sensitivity.schemes import write_schemes
+from ..sensitivity.sweep import (
+    ALL,
+    ArrayImages,
+    MethodPerturber,
+    activation_ranges,
+    conv_nodes,
+    conv_params,
+    measure,
+    run_perturbations,
+)
+from ..sensitivity.torch_proxy import map_convs, onnx_to_torch_name, torch_ranges, torch_sweep
+from ..sensitivity.validation import rho, spearman
+from . import baseline, splits
 
 SENS = "sensitivity/sensitivity.json"
 LAYERS = "sensitivity/layers.json"
@@ -41,7 +63,6 @@ SCHEMES_INDEX = f"{SCHEMES_DIR}/index.json"  # written by quant.schemes.write_sc
 
 def _images(run: RunDir) -> tuple[np.ndarray, np.ndarray]:
     """(range images, sweep images): calibration images [0, R) and [R, R+N)."""
-    from ..int8.calibration import load_calibration
 
     s = run.cfg.sensitivity
     calib = load_calibration(run.artifact(baseline.CALIB))
@@ -56,22 +77,16 @@ def _images(run: RunDir) -> tuple[np.ndarray, np.ndarray]:
 
 def layer_table(run: RunDir) -> list[dict]:
     """One row per Conv in graph order: layer index, block type, section, torch module, params, MACs."""
-    import onnx
 
-    from ..graph import graph_info
-    from ..sensitivity.sweep import conv_params
-    from ..sensitivity.torch_proxy import onnx_to_torch_name
 
     model_path = run.artifact(baseline.MODEL)
-    key = stage_key({"versions": baseline.versions()}, [model_path])
-    if not run.is_fresh("sensitivity-layers", key):
+
+    def compute():
         model = onnx.load(str(model_path))
         params = conv_params(model)
         macs = graph_info(model_path)["conv_macs"]
         types, n_backbone, n_layers = {}, None, None
         if baseline.model_source(run.cfg).kind != "onnx":
-            from ..export import load_torch_model
-
             tm = load_torch_model(baseline.model_source(run.cfg))
             types = {i: type(m).__name__ for i, m in enumerate(tm.model)}
             n_backbone, n_layers = len(tm.yaml["backbone"]), len(tm.model)
@@ -82,38 +97,35 @@ def layer_table(run: RunDir) -> list[dict]:
             section = "?" if n_backbone is None else "backbone" if idx < n_backbone else "head" if idx == n_layers - 1 else "neck"
             rows.append({"node": name, "module": module, "layer": idx, "block": types.get(idx, "?"), "section": section,
                          "params": params[name], "macs": macs.get(name, 0)})  # fmt: skip
-        write_json(run.file(LAYERS), rows)
-        run.finish("sensitivity-layers", key, [LAYERS])
-    return run.read(LAYERS)
+        return rows
+
+    return run.stage(Stage("sensitivity-layers", {"versions": baseline.versions()}, [baseline.MODEL], [LAYERS], record=None),
+                     compute)  # fmt: skip
 
 
 def onnx_sweep(run: RunDir) -> dict:
-    from ..formats import get_format
-    from ..sensitivity.sweep import measure
-
     s = run.cfg.sensitivity
     model = run.artifact(baseline.MODEL)
     # the ranking metric is not part of the key: every metric is measured, sensitivity.metric only picks one
     params = {k: getattr(s, k) for k in ("formats", "directions", "range_images", "images", "workers", "group",
                                          "naive_check")}  # fmt: skip
     params["threads"] = run.cfg.runtime.threads
-    key = stage_key({**params, "versions": baseline.versions(), "sweep_version": SWEEP_VERSION},
-                    [model, run.artifact(baseline.CALIB)])  # fmt: skip
-    if not run.is_fresh("sensitivity", key):
+
+    def compute():
         ranges, images = _images(run)
         sens = measure(model, images, ranges, [get_format(f) for f in s.formats], s.directions, s.metric, s.workers,
                        s.group, run.cfg.runtime.threads, s.naive_check)  # fmt: skip
         sens["model"] = baseline.MODEL
         sens["calibration"].update(list=f"<data.coco_root>/{run.cfg.data.calib_list}",  # no machine path in schemes
                                    range_images=[0, s.range_images], sweep_images=[s.range_images, s.range_images + s.images])  # fmt: skip
-        write_json(run.file(SENS), sens)
-        run.finish("sensitivity", key, [SENS], params)
-    return {**run.read(SENS), "metric": s.metric}
+        return sens
+
+    keyed = {**params, "versions": baseline.versions(), "sweep_version": SWEEP_VERSION}
+    st = Stage("sensitivity", keyed, [baseline.MODEL, baseline.CALIB], [SENS], record=params)
+    return {**run.stage(st, compute), "metric": s.metric}
 
 
 def _spearman(a, b) -> float:
-    from ..sensitivity.validation import rho
-
     return rho(a, b)
 
 
@@ -158,19 +170,8 @@ def validation(run: RunDir, sens: dict | None, proxy: dict | None = None, progre
     params = {**v.model_dump(), "range_images": s.range_images, "images": s.images, "stats_images": cfg.candidates.stats_images,
               "decode": cfg.decode.model_dump(), "data": cfg.data.model_dump(), "versions": baseline.versions(),
               "validation_version": VALIDATION_VERSION}  # fmt: skip
-    key = stage_key(params, [model_path, run.artifact(baseline.CALIB)])
-    if not run.is_fresh("sensitivity-validation", key):
-        import onnx
 
-        from ..evaluate import evaluate_coco
-        from ..sensitivity import validation as sv
-        from ..int8.calibration import load_calibration
-        from ..lowbit.stats import collect_stats
-        from ..sensitivity.metrics import METRICS
-        from ..lowbit import parse_method
-        from ..sensitivity.sweep import ALL, ArrayImages, MethodPerturber, activation_ranges, conv_nodes, run_perturbations
-        from . import splits
-
+    def compute():
         t0 = time.perf_counter()
         parse_method(v.method)
         model = onnx.load(str(model_path))
@@ -218,9 +219,10 @@ def validation(run: RunDir, sens: dict | None, proxy: dict | None = None, progre
                   "confirm": rest.name, "fp32_mAP_50_95": fp32,
                   "images": {part: len(sub.ids) for part, sub in parts.items()},
                   "studies": studies, "cost": cost, "total_seconds": time.perf_counter() - t0}  # fmt: skip
-        write_json(run.file(VALIDATION), result)
-        run.finish("sensitivity-validation", key, [VALIDATION, VALIDATION_IDS], params)
-    result = run.read(VALIDATION)
+        return result
+
+    result = run.stage(Stage("sensitivity-validation", params, [baseline.MODEL, baseline.CALIB],
+                             [VALIDATION, VALIDATION_IDS]), compute)  # fmt: skip
     # against this run's sweep and proxy, whenever they change (the ground truth does not depend on them)
     result["agreement"] = agreement(result, sens, proxy, run.cfg.sensitivity.rank_as)
     return result
@@ -235,8 +237,6 @@ def agreement(result: dict, sens: dict | None, proxy: dict | None, rank_as: dict
     (``torch_proxy``, in its format). The metric is chosen by the mean Spearman on the selection
     split over the *alone* studies and confirmed on the rest.
     """
-    from ..sensitivity import validation as sv
-    from ..sensitivity.validation import spearman
 
     table, reliability = {}, {}
     for name, st in result["studies"].items():
@@ -259,7 +259,6 @@ def agreement(result: dict, sens: dict | None, proxy: dict | None, rank_as: dict
         if "images" in result and all("delta_confirm_a" in r for r in rows):
             reliability[name] = sv.reliability([r["delta_confirm_a"] for r in rows], [r["delta_confirm_b"] for r in rows],
                                                result["images"]["confirm_a"], result["images"])  # fmt: skip
-    from ..sensitivity.metrics import METRICS
 
     alone = [n for n, st in result["studies"].items() if st["direction"] == "alone"]
     names = set.intersection(*(set(table[n]) for n in alone)) if alone else set()
@@ -285,14 +284,10 @@ def torch_proxy(run: RunDir, sens: dict) -> dict:
     model_path = run.artifact(baseline.MODEL)
     params = {"format": s.proxy_format, "range_images": s.range_images, "images": s.images, "chunk": s.chunk,
               "source": source.sha256, "versions": baseline.versions()}  # fmt: skip
-    key = stage_key(params, [model_path, run.artifact(baseline.CALIB), run.artifact(SENS)])
-    if not run.is_fresh("sensitivity-proxy", key):
-        import onnx
-        import torch
 
-        from ..export import load_torch_model
-        from ..formats import get_format
-        from ..sensitivity.torch_proxy import map_convs, torch_ranges, torch_sweep
+    def compute():
+        import torch  # late: torch costs seconds at import
+
 
         torch.set_num_threads(cfg.runtime.threads)
         tm = load_torch_model(source)
@@ -325,27 +320,26 @@ def torch_proxy(run: RunDir, sens: dict) -> dict:
                "top20_onnx": [n for n in sorted(onnx_rank, key=onnx_rank.get)[:20]],
                "top20_torch": [n for n, _ in by_torch[:20]],
                "top20_overlap": len(set(sorted(onnx_rank, key=onnx_rank.get)[:20]) & {n for n, _ in by_torch[:20]})}  # fmt: skip
-        write_json(run.file(PROXY), out)
-        run.finish("sensitivity-proxy", key, [PROXY], params)
-    return run.read(PROXY)
+        return out
+
+    return run.stage(Stage("sensitivity-proxy", params, [baseline.MODEL, baseline.CALIB, SENS], [PROXY]), compute)
 
 
 def scheme_files(run: RunDir) -> list[dict]:
-    from ..sensitivity.schemes import write_schemes
-
     s = run.cfg.sensitivity
     sens_path = run.artifact(SENS)
     params = {"top_k": s.top_k, "budgets": s.budgets, "low": s.budget_low, "high": s.budget_high, "metric": s.metric,
               "rank_as": s.rank_as}  # fmt: skip
-    key = stage_key(params, [sens_path])
-    if not run.is_fresh("schemes", key):
+    st = Stage("schemes", params, [SENS], [])
+
+    def compute():
         out_dir = run.path / SCHEMES_DIR
         for old in out_dir.glob("*.json"):  # a scheme list from other params must not linger
             old.unlink()
         paths = write_schemes(sens_path, out_dir, s.top_k, s.budgets, s.budget_low, s.budget_high, s.metric, s.rank_as)
-        rels = [str(p.relative_to(run.path)) for p in paths] + [SCHEMES_INDEX]
-        run.finish("schemes", key, rels, params)
-    index = run.read(SCHEMES_INDEX)
+        st.outputs += [str(p.relative_to(run.path)) for p in paths] + [SCHEMES_INDEX]  # known once written
+
+    index = run.stage(st, compute, read=SCHEMES_INDEX)
     return [run.read(f"{SCHEMES_DIR}/{e['file']}") for e in index]
 
 

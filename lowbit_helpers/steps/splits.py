@@ -9,10 +9,15 @@ detections, with the paired-bootstrap interval of its difference to FP32 on the 
 from __future__ import annotations
 
 import functools
+import multiprocessing as mp
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
 
-from ..artifacts import atomic_path, read_json, write_json
+from ..artifacts import atomic_path, read_json
+from ..data import open_coco
 from ..errors import LowbitError
-from ..rundir import RunDir, stage_key
+from ..evaluate import CocoEvaluation, bootstrap_samples, difference_interval, evaluate_coco
+from ..rundir import RunDir, Stage
 from . import baseline
 
 FP32_SUBSET_DETECTIONS = "int8-coco/fp32_{subset}.detections.json"  # FP32 (ORT) detections, shared by 03 and 05
@@ -24,7 +29,6 @@ def open_splits(run: RunDir, select: str, confirm: str, ids_rel: str, section: s
     The confirmation split's ids are written to ``ids_rel`` (a run-relative path) so that it
     opens like any subset; ``section`` names the params section in messages.
     """
-    from ..data import open_coco
 
     cfg = run.cfg
     sel = open_coco(cfg.data.coco_root, cfg.data.annotations, select)
@@ -55,13 +59,13 @@ def fp32_detections(run: RunDir, subset: str):
     """FP32 (ORT) detections on ``subset``, computed when missing or stale; the file's path."""
     cfg = run.cfg
     rel = FP32_SUBSET_DETECTIONS.format(subset=subset)
-    model = run.artifact(baseline.MODEL)
-    key = stage_key({"subset": subset, "data": cfg.data.model_dump(), "decode": cfg.decode.model_dump()}, [model])
-    if not run.is_fresh(f"fp32:{subset}", key):
+    params = {"subset": subset, "data": cfg.data.model_dump(), "decode": cfg.decode.model_dump()}
+
+    def compute():
         no_bootstrap = cfg.model_copy(update={"evaluation": cfg.evaluation.model_copy(update={"bootstrap": 0})})
-        _, dets = baseline.evaluate_model(model, no_bootstrap, subset, progress=False)
-        write_json(run.file(rel), dets)
-        run.finish(f"fp32:{subset}", key, [rel])
+        return baseline.evaluate_model(run.artifact(baseline.MODEL), no_bootstrap, subset, progress=False)[1]
+
+    run.stage(Stage(f"fp32:{subset}", params, [baseline.MODEL], [rel], record=None), compute, read=None)
     return run.path / rel
 
 
@@ -89,7 +93,6 @@ def _resampling(run: RunDir) -> tuple[int, int]:
 
 def evaluation(run: RunDir, dets: list[dict], subset):
     """A :class:`..evaluate.CocoEvaluation` of ``dets`` restricted to ``subset`` and its bootstrap resamples."""
-    from ..evaluate import bootstrap_samples, evaluate_coco
 
     ev = evaluate_coco(subset, only(dets, subset.ids))
     return ev, bootstrap_samples(ev, *_resampling(run))
@@ -98,7 +101,6 @@ def evaluation(run: RunDir, dets: list[dict], subset):
 def _evaluate_job(subset, dets: list[dict], n: int, seed: int):
     """One :func:`evaluation` in a worker process: the evaluation without pycocotools' state (what
     scoring reads: metrics, per-class AP) and its resamples."""
-    from ..evaluate import CocoEvaluation, bootstrap_samples, evaluate_coco
 
     ev = evaluate_coco(subset, only(dets, subset.ids))
     return CocoEvaluation(ev.metrics, ev.per_class, None), bootstrap_samples(ev, n, seed)
@@ -111,9 +113,6 @@ def evaluations(run: RunDir, jobs: list[tuple[list[dict], object]]) -> list[tupl
     halve notebook 03's and 05's scoring. The results equal :func:`evaluation`'s (same code, same
     seeds); only the pycocotools state that nothing downstream reads stays in the worker.
     """
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
-    from dataclasses import replace
 
     workers = min(len(jobs), max(1, run.cfg.runtime.threads))
     if workers <= 1:
@@ -164,7 +163,6 @@ def score(run: RunDir, dets: list[dict], subset, fp32_dets: list[dict], against:
 
 def score_evaluated(run: RunDir, evaluated: tuple, subset, fp32_dets: list[dict], against: dict | None = None) -> dict:
     """:func:`score` from evaluations already made (``(evaluation, resamples)`` pairs from :func:`evaluation`)."""
-    from ..evaluate import difference_interval
 
     conf = run.cfg.evaluation.confidence
     ref, ref_samples = _reference(run, fp32_dets, subset)
