@@ -38,7 +38,6 @@ def predict_onnx(session, subset: CocoSubset, decode_cfg: DecodeCfg, progress: b
 def predict_onnx_multi(session, subset: CocoSubset, decode_cfgs: list[DecodeCfg], progress: bool = False) -> list[list[dict]]:
     """One forward pass per image, decoded once per config (e.g. NMS and top-k side by side)."""
 
-
     cats = subset.category_ids
     dets: list[list[dict]] = [[] for _ in decode_cfgs]
     for image_id in tqdm(subset.ids, desc="predict", disable=not progress, leave=False):
@@ -54,7 +53,6 @@ def predict_sessions(sessions: dict, subset: CocoSubset, decode_cfg: DecodeCfg) 
     """Detections of several sessions (e.g. one model under several engines) on ``subset``:
     each image is read and letterboxed once; returns ({key: detections}, {key: seconds spent
     in that session's forward pass and decode})."""
-
 
     cats = subset.category_ids
     dets: dict = {k: [] for k in sessions}

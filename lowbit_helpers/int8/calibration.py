@@ -113,7 +113,6 @@ def activation_ranges(model: str | Path, calib: np.ndarray, method: str, op_type
     from onnxruntime.quantization import CalibrationMethod  # late: ORT's quantization imports torch (seconds)
     from onnxruntime.quantization.calibrate import HistogramCollector, create_calibrator
 
-
     if method not in RANGE_METHODS:
         raise LowbitError(f"unknown calibration method {method!r}", f"use one of {', '.join(RANGE_METHODS)}")
     if len(calib) == 0:

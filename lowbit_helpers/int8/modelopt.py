@@ -5,7 +5,7 @@ every activation), so on ORT CPU most of it runs as float with extra Q/DQ and is
 than FP32: the latency shown for it on CPU is honest, not its deployment speed.
 
 ModelOpt patches ONNX Runtime's calibrator classes process-wide when it runs; call this in
-its own process (the pipeline does, through ``python -m lowbit_helpers quantize-int8``) so
+its own process (notebook 03 quantizes every recipe in a fresh worker process) so
 that ORT's own ``quantize_static`` elsewhere is unaffected.
 """
 

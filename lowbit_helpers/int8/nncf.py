@@ -40,7 +40,6 @@ def quantize_int8_nncf(model_in: str | Path, model_out: str | Path, calib: np.nd
     """Quantize ``model_in`` to ``model_out`` (``.onnx``, or ``.xml`` for the OpenVINO IR) with NNCF;
     returns (and saves beside it) the recipe."""
 
-
     try:
         import nncf
     except ImportError:

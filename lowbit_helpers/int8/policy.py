@@ -69,7 +69,6 @@ def checked_exclusions(model_path, calib, method: str, methods: tuple[str, ...],
                        exclude: list[str] | None) -> list[str]:  # fmt: skip
     """The checks both INT8 backends make before calibrating; returns the nodes kept in float."""
 
-
     if method not in methods:
         raise LowbitError(f"unknown {backend} calibration method {method!r}", f"use one of {', '.join(methods)}")
     if len(calib) == 0:

@@ -15,7 +15,6 @@ def shown_path(path: str | None) -> str:
     """A path as a report may show it: relative to the repository or the weights cache, else its
     file name; never the machine's absolute path."""
 
-
     if not path:
         return ""
     p = Path(path).resolve()

@@ -19,7 +19,6 @@ def detections_figure(models: dict[str, Path], subset, image_ids: list[int], dec
     """A grid: one row per image of ``image_ids``, one column per ``models`` entry (label -> ONNX)."""
     import matplotlib.pyplot as plt  # late: matplotlib only for figures
 
-
     names = {i: c["name"] for i, c in enumerate(sorted(subset.coco.loadCats(subset.coco.getCatIds()), key=lambda c: c["id"]))}
     sessions = {label: make_session(path, threads=threads) for label, path in models.items()}
     fig, axes = plt.subplots(len(image_ids), len(models), figsize=(4.6 * len(models), 3.6 * len(image_ids)), squeeze=False)

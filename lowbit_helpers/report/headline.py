@@ -170,7 +170,6 @@ def per_class_delta(run, int8_result: dict | None, cand_result: dict | None, min
     highest budget, on the whole confirmation subset (val500), for classes with at least
     ``min_instances`` ground-truth boxes there. None when neither pick has that subset scored."""
 
-
     rows = picks(int8_result, cand_result)
     cpu, low = _first(rows, "cpu"), _top_budget(rows)
     columns = {}

@@ -20,7 +20,6 @@ from .machine import _openvino_version
 
 # kernels: what ORT deploys; exact: the graph as written; simulated: the fake-quantized graph in float (see make_session)
 ARITHMETICS = ("kernels", "exact", "simulated")
-RUNTIMES = ("ort", "openvino")
 OPENVINO_PRECISIONS = ("f32", "bf16")  # OpenVINO's CPU inference precision hint
 
 
@@ -73,8 +72,8 @@ def make_session(model: str | Path | onnx.ModelProto, providers: list[str] | Non
     """
     if runtime not in RUNTIMES:
         raise LowbitError(f"unknown runtime {runtime!r}", f"use one of {', '.join(RUNTIMES)}")
-    if runtime == "openvino":
-        return OpenVINOSession(model, threads, precision)
+    if runtime != "ort":  # a registered runtime: its own session class
+        return OTHER_RUNTIMES[runtime](model, threads, precision)
     if arithmetic not in ARITHMETICS:
         raise ValueError(f"arithmetic must be one of {ARITHMETICS}, not {arithmetic!r}")
     providers = check_providers(providers)
@@ -196,6 +195,13 @@ class OpenVINOSession:
         (tensor,) = feeds.values()
         result = self.request.infer({0: tensor})
         return [np.array(result[self.compiled.output(0)], copy=True)]
+
+
+# The runtimes besides ORT: name -> a session class taking (model, threads, precision) with ORT's
+# session interface (get_inputs, get_providers, run). A new runtime is one such class and one line here,
+# plus its rows in ENGINES.
+OTHER_RUNTIMES = {"openvino": OpenVINOSession}
+RUNTIMES = ("ort", *OTHER_RUNTIMES)
 
 
 class _Input:

@@ -98,7 +98,6 @@ def torch_onnx_difference(source: ModelSource, onnx_path: str | Path, image: str
     """
     import torch  # late: torch costs seconds at import
 
-
     x, _ = preprocess(image)
     model = load_torch_model(source)
     with torch.no_grad():

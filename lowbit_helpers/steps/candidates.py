@@ -65,7 +65,6 @@ def _calibration(calib_path: str, calib_sha: str, model_path: str, model_sha: st
     """Activation ranges (the sweep's: calibration images [0, R)), GPTQ statistics of every Conv,
     and the per-layer weight cache that :func:`materialize` fills (one per model and statistics)."""
 
-
     model = onnx.load(model_path)
     calib = np.load(calib_path, mmap_mode="r")
     if len(calib) < max(range_images, stats_images):
@@ -151,7 +150,6 @@ def candidate_name(scheme: dict, method: str) -> str:
 # ------------------------------------------------------------------ build
 def build(run: RunDir, scheme: dict, method: str) -> dict:
     """Materialise ``scheme`` with ``method`` into ``candidates/<name>.onnx`` (cached); its recipe."""
-
 
     cfg = run.cfg
 
@@ -275,7 +273,6 @@ def sweep_match(run: RunDir, images: int = 2) -> dict:
     """Per swept format, the materialised all-Conv model (round to nearest) against the sweep's
     fake quantization of the same graph: max |difference| of the raw head under exact Q/DQ
     arithmetic on calibration images the sweep scored (0.0: the same numbers)."""
-
 
     cfg = run.cfg
     model_path, calib_path, model_sha, calib_sha = inputs(run)

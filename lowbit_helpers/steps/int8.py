@@ -1,8 +1,9 @@
 """Notebook 03: INT8 variants, each quantized in its own process and validated alike, under every engine.
 
-For every variant of ``params.int8.variants`` (ORT ``quantize_static``, ModelOpt for TensorRT,
-NNCF as the peer): ``python -m lowbit_helpers quantize-int8`` in a subprocess (the exact
-command, its log and its peak RSS are kept beside the ONNX), then ORT smoke, raw-head fidelity
+For every variant of ``params.int8.variants`` (a backend of :data:`lowbit_helpers.int8.BACKENDS`:
+ORT ``quantize_static``, ModelOpt for TensorRT, NNCF as the peer): the backend called through its
+Python API in a fresh worker process (its log and peak RSS are kept beside the ONNX, with the
+``python -m lowbit_helpers quantize-int8`` command that reproduces it), then ORT smoke, raw-head fidelity
 against FP32 (SQNR, cosine), Q/DQ counts and the Convs ORT runs as QLinearConv, and COCO mAP
 under each engine of ``int8.engines``:
 * ``ort``: ORT's fused integer kernels, whose result depends on this CPU's int8 instructions

@@ -78,7 +78,6 @@ def _images(run: RunDir) -> tuple[np.ndarray, np.ndarray]:
 def layer_table(run: RunDir) -> list[dict]:
     """One row per Conv in graph order: layer index, block type, section, torch module, params, MACs."""
 
-
     model_path = run.artifact(baseline.MODEL)
 
     def compute():
@@ -287,7 +286,6 @@ def torch_proxy(run: RunDir, sens: dict) -> dict:
 
     def compute():
         import torch  # late: torch costs seconds at import
-
 
         torch.set_num_threads(cfg.runtime.threads)
         tm = load_torch_model(source)
