@@ -243,3 +243,23 @@ def test_the_browser_check_sees_what_a_reader_sees(tmp_path):
     blank = tmp_path / "blank.html"
     blank.write_text("<html><body></body></html>")
     assert render(blank)["screenshot_std"] == 0.0
+
+
+def test_per_class_change_draws_what_the_steps_recorded():
+    """The report's per-class table is arithmetic on recorded results: the picks' per-class AP (their
+    evaluations) against FP32's (steps.summary.fp32_per_class); thin classes and classes FP32 has no
+    AP for (null) are left out, and nothing is drawn without FP32's record."""
+    from lowbit_helpers.report.headline import per_class_delta
+
+    int8, cand = _synthetic_int8_result(), _synthetic_candidates()
+    int8["validations"]["ort-keep"]["engines"]["ort"]["whole"]["per_class_ap"] = {"cat": 0.40, "dog": 0.50, "yak": 0.3}
+    cand["evaluations"]["budget75-w4a8-w8a8.g"]["whole"] = {"subset": "val500", "per_class_ap": {"cat": 0.35, "dog": 0.52, "yak": 0.1}}
+    fp32 = {"subset": "val500", "ap": {"cat": 0.42, "dog": 0.50, "yak": None}, "count": {"cat": 40, "dog": 30, "yak": 90}}
+    table = per_class_delta(fp32, int8, cand)
+    assert list(table.columns) == ["INT8 ort-keep", "low-bit budget75-w4a8-w8a8.g"]
+    assert list(table.index) == ["cat (40)", "dog (30)"]  # sorted by the low-bit pick's change; yak has no FP32 AP
+    assert table.loc["cat (40)", "low-bit budget75-w4a8-w8a8.g"] == pytest.approx(-7.0)
+    assert table.loc["cat (40)", "INT8 ort-keep"] == pytest.approx(-2.0)
+    assert list(per_class_delta(fp32, int8, cand, min_instances=35).index) == ["cat (40)"]
+    assert per_class_delta(None, int8, cand) is None
+    assert per_class_delta({**fp32, "subset": "val100"}, int8, cand) is None  # another subset: nothing to compare

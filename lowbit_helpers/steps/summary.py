@@ -1,0 +1,141 @@
+"""Notebook 06: what the report shows beyond the four steps' results, computed and cached here so
+that the report layer only draws: the shipped models' detections on a few images, and FP32's
+per-class AP on the confirmation subset (the picks' own per-class AP is in their evaluations).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..data import preprocess
+from ..decode import decode
+from ..evaluate import evaluate_coco
+from ..rundir import RunDir, Stage
+from ..runtime import make_session
+from . import baseline, splits
+from .candidates import CANDIDATE_ONNX
+from .int8 import ort_cpu_pick, tensorrt_pick, variant_model
+from .int8 import splits as int8_splits
+
+DETECTIONS = "summary/detections.json"  # the shipped models' boxes on the first images of the confirmation split
+FP32_PER_CLASS = "summary/fp32_per_class.json"  # FP32's AP per class on the whole confirmation subset, box counts
+SHOW_SCORE = 0.35  # boxes below this score are not drawn (the evaluation keeps them all)
+SHOW_IMAGES = 4
+
+
+def picks(int8_result: dict | None, cand_result: dict | None) -> list[dict]:
+    """What to ship, one row per target: {kind, role, model, confirmation-split score, engine, size,
+    bench label, the rule that chose it} (the report's answer draws them)."""
+
+    rows = []
+    ok8 = int8_result and "skipped" not in int8_result and not int8_result.get("structure_only")
+    okc = cand_result and "skipped" not in cand_result
+    if ok8:
+        vals = int8_result["validations"]
+        env = int8_result.get("environment") or {}
+        cpu = ort_cpu_pick(int8_result)
+        if cpu:
+            n = cpu["name"]
+            rows.append({"kind": "cpu", "role": f"CPU INT8 (ORT, {env.get('int8_kernel_class', '?').upper()} CPU)", "model": n,
+                         "score": vals[n]["engines"]["ort"]["confirm"], "engine": "ORT kernels",
+                         "size_bytes": vals[n]["size_bytes"], "bench": f"int8:{n}",
+                         "rule": f"best {vals[n]['engines']['ort']['select']['subset']} Δ through ORT's kernels of the "
+                                 f"{len(cpu['considered'])} ORT recipe(s) here faster than FP32"})  # fmt: skip
+        trt = tensorrt_pick(int8_result)
+        if trt:
+            n = trt["name"]
+            rows.append({"kind": "tensorrt", "role": "TensorRT INT8 (ModelOpt Q/DQ)", "model": n, "score": vals[n]["engines"]["ort-exact"]["confirm"],
+                         "engine": "exact Q/DQ (what TensorRT computes)", "size_bytes": vals[n]["size_bytes"], "bench": None,
+                         "rule": f"best {vals[n]['engines']['ort-exact']['select']['subset']} Δ with exact Q/DQ arithmetic of the "
+                                 f"{len(trt['considered'])} ModelOpt recipe(s) here"})  # fmt: skip
+    if okc:
+        ev, rec = cand_result["evaluations"], cand_result["recipes"]
+        for w in sorted(cand_result["winners"].values(), key=lambda w: w["budget_percent"]):
+            n = w["candidate"]
+            if "confirm" not in ev[n]:
+                continue
+            rows.append({"kind": "lowbit", "role": f"low-bit, ≥ {w['budget_percent']:g} % of weights in 4-bit", "model": n, "score": ev[n]["confirm"],
+                         "engine": "ORT kernels", "size_bytes": ev[n]["size_bytes"], "bench": n,
+                         "rule": f"best {ev[n]['select']['subset']} mAP of the {w['eligible']} guided candidates at that budget"})  # fmt: skip
+        w16 = next((n for n, r in rec.items() if r["scheme"].get("name") == "w4a16-top0"), None)
+        if w16 and "confirm" in ev[w16]:
+            rows.append({"kind": "w4a16", "role": "uniform W4A16", "model": w16, "score": ev[w16]["confirm"], "engine": "ORT kernels",
+                         "size_bytes": ev[w16]["size_bytes"], "bench": w16,
+                         "rule": f"every Conv W4A16; 4-bit method {cand_result['method']} chosen on "
+                                 f"{ev[w16]['select']['subset']} (the ladder)"})  # fmt: skip
+    return rows
+
+
+def first(rows: list[dict], kind: str) -> dict | None:
+    return next((r for r in rows if r["kind"] == kind), None)
+
+
+def top_budget(rows: list[dict]) -> dict | None:
+    """The low-bit pick at the highest 4-bit budget (rows come in budget order)."""
+    low = [r for r in rows if r["kind"] == "lowbit"]
+    return low[-1] if low else None
+
+
+def shipped_models(run: RunDir, int8_result: dict | None, cand_result: dict | None) -> dict[str, str]:
+    """Label -> run-relative ONNX: FP32, the CPU INT8 pick and the low-bit pick at the highest budget."""
+    rows = picks(int8_result, cand_result)
+    cpu, low = first(rows, "cpu"), top_budget(rows)
+    models = {"FP32": baseline.MODEL}
+    if cpu:
+        models[f"INT8 {cpu['model']}"] = variant_model(next(v for v in run.cfg.int8.variants if v.name == cpu["model"]))
+    if low:
+        models[f"low-bit {low['model']}"] = CANDIDATE_ONNX.format(name=low["model"])
+    return models
+
+
+def pick_detections(run: RunDir, int8_result: dict | None, cand_result: dict | None) -> dict | None:
+    """Each shipped model's decoded boxes (score >= SHOW_SCORE, original image pixels) on the first
+    images of the confirmation split; None when there is no pick to show beside FP32."""
+    models = shipped_models(run, int8_result, cand_result)
+    if len(models) < 2:
+        return None
+    cfg = run.cfg
+    _, confirm_split, _ = int8_splits(run)
+    ids = [int(i) for i in confirm_split.ids[:SHOW_IMAGES]]
+    params = {"images": ids, "labels": list(models), "decode": cfg.decode.model_dump(), "data": cfg.data.model_dump(),
+              "show_score": SHOW_SCORE}  # fmt: skip
+
+    def compute():
+        sessions = {label: make_session(run.artifact(rel), threads=cfg.runtime.threads) for label, rel in models.items()}
+        boxes: dict[str, dict[str, list]] = {label: {} for label in models}
+        for image_id in ids:
+            tensor, lb = preprocess(confirm_split.image_path(image_id))
+            for label, sess in sessions.items():
+                d = decode(sess.run(None, {sess.get_inputs()[0].name: tensor})[0], cfg.decode)
+                keep = d.scores >= SHOW_SCORE
+                boxes[label][str(image_id)] = [[*map(float, b), float(s), int(c)] for b, s, c in
+                                               zip(lb.to_original(d.boxes[keep]), d.scores[keep], d.classes[keep])]  # fmt: skip
+        cats = sorted(confirm_split.coco.loadCats(confirm_split.coco.getCatIds()), key=lambda c: c["id"])
+        return {"images": ids, "split": confirm_split.name, "show_score": SHOW_SCORE, "boxes": boxes,
+                "class_names": [c["name"] for c in cats]}  # fmt: skip
+
+    return run.stage(Stage("summary-detections", params, list(models.values()), [DETECTIONS]), compute)
+
+
+def fp32_per_class(run: RunDir, int8_result: dict | None, cand_result: dict | None) -> dict | None:
+    """FP32's AP50-95 per class on the whole confirmation subset and each class's box count there, to
+    compare the picks' with; None when neither the CPU INT8 pick nor the low-bit pick was scored there."""
+    rows = picks(int8_result, cand_result)
+    cpu, low = first(rows, "cpu"), top_budget(rows)
+    scored = [int8_result["validations"][cpu["model"]]["engines"]["ort"].get("whole") if cpu else None,
+              cand_result["evaluations"][low["model"]].get("whole") if low else None]  # fmt: skip
+    if not any(scored):
+        return None
+    cfg = run.cfg
+    params = {"subset": cfg.int8.confirm_subset, "select": cfg.int8.select_subset, "data": cfg.data.model_dump(),
+              "decode": cfg.decode.model_dump()}  # fmt: skip
+
+    def compute():
+        _, _, union = int8_splits(run)
+        ap = evaluate_coco(union, splits.only(splits.fp32_reference(run, cfg.int8.confirm_subset), union.ids)).per_class
+        coco = union.coco
+        count = {coco.cats[c]["name"]: len(coco.getAnnIds(imgIds=union.ids, catIds=[c])) for c in coco.getCatIds()}
+        # a class without boxes here has no AP: null, not NaN (strict JSON)
+        return {"subset": union.name, "ap": {c: (v if np.isfinite(v) else None) for c, v in ap.items()}, "count": count}
+
+    return run.stage(Stage("summary-fp32-per-class", params, [baseline.MODEL], [FP32_PER_CLASS]), compute)
