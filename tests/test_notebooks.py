@@ -87,12 +87,19 @@ def test_smoke_run_of_all_notebooks(tmp_path, coco_root):
     # the answer first: the headline table and its sentences open the report, then every section
     summary = (run / "summary.md").read_text()
     assert summary.index("## The answer") < summary.index("## FP32 baseline") and "**CPU:** ship `" in summary
+    # one section order (report/sections.py), read by the notebook and the summary alike
+    from lowbit_helpers.report.sections import SECTIONS
+
+    order = [s.title for s in SECTIONS]
+    md_heads = [line.split(" ", 1)[1] for line in summary.splitlines() if line.startswith(("## ", "### "))]
+    assert md_heads == [t for t in order if t in md_heads] and len(md_heads) >= 6, md_heads
     assert str(tmp_path) not in html and str(tmp_path) not in summary  # no absolute path of the machine
     # as a browser shows it: headless Chromium's DOM and screenshot
     from lowbit_helpers.report.browser import render
 
     page = render(report)
     assert page["headings"][:2] == ["YOLOv10 low-bit quantization report", "The answer"]
+    assert [h for h in page["headings"] if h in order] == order  # every section, in that order
     answer = next(t for t in page["tables"] if t["after"] == "The answer")
     assert answer["rows"] >= 4 and any(x.startswith("ort-") for x in answer["text"]) and "fp32" in answer["text"]
     figures = {i["after"] for i in page["images"] if i["inline_bytes"] > 5000}
