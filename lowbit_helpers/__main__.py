@@ -34,6 +34,7 @@ from .lowbit.stats import collect_stats
 from .rundir import RunDir, run_lock
 from .runtime import RUNTIMES, bench_models, compare_profiles, environment, profile_model
 from .runtime.sessions import OPENVINO_PRECISIONS
+from .schema import DECODE_MODES
 from .sensitivity.metrics import METRICS
 from .sensitivity.schemes import write_schemes
 from .sensitivity.sweep import DIRECTIONS, activation_ranges, measure
@@ -298,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--ann", required=True, help="annotation json, relative to --coco-root")
     v.add_argument("--max-images", type=int, help="the first N image ids in sorted order")
     v.add_argument("--subset", help="instead of --max-images: all | first:N | val100 | ids.txt")
-    v.add_argument("--decode", choices=["nms", "topk"], default="nms")
+    v.add_argument("--decode", choices=list(DECODE_MODES), default=DECODE_MODES[0])
     v.add_argument("--conf", type=float, default=0.001)
     v.add_argument("--iou", type=float, default=0.7)
     v.add_argument("--max-det", type=int, default=300)
@@ -338,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
         default = getattr(Int8Options(), key)
         kw = {"action": "store_true"} if spec.kind is bool else {
             "type": spec.kind, "metavar": "{" + ",".join(spec.choices) + "}" if spec.choices else None,
-            "nargs": "+" if spec.many else None, "default": list(default) if spec.many else default}  # fmt: skip
+            "nargs": spec.nargs, "default": list(default) if spec.many else default}  # fmt: skip
         q.add_argument(spec.flag, dest=key, help=f"{owner}: {spec.help}", **kw)
     q.set_defaults(func=_cmd_quantize_int8)
 

@@ -166,7 +166,7 @@ class ValidationCfg(Section):
     enabled: bool = Field(False, description="run the metric validation (dozens of COCO evaluations; "
                                              "`python -m lowbit_helpers validate-sensitivity PARAMS` runs it alone)")
     formats: list[Fmt] = Field(default_factory=lambda: ["w4a16", "w4a8"], description="alone direction, each format")
-    method: str = Field("gptq-bc-b32", description="4-bit weight PTQ of the perturbations (notebook 05's grammar)")
+    method: str = Field("gptq-bc-b32", description="4-bit weight PTQ of the perturbations (a lowbit.METHODS name)")
     layers: int = Field(24, ge=3, description="layers per format: the `top` most sensitive by each candidate metric, "
                                               "the rest spread evenly over the ranking")
     top: int = Field(4, ge=0, description="see layers")
@@ -174,6 +174,11 @@ class ValidationCfg(Section):
     kept_layers: int = Field(12, ge=0, description="layers of the kept direction (the 2 most sensitive by each metric, then spread)")
     subset: str = Field("val500", description="ground truth: COCO mAP on these images ...")
     select_subset: str = Field("val100", description="... the metric is chosen on this part and confirmed on the rest")
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        return _check_method(v)
 
     @field_validator("formats", "kept_format")
     @classmethod
@@ -206,7 +211,7 @@ class SensitivityCfg(Section):
 
     @model_validator(mode="after")
     def _ranked_from_a_sweep(self):
-        # entries whose source is not swept are ignored (quant.schemes), so that the default
+        # entries whose source is not swept are ignored (sensitivity/schemes.py), so that the default
         # {w4a16: w4a8} holds with any format list; ORT's own file ranks nothing here
         if any("w8a8-ort" in (fmt, source) for fmt, source in self.rank_as.items()):
             raise ValueError("rank_as: w8a8-ort is ORT's own INT8 file, neither a scheme format nor its ranking")

@@ -128,8 +128,8 @@ def _topk(raw: np.ndarray, cfg: DecodeCfg, size: int) -> Detections:
 
 
 def _nms(raw: np.ndarray, cfg: DecodeCfg, size: int) -> Detections:
-    import torch
-    from torchvision.ops import batched_nms
+    import torch  # late: torch costs seconds at import
+    from torchvision.ops import batched_nms  # late: with torch
 
     logits = class_logits(raw)
     threshold = _logit(cfg.conf)

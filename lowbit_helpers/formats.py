@@ -5,7 +5,7 @@ A format is a weight precision plus an activation precision for a Conv:
   (per tensor, asymmetric, range from calibration) - the placement of notebook 05's
   candidates, NNCF and TensorRT;
 * ``w8a8-ort``: what ORT's ``quantize_static`` deploys (notebook 03's ORT recipes): the same
-  weights, and Q/DQ also on Conv outputs, SiLU, Concat, Add, ... (:mod:`.deployed`; the
+  weights, and Q/DQ also on Conv outputs, SiLU, Concat, Add, ... (:mod:`lowbit_helpers.sensitivity.deployed`; the
   sweep's only format that is not a per-Conv rewrite here);
 * ``w4a16``: int4 weights (per output channel, symmetric), float activations;
 * ``w4a8``: int4 weights and uint8 input activations;
@@ -115,7 +115,7 @@ def apply_format(model: onnx.ModelProto, convs: set[str] | list[str], fmt: Forma
     so a sub-graph and the full graph can be perturbed alike.
     """
     if fmt.ort_placement:
-        raise ValueError(f"{fmt.name} perturbs the quantizers of an ORT file: use quant.deployed.DeployedQdq")
+        raise ValueError(f"{fmt.name} perturbs the quantizers of an ORT file: use sensitivity.deployed.DeployedQdq")
     convs = set(convs)
     out = onnx.ModelProto()
     out.CopyFrom(model)

@@ -72,7 +72,7 @@ def bench_cuda_ep(models: dict[str, Path], warmup: int = 20, runs: int = 200) ->
 
 def bench_tensorrt(name: str, model: Path, warmup: int = 20, runs: int = 200) -> dict:
     try:
-        import tensorrt as trt
+        import tensorrt as trt  # late: tensorrt only on a GPU machine (ImportError: skipped)
         from polygraphy.backend.trt import (  # late: polygraphy only on a GPU machine
             CreateConfig,
             EngineFromNetwork,

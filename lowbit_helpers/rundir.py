@@ -113,7 +113,11 @@ def check_run_id(run_id: str | None) -> str:
 
 
 def stage_key(params: Any, inputs: list[str | Path] = ()) -> str:
-    blob = json.dumps({"params": params, "inputs": [sha256_file(p) for p in inputs]}, sort_keys=True, default=str)
+    return _key(params, [sha256_file(p) for p in inputs])
+
+
+def _key(params: Any, digests: list[str]) -> str:
+    blob = json.dumps({"params": params, "inputs": digests}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -206,6 +210,10 @@ class RunDir:
 
     def artifact(self, rel: str) -> Path:
         """An output an earlier stage recorded; refuses one that is missing or was altered."""
+        return self._recorded(rel)[0]
+
+    def _recorded(self, rel: str) -> tuple[Path, str]:
+        """(path, SHA-256) of a recorded output, checked against the manifest (hashed once)."""
         entry = self.manifest()["artifacts"].get(rel)
         p = self.path / rel
         if entry is None or not p.is_file():
@@ -213,14 +221,20 @@ class RunDir:
                 f"{rel} is not in {self.path / MANIFEST}; the stage that writes it has not run",
                 "run the earlier notebooks first (or the whole pipeline with `python -m lowbit_helpers run`)",
             )
-        if sha256_file(p) != entry["sha256"]:
+        digest = sha256_file(p)
+        if digest != entry["sha256"]:
             raise LowbitError(f"{p} changed after it was recorded", "rerun the stage that writes it")
-        return p
+        return p, digest
 
     def read(self, rel: str) -> Any:
         """A recorded JSON output (as :meth:`artifact` checks it), with its measured costs merged back."""
         obj = read_json(self.artifact(rel))
         return merge_measured(obj, self.manifest()["artifacts"][rel].get("measured"))
+
+    def _digest(self, source: str | Path) -> str:
+        """SHA-256 of a stage's input: a run-relative path must be a recorded output, unchanged since
+        (:meth:`_recorded`); a ``Path`` is any file."""
+        return self._recorded(source)[1] if isinstance(source, str) else sha256_file(source)
 
     def has(self, rel: str) -> bool:
         return rel in self.manifest()["artifacts"] and (self.path / rel).is_file()
@@ -280,8 +294,7 @@ class RunDir:
         ``compute`` writes the stage's outputs, or returns the content of its first output (a JSON
         value, written here); it may append outputs it only discovers while it runs to ``st.outputs``.
         """
-        resolved = [self.artifact(i) if isinstance(i, str) else Path(i) for i in st.inputs]
-        key = st.fixed_key or stage_key(st.params, resolved)
+        key = st.fixed_key or _key(st.params, [self._digest(i) for i in st.inputs])
         if st.fixed_key is not None or not self.is_fresh(st.name, key):
             result = compute()
             if result is not None:

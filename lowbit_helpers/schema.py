@@ -13,8 +13,11 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
+DECODE_MODES = ("nms", "topk")  # nms: class-aware NMS; topk: YOLOv10's one-to-one top-k
+
+
 class DecodeCfg(Section):
-    mode: Literal["nms", "topk"] = Field("nms", description="nms: class-aware NMS; topk: YOLOv10 one-to-one top-k")
+    mode: Literal[DECODE_MODES] = Field("nms", description="nms: class-aware NMS; topk: YOLOv10 one-to-one top-k")
     conf: float = Field(0.001, ge=0.0, le=1.0)
     iou: float = Field(0.7, gt=0.0, le=1.0)
     max_det: int = Field(300, ge=1)

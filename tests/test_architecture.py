@@ -41,12 +41,18 @@ def _own_imports(path: Path, root: Path = PACKAGE):
         package = []
     tree = ast.parse(path.read_text())
     top_level = {id(n) for n in tree.body}
+    own = root.name
     for node in ast.walk(tree):
+        targets = []
         if isinstance(node, ast.ImportFrom) and node.level:
             base = package[: len(package) - (node.level - 1)]
             targets = [".".join(base + [node.module])] if node.module else [".".join(base + [a.name]) for a in node.names]
-            for t in targets:
-                yield t, node.lineno, id(node) not in top_level
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == own:  # absolute, same package
+            targets = [node.module.partition(".")[2] or node.names[0].name]
+        elif isinstance(node, ast.Import):
+            targets = [a.name.partition(".")[2] for a in node.names if a.name.split(".")[0] == own and "." in a.name]
+        for t in targets:
+            yield t, node.lineno, id(node) not in top_level
 
 
 def test_every_module_has_a_floor():
@@ -80,8 +86,10 @@ def test_the_import_check_finds_what_it_names(tmp_path):
     (tmp_path / "steps" / "__init__.py").write_text("")
     (tmp_path / "steps" / "baseline.py").write_text("from ..formats import FORMATS\n")
     (tmp_path / "formats.py").write_text("FORMATS = {}\n\n\ndef f():\n    from .steps import baseline\n")
+    (tmp_path / "schema.py").write_text(f"from {tmp_path.name}.report import x\n")  # absolute, upward
     upward, late = violations(tmp_path)
-    assert upward == ["formats:5 imports steps"] and late == ["formats:5 imports steps inside a function"]
+    assert upward == ["formats:5 imports steps", "schema:1 imports report"]
+    assert late == ["formats:5 imports steps inside a function"]
 
 
 @pytest.mark.parametrize("concept, registry, consumers", [
@@ -114,3 +122,29 @@ def test_one_list_per_concept(concept, registry, consumers):
         action = next(a for a in sub[command]._actions if flag in a.option_strings)
         shown = " ".join(map(str, [action.choices or "", action.metavar or "", action.help or ""]))
         assert all(n in shown for n in names), (concept, shown)
+
+
+def test_no_hand_written_copy_of_a_registry():
+    """The params schema and the command line spell no registered name in a Literal or a choices list:
+    they read the registries (a copy would go stale when a backend, method or format is added)."""
+    from lowbit_helpers import formats, int8, lowbit, runtime
+    from lowbit_helpers.int8.policy import HEAD_POLICIES
+    from lowbit_helpers.schema import DECODE_MODES
+    from lowbit_helpers.sensitivity.metrics import METRICS
+    from lowbit_helpers.sensitivity.sweep import DIRECTIONS
+
+    registered = {*int8.BACKENDS, *int8.ALL_METHODS, *int8.ALL_BIAS_CORRECTIONS, *HEAD_POLICIES, *lowbit.METHODS,
+                  *formats.FORMATS, *METRICS, *runtime.ENGINES, *runtime.RUNTIMES, *DIRECTIONS,
+                  *DECODE_MODES, *(c for spec in int8.option_specs().values() for c in spec.choices or ())}
+    registered -= {"none", "all"}  # words of other lists too (a placement "all", "confirm: all")  # fmt: skip
+    copies = []
+    for name in ("config.py", "__main__.py"):
+        tree = ast.parse((PACKAGE / name).read_text())
+        for node in ast.walk(tree):
+            spelled = []
+            if isinstance(node, ast.Subscript) and getattr(node.value, "id", "") == "Literal":
+                spelled = [c.value for c in ast.walk(node.slice) if isinstance(c, ast.Constant)]
+            elif isinstance(node, ast.keyword) and node.arg == "choices" and isinstance(node.value, (ast.List, ast.Tuple)):
+                spelled = [c.value for c in node.value.elts if isinstance(c, ast.Constant)]
+            copies += [f"{name}:{node.lineno if hasattr(node, 'lineno') else node.value.lineno} {v!r}" for v in spelled if v in registered]
+    assert copies == []

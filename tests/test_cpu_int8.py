@@ -7,10 +7,18 @@ import numpy as np
 import pytest
 
 from lowbit_helpers.__main__ import main
-from lowbit_helpers.runtime.emulate import EmulatedSession, emulated_probe, qemu_binary
 from lowbit_helpers.errors import LowbitError
 from lowbit_helpers.int8.kernel_check import CHANNELS, probe, probe_model
-from lowbit_helpers.runtime import ENGINES, INT8_ISA_FLAGS, bench_models, cpu_int8_isa, engine_session, int8_kernel_class, make_session
+from lowbit_helpers.runtime import (
+    ENGINES,
+    INT8_ISA_FLAGS,
+    bench_models,
+    cpu_int8_isa,
+    engine_session,
+    int8_kernel_class,
+    make_session,
+)
+from lowbit_helpers.runtime.emulate import EmulatedSession, emulated_probe, qemu_binary
 
 from .conftest import VAL100
 from .test_runtime_cli import _fails
@@ -130,7 +138,7 @@ def test_quantize_int8_peer_options(yolov10n_onnx, tmp_path, capsys):
     _fails(["quantize-int8", str(yolov10n_onnx), "--backend", "nncf", "--method", "minmax", "--calib-npy", str(calib),
             "--images", "2", "--out", str(tmp_path / "q.onnx")], capsys, "not available for backend nncf")  # fmt: skip
     _fails(["quantize-int8", str(yolov10n_onnx), "--backend", "ort", "--format", "openvino", "--calib-npy", str(calib),
-            "--images", "2", "--out", str(tmp_path / "q.xml")], capsys, "NNCF option")  # fmt: skip
+            "--images", "2", "--out", str(tmp_path / "q.xml")], capsys, "--format is an option of NNCF")  # fmt: skip
     _fails(["quantize-int8", str(yolov10n_onnx), "--backend", "ort", "--bias-correction", "full", "--calib-npy", str(calib),
             "--images", "2", "--out", str(tmp_path / "q.onnx")], capsys, "use one of none, fast for ort")  # fmt: skip
     _fails(["quantize-int8", str(yolov10n_onnx), "--backend", "nncf", "--bias-correction", "none", "--calib-npy", str(calib),
@@ -186,9 +194,9 @@ def test_a_kept_float_conv_runs_in_float_under_ort(tmp_path):
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from lowbit_helpers.runtime.inspect import ort_executed_ops
     from lowbit_helpers.int8.ort import quantize_int8_ort
     from lowbit_helpers.runtime import float_convs_between_qdq, kept_float_rewrite
+    from lowbit_helpers.runtime.inspect import ort_executed_ops
 
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array(rng.normal(0, 0.3, (8, c, 3, 3)).astype(np.float32), f"w{i}")

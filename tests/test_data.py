@@ -2,7 +2,12 @@ import numpy as np
 import pytest
 
 from lowbit_helpers.data import (
-    calibration_tensor, letterbox, load_image, open_coco, preprocess, read_image_list,
+    calibration_tensor,
+    letterbox,
+    load_image,
+    open_coco,
+    preprocess,
+    read_image_list,
 )  # fmt: skip
 from lowbit_helpers.errors import LowbitError
 

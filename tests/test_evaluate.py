@@ -7,7 +7,10 @@ import pytest
 
 from lowbit_helpers.data import open_coco
 from lowbit_helpers.evaluate import (
-    _resample, bootstrap_difference, bootstrap_map, evaluate_coco,
+    _resample,
+    bootstrap_difference,
+    bootstrap_map,
+    evaluate_coco,
 )  # fmt: skip
 
 from .conftest import VAL100

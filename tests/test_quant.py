@@ -12,8 +12,8 @@ from onnx import TensorProto, helper, numpy_helper
 from lowbit_helpers.__main__ import build_parser, main
 from lowbit_helpers.errors import LowbitError
 from lowbit_helpers.int8.calibration import ArrayReader, activation_ranges, load_calibration
-from lowbit_helpers.runtime.inspect import cosine, ort_executed_ops, qdq_counts, sqnr_db
 from lowbit_helpers.int8.policy import excluded_nodes
+from lowbit_helpers.runtime.inspect import cosine, ort_executed_ops, qdq_counts, sqnr_db
 
 
 @pytest.fixture(scope="module")

@@ -150,3 +150,53 @@ def test_a_run_id_outside_the_runs_directory_is_refused_before_anything_is_writt
             with run_lock(cfg, bad or None) if bad else run_lock(cfg.model_copy(update={"name": ""})):
                 pass
     assert not (tmp_path / "escape").exists() and not (tmp_path / "runs").exists()
+
+
+def test_a_declared_stage_computes_once_records_its_dependencies_and_refuses_an_altered_input(tmp_path):
+    import pytest
+
+    from lowbit_helpers.errors import LowbitError
+    from lowbit_helpers.rundir import Stage
+
+    run = _run(tmp_path)
+    calls = []
+
+    def base():
+        calls.append("base")
+        return {"value": 1, "seconds": 2.0}  # the first output's JSON; its cost moves to the manifest
+
+    def declared():
+        return Stage("base", {"p": 1}, [], ["a/base.json"], record={"shown": True})
+
+    assert run.stage(declared(), base) == {"value": 1, "seconds": 2.0}
+    assert run.stage(declared(), base) == {"value": 1, "seconds": 2.0} and calls == ["base"]  # fresh: not recomputed
+    m = run.manifest()
+    assert m["artifacts"]["a/base.json"]["params"] == {"shown": True} and "seconds" not in run.path.joinpath("a/base.json").read_text()
+
+    def derived():  # writes its outputs itself, one of them known only once written
+        calls.append("derived")
+        run.file("a/extra.txt").write_text(str(run.read("a/base.json")["value"]))
+        st.outputs.append("a/extra.txt")
+
+    st = Stage("derived", {"q": 2}, ["a/base.json"], [])
+    assert run.stage(st, derived, read=None) is None
+    entry = run.manifest()["stages"]["derived"]
+    assert entry["inputs"] == ["a/base.json"] and entry["outputs"] == ["a/extra.txt"]
+    st = Stage("derived", {"q": 2}, ["a/base.json"], [])
+    run.stage(st, derived, read=None)
+    assert calls == ["base", "derived"]  # same params and input: reused
+    st = Stage("derived", {"q": 3}, ["a/base.json"], [])
+    run.stage(st, derived, read=None)
+    assert calls == ["base", "derived", "derived"]  # other params: recomputed
+
+    always = Stage("summary", None, [], ["a/s.json"], fixed_key="always")
+    run.stage(always, lambda: calls.append("always") or {"n": 1})
+    run.stage(always, lambda: calls.append("always") or {"n": 1})
+    assert calls.count("always") == 2  # a fixed key is recomputed every time
+
+    run.file("a/base.json").write_text('{"value": 9}')  # altered after it was recorded
+    with pytest.raises(LowbitError, match="changed after it was recorded"):
+        run.stage(Stage("derived", {"q": 3}, ["a/base.json"], []), derived, read=None)
+    with pytest.raises(LowbitError, match="has not run"):
+        run.stage(Stage("late", {}, ["a/missing.json"], ["a/late.json"]), lambda: {"x": 1})
+    assert not run.has("a/late.json")

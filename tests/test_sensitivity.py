@@ -10,8 +10,8 @@ from onnx import TensorProto, helper, numpy_helper
 from lowbit_helpers.__main__ import main
 from lowbit_helpers.errors import LowbitError
 from lowbit_helpers.formats import FORMATS, activation_qparams, apply_format, get_format, quantize_weight
-from lowbit_helpers.sensitivity.schemes import budget_scheme, make_schemes, top_k_scheme
 from lowbit_helpers.sensitivity.metrics import METRICS, Accumulator, Reference, dfl_distances, sqnr_db
+from lowbit_helpers.sensitivity.schemes import budget_scheme, make_schemes, top_k_scheme
 from lowbit_helpers.sensitivity.sweep import activation_ranges, conv_nodes, naive, sim_session, sweep
 
 
@@ -388,8 +388,8 @@ def _exact(model):
 
 
 def _deployed(path, images, head_policy="none"):
-    from lowbit_helpers.sensitivity.deployed import DeployedQdq
     from lowbit_helpers.int8.ort import quantize_int8_ort
+    from lowbit_helpers.sensitivity.deployed import DeployedQdq
 
     out = path.with_name(path.stem + ".qdq.onnx")
     quantize_int8_ort(path, out, images, "avgminmax", head_policy=head_policy)
@@ -528,8 +528,8 @@ def test_agreement_chooses_the_metric_that_ranks_like_map():
 
 
 def test_ground_truth_reliability_from_its_two_halves():
-    from lowbit_helpers.sensitivity.validation import reliability
     from lowbit_helpers.report.sensitivity import reliability_table
+    from lowbit_helpers.sensitivity.validation import reliability
     from lowbit_helpers.steps.sensitivity import agreement
 
     rng = np.random.default_rng(1)

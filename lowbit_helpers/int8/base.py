@@ -57,8 +57,12 @@ class OptionSpec:
     flag: str
     help: str
     choices: tuple[str, ...] | None = None
-    many: bool = False  # nargs="*"/"+"
+    nargs: str | None = None  # "+" / "*": a list of values
     kind: type = str
+
+    @property
+    def many(self) -> bool:
+        return self.nargs is not None
 
 
 class Int8Backend:
@@ -77,9 +81,11 @@ class Int8Backend:
     corrects_file: ClassVar[bool] = True
     options: ClassVar[dict[str, OptionSpec]] = {}  # its own options beyond COMMON_OPTIONS
     library: ClassVar[str | None] = None  # the PyPI distribution whose version is part of a recipe's key
+    logs: ClassVar[tuple[str, ...]] = ()  # log files the library writes beside the model (suffixes of its name)
 
-    def output_suffix(self, o: Int8Options) -> str:
-        return ".onnx"
+    def code_versions(self) -> dict:
+        """Versions of this project's own code inside the recipe (part of a recipe's key)."""
+        return {}
 
     def quantize(self, model_in: str | Path, model_out: str | Path, calib: np.ndarray, o: Int8Options) -> dict:
         raise NotImplementedError
@@ -115,9 +121,8 @@ def check_options(backend: Int8Backend | None, o: Int8Options, backends: dict[st
         if option in COMMON_OPTIONS or option in backend.options:
             continue
         owners = owner_of(option, backends)
-        what = " / ".join(b.title for b in owners) or "no backend's"
-        raise LowbitError(f"{where}{label(option)} is an {what} option, not {backend.title}'s",
-                          f"set it only with backend {' / '.join(b.name for b in owners) or '(none)'}")  # fmt: skip
+        raise LowbitError(f"{where}{label(option)} is an option of {' / '.join(b.title for b in owners)}, not of {backend.title}",
+                          f"set it only with backend {' / '.join(b.name for b in owners)}")  # fmt: skip
     for option, spec in backend.options.items():
         if spec.choices is not None:
             values = getattr(o, option)

@@ -79,8 +79,9 @@ class ArrayReader:
 # slicing-independent ranges for ORT's quantize_static, hence this code.
 
 RANGE_METHODS = ("avgminmax", "minmax", "percentile", "entropy")
-RANGES_VERSION = 4  # 1: ORT's own calibrators (slicing-dependent); 2: activation_ranges; 3: with ORT's Softmax / Relu
-#                     range adjustments (ort_int8._ort_adjusted); 4: entropy on ENTROPY_BINS. Part of the ORT recipe's stage key.
+RANGES_VERSION = 5  # 1: ORT's own calibrators (slicing-dependent); 2: activation_ranges; 3: with ORT's Softmax / Relu
+#                     range adjustments (int8/ort.py: _ort_adjusted); 4: entropy on ENTROPY_BINS; 5: the same ranges, the
+#                     recipe naming this function at its new path (int8/calibration.py). Part of the ORT recipe's stage key.
 # ORT's Entropy default is 128 bins for 128 quantized bins: on one fixed histogram its KL search then
 # has a single candidate, the full range (= minmax). ORT's own merge only escaped that by growing the
 # histogram slice by slice. 2048 bins (TensorRT's entropy calibrator's count) give it 961 candidates.
@@ -111,7 +112,7 @@ def activation_ranges(model: str | Path, calib: np.ndarray, method: str, op_type
     ``order`` (a permutation of the images) exists for the test that the result does not depend on it.
     """
     from onnxruntime.quantization import CalibrationMethod  # late: ORT's quantization imports torch (seconds)
-    from onnxruntime.quantization.calibrate import HistogramCollector, create_calibrator
+    from onnxruntime.quantization.calibrate import HistogramCollector, create_calibrator  # late: as above
 
     if method not in RANGE_METHODS:
         raise LowbitError(f"unknown calibration method {method!r}", f"use one of {', '.join(RANGE_METHODS)}")

@@ -14,6 +14,7 @@ here because no library ships such a probe; the model is built with ``onnx.helpe
 
 from __future__ import annotations
 
+import json
 import sys
 import tempfile
 from pathlib import Path
@@ -94,8 +95,6 @@ def probe(folder: str | Path, threads: int = 1) -> dict:
 
 
 if __name__ == "__main__":  # python -m lowbit_helpers.int8.kernel_check: the probe on this CPU, as JSON
-    import json
-
     with tempfile.TemporaryDirectory() as tmp:
         json.dump(probe(tmp), sys.stdout, indent=1)
     print()

@@ -29,7 +29,9 @@ def quantize_int8_modelopt(model_in: str | Path, model_out: str | Path, calib: n
                            head_policy: str = "conservative", exclude: list[str] | None = None,
                            op_types_to_exclude: list[str] | None = None, calibration_eps: list[str] | None = None,
                            high_precision_dtype: str = "fp32") -> dict:  # fmt: skip
-    from modelopt.onnx.quantization import quantize
+    from modelopt.onnx.quantization import (
+        quantize,  # late: modelopt patches ORT when imported; only its recipe loads it
+    )
 
     model_out = Path(model_out)
     excluded = checked_exclusions(model_in, calib, method, MODELOPT_METHODS, "ModelOpt", head_policy, exclude)
@@ -62,12 +64,12 @@ def quantize_int8_modelopt(model_in: str | Path, model_out: str | Path, calib: n
 class ModelOptBackend(Int8Backend):
     """NVIDIA ModelOpt's ONNX PTQ: Q/DQ where TensorRT fuses them (float under ORT CPU)."""
 
-    name, title, library = "modelopt", "ModelOpt", "nvidia-modelopt"
+    name, title, library, logs = "modelopt", "ModelOpt", "nvidia-modelopt", (".modelopt.log",)
     help = "TensorRT's placement"
     methods, default_method = MODELOPT_METHODS, "entropy"
     options = {
-        "exclude_op_types": OptionSpec("--exclude-op-type", "op types kept in float", many=True),
-        "calibration_eps": OptionSpec("--calibration-eps", "cpu | cuda:0 | trt", many=True),
+        "exclude_op_types": OptionSpec("--exclude-op-type", "op types kept in float", nargs="*"),
+        "calibration_eps": OptionSpec("--calibration-eps", "cpu | cuda:0 | trt", nargs="+"),
         "high_precision_dtype": OptionSpec("--high-precision-dtype", "what stays unquantized", choices=("fp32", "fp16")),
     }  # fmt: skip
 

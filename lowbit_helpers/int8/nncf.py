@@ -41,7 +41,7 @@ def quantize_int8_nncf(model_in: str | Path, model_out: str | Path, calib: np.nd
     returns (and saves beside it) the recipe."""
 
     try:
-        import nncf
+        import nncf  # late: nncf is optional, only its recipe needs it
     except ImportError:
         raise LowbitError("the nncf package is not installed", "install the pinned environment or pip install nncf") from None
     if bias_correction not in BIAS_CORRECTIONS:
@@ -110,9 +110,6 @@ class NncfBackend(Int8Backend):
         "format": OptionSpec("--format", "a Q/DQ ONNX, or an OpenVINO IR (--out model.xml; OpenVINO runs it, ORT cannot)",
                              choices=TARGETS),
     }  # fmt: skip
-
-    def output_suffix(self, o: Int8Options) -> str:
-        return ".xml" if o.format == "openvino" else ".onnx"
 
     def quantize(self, model_in, model_out, calib, o: Int8Options) -> dict:
         return quantize_int8_nncf(model_in, model_out, calib, method=o.method, head_policy=o.head_policy,

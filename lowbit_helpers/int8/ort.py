@@ -20,7 +20,7 @@ import onnx
 from ..artifacts import atomic_path, sha256_file, write_json
 from ..errors import LowbitError
 from .base import Int8Backend, Int8Options, OptionSpec
-from .calibration import ArrayReader, activation_ranges
+from .calibration import RANGES_VERSION, ArrayReader, activation_ranges
 from .policy import checked_exclusions
 
 ORT_METHODS = ("avgminmax", "minmax", "percentile", "entropy")
@@ -144,6 +144,9 @@ class OrtBackend(Int8Backend):
                                 choices=PLACEMENTS),
         "percentile": OptionSpec("--percentile", "the percentile method's cut", kind=float),
     }  # fmt: skip
+
+    def code_versions(self) -> dict:
+        return {"ranges": RANGES_VERSION}  # how activation_ranges computes them
 
     def quantize(self, model_in, model_out, calib, o: Int8Options) -> dict:
         return quantize_int8_ort(model_in, model_out, calib, method=o.method, head_policy=o.head_policy,

@@ -15,8 +15,8 @@ w4a8       INT4 codes, per channel or blocked                     uint8 Q/DQ, pe
 fp8        FLOAT8E4M3FN codes, one scale per output channel       float8 e4m3 Q/DQ, per tensor
 =========  =====================================================  ============================
 
-The arithmetic is the sweep's (:mod:`.formats`): the same reference quantizer
-(:mod:`.weights`), the same activation ranges (mean of per-image min / max on calibration
+The arithmetic is the sweep's (:mod:`lowbit_helpers.formats`): the same reference quantizer
+(:mod:`lowbit_helpers.weights`), the same activation ranges (mean of per-image min / max on calibration
 images) and Q/DQ placement (each quantized Conv's input), so a scheme scored by the sweep and
 the model deployed from it compute the same numbers (tested). 4-bit layers take the PTQ
 method (:data:`lowbit_helpers.lowbit.METHODS`): its scales and codes, blocked scales, bias correction;

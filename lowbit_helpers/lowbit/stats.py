@@ -57,7 +57,7 @@ class ConvStats:
 def unfold(x: np.ndarray, geo: ConvGeometry):
     """Input patches of a Conv, per group: torch tensor [g, d, L] (channel-major like the weight)."""
     import torch  # late: torch costs seconds at import, kept off the command line's start-up
-    import torch.nn.functional as F
+    import torch.nn.functional as F  # late: with torch
 
     t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
     top, left, bottom, right = geo.pads

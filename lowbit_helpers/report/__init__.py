@@ -6,7 +6,9 @@
 * :mod:`.sensitivity`: the sensitivity tables and figures (notebook 04);
 * :mod:`.candidates`: the ladder, verdicts, guided-vs-random and Pareto figures (notebook 05);
 * :mod:`.detections`: side-by-side detections of the picks;
-* :mod:`.summary`: notebook 06's ``summary.md``, provenance, timing, and the README's results block;
+* :mod:`.sections`: the sections in their one order (notebook 06 and ``summary.md`` both walk it);
+* :mod:`.summary`: notebook 06's ``summary.md`` and the README's results block;
+* :mod:`.provenance`: the artifacts' SHA-256 and where the run's time went;
 * :mod:`.browser`: the rendered report as headless Chromium shows it (the tests' browser check);
 * :mod:`.common`: formatting shared by the tables.
 """

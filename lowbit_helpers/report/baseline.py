@@ -92,7 +92,7 @@ def per_class_frame(run: RunDir) -> pd.DataFrame | None:
 
 
 def per_class_figure(run: RunDir, n: int = 12):
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # late: matplotlib only for figures
 
     df = per_class_frame(run)
     if df is None or df.empty:

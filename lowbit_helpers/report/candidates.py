@@ -238,7 +238,7 @@ def pareto_front(points: list[tuple[float, float]], lower_x_better: bool = True)
 def pareto_figure(result: dict):
     """mAP (selection split) against file size, ORT latency and 4-bit share; frontier marked, with
     notebook 03's INT8 pick (a star) from the same bench and split."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # late: matplotlib only for figures
 
     rows = candidate_rows(result)
     lat = _latency(result)

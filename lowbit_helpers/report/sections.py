@@ -11,10 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import matplotlib.pyplot as plt
 import pandas as pd
-from IPython.display import Markdown, display
-from matplotlib.figure import Figure
 
 from ..rundir import RunDir
 from ..steps import baseline as baseline_step
@@ -224,6 +221,10 @@ def heading(section: Section) -> str:
 
 def show(section: Section, results: Results) -> None:
     """Notebook 06: the section's heading, then each of its blocks (markdown, table or figure)."""
+    import matplotlib.pyplot as plt  # late: matplotlib only for figures
+    from IPython.display import Markdown, display  # late: IPython only in a notebook
+    from matplotlib.figure import Figure
+
     display(Markdown(heading(section)))
     for block in section.show(results):
         if isinstance(block, str):

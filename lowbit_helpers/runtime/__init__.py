@@ -33,11 +33,12 @@ from .sessions import (
     kept_float_rewrite,
     make_session,
     run_head,
+    runtime_unavailable,
 )
 
 __all__ = [
     "ARITHMETICS", "BENCH_SETTINGS", "CONV_OPS", "ENGINES", "INT8_ISA_FLAGS", "RUNTIMES", "Activations", "activations",
     "bench_models", "check_providers", "compare_profiles", "conv_key", "cpu_int8_isa", "engine_session",
     "engine_unavailable", "environment", "float_convs_between_qdq", "int8_kernel_class", "kept_float_rewrite",
-    "latency_stats", "load_memory", "make_session", "profile_model", "run_head", "with_outputs",
+    "latency_stats", "load_memory", "make_session", "profile_model", "run_head", "runtime_unavailable", "with_outputs",
 ]  # fmt: skip

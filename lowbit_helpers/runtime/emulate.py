@@ -62,7 +62,7 @@ def _run(qemu: str, cpu: str, args: list[str], what: str) -> str:
 
 
 def emulated_probe(qemu: str, cpu: str) -> dict:
-    """:func:`.quant.kernel_check.probe` inside the emulated CPU."""
+    """:func:`lowbit_helpers.int8.kernel_check.probe` inside the emulated CPU."""
     return json.loads(_run(qemu, cpu, ["-m", "lowbit_helpers.int8.kernel_check"], "the saturation probe"))
 
 

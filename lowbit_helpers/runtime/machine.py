@@ -42,7 +42,7 @@ def cpu_int8_isa() -> list[str]:
     process that :mod:`.emulate` started (``LOWBIT_EMULATED=1``).
     """
     try:
-        from numpy._core._multiarray_umath import __cpu_features__ as feats
+        from numpy._core._multiarray_umath import __cpu_features__ as feats  # late: numpy 2 only (ImportError below)
     except ImportError:  # numpy < 2
         return _cpu_flags(INT8_ISA_FLAGS)
     have = [f for f, n in _NUMPY_FEATURES.items() if feats.get(n)]
@@ -66,7 +66,7 @@ def int8_kernel_class(isa: list[str] | None = None) -> str:
 
 def _openvino_version() -> str | None:
     try:
-        import openvino
+        import openvino  # late: openvino is optional (None when absent)
 
         return openvino.__version__
     except ImportError:

@@ -121,12 +121,18 @@ ENGINES = {"ort": ("ort", "kernels", "f32"), "ort-exact": ("ort", "exact", "f32"
            "openvino": ("openvino", "kernels", "f32"), "openvino-bf16": ("openvino", "kernels", "bf16")}  # fmt: skip
 
 
+def runtime_unavailable(runtime: str) -> str | None:
+    """Why ``runtime`` cannot run on this machine (a "skipped: ..." line), or None when it can."""
+    if runtime == "openvino" and _openvino_version() is None:
+        return "skipped: openvino is not installed (pip install the pinned environment)"
+    return None
+
+
 def engine_unavailable(engine: str) -> str | None:
     """Why ``engine`` cannot run on this machine (a "skipped: ..." line), or None when it can."""
-    if ENGINES[engine][0] != "openvino":
-        return None
-    if _openvino_version() is None:
-        return "skipped: openvino is not installed (pip install the pinned environment)"
+    why = runtime_unavailable(ENGINES[engine][0])
+    if why or ENGINES[engine][0] != "openvino":
+        return why
     if ENGINES[engine][2] == "bf16" and not _openvino_has_bf16():
         return "skipped: this CPU has no bf16 instructions"
     return None
@@ -135,7 +141,7 @@ def engine_unavailable(engine: str) -> str | None:
 def _openvino_has_bf16(core=None) -> bool:
     """Whether OpenVINO's CPU plugin offers bf16 inference on this CPU."""
     if core is None:
-        import openvino as ov
+        import openvino as ov  # late: openvino is optional, only its rows need it
 
         core = ov.Core()
     return "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
@@ -161,7 +167,7 @@ class OpenVINOSession:
         if precision not in OPENVINO_PRECISIONS:
             raise LowbitError(f"unknown OpenVINO precision {precision!r}", f"use one of {', '.join(OPENVINO_PRECISIONS)}")
         try:
-            import openvino as ov
+            import openvino as ov  # late: openvino is optional, only its rows need it
         except ImportError:
             raise LowbitError("the openvino package is not installed",
                               "install the pinned environment (bash scripts/test.sh creates it) or pip install openvino") from None  # fmt: skip

@@ -5,7 +5,7 @@ Conv's input and weights: every Conv output (before SiLU), the Sigmoid and Mul o
 Add, Resize, MaxPool, Split, the attention's MatMul / Softmax, constants and the graph output.
 A per-layer sensitivity that ranks ORT recipes must perturb with *those* quantizers.
 
-:class:`DeployedQdq` reads a file ``quantize_static`` wrote (:func:`.ort_int8.quantize_int8_ort`,
+:class:`DeployedQdq` reads a file ``quantize_static`` wrote (:func:`lowbit_helpers.int8.ort.quantize_int8_ort`,
 same ranges) and lists its quantized *edges*, each (consumer node, input index) of the float
 graph that reads a dequantized value: an activation (QuantizeLinear -> DequantizeLinear on the
 tensor, with the file's scale and zero point) or a constant (weights, bias, other constants:

@@ -2,7 +2,7 @@
 
 Two families (notebook 04 states the rules beside the list):
 The sensitivity file's ranking metric (``sens["metric"]``, in dB, e.g. the detection-aware
-``det_sqnr`` of :mod:`.head_metrics`) ranks and costs every layer:
+``det_sqnr`` of :mod:`.metrics`) ranks and costs every layer:
 * ``top-K`` for a format F: every Conv in F except the K layers whose float precision buys
   the most (largest *kept* gain, i.e. the metric of all-in-F with the layer kept minus that of
   all-in-F; the *alone* metric ranks when no *kept* sweep exists), which stay in ``fp32``.

@@ -1,11 +1,11 @@
 """Per-layer sensitivity on the deployed ONNX graph, in both directions, with cached tensors.
 
-For each Conv L and a format F (see :mod:`.formats`):
+For each Conv L and a format F (see :mod:`lowbit_helpers.formats`):
 * *alone*: only L computes in F, everything else in FP32;
 * *kept*: everything computes in F except L (what keeping L in float buys).
 
 Each perturbation is scored against FP32 on the raw head by every metric of
-:mod:`.head_metrics` (raw-head SQNR and the detection-aware ones), summed over the sweep images.
+:mod:`.metrics` (raw-head SQNR and the detection-aware ones), summed over the sweep images.
 
 Cost. Rebuilding and rerunning the whole network for each of 2 x N perturbations (naive)
 costs 2 N full passes per image. A perturbation of L changes only L's descendants, so the
@@ -126,7 +126,7 @@ class FormatPerturber:
 
 class MethodPerturber:
     """Quantize the named Convs as notebook 05 deploys them: ``precision`` with 4-bit PTQ ``method``
-    (GPTQ, MSE clipping, blocks, bias correction; :func:`.materialize.materialize`), statistics
+    (GPTQ, MSE clipping, blocks, bias correction; :func:`lowbit_helpers.lowbit.materialize.materialize`), statistics
     taken on FP32 inputs."""
 
     def __init__(self, precision: str, method: str, ranges: dict, stats: dict | None):
@@ -144,7 +144,7 @@ class MethodPerturber:
 
 # ------------------------------------------------------------------ what is measured on each output
 class MetricScorer:
-    """Every :mod:`.head_metrics` metric of each perturbation against FP32; with ``checkpoints``,
+    """Every :mod:`.metrics` metric of each perturbation against FP32; with ``checkpoints``,
     also the metrics after the first N images (how the ranking settles with the image count)."""
 
     def __init__(self, checkpoints: Iterable[int] = ()):
@@ -287,7 +287,7 @@ def run_perturbations(model: onnx.ModelProto, images: Sequence, perturber: Calla
     ``(ALL, "all")``) on ``images`` with ``scorer``. Returns ({key: scorer state}, cost).
 
     ``images``: a sequence of (tensor [1, 3, H, W], meta) (:class:`ArrayImages`, or COCO images
-    with their letterbox for the ground truth of :mod:`.sensitivity_validation`).
+    with their letterbox for the ground truth of :mod:`.validation`).
     ``perturber(graph, convs) -> graph`` quantizes the named Convs of a (sub-)graph.
     """
     global _JOB
@@ -352,7 +352,7 @@ def sweep(
     threads: int = 1,
     progress: Callable[[str], None] | None = None,
 ) -> dict:
-    """Every metric of :mod:`.head_metrics` for each Conv and direction, and the sweep's cost.
+    """Every metric of :mod:`.metrics` for each Conv and direction, and the sweep's cost.
 
     ``images``: [N, 3, H, W] float32 (letterboxed). ``fmt``: a Format (with ``ranges``) or a
     perturber. ``convs``: a subset of Convs (default all). Returns ``{"records": {conv:
@@ -371,7 +371,7 @@ def sweep(
 
 
 def perturber(fmt: Format, model_path, ranges: dict, range_images: np.ndarray):
-    """The sweep's perturber of a format: fake quantization (:mod:`.formats`), or for ``w8a8-ort``
+    """The sweep's perturber of a format: fake quantization (:mod:`lowbit_helpers.formats`), or for ``w8a8-ort``
     the quantizers of the file ORT deploys (:mod:`.deployed`, built from ``range_images``)."""
     if fmt.ort_placement:
         return DeployedPerturber(model_path, range_images)

@@ -3,11 +3,11 @@ single-layer perturbations.
 
 Ground truth: the COCO mAP50-95 of the model with one Conv quantized (*alone*), or all Convs
 but one (*kept*), with the 4-bit weights notebook 05 deploys (GPTQ, MSE clipping, blocks,
-bias correction: :class:`.sensitivity.MethodPerturber`). It runs through the same cached
-sub-graph machinery as the sweep (:func:`.sensitivity.run_perturbations`) on COCO images, each
+bias correction: :class:`.sweep.MethodPerturber`). It runs through the same cached
+sub-graph machinery as the sweep (:func:`.sweep.run_perturbations`) on COCO images, each
 output decoded and scored by pycocotools exactly as notebook 02 scores a whole model.
 
-Candidates: every metric of :mod:`.head_metrics` on the sweep's calibration images, plus a
+Candidates: every metric of :mod:`.metrics` on the sweep's calibration images, plus a
 *label-free mAP*: each perturbed model's detections scored by pycocotools against FP32's own
 detections (score >= ``PSEUDO_GT_SCORE``) as ground truth, on the same calibration images.
 Agreement is Spearman's rank correlation over layers, with a percentile bootstrap interval
@@ -70,7 +70,7 @@ class DetectionScorer:
 
 
 class CandidateScorer:
-    """Every :mod:`.head_metrics` metric and the label-free detections of each perturbation."""
+    """Every :mod:`.metrics` metric and the label-free detections of each perturbation."""
 
     def __init__(self, decode_cfg):
         self.decode_cfg = decode_cfg

@@ -12,8 +12,9 @@ that writes them, and everything else refers to them by name:
   schemes);
 * :mod:`.candidates`: notebook 05 (the 4-bit method ladder, every scheme materialised and scored,
   winners chosen on one split and confirmed on another, latency);
+* :mod:`.summary`: notebook 06 (what to ship, the picks' detections, FP32's per-class AP);
 * :mod:`.splits`: what 03 and 05 share: selection / confirmation splits, FP32 references, scoring.
 
-Notebook 06 reads these steps' results (nothing is recomputed when they are current) and draws
+Notebook 06 reads the other steps' results (nothing is recomputed when they are current) and draws
 them with :mod:`lowbit_helpers.report`.
 """

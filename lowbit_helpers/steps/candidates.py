@@ -7,7 +7,7 @@
 2. Candidates: every scheme notebook 04 wrote (top-K per format, budgets), all Convs in fp8,
    and the controls of the guided budget: random schemes with the same 4-bit share (fixed
    seeds) and the "all but the first block and the head" heuristic. Each is materialised
-   (:func:`..quant.materialize.materialize`), checked, and scored on the selection split;
+   (:func:`..lowbit.materialize.materialize`), checked, and scored on the selection split;
    candidates that ORT runs through integer kernels (QLinearConv in its optimized graph) also
    with exact Q/DQ arithmetic, since those kernels' results depend on the CPU.
 3. Honest selection: winners (the method, the best candidate per 4-bit budget) are chosen on

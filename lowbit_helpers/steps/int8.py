@@ -27,7 +27,7 @@ import shlex
 import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
+import traceback
 from dataclasses import replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -40,11 +40,12 @@ from ..evaluate import predict_sessions
 from ..int8 import backend, checked, command_args, quantize_int8
 from ..int8.base import Int8Options
 from ..int8.bias_correction import BC_VERSION
-from ..int8.calibration import RANGES_VERSION, load_calibration
+from ..int8.calibration import load_calibration
 from ..int8.kernel_check import PROBE_VERSION, probe
 from ..rundir import RunDir, Stage
 from ..runtime import (
     BENCH_SETTINGS,
+    RUNTIMES,
     bench_models,
     engine_session,
     engine_unavailable,
@@ -52,6 +53,7 @@ from ..runtime import (
     kept_float_rewrite,
     make_session,
     profile_model,
+    runtime_unavailable,
 )
 from ..runtime.emulate import EmulatedSession, emulated_probe, qemu_binary
 from ..runtime.inspect import head_fidelity, ort_executed_ops, qdq_counts
@@ -66,7 +68,6 @@ VARIANT_IR = "onnx/{name}.xml"  # an OpenVINO IR (NNCF's format: openvino), weig
 VARIANT_IR_BIN = "onnx/{name}.bin"
 VARIANT_RECIPE = "onnx/{name}.recipe.json"  # written by quantize-int8 beside the ONNX, completed here
 VARIANT_LOG = "onnx/{name}.log"
-VARIANT_MODELOPT_LOG = "onnx/{name}.modelopt.log"  # written by the ModelOpt backend beside the ONNX
 VARIANT_EVAL = "int8-coco/{name}.json"
 VARIANT_EMULATED = "int8-coco/{name}.emulated.json"  # ORT's kernels on an emulated CPU (int8.emulate)
 FP32_ENGINES = "int8-coco/fp32_engines.json"  # FP32 under the other engines (OpenVINO f32 / bf16)
@@ -149,32 +150,54 @@ def quantize_command(cfg: Config, v: Int8Variant, model: Path, calib: Path, out:
                                                                   variant_options(cfg, v, sensitive))]  # fmt: skip
 
 
-def _quantize_in_worker(name: str, model: Path, calib: Path, images: int, out: Path, o: Int8Options, log: Path) -> float:
-    """Runs in a fresh process: the backend through the Python API, its output into ``log``; returns the
-    process's peak RSS in MB."""
+def _quantize_in_worker(conn, name: str, model: Path, calib: Path, images: int, out: Path, o: Int8Options,
+                        log: Path) -> None:  # fmt: skip
+    """Runs in a fresh process: the backend through the Python API, its output (and any traceback) into
+    ``log``; sends back (True, the process's peak RSS in MB) or (False, the exception)."""
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(fd, 1)  # the libraries' own output (C and Python) goes to the log too
     os.dup2(fd, 2)
     sys.stdout = sys.stderr = open(fd, "w", buffering=1, closefd=False)
-    quantize_int8(name, model, out, load_calibration(calib, images), o)
-    print(f"wrote {out}")
-    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:")) / 1024
+    try:
+        quantize_int8(name, model, out, load_calibration(calib, images), o)
+        print(f"wrote {out}")
+        peak = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:")) / 1024
+        conn.send((True, peak))
+    except BaseException as exc:
+        traceback.print_exc()  # the whole story in the log; the error itself goes back to the notebook
+        try:
+            conn.send((False, exc))
+        except Exception:  # an exception that does not pickle: its text
+            conn.send((False, RuntimeError(f"{type(exc).__name__}: {exc}")))
 
 
 def run_backend(name: str, model: Path, calib: Path, images: int, out: Path, o: Int8Options, log: Path) -> dict:
-    """Quantize in a fresh worker process (ModelOpt patches ORT's calibrators process-wide, and each
-    recipe's own peak memory is measured there); wall time and that peak."""
+    """Quantize in a fresh (non-daemon) worker process: ModelOpt patches ORT's calibrators process-wide,
+    and each recipe's own peak memory is measured there. An error, or Ctrl-C, ends the worker."""
     t0 = time.perf_counter()
-    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
-        try:
-            peak = pool.submit(_quantize_in_worker, name, model, calib, images, out, o, log).result()
-        except LowbitError:
-            raise
-        except Exception as exc:  # the library's own failure: its message and the log's tail
-            tail = log.read_text()[-1500:] if log.is_file() else ""
-            raise LowbitError(f"quantization failed ({type(exc).__name__}: {exc}) for {out.name}\n{tail}",
-                              f"see the full log in {log}") from None  # fmt: skip
-    return {"seconds": time.perf_counter() - t0, "peak_rss_mb": peak}
+    ctx = mp.get_context("spawn")
+    receive, send = ctx.Pipe(duplex=False)
+    worker = ctx.Process(target=_quantize_in_worker, args=(send, name, model, calib, images, out, o, log))
+    worker.start()
+    send.close()
+    try:
+        ok, payload = receive.recv()
+        worker.join()
+    except EOFError:  # the worker died without a word (killed, crashed in native code)
+        worker.join()
+        payload = RuntimeError(f"the worker process ended with exit code {worker.exitcode}")
+        ok = False
+    except BaseException:
+        worker.terminate()
+        worker.join()
+        raise
+    if not ok:
+        if isinstance(payload, LowbitError):
+            raise payload
+        tail = log.read_text()[-1500:] if log.is_file() else ""
+        raise LowbitError(f"quantization failed ({type(payload).__name__}: {payload}) for {out.name}\n{tail}",
+                          f"see the full log in {log}")  # fmt: skip
+    return {"seconds": time.perf_counter() - t0, "peak_rss_mb": payload}
 
 
 def quantize_variant(run: RunDir, v: Int8Variant) -> dict:
@@ -184,16 +207,17 @@ def quantize_variant(run: RunDir, v: Int8Variant) -> dict:
     out = run.file(rel)
     sensitive = sensitive_convs(run, v.keep_sensitive)
     cmd = quantize_command(cfg, v, model, calib, out, sensitive)
-    # how the ORT recipe computes its ranges, and this project's bias correction: code versions of the recipe
-    own = {**({"ranges": RANGES_VERSION} if v.backend == "ort" else {}),
-           **({"bias_correction": BC_VERSION} if v.backend != "nncf" and v.bias_correction == "fast" else {})}  # fmt: skip
+    b, options = backend(v.backend), variant_options(cfg, v, sensitive)
+    # the code versions of what this project computes in the recipe (the ORT backend's ranges, the bias correction)
+    own = {**b.code_versions(), **({"bias_correction": BC_VERSION} if b.corrects_file and options.bias_correction == "fast"
+                                   else {})}  # fmt: skip
     params = {"cmd": cmd[3:], "versions": {**baseline.versions(), **backend_version(v.backend)}, **own}
-    outputs = [recipe_rel, rel, log_rel] + ([VARIANT_IR_BIN.format(name=v.name)] if is_ir(v) else []) + (
-        [VARIANT_MODELOPT_LOG.format(name=v.name)] if v.backend == "modelopt" else [])  # fmt: skip
+    outputs = [recipe_rel, rel, log_rel] + ([VARIANT_IR_BIN.format(name=v.name)] if is_ir(v) else []) + [
+        f"onnx/{v.name}{suffix}" for suffix in b.logs]  # fmt: skip
 
     def compute():
         images = cfg.int8.calib_images or cfg.data.calib_images
-        measured = run_backend(v.backend, model, calib, images, out, variant_options(cfg, v, sensitive), run.file(log_rel))
+        measured = run_backend(v.backend, model, calib, images, out, options, run.file(log_rel))
         recipe = read_json(run.file(recipe_rel))
         # paths relative to the run directory (the command runs from there): no machine path in the recipe
         here = f"{run.path}/"
@@ -348,7 +372,7 @@ def emulated(run: RunDir, v: Int8Variant) -> dict:
 
 
 def kernel_probe(run: RunDir) -> dict:
-    """The int16 saturation probe (:mod:`..quant.kernel_check`) on this CPU and on the emulated one."""
+    """The int16 saturation probe (:mod:`..int8.kernel_check`) on this CPU and on the emulated one."""
 
     em = run.cfg.int8.emulate
     qemu = qemu_binary()
@@ -373,8 +397,7 @@ def latency(run: RunDir) -> dict:
 
     cfg = run.cfg
     # ORT first: its FP32 row is the reference of every ratio (the config requires ort among latency_runtimes)
-    runtimes = sorted((r for r in cfg.int8.latency_runtimes if r == "ort" or environment()["openvino"]),
-                      key=["ort", "openvino"].index)  # fmt: skip
+    runtimes = sorted((r for r in cfg.int8.latency_runtimes if not runtime_unavailable(r)), key=RUNTIMES.index)
     names = ["fp32"] + [v.name for v in cfg.int8.variants]
     models = [run.artifact(baseline.MODEL)] + [run.artifact(variant_model(v)) for v in cfg.int8.variants]
     ir = {v.name for v in cfg.int8.variants if is_ir(v)}

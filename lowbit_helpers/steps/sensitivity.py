@@ -58,7 +58,7 @@ VALIDATION_VERSION = 2  # 2: the confirmation split's two halves scored (ground-
 SWEEP_VERSION = 2  # 2: detection-aware metrics, groups of sessions over worker processes
 PROXY = "sensitivity/torch_proxy.json"
 SCHEMES_DIR = "schemes"
-SCHEMES_INDEX = f"{SCHEMES_DIR}/index.json"  # written by quant.schemes.write_schemes
+SCHEMES_INDEX = f"{SCHEMES_DIR}/index.json"  # written by sensitivity.schemes.write_schemes
 
 
 def _images(run: RunDir) -> tuple[np.ndarray, np.ndarray]:
@@ -140,7 +140,7 @@ def validation_reason(run: RunDir) -> str | None:
 
 def validation(run: RunDir, sens: dict | None, proxy: dict | None = None, progress=None) -> dict:
     """Which metric predicts mAP: candidate metrics (and the default sweep's, and the Torch proxy)
-    against the true COCO mAP of single-layer perturbations (:mod:`..quant.sensitivity_validation`).
+    against the true COCO mAP of single-layer perturbations (:mod:`..sensitivity.validation`).
 
     Per format of ``validation.formats``: every Conv swept alone (and kept, in ``kept_format``)
     with the deployed 4-bit method on the sweep images, scored by every candidate metric; the
