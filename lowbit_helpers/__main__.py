@@ -34,7 +34,7 @@ from .lowbit.stats import collect_stats
 from .rundir import RunDir, run_lock
 from .runtime import RUNTIMES, bench_models, compare_profiles, environment, profile_model
 from .runtime.sessions import OPENVINO_PRECISIONS
-from .schema import DECODE_MODES
+from .schema import DECODE_MODES, Skipped
 from .sensitivity.metrics import METRICS
 from .sensitivity.schemes import write_schemes
 from .sensitivity.sweep import DIRECTIONS, activation_ranges, measure
@@ -199,8 +199,8 @@ def _cmd_validate_sensitivity(args) -> int:
         baseline.calibration(run)
         # the ground truth needs no sweep; notebook 04 adds the sweep's and the Torch proxy's rows
         result = step.validation(run, None, progress=print)
-    if "skipped" in result:
-        raise LowbitError(f"the validation cannot run: {result['skipped']}", "use a params file with real weights")
+    if isinstance(result, Skipped):
+        raise LowbitError(f"the validation cannot run: {result.why}", "use a params file with real weights")
     out = Path(cfg.output.reports_dir) / run.run_id / step.VALIDATION_REPORT
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, run.read(step.VALIDATION))  # with its measured costs (the run's file leaves them to the manifest)

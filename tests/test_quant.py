@@ -172,6 +172,7 @@ def test_profile_keys_kernels_by_their_onnx_conv(tmp_path):
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
     from lowbit_helpers.report.int8 import latency_breakdown
+    from lowbit_helpers.steps.int8 import Int8Result
     from lowbit_helpers.runtime import compare_profiles, conv_key, profile_model
 
     aliases = {"/model.0/conv/Conv": "/model.0/conv/Conv", "/model.0/conv/Conv_output_0": "/model.0/conv/Conv"}
@@ -191,7 +192,7 @@ def test_profile_keys_kernels_by_their_onnx_conv(tmp_path):
     assert cmp["convs_matched"] == 1
     assert cmp["conv_ratio"] == pytest.approx(iq["by_conv"]["conv"] / fp["by_conv"]["conv"])
     assert compare_profiles(fp, fp)["conv_ratio"] == 1.0 and compare_profiles(fp, fp)["slower_convs"] == []
-    table = latency_breakdown({"profiles": {"fp32": fp, "int8": iq}})
+    table = latency_breakdown(Int8Result({}, {}, [], {}, profiles={"fp32": fp, "int8": iq}))
     assert list(table.index) == ["fp32", "int8"] and table.loc["fp32", "Conv × FP32"] == 1.0
 
 

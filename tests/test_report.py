@@ -1,6 +1,9 @@
 import pytest
 
 from lowbit_helpers.report.summary import update_readme
+from lowbit_helpers.schema import Skipped
+from lowbit_helpers.steps.candidates import CandidatesResult
+from lowbit_helpers.steps.int8 import Int8Result
 
 
 def test_update_readme_replaces_only_the_results_block(tmp_path):
@@ -29,7 +32,7 @@ def test_int8_verdicts_need_the_whole_interval():
     assert fmt_delta(d) == "-0.10 [-0.90, +0.70]"
 
 
-def _synthetic_int8_result(openvino: bool = True, structure_only: bool = False) -> dict:
+def _synthetic_int8_result(openvino: bool = True, structure_only: bool = False) -> Int8Result:
     """A notebook-03 result shaped as steps.int8.run_int8 writes it (numbers made up, structure real)."""
 
     def d(x, w=0.008):
@@ -67,17 +70,17 @@ def _synthetic_int8_result(openvino: bool = True, structure_only: bool = False) 
         lat.append({"name": "fp32", "runtime": "openvino", "precision": "bf16", "median_ms": 14.0, "threads": 2})
     emulated = {} if structure_only else {"ort-a": {"cpu": "Haswell", "cpu_int8_isa": ["avx2", "fma"], "seconds": 200,
                                                     "kernels": split("val100", -0.02, -0.016)}}  # fmt: skip
-    return {"validations": vals, "recipes": recipes, "latency": lat, "emulated": emulated, "structure_only": structure_only,
-            "fp32_engines": {"engines": {}, "skipped_engines": {}}, "profiles": {},
-            "environment": {"cpu_int8_isa": ["avx2", "avx512_vnni"], "int8_kernel_class": "vnni"},
-            "kernel_probe": {"this_cpu": {"cpu_int8_isa": ["avx2"], "saturates": False, "reduce_range_exact": True,
-                                          "full_range": {"pair_sum": 64770, "kernel": 64.0, "exact": 64.0},
-                                          "reduce_range": {"pair_sum": 32640, "kernel": 64.0, "exact": 64.0}}}}  # fmt: skip
+    return Int8Result(validations=vals, recipes=recipes, latency=lat, emulated=emulated, structure_only=structure_only,
+                      fp32_engines={"engines": {}, "skipped_engines": {}}, profiles={},
+                      environment={"cpu_int8_isa": ["avx2", "avx512_vnni"], "int8_kernel_class": "vnni"},
+                      kernel_probe={"this_cpu": {"cpu_int8_isa": ["avx2"], "saturates": False, "reduce_range_exact": True,
+                                                 "full_range": {"pair_sum": 64770, "kernel": 64.0, "exact": 64.0},
+                                                 "reduce_range": {"pair_sum": 32640, "kernel": 64.0, "exact": 64.0}}})  # fmt: skip
 
 
-def _without(res: dict, name: str) -> dict:
-    res["validations"].pop(name), res["recipes"].pop(name)
-    res["latency"] = [r for r in res["latency"] if r["name"] != name]
+def _without(res: Int8Result, name: str) -> Int8Result:
+    res.validations.pop(name), res.recipes.pop(name)
+    res.latency = [r for r in res.latency if r["name"] != name]
     return res
 
 
@@ -95,9 +98,9 @@ def test_int8_report_reads_every_engine_and_names_what_it_ships():
     assert "kernels − exact, AVX2 (emulated Haswell), val100" in r.drop_decomposition(res).columns
     # on a CPU whose kernel does not saturate, 7-bit-weight recipes are not the ORT pick even when they score best
     rr = _synthetic_int8_result()
-    rr["validations"]["ort-keep"]["variant"].update(keep_sensitive=0, reduce_range=True)
+    rr.validations["ort-keep"]["variant"].update(keep_sensitive=0, reduce_range=True)
     assert "ship `ort-a`" in r.int8_conclusion(rr) and "`reduce_range` ones are left out" in r.int8_conclusion(rr)
-    rr["kernel_probe"]["this_cpu"]["saturates"] = True
+    rr.kernel_probe["this_cpu"]["saturates"] = True
     assert "ship `ort-keep`" in r.int8_conclusion(rr)
     # a keep_sensitive recipe competes (its kept-float Convs run in float with ORT's load-time rewrite
     # off), and the conclusion says how to deploy it so
@@ -113,7 +116,7 @@ def test_int8_report_reads_every_engine_and_names_what_it_ships():
     # a file OpenVINO computes wrongly is not recommended for OpenVINO's speed
     wrong = _without(_synthetic_int8_result(), "ort-keep")
     for k in ("select", "confirm", "whole"):
-        wrong["validations"]["nncf-m"]["engines"]["openvino"][k]["delta_vs"]["ort-exact"]["delta"] = -0.38
+        wrong.validations["nncf-m"]["engines"]["openvino"][k]["delta_vs"]["ort-exact"]["delta"] = -0.38
     assert "ship `nncf-m` instead" in r.int8_conclusion(wrong) and "under OpenVINO." not in r.int8_conclusion(wrong)
     assert "`nncf-m` under OpenVINO f32" in r.int8_conclusion(wrong)
     assert "**ORT CPU, AVX2 class (no VNNI)" in text and "misses the 0.1-point target" in text
@@ -143,7 +146,7 @@ def test_latency_ties_and_recipe_labels():
 
     def fastest(slower_by):
         res = _synthetic_int8_result()  # ort-a (select -0.40) and ort-keep (-0.10) both at 8.0 ms under OpenVINO
-        for row in res["latency"]:
+        for row in res.latency:
             if row["name"] == "ort-keep" and row["runtime"] == "openvino":
                 row["median_ms"] *= 1 + slower_by
         text = r.int8_conclusion(res)
@@ -154,7 +157,7 @@ def test_latency_ties_and_recipe_labels():
     assert "Tied on speed" not in fastest(0.04)
     # an INT8 deployment slower than FP32's fastest is no speed pick: the rule says none, and why
     slow = _synthetic_int8_result()
-    for row in slow["latency"]:
+    for row in slow.latency:
         row["median_ms"] = 45.0 if row["name"] != "fp32" else row["median_ms"]
     line = r.int8_conclusion(slow)
     line = line[line.index("**Fastest CPU deployment**"):].split("\n")[0]
@@ -168,7 +171,7 @@ def test_latency_ties_and_recipe_labels():
     assert r.recipe_label({"backend": "ort", "bias_correction": "full"}, "minmax") == "minmax"
 
 
-def _synthetic_candidates(fp32_ms: float = 50.0) -> dict:
+def _synthetic_candidates(fp32_ms: float = 50.0) -> CandidatesResult:
     """A notebook-05 result shaped as steps.candidates.run_candidates writes it (numbers made up)."""
 
     def split(x, name="val500 minus val100"):
@@ -181,9 +184,11 @@ def _synthetic_candidates(fp32_ms: float = 50.0) -> dict:
     evals = {n: {"select": split(x + 0.01, "val100"), "confirm": split(x), "size_bytes": int(mib * 2**20)} for n, (_, x, mib) in cands.items()}
     rows = [{"name": "fp32", "median_ms": fp32_ms}, {"name": "int8:ort-keep", "median_ms": 0.55 * fp32_ms}]
     rows += [{"name": n, "median_ms": 1.2 * fp32_ms} for n in cands]
-    return {"method": "g", "recipes": recipes, "evaluations": evals, "latency": {"rows": rows},
-            "winners": {"50": {"budget_percent": 50.0, "candidate": "w4a16-top10.g", "eligible": 2},
-                        "75": {"budget_percent": 75.0, "candidate": "budget75-w4a8-w8a8.g", "eligible": 1}}}  # fmt: skip
+    winners = {"50": {"budget_percent": 50.0, "candidate": "w4a16-top10.g", "eligible": 2},
+               "75": {"budget_percent": 75.0, "candidate": "budget75-w4a8-w8a8.g", "eligible": 1}}  # fmt: skip
+    return CandidatesResult(method="g", ladder={}, sweep_match={}, recipes=recipes, evaluations=evals, winners=winners,
+                            guided=None, controls=[], best_int8=None, latency={"rows": rows}, fp32_size_bytes=9 << 20,
+                            seconds=0.0)  # fmt: skip
 
 
 def test_headline_answers_first_from_one_bench():
@@ -208,9 +213,9 @@ def test_headline_answers_first_from_one_bench():
     assert text[2].startswith("**Low-bit:** at ≥ 75 % of weights in 4-bit, ship `budget75-w4a8-w8a8.g`") and "28% of FP32's file" in text[2]
     assert "Uniform W4A16 (`w4a16-top0.g`) costs -3.40" in text[2] and text[3].startswith("Latency ratios: notebook 05's")
     # without notebook 05, notebook 03's bench gives the ratios; nothing at all: no table
-    only8 = headline_table(int8, {"skipped": "off"}, fp32_size)
+    only8 = headline_table(int8, Skipped("off"), fp32_size)
     assert only8.loc["CPU INT8 (ORT, VNNI CPU)", "latency × FP32"] == 0.6 and len(only8) == 3
-    assert headline_table({"skipped": "x"}, {"skipped": "y"}, fp32_size) is None
+    assert headline_table(Skipped("x"), Skipped("y"), fp32_size) is None
 
 
 @pytest.mark.slow
@@ -252,8 +257,8 @@ def test_per_class_change_draws_what_the_steps_recorded():
     from lowbit_helpers.report.headline import per_class_delta
 
     int8, cand = _synthetic_int8_result(), _synthetic_candidates()
-    int8["validations"]["ort-keep"]["engines"]["ort"]["whole"]["per_class_ap"] = {"cat": 0.40, "dog": 0.50, "yak": 0.3}
-    cand["evaluations"]["budget75-w4a8-w8a8.g"]["whole"] = {"subset": "val500", "per_class_ap": {"cat": 0.35, "dog": 0.52, "yak": 0.1}}
+    int8.validations["ort-keep"]["engines"]["ort"]["whole"]["per_class_ap"] = {"cat": 0.40, "dog": 0.50, "yak": 0.3}
+    cand.evaluations["budget75-w4a8-w8a8.g"]["whole"] = {"subset": "val500", "per_class_ap": {"cat": 0.35, "dog": 0.52, "yak": 0.1}}
     fp32 = {"subset": "val500", "ap": {"cat": 0.42, "dog": 0.50, "yak": None}, "count": {"cat": 40, "dog": 30, "yak": 90}}
     table = per_class_delta(fp32, int8, cand)
     assert list(table.columns) == ["INT8 ort-keep", "low-bit budget75-w4a8-w8a8.g"]

@@ -577,14 +577,17 @@ def test_rank_as_lends_a_swept_ranking_to_a_format_not_swept():
 def test_reports_of_a_w8a8_ort_only_sweep():
     """YOLOv10m's params sweep w8a8-ort alone: no scheme, and the tables still render."""
     from lowbit_helpers.report.sensitivity import cost_table, format_agreement, scheme_table, stability_table
+    from lowbit_helpers.schema import Skipped
+    from lowbit_helpers.steps.sensitivity import SensitivityResult
 
     recs = {c: {d: {"det_sqnr": 20.0 + i, "raw_sqnr": 30.0 + i} for d in ("alone", "kept")} for i, c in enumerate("abc")}
     sweep_ = {"records": recs, "all": {"det_sqnr": 10.0, "raw_sqnr": 20.0}, "directions": ["alone", "kept"], "images": 8,
               "workers": 2, "threads_per_worker": 1, "seconds": {"total": 5.0}, "peak_rss_gb": 1.0,
               "at_images": {"4": recs}}  # fmt: skip
-    result = {"sensitivity": {"metric": "det_sqnr", "formats": {"w8a8-ort": sweep_}}}
+    result = SensitivityResult(layers=[], sensitivity={"metric": "det_sqnr", "formats": {"w8a8-ort": sweep_}},
+                               proxy=Skipped("off"), validation=Skipped("off"), schemes=[])  # fmt: skip
     assert scheme_table([], {"a": 1}).empty
     assert make_schemes({"convs": list("abc"), "params": dict.fromkeys("abc", 1), "metric": "det_sqnr",
-                         "formats": result["sensitivity"]["formats"]}, [0, 1], []) == []  # fmt: skip
+                         "formats": result.sensitivity["formats"]}, [0, 1], []) == []  # fmt: skip
     assert stability_table(result).loc[("w8a8-ort", "alone"), "4 images"] == pytest.approx(1.0)
     assert format_agreement(result).empty and cost_table(result).loc["w8a8-ort", "peak memory GB"] == 1.0

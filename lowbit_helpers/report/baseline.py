@@ -5,6 +5,7 @@ from __future__ import annotations
 import pandas as pd
 
 from ..rundir import RunDir
+from ..schema import Skipped
 from ..steps.baseline import FP32_LATENCY, FP32_METRICS, MODEL_INFO, PARITY
 from .common import pct, shown_path
 
@@ -61,8 +62,8 @@ def baseline_table(run: RunDir, bench_ms: float | None = None, latency: bool = T
 
 
 def parity_table(run: RunDir) -> pd.DataFrame | None:
-    p = run.read(PARITY)
-    if "skipped" in p:
+    p = Skipped.read(run.read(PARITY))
+    if isinstance(p, Skipped):
         return None
     df = pd.DataFrame(p["rows"])
     ref = df.set_index("variant").loc["ultralytics_onnx_e2e", "mAP_50_95"]
@@ -74,9 +75,9 @@ def parity_table(run: RunDir) -> pd.DataFrame | None:
 
 
 def parity_verdict(run: RunDir) -> str:
-    p = run.read(PARITY)
-    if "skipped" in p:
-        return f"Parity check skipped: {p['skipped']}."
+    p = Skipped.read(run.read(PARITY))
+    if isinstance(p, Skipped):
+        return f"Parity check skipped: {p.why}."
     d = p["difference_topk_vs_e2e"]
     verdict = "PASS" if p["passed"] else "FAIL"
     return (f"{verdict}: top-k decode minus Ultralytics end-to-end ONNX on {p['subset']} ({p['num_images']} images) = "

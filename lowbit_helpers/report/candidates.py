@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from ..steps.candidates import CONTROL_KINDS
+from ..steps.candidates import CONTROL_KINDS, CandidatesResult
 from .common import fmt_delta, pct, tidy
 
 W4A16_TARGET = 0.85  # uniform W4A16 keeps at least this share of FP32 mAP50-95
@@ -22,15 +22,15 @@ def _delta(s: dict) -> str:
     return fmt_delta(s["delta_vs_fp32"])
 
 
-def _latency(result: dict) -> dict:
-    lat = result.get("latency") or {}
+def _latency(result: CandidatesResult) -> dict:
+    lat = result.latency or {}
     return {r["name"]: r for r in lat.get("rows", [])}
 
 
-def ladder_table(result: dict) -> pd.DataFrame:
+def ladder_table(result: CandidatesResult) -> pd.DataFrame:
     """The 4-bit method ladder: each method on each ladder scheme, on the selection split."""
     rows = []
-    for r in result["ladder"]["rows"]:
+    for r in result.ladder["rows"]:
         sub = r.get("select_subset", "selection")
         row = {"scheme": r["scheme"], "method": r["method"], "what it does": r["describe"],
                f"mAP50-95 {sub}": pct(r["select_mAP"]), f"Δ {sub} [95%]": _delta({"delta_vs_fp32": r["delta"]})}  # fmt: skip
@@ -45,17 +45,17 @@ def ladder_table(result: dict) -> pd.DataFrame:
     return tidy(pd.DataFrame(rows).set_index(["scheme", "method"]))
 
 
-def candidate_rows(result: dict) -> list[dict]:
+def candidate_rows(result: CandidatesResult) -> list[dict]:
     """One record per candidate (plain numbers, for tables and plots)."""
     lat = _latency(result)
     fp32_ms = lat.get("fp32", {}).get("median_ms")
     out = []
-    for name, rec in result["recipes"].items():
-        ev = result["evaluations"][name]
+    for name, rec in result.recipes.items():
+        ev = result.evaluations[name]
         info = rec["materialize"]
         row = {"candidate": name, "kind": rec["scheme"].get("kind", ""), "precisions": info["precisions"],
                "four_bit_share": info["four_bit_share"], "size_mib": ev["size_bytes"] / 2**20,
-               "size_ratio": ev["size_bytes"] / result["fp32_size_bytes"], "select": ev["select"],
+               "size_ratio": ev["size_bytes"] / result.fp32_size_bytes, "select": ev["select"],
                "confirm": ev.get("confirm"), "whole": ev.get("whole"), "select_exact": ev.get("select_exact"),
                "sqnr_db": ev["fidelity"]["sqnr_db"], "qdq": ev["qdq"], "ort_cpu": ev["ort_cpu"]}  # fmt: skip
         if name in lat and fp32_ms:
@@ -65,16 +65,16 @@ def candidate_rows(result: dict) -> list[dict]:
     return out
 
 
-def _reference_rows(result: dict) -> list[dict]:
+def _reference_rows(result: CandidatesResult) -> list[dict]:
     """FP32 and notebook 03's best INT8 variant, from the same latency run as the candidates."""
     lat = _latency(result)
     fp32 = lat.get("fp32")
-    rows = [{"candidate": "fp32", "precisions": "fp32 (all)", "size (MiB)": round(result["fp32_size_bytes"] / 2**20, 2),
+    rows = [{"candidate": "fp32", "precisions": "fp32 (all)", "size (MiB)": round(result.fp32_size_bytes / 2**20, 2),
              "× FP32 size": 1.0}]  # fmt: skip
-    best = result.get("best_int8")
+    best = result.best_int8
     if best:
         for subset, c in best["coco"].items():
-            if subset == result["evaluations"][next(iter(result["evaluations"]))]["select"]["subset"]:
+            if subset == result.evaluations[next(iter(result.evaluations))]["select"]["subset"]:
                 d = c["delta_vs_fp32"]
                 rows.append({"candidate": f"int8:{best['name']} (notebook 03)", "precisions": "ORT quantize_static",
                              f"mAP50-95 {subset}": pct(c["metrics"]["mAP_50_95"]),
@@ -86,11 +86,11 @@ def _reference_rows(result: dict) -> list[dict]:
             row.update({"median ms": round(r["median_ms"], 1), "p90 ms": round(r["p90_ms"], 1),
                         "× FP32": round(r["median_ms"] / fp32["median_ms"], 3), "load MiB": r.get("load_mb")})  # fmt: skip
             if "size_bytes" in r:
-                row.update({"size (MiB)": round(r["size_bytes"] / 2**20, 2), "× FP32 size": round(r["size_bytes"] / result["fp32_size_bytes"], 3)})
+                row.update({"size (MiB)": round(r["size_bytes"] / 2**20, 2), "× FP32 size": round(r["size_bytes"] / result.fp32_size_bytes, 3)})
     return rows
 
 
-def candidate_table(result: dict) -> pd.DataFrame:
+def candidate_table(result: CandidatesResult) -> pd.DataFrame:
     """Every candidate (with FP32 and the best INT8 variant above them): accuracy on both splits,
     fidelity, size, what ORT runs, latency and load memory."""
     rows = _reference_rows(result)
@@ -124,14 +124,14 @@ def candidate_table(result: dict) -> pd.DataFrame:
     return tidy(pd.DataFrame(rows, columns=columns).set_index("candidate"))
 
 
-def guided_vs_random(result: dict) -> pd.DataFrame | None:
+def guided_vs_random(result: CandidatesResult) -> pd.DataFrame | None:
     """The guided budget scheme against its random and heuristic controls, both splits."""
-    names = ([result["guided"]] if result.get("guided") else []) + list(result["controls"])
+    names = ([result.guided] if result.guided else []) + list(result.controls)
     if len(names) < 2:
         return None
     rows = []
     for n in names:
-        ev, rec = result["evaluations"][n], result["recipes"][n]
+        ev, rec = result.evaluations[n], result.recipes[n]
         row = {"scheme": n, "rule": rec["scheme"].get("rule", ""),
                "4-bit share %": round(100 * rec["materialize"]["four_bit_share"], 1),
                f"mAP50-95 {ev['select']['subset']}": pct(ev["select"]["metrics"]["mAP_50_95"]),
@@ -143,12 +143,12 @@ def guided_vs_random(result: dict) -> pd.DataFrame | None:
     return tidy(pd.DataFrame(rows).set_index("scheme"))
 
 
-def guided_verdict(result: dict) -> str:
-    g = result.get("guided")
-    randoms = [n for n in result["controls"] if result["recipes"][n]["scheme"].get("kind") == "random"]
-    if not g or not randoms or "confirm" not in result["evaluations"][g]:
+def guided_verdict(result: CandidatesResult) -> str:
+    g = result.guided
+    randoms = [n for n in result.controls if result.recipes[n]["scheme"].get("kind") == "random"]
+    if not g or not randoms or "confirm" not in result.evaluations[g]:
         return "No guided-vs-random comparison in this run."
-    ev = result["evaluations"]
+    ev = result.evaluations
 
     def conf(n):
         return ev[n]["confirm"]["metrics"]["mAP_50_95"]
@@ -172,9 +172,9 @@ def guided_verdict(result: dict) -> str:
     return s
 
 
-def target_lines(result: dict) -> list[str]:
+def target_lines(result: CandidatesResult) -> list[str]:
     """Each issue target: met / compatible / not met, with the measured numbers."""
-    ev, rec = result["evaluations"], result["recipes"]
+    ev, rec = result.evaluations, result.recipes
     lines = []
     w16 = next((n for n in rec if rec[n]["scheme"].get("name") == "w4a16-top0"), None)
     if w16 and "confirm" in ev[w16]:
@@ -198,7 +198,7 @@ def target_lines(result: dict) -> list[str]:
         c = ev[best]["confirm"]
         d = c["delta_vs_fp32"]
         state = "met" if d["lo"] >= -DROP_TARGET / 100 else ("compatible with the target" if d["delta"] >= -DROP_TARGET / 100 else "not met")
-        size = ev[best]["size_bytes"] / result["fp32_size_bytes"]
+        size = ev[best]["size_bytes"] / result.fp32_size_bytes
         lines.append(f"Best candidate with ≥ 75 % of conv weights in 4-bit, chosen on {ev[best]['select']['subset']}: `{best}` "
                      f"({100 * rec[best]['materialize']['four_bit_share']:.1f} % 4-bit), Δ on {c['subset']} {_delta(c)}: "
                      f"within {DROP_TARGET} points **{state}**; file {size:.2f}× FP32: ≤ {SIZE_TARGET}× "
@@ -206,18 +206,18 @@ def target_lines(result: dict) -> list[str]:
     return lines
 
 
-def verdicts(result: dict) -> pd.DataFrame | None:
+def verdicts(result: CandidatesResult) -> pd.DataFrame | None:
     """Per budget: the candidate chosen on the selection split and its confirmation."""
-    ev, rec = result["evaluations"], result["recipes"]
+    ev, rec = result.evaluations, result.recipes
     rows = []
-    for w in result["winners"].values():
+    for w in result.winners.values():
         n = w["candidate"]
         row = {"budget (≥ % 4-bit)": w["budget_percent"], "ship": n, "candidates eligible": w["eligible"],
                "4-bit share %": round(100 * rec[n]["materialize"]["four_bit_share"], 1),
                f"Δ {ev[n]['select']['subset']} (chosen on)": _delta(ev[n]["select"])}  # fmt: skip
         if "confirm" in ev[n]:
             row[f"Δ {ev[n]['confirm']['subset']} (confirmed on)"] = _delta(ev[n]["confirm"])
-        row["× FP32 size"] = round(ev[n]["size_bytes"] / result["fp32_size_bytes"], 3)
+        row["× FP32 size"] = round(ev[n]["size_bytes"] / result.fp32_size_bytes, 3)
         lat = _latency(result)
         if n in lat and "fp32" in lat:
             row["× FP32 latency"] = round(lat[n]["median_ms"] / lat["fp32"]["median_ms"], 3)
@@ -235,7 +235,7 @@ def pareto_front(points: list[tuple[float, float]], lower_x_better: bool = True)
     return idx
 
 
-def pareto_figure(result: dict):
+def pareto_figure(result: CandidatesResult):
     """mAP (selection split) against file size, ORT latency and 4-bit share; frontier marked, with
     notebook 03's INT8 pick (a star) from the same bench and split."""
     import matplotlib.pyplot as plt  # late: matplotlib only for figures
@@ -262,9 +262,9 @@ def pareto_figure(result: dict):
         ax.plot([xs[i] for i in fx], [ys[i] for i in fx], "-o", color="tab:red", ms=5, label="frontier")
         for i in front:
             ax.annotate(names[i], (xs[i], ys[i]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        int8 = result.get("best_int8") or {}
+        int8 = result.best_int8 or {}
         fp32_ms, int8_ms = lat.get("fp32", {}).get("median_ms"), lat.get(f"int8:{int8.get('name')}", {}).get("median_ms")
-        int8_x = {"size_ratio": int8["size_bytes"] / result["fp32_size_bytes"] if int8.get("size_bytes") else None,
+        int8_x = {"size_ratio": int8["size_bytes"] / result.fp32_size_bytes if int8.get("size_bytes") else None,
                   "latency_ratio": int8_ms / fp32_ms if int8_ms and fp32_ms else None,
                   "four_bit_share": 0.0}.get(key)  # fmt: skip
         if int8 and int8_x is not None:  # notebook 03's pick, on the same split
@@ -281,8 +281,8 @@ def pareto_figure(result: dict):
     return fig
 
 
-def sweep_match_line(result: dict) -> str:
-    m = result.get("sweep_match") or {}
+def sweep_match_line(result: CandidatesResult) -> str:
+    m = result.sweep_match or {}
     if not m:
         return ""
     parts = [f"{fmt} {r['max_abs_diff']:.1e}" for fmt, r in m.items()]
@@ -292,18 +292,18 @@ def sweep_match_line(result: dict) -> str:
             f"{', '.join(parts)}" + (" (identical)." if same else "."))  # fmt: skip
 
 
-def method_verdict(result: dict) -> str:
-    lad = result["ladder"]
+def method_verdict(result: CandidatesResult) -> str:
+    lad = result.ladder
     mean = lad["mean_select_mAP"]
     first = next(iter(mean))
-    return (f"Method for every candidate: **{result['method']}** ({lad['rule']}): mean selection-split mAP50-95 "
+    return (f"Method for every candidate: **{result.method}** ({lad['rule']}): mean selection-split mAP50-95 "
             f"{pct(mean[lad['best']])} against {pct(mean[first])} for `{first}`.")  # fmt: skip
 
 
-def int4_runtime_note(result: dict) -> str:
+def int4_runtime_note(result: CandidatesResult) -> str:
     """What ORT CPU does with INT4 weights, read from its optimized graph."""
-    for name, ev in result["evaluations"].items():
-        if result["recipes"][name]["materialize"]["four_bit_share"] > 0:
+    for name, ev in result.evaluations.items():
+        if result.recipes[name]["materialize"]["four_bit_share"] > 0:
             ops = ev["ort_cpu"]
             return (f"ORT CPU keeps INT4 weights as INT4 initializers and runs `DequantizeLinear` each inference "
                     f"(`{name}`: {ops['DequantizeLinear']} DequantizeLinear and {ops['float_Conv']} float Conv in ORT's optimized "

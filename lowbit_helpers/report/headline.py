@@ -11,29 +11,31 @@ from __future__ import annotations
 
 import pandas as pd
 
-from ..steps.summary import first, picks, top_budget
+from ..steps.candidates import CandidatesResult
+from ..steps.int8 import Int8Result
+from ..steps.summary import CandidatesStep, Int8Step, first, picks, top_budget
 from .common import fmt_delta, pct
 from .int8 import _verdict
 
 INT8_TARGET = 0.5  # points: the INT8 drop the plan accepts
 
 
-def _bench(int8_result: dict | None, cand_result: dict | None) -> tuple[dict, str]:
+def _bench(int8_result: Int8Step, cand_result: CandidatesStep) -> tuple[dict, str]:
     """(label -> median ms, which measurement) from the one bench the headline quotes."""
-    if cand_result and (cand_result.get("latency") or {}).get("rows"):
-        return {r["name"]: r["median_ms"] for r in cand_result["latency"]["rows"]}, "notebook 05's interleaved bench (ORT CPU)"
-    if int8_result and int8_result.get("latency"):
-        rows = [r for r in int8_result["latency"] if r.get("runtime", "ort") == "ort" and r.get("precision", "f32") == "f32"]
+    if isinstance(cand_result, CandidatesResult) and (cand_result.latency or {}).get("rows"):
+        return {r["name"]: r["median_ms"] for r in cand_result.latency["rows"]}, "notebook 05's interleaved bench (ORT CPU)"
+    if isinstance(int8_result, Int8Result) and int8_result.latency:
+        rows = [r for r in int8_result.latency if r.get("runtime", "ort") == "ort" and r.get("precision", "f32") == "f32"]
         return {("fp32" if r["name"] == "fp32" else f"int8:{r['name']}"): r["median_ms"] for r in rows}, "notebook 03's interleaved bench (ORT CPU)"
     return {}, "no latency measured"
 
 
-def fp32_ms(int8_result: dict | None, cand_result: dict | None) -> float | None:
+def fp32_ms(int8_result: Int8Step, cand_result: CandidatesStep) -> float | None:
     """FP32's median latency in the bench every ratio of the report comes from."""
     return _bench(int8_result, cand_result)[0].get("fp32")
 
 
-def headline_table(int8_result: dict | None, cand_result: dict | None, fp32_size_bytes: int) -> pd.DataFrame | None:
+def headline_table(int8_result: Int8Step, cand_result: CandidatesStep, fp32_size_bytes: int) -> pd.DataFrame | None:
     """FP32 and every pick: mAP50-95 and Δ [95 %] on the confirmation split, size, latency × FP32, the rule."""
     rows = picks(int8_result, cand_result)
     if not rows:
@@ -57,7 +59,7 @@ def headline_table(int8_result: dict | None, cand_result: dict | None, fp32_size
     return pd.DataFrame(out).set_index("role")
 
 
-def headline_sentences(int8_result: dict | None, cand_result: dict | None, fp32_size_bytes: int) -> list[str]:
+def headline_sentences(int8_result: Int8Step, cand_result: CandidatesStep, fp32_size_bytes: int) -> list[str]:
     """Three sentences: the CPU INT8 to ship, the TensorRT INT8 to ship, the low-bit answer."""
     rows = picks(int8_result, cand_result)
     bench, where = _bench(int8_result, cand_result)
@@ -94,7 +96,7 @@ def headline_sentences(int8_result: dict | None, cand_result: dict | None, fp32_
     return out
 
 
-def per_class_delta(fp32: dict | None, int8_result: dict | None, cand_result: dict | None, min_instances: int = 25):
+def per_class_delta(fp32: dict | None, int8_result: Int8Step, cand_result: CandidatesStep, min_instances: int = 25):
     """AP50-95 Δ to FP32 per class, in points, for the CPU INT8 pick and the low-bit pick at the
     highest budget, on the whole confirmation subset (``fp32``: :func:`..steps.summary.fp32_per_class`),
     for classes with at least ``min_instances`` ground-truth boxes there. None when neither pick has
@@ -105,9 +107,9 @@ def per_class_delta(fp32: dict | None, int8_result: dict | None, cand_result: di
     cpu, low = first(rows, "cpu"), top_budget(rows)
     columns = {}
     if cpu:
-        columns[f"INT8 {cpu['model']}"] = int8_result["validations"][cpu["model"]]["engines"]["ort"].get("whole")
+        columns[f"INT8 {cpu['model']}"] = int8_result.validations[cpu["model"]]["engines"]["ort"].get("whole")
     if low:
-        columns[f"low-bit {low['model']}"] = cand_result["evaluations"][low["model"]].get("whole")
+        columns[f"low-bit {low['model']}"] = cand_result.evaluations[low["model"]].get("whole")
     columns = {k: v for k, v in columns.items() if v}
     if not columns or any(v["subset"] != fp32["subset"] for v in columns.values()):
         return None

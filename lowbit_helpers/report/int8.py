@@ -10,7 +10,8 @@ import math
 import pandas as pd
 
 from ..runtime import CONV_OPS, compare_profiles, int8_kernel_class
-from ..steps.int8 import ort_cpu_pick, tensorrt_pick
+from ..schema import Skipped
+from ..steps.int8 import Int8Result, ort_cpu_pick, tensorrt_pick
 from .common import fmt_delta, pct, tidy
 
 ENGINE_LABELS = {"ort": "ORT kernels", "ort-exact": "exact Q/DQ (ORT, no optimizations)", "openvino": "OpenVINO f32",
@@ -20,19 +21,19 @@ SPLITS = ("select", "confirm", "whole")
 TIE_LATENCY = 0.03  # latencies this close to the fastest are one class when choosing a deployment
 
 
-def engine_label(engine: str, result: dict) -> str:
+def engine_label(engine: str, result: Int8Result) -> str:
     """An engine's name with what its numbers hold for (ORT's kernels: this CPU's int8 class)."""
-    env = result.get("environment") or {}
+    env = result.environment
     if engine == "ort":
         return f"ORT kernels, {env.get('int8_kernel_class', '?').upper()} CPU"
     return ENGINE_LABELS.get(engine, engine)
 
 
-def _latency(result: dict) -> dict:
+def _latency(result: Int8Result) -> dict:
     """(name, engine) -> latency row (engine: ort, openvino, openvino-bf16); the first row is ORT
     FP32, the reference of every ratio."""
     out = {}
-    for r in result["latency"]:
+    for r in result.latency:
         rt, prec = r.get("runtime", "ort"), r.get("precision", "f32")
         out[(r["name"], rt if prec == "f32" else f"{rt}-{prec}")] = r
     return out
@@ -54,7 +55,7 @@ def recipe_label(v: dict, method: str) -> str:
     return " ".join(parts)
 
 
-def int8_table(result: dict) -> pd.DataFrame:
+def int8_table(result: Int8Result) -> pd.DataFrame:
     """One row per INT8 variant (and FP32): recipe, fidelity, size, what ORT fuses, latency under each runtime."""
     lat = _latency(result)
     fp32 = lat[("fp32", "ort")]
@@ -71,8 +72,8 @@ def int8_table(result: dict) -> pd.DataFrame:
         return out
 
     rows = [{"variant": "fp32", "backend": "—", "calibration": "—", "head policy": "—", **timing("fp32")}]
-    for name, val in result["validations"].items():
-        rec = result["recipes"][name]
+    for name, val in result.validations.items():
+        rec = result.recipes[name]
         v = val["variant"]
         row = {"variant": name, "backend": rec["backend"], "calibration": recipe_label(v, rec["method"]), "head policy": rec["head_policy"]}
         if "fidelity" in val:
@@ -90,14 +91,14 @@ def int8_table(result: dict) -> pd.DataFrame:
     return tidy(pd.DataFrame(rows).set_index("variant"))
 
 
-def accuracy_table(result: dict) -> pd.DataFrame | None:
+def accuracy_table(result: Int8Result) -> pd.DataFrame | None:
     """Every variant under every engine: mAP50-95 and Δ to FP32 (ORT) on the selection split, the
     confirmation split and the whole subset, and Δ to the same file's exact arithmetic."""
-    if result.get("structure_only"):
+    if result.structure_only:
         return None
     rows = []
-    fp32_eng = (result.get("fp32_engines") or {}).get("engines", {})
-    for name, engines in [("fp32", fp32_eng)] + [(n, v["engines"]) for n, v in result["validations"].items()]:
+    fp32_eng = result.fp32_engines.get("engines", {})
+    for name, engines in [("fp32", fp32_eng)] + [(n, v["engines"]) for n, v in result.validations.items()]:
         for engine, e in engines.items():
             sel, conf, whole = (e[k] for k in SPLITS)
             row = {"variant": name, "engine": engine_label(engine, result),
@@ -111,26 +112,26 @@ def accuracy_table(result: dict) -> pd.DataFrame | None:
     return pd.DataFrame(rows).set_index(["variant", "engine"]) if rows else None
 
 
-def skipped_engines_text(result: dict) -> str:
+def skipped_engines_text(result: Int8Result) -> str:
     """Engines that could not run a model here, and why (so that a missing row is explained)."""
     by: dict[tuple[str, str], list[str]] = {}
-    items = list(result.get("validations", {}).items()) + [("fp32", result.get("fp32_engines") or {})]
+    items = list(result.validations.items()) + [("fp32", result.fp32_engines)]
     for name, v in items:
         for e, why in (v.get("skipped_engines") or {}).items():
             by.setdefault((ENGINE_LABELS.get(e, e), why), []).append(name)
     return "; ".join(f"{label} for {', '.join(f'`{n}`' for n in names)} ({why})" for (label, why), names in by.items())
 
 
-def emulation_table(result: dict) -> pd.DataFrame | None:
+def emulation_table(result: Int8Result) -> pd.DataFrame | None:
     """ORT's kernels on the emulated CPU (no VNNI) against the same file's exact arithmetic, beside
     this CPU's kernels on the same images."""
     rows = []
-    for name, em in (result.get("emulated") or {}).items():
-        if "skipped" in em:
-            rows.append({"variant": name, "emulated CPU": em["skipped"]})
+    for name, em in result.emulated.items():
+        if isinstance(em, Skipped):
+            rows.append({"variant": name, "emulated CPU": em.why})
             continue
         k = em["kernels"]
-        this = result["validations"][name]["engines"].get("ort", {}).get("select")
+        this = result.validations[name]["engines"].get("ort", {}).get("select")
         this_gap = this.get("delta_vs", {}).get("ort-exact") if this and this["subset"] == k["subset"] else None
         rows.append({"variant": name, "emulated CPU": f"{em['cpu']} ({', '.join(em['cpu_int8_isa'])})",
                      f"Δ {k['subset']} [95%] (emulated kernels)": fmt_delta(k["delta_vs_fp32"]),
@@ -140,24 +141,24 @@ def emulation_table(result: dict) -> pd.DataFrame | None:
     return tidy(pd.DataFrame(rows).set_index("variant")) if rows else None
 
 
-def drop_decomposition(result: dict) -> pd.DataFrame | None:
+def drop_decomposition(result: Int8Result) -> pd.DataFrame | None:
     """Where each ORT variant's INT8 drop goes: the quantization itself (exact arithmetic against
     FP32), this CPU's integer kernels against the exact arithmetic, and the emulated CPU's."""
 
-    if result.get("structure_only"):
+    if result.structure_only:
         return None
-    env = result.get("environment") or {}
+    env = result.environment
     rows = []
-    for name, val in result["validations"].items():
+    for name, val in result.validations.items():
         eng = val.get("engines", {})
-        if result["recipes"][name]["backend"] != "ort" or "ort-exact" not in eng or "ort" not in eng:
+        if result.recipes[name]["backend"] != "ort" or "ort-exact" not in eng or "ort" not in eng:
             continue
         whole = eng["ort-exact"]["whole"]
         row = {"variant": name, f"quantization: exact − FP32, {whole['subset']}": fmt_delta(whole["delta_vs_fp32"]),
                f"kernels − exact, {env.get('int8_kernel_class', '?').upper()} (this CPU), {whole['subset']}":
                    fmt_delta(eng["ort"]["whole"]["delta_vs"]["ort-exact"])}  # fmt: skip
-        em = (result.get("emulated") or {}).get(name)
-        if em and "skipped" not in em:
+        em = result.emulated.get(name)
+        if em and not isinstance(em, Skipped):
             k = em["kernels"]
             cls = int8_kernel_class(em["cpu_int8_isa"]).upper()
             row[f"kernels − exact, {cls} (emulated {em['cpu']}), {k['subset']}"] = fmt_delta(k["delta_vs"]["ort-exact"])
@@ -165,15 +166,16 @@ def drop_decomposition(result: dict) -> pd.DataFrame | None:
     return tidy(pd.DataFrame(rows).set_index("variant")) if rows else None
 
 
-def kernel_probe_text(result: dict) -> str:
+def kernel_probe_text(result: Int8Result) -> str:
     """The saturation probe's verdict on this CPU and on the emulated one."""
-    probe = result.get("kernel_probe") or {}
+    probe = result.kernel_probe
     lines = []
     for where, p in (("this CPU", probe.get("this_cpu")), ("emulated CPU", probe.get("emulated"))):
         if not p:
             continue
-        if "skipped" in p:
-            lines.append(f"- {where}: {p['skipped']}")
+        p = Skipped.read(p)  # the probe's record says {"skipped": why} where QEMU is missing
+        if isinstance(p, Skipped):
+            lines.append(f"- {where}: {p.why}")
             continue
         f, r = p["full_range"], p["reduce_range"]
         lines.append(
@@ -185,7 +187,7 @@ def kernel_probe_text(result: dict) -> str:
     return "\n".join(lines)
 
 
-def latency_breakdown(result: dict) -> pd.DataFrame | None:
+def latency_breakdown(result: Int8Result) -> pd.DataFrame | None:
     """Where each model's time goes under ORT's profiler: Conv kernels against FP32's, and the rest.
 
     The INT8 speed-up is bounded by the Conv kernels' ratio, which depends on the CPU's int8
@@ -193,7 +195,7 @@ def latency_breakdown(result: dict) -> pd.DataFrame | None:
     (QLinearSigmoid + QLinearMul for SiLU instead of FP32's fused QuickGelu, for instance).
     """
 
-    profiles = result.get("profiles") or {}
+    profiles = result.profiles
     if "fp32" not in profiles:
         return None
     fp32 = profiles["fp32"]
@@ -215,8 +217,8 @@ def latency_breakdown(result: dict) -> pd.DataFrame | None:
     return tidy(pd.DataFrame(rows).set_index("model"))
 
 
-def _isa_sentence(result: dict) -> str:
-    isa = (result.get("environment") or {}).get("cpu_int8_isa")
+def _isa_sentence(result: Int8Result) -> str:
+    isa = result.environment.get("cpu_int8_isa")
     if isa is None:
         return ""
     vnni = [f for f in isa if "vnni" in f or "amx" in f]
@@ -224,11 +226,11 @@ def _isa_sentence(result: dict) -> str:
             + ("." if vnni else " (no VNNI: ORT's u8s8 kernels multiply through vpmaddubsw, far slower than vpdpbusd)."))  # fmt: skip
 
 
-def diverging(result: dict, limit_points: float = 5.0) -> list[tuple[str, str, dict]]:
+def diverging(result: Int8Result, limit_points: float = 5.0) -> list[tuple[str, str, dict]]:
     """(variant, engine, Δ to exact) where an engine's result is more than ``limit_points`` away from
     the same file's exact arithmetic on the whole subset: that engine computes the graph wrongly."""
     out = []
-    for name, val in result.get("validations", {}).items():
+    for name, val in result.validations.items():
         for engine, e in (val.get("engines") or {}).items():
             gap = e["whole"].get("delta_vs", {}).get("ort-exact")
             if gap and abs(100 * gap["delta"]) > limit_points:
@@ -251,11 +253,11 @@ def _gap_verdict(d: dict, limit_points: float) -> str:
     return "is compatible with" if abs(100 * d["delta"]) <= limit_points else "misses"
 
 
-def _structure_only_conclusion(result: dict) -> str:
+def _structure_only_conclusion(result: Int8Result) -> str:
     lat = _latency(result)
     fp32 = lat[("fp32", "ort")]["median_ms"]
     text = "Structure-only model: no accuracy, so no recommendation; latency and fusion above are real."
-    ort = [n for n in result["validations"] if result["recipes"][n]["backend"] == "ort" and (n, "ort") in lat]
+    ort = [n for n in result.validations if result.recipes[n]["backend"] == "ort" and (n, "ort") in lat]
     if ort:
         fastest = min(ort, key=lambda n: lat[(n, "ort")]["median_ms"])
         text += f" Fastest ORT variant: `{fastest}` at {lat[(fastest, 'ort')]['median_ms'] / fp32:.3f}× FP32 latency."
@@ -270,9 +272,9 @@ def _structure_only_conclusion(result: dict) -> str:
     return text + _isa_sentence(result)
 
 
-def _profile_sentence(result: dict, name: str) -> str:
+def _profile_sentence(result: Int8Result, name: str) -> str:
     """What ORT's profiler says of ``name`` against FP32: Conv kernels vs everything else."""
-    profiles = result.get("profiles") or {}
+    profiles = result.profiles
     if "fp32" not in profiles or name not in profiles:
         return ""
 
@@ -282,15 +284,15 @@ def _profile_sentence(result: dict, name: str) -> str:
             f"{other:.2f}×, so the Conv kernels bound the speed-up.")  # fmt: skip
 
 
-def int8_conclusion(result: dict, target_points: float = 0.5) -> str:
+def int8_conclusion(result: Int8Result, target_points: float = 0.5) -> str:
     """What to ship for each CPU class and for TensorRT, chosen on the selection split and
     confirmed on the confirmation split, every target stated as met or not with its number."""
-    if result.get("structure_only"):
+    if result.structure_only:
         return _structure_only_conclusion(result)
-    vals, recipes = result["validations"], result["recipes"]
+    vals, recipes = result.validations, result.recipes
     lat = _latency(result)
     fp32_ms = lat[("fp32", "ort")]["median_ms"]
-    env = result.get("environment") or {}
+    env = result.environment
     isa = f"{env.get('int8_kernel_class', '?').upper()} CPU: {', '.join(env.get('cpu_int8_isa') or []) or 'no int8 ISA'}"
     scored = [v["engines"] for v in vals.values() if v.get("engines")]
     if not scored:
@@ -352,7 +354,7 @@ def int8_conclusion(result: dict, target_points: float = 0.5) -> str:
                     lines[-1] += (f" Where those points matter more than ORT's speed, ship `{p}` instead: it runs at "
                                   f"{ratio(p):.2f}× ORT FP32 under ORT{ov}.")  # fmt: skip
     # AVX2-only CPUs (emulated)
-    emu = {n: e for n, e in (result.get("emulated") or {}).items() if "skipped" not in e}
+    emu = {n: e for n, e in result.emulated.items() if not isinstance(e, Skipped)}
     if emu:
         gaps = "; ".join(f"`{n}` {fmt_delta(x['kernels']['delta_vs']['ort-exact'])}" for n, x in emu.items())
         pick = max(emu, key=lambda n: emu[n]["kernels"]["delta_vs_fp32"]["delta"])
@@ -398,7 +400,7 @@ def int8_conclusion(result: dict, target_points: float = 0.5) -> str:
             f"{'met' if ms / fp32_ms <= 0.35 else 'not met'} here ({ms / fp32_ms:.3f}×); its accuracy "
             f"{_verdict(k, 0.15)} the 0.15-point target." + (f" Tied on speed: {others}." if others else "")
         )  # fmt: skip
-        fp32_eng = (result.get("fp32_engines") or {}).get("engines", {})
+        fp32_eng = result.fp32_engines.get("engines", {})
         for eng in ("openvino", "openvino-bf16"):
             r = lat.get(("fp32", eng))
             if r:

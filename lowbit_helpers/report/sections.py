@@ -14,10 +14,13 @@ from dataclasses import dataclass
 import pandas as pd
 
 from ..rundir import RunDir
+from ..schema import Skipped
 from ..steps import baseline as baseline_step
 from ..steps import summary as summary_step
+from ..steps.candidates import CandidatesResult
+from ..steps.int8 import Int8Result
 from ..steps.int8 import splits as int8_splits
-from ..steps.sensitivity import SCHEMES_DIR
+from ..steps.sensitivity import SCHEMES_DIR, SensitivityResult
 from . import baseline as rb
 from . import candidates as rc
 from . import headline
@@ -33,9 +36,9 @@ class Results:
 
     run: RunDir
     info: dict
-    int8: dict
-    sensitivity: dict
-    candidates: dict
+    int8: Int8Result | Skipped
+    sensitivity: SensitivityResult | Skipped
+    candidates: CandidatesResult | Skipped
 
     @property
     def fp32_size(self) -> int:
@@ -69,14 +72,14 @@ def _answer_md(r: Results) -> list[str]:
 
 
 def _picks_see(r: Results) -> list:
-    shown = summary_step.pick_detections(r.run, r.int8, r.candidates) if "skipped" not in r.int8 else None
+    shown = None if isinstance(r.int8, Skipped) else summary_step.pick_detections(r.run, r.int8, r.candidates)
     if shown is None:
         return ["No INT8 or low-bit pick to show beside FP32 in this run."]
     return [detections_figure(shown, int8_splits(r.run)[1])]
 
 
 def _per_class_change(r: Results) -> list:
-    fp32 = summary_step.fp32_per_class(r.run, r.int8, r.candidates) if "skipped" not in r.int8 else None
+    fp32 = None if isinstance(r.int8, Skipped) else summary_step.fp32_per_class(r.run, r.int8, r.candidates)
     table = headline.per_class_delta(fp32, r.int8, r.candidates)
     if table is None or table.empty:
         return ["No per-class comparison: no pick scored on the whole confirmation subset, or no class with 25 boxes in it."]
@@ -109,15 +112,15 @@ def _per_class_accuracy(r: Results) -> list:
 
 # ------------------------------------------------------------------ the notebooks' own sections
 def _int8(r: Results) -> list:
-    if "skipped" in r.int8:
-        return [r.int8["skipped"]]
+    if isinstance(r.int8, Skipped):
+        return [r.int8.why]
     out = [ri.int8_table(r.int8), ri.int8_conclusion(r.int8)]
-    return out + ([ri.latency_breakdown(r.int8)] if r.int8.get("profiles") else [])
+    return out + ([ri.latency_breakdown(r.int8)] if r.int8.profiles else [])
 
 
 def _int8_md(r: Results) -> list[str]:
     res = r.int8
-    if "skipped" in res:
+    if isinstance(res, Skipped):
         return []
     out = [ri.int8_conclusion(res), ri.int8_table(res).to_markdown()]
     acc, emu, drop = ri.accuracy_table(res), ri.emulation_table(res), ri.drop_decomposition(res)
@@ -139,26 +142,26 @@ def _int8_md(r: Results) -> list[str]:
 
 def _sensitivity(r: Results) -> list:
     s = r.sensitivity
-    if "skipped" in s:
-        return [s["skipped"]]
+    if isinstance(s, Skipped):
+        return [s.why]
     out = [rs.cost_table(s), rs.sensitivity_figure(s)]
-    if "skipped" not in s["validation"]:
-        out.append(rs.validation_table(s["validation"]))
-    return out + [rs.conclusion(s), rs.scheme_table(s["schemes"], s["sensitivity"]["params"])]
+    if not isinstance(s.validation, Skipped):
+        out.append(rs.validation_table(s.validation))
+    return out + [rs.conclusion(s), rs.scheme_table(s.schemes, s.sensitivity["params"])]
 
 
 def _sensitivity_md(r: Results) -> list[str]:
     s = r.sensitivity
-    if "skipped" in s:
+    if isinstance(s, Skipped):
         return []
     return [rs.cost_table(s).to_markdown(), rs.conclusion(s), f"Schemes (JSON in `{SCHEMES_DIR}/` beside this report):",
-            rs.scheme_table(s["schemes"], s["sensitivity"]["params"]).to_markdown()]  # fmt: skip
+            rs.scheme_table(s.schemes, s.sensitivity["params"]).to_markdown()]  # fmt: skip
 
 
 def _candidates(r: Results) -> list:
     c = r.candidates
-    if "skipped" in c:
-        return [c["skipped"]]
+    if isinstance(c, Skipped):
+        return [c.why]
     verdicts = rc.verdicts(c)
     return [rc.method_verdict(c), *([verdicts] if verdicts is not None else []),
             "\n".join(f"* {line}" for line in rc.target_lines(c)), rc.guided_verdict(c), rc.pareto_figure(c),
@@ -167,7 +170,7 @@ def _candidates(r: Results) -> list:
 
 def _candidates_md(r: Results) -> list[str]:
     c = r.candidates
-    if "skipped" in c:
+    if isinstance(c, Skipped):
         return []
     verdicts, guided = rc.verdicts(c), rc.guided_vs_random(c)
     return [rc.method_verdict(c), "The 4-bit method ladder (selection split):", rc.ladder_table(c).to_markdown(),

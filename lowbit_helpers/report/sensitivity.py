@@ -9,7 +9,9 @@ import math
 
 import pandas as pd
 
+from ..schema import Skipped
 from ..sensitivity.validation import rho
+from ..steps.sensitivity import SensitivityResult
 
 SECTION_COLORS = {"backbone": "#dbe9f6", "neck": "#fbe5d6", "head": "#e2f0d9", "?": "#eeeeee"}
 
@@ -18,13 +20,13 @@ def _gain(rec: dict, all_values: dict, metric: str) -> float:
     return rec["kept"][metric] - all_values[metric] if "kept" in rec else math.nan
 
 
-def layer_frame(result: dict) -> pd.DataFrame:
+def layer_frame(result: SensitivityResult) -> pd.DataFrame:
     """One row per Conv in network (layer) order, with every format's alone value and kept gain of the
     ranking metric (dB)."""
     rows = []
-    sens = result["sensitivity"]
+    sens = result.sensitivity
     metric = sens["metric"]
-    for i, layer in enumerate(result["layers"]):
+    for i, layer in enumerate(result.layers):
         row = {"#": i, "node": layer["node"], "layer": layer["layer"], "block": layer["block"], "section": layer["section"],
                "params": layer["params"]}  # fmt: skip
         for fmt, sweep in sens["formats"].items():
@@ -39,9 +41,9 @@ def layer_frame(result: dict) -> pd.DataFrame:
     return df
 
 
-def cost_table(result: dict) -> pd.DataFrame:
+def cost_table(result: SensitivityResult) -> pd.DataFrame:
     """Per format: the sweep's measured time and memory against the naive cost, and the all-in-format metrics."""
-    sens = result["sensitivity"]
+    sens = result.sensitivity
     metric = sens["metric"]
     rows = []
     for fmt, s in sens["formats"].items():
@@ -65,10 +67,10 @@ def _spearman(a, b) -> float:
     return rho(a, b)
 
 
-def stability_table(result: dict) -> pd.DataFrame:
+def stability_table(result: SensitivityResult) -> pd.DataFrame:
     """How the ranking settles with the image count: Spearman of the ranking metric after N sweep
     images against all of them, per format and direction."""
-    sens = result["sensitivity"]
+    sens = result.sensitivity
     metric = sens["metric"]
     rows = []
     for fmt, s in sens["formats"].items():
@@ -83,10 +85,10 @@ def stability_table(result: dict) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index(["format", "direction"])
 
 
-def format_agreement(result: dict) -> pd.DataFrame:
+def format_agreement(result: SensitivityResult) -> pd.DataFrame:
     """Spearman between the formats' rankings (ranking metric), per direction: formats that rank
     alike need not both be swept."""
-    sens = result["sensitivity"]
+    sens = result.sensitivity
     metric = sens["metric"]
     fmts = list(sens["formats"])
     rows = []
@@ -102,13 +104,13 @@ def format_agreement(result: dict) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index(["formats", "direction"]) if rows else pd.DataFrame()
 
 
-def sensitivity_figure(result: dict):
+def sensitivity_figure(result: SensitivityResult):
     """The ranking metric alone (top) and its kept gain (bottom) per Conv in network order, sections shaded, blocks labelled."""
     import matplotlib.pyplot as plt  # late: matplotlib only for figures
 
     df = layer_frame(result)
-    metric = result["sensitivity"]["metric"]
-    formats = list(result["sensitivity"]["formats"])
+    metric = result.sensitivity["metric"]
+    formats = list(result.sensitivity["formats"])
     has_kept = any(df[f"{f} kept gain dB"].notna().any() for f in formats)
     fig, axes = plt.subplots(2 if has_kept else 1, 1, figsize=(15, 8 if has_kept else 4.5), sharex=True, squeeze=False)
     x = df["#"].to_numpy()
@@ -136,10 +138,10 @@ def _shade_blocks(ax, df: pd.DataFrame) -> None:
             ax.text((a + b - 1) / 2, top, f"{row['layer']}·{row['block']}", rotation=90, va="top", ha="center", fontsize=7)
 
 
-def top_table(result: dict, fmt: str | None = None, n: int = 15) -> pd.DataFrame:
+def top_table(result: SensitivityResult, fmt: str | None = None, n: int = 15) -> pd.DataFrame:
     """The ``n`` most sensitive Convs by the kept gain (alone SQNR when there is no kept sweep) of ``fmt``."""
     df = layer_frame(result)
-    fmt = fmt or next(iter(result["sensitivity"]["formats"]))
+    fmt = fmt or next(iter(result.sensitivity["formats"]))
     key = f"{fmt} kept gain dB"
     if df[key].notna().all():
         df = df.sort_values(key, ascending=False)
@@ -273,8 +275,8 @@ def scheme_table(schemes: list[dict], params: dict) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index("scheme")
 
 
-def conclusion(result: dict) -> str:
-    sens, proxy, val = result["sensitivity"], result["proxy"], result["validation"]
+def conclusion(result: SensitivityResult) -> str:
+    sens, proxy, val = result.sensitivity, result.proxy, result.validation
     metric = sens["metric"]
     lines = []
     for fmt, s in sens["formats"].items():
@@ -287,7 +289,7 @@ def conclusion(result: dict) -> str:
         worst_text = f"; most sensitive alone: `{worst}` ({recs[worst]['alone'][metric]:.1f} dB)" if worst else ""
         lines.append(f"* **{fmt}**: all Convs in {fmt} give {metric} {s['all'][metric]:.1f} dB (raw-head SQNR "
                      f"{s['all']['raw_sqnr']:.1f} dB){worst_text}. Sweep cost {cost}.")  # fmt: skip
-    if "skipped" not in val:
+    if not isinstance(val, Skipped):
         a = val["agreement"]
         src = " (committed result; rerun: `python -m lowbit_helpers validate-sensitivity PARAMS`)" if val.get("committed") else ""
 
@@ -309,8 +311,8 @@ def conclusion(result: dict) -> str:
         lines.append(f"* Metric validation{src}: {pick} The sweep ranks by **`{metric}`**: {spear(metric)}; raw-head "
                      f"SQNR: {spear('raw_sqnr')}.")  # fmt: skip
     else:
-        lines.append(f"* Metric validation: {val['skipped']}.")
-    if "skipped" not in proxy:
+        lines.append(f"* Metric validation: {val.why}.")
+    if not isinstance(proxy, Skipped):
         lines.append(f"* Torch proxy vs ONNX graph ({proxy['sweep']['format']}, alone, raw-head SQNR): Spearman {proxy['spearman']:.3f}; "
                      f"{proxy['top20_overlap']} of the top 20 agree; {len(proxy['unmapped_onnx'])} ONNX Convs unmapped; torch "
                      f"Convs outside the raw-head graph: {', '.join(proxy['unused_torch']) or 'none'}.")  # fmt: skip

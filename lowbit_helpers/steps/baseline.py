@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ from ..graph import graph_info
 from ..parity import export_ultralytics_e2e, ultralytics_predictions
 from ..rundir import RunDir, Stage
 from ..runtime import BENCH_SETTINGS, bench_models, engine_session, environment, make_session, run_head
-from ..schema import DecodeCfg
+from ..schema import DecodeCfg, Skipped
 
 MODEL = "baseline-onnx/model.onnx"
 MODEL_INFO = "baseline-onnx/model_info.json"
@@ -56,7 +57,15 @@ def model_source(cfg: Config) -> ModelSource:
 
 
 # ------------------------------------------------------------------ 01: baseline ONNX
-def baseline_onnx(run: RunDir) -> dict:
+@dataclass
+class BaselineResult:
+    """Notebook 01's result: the model's facts (``info``: source, graph, op counts, MACs) and the ORT smoke run."""
+
+    info: dict
+    smoke: dict
+
+
+def baseline_onnx(run: RunDir) -> BaselineResult:
     """Resolve and check the model, put the raw-head ONNX in ``baseline-onnx/``, ORT smoke, graph facts."""
 
     cfg = run.cfg
@@ -80,7 +89,7 @@ def baseline_onnx(run: RunDir) -> dict:
         write_json(run.file(SMOKE), ort_smoke(out, cfg))
 
     run.stage(Stage("baseline_onnx", params, [], [MODEL, MODEL_INFO, SMOKE]), compute, read=None)
-    return {"info": run.read(MODEL_INFO), "smoke": run.read(SMOKE)}
+    return BaselineResult(run.read(MODEL_INFO), run.read(SMOKE))
 
 
 def _first_image(cfg: Config) -> Path:
@@ -205,7 +214,7 @@ def fp32_latency(run: RunDir) -> dict:
 
 
 # ------------------------------------------------------------------ 02: parity with Ultralytics
-def parity(run: RunDir, progress: bool = True) -> dict:
+def parity(run: RunDir, progress: bool = True) -> dict | Skipped:
     """This project's decode against Ultralytics' own predictions on ``parity.subset``.
 
     Pass: |mAP50-95(top-k decode) - mAP50-95(Ultralytics end-to-end ONNX)| <= 0.002.
@@ -215,8 +224,9 @@ def parity(run: RunDir, progress: bool = True) -> dict:
     info = run.read(MODEL_INFO)
     if not cfg.parity.enabled or info["source_kind"] != "checkpoint":
         why = "disabled in params" if not cfg.parity.enabled else f"needs an Ultralytics checkpoint; model is {info['label']}"
-        result = {"skipped": why}
-        return run.stage(Stage("parity", None, [], [PARITY], fixed_key="skipped"), lambda: result)
+        result = Skipped(why)
+        run.stage(Stage("parity", None, [], [PARITY], fixed_key="skipped"), result.record)
+        return result
     model = run.artifact(MODEL)
     params = {"subset": cfg.parity.subset, "pt": cfg.parity.ultralytics_pt, "decode": cfg.decode.model_dump(),
               "data": cfg.data.model_dump(), "versions": versions(), "source": info["source_sha256"]}  # fmt: skip

@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import tempfile
 import time
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,7 @@ from ..lowbit.stats import collect_stats
 from ..rundir import RunDir, Stage
 from ..runtime import BENCH_SETTINGS, bench_models, environment, load_memory, make_session
 from ..runtime.inspect import fidelity, ort_executed_ops, qdq_counts, raw_heads
+from ..schema import Skipped
 from ..sensitivity.schemes import heuristic_scheme, random_scheme
 from ..sensitivity.sweep import activation_ranges, conv_nodes
 from . import baseline
@@ -56,6 +58,31 @@ LATENCY = "results/latency.json"
 CANDIDATES = "results/candidates.json"  # notebook 05's results, less what depends on a bench
 SWEEP_MATCH = "results/sweep_match.json"  # materialised model vs the sweep's fake quantization
 CONTROL_KINDS = ("random", "heuristic")  # schemes that test the guidance, never shipped
+
+
+@dataclass
+class CandidatesResult:
+    """Notebook 05's result: the 4-bit method ladder and the method it chose, the materialised
+    model against the sweep, per candidate its recipe and evaluations, the winner per budget, the
+    guided scheme and its controls, notebook 03's INT8 pick (``best_int8``) and the bench."""
+
+    method: str
+    ladder: dict
+    sweep_match: dict
+    recipes: dict[str, dict]
+    evaluations: dict[str, dict]
+    winners: dict[str, dict]
+    guided: str | None
+    controls: list[str]
+    best_int8: dict | None
+    latency: dict | None
+    fp32_size_bytes: int
+    seconds: float
+
+    def record(self) -> dict:
+        """What the params determine (``results/candidates.json``): not the bench (a measurement),
+        nor notebook 03's ORT pick, which keeps the variants that bench found faster than FP32."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("latency", "best_int8")}
 
 
 # ------------------------------------------------------------------ inputs shared by every build
@@ -389,16 +416,16 @@ def latency(run: RunDir, names: list[str], int8: dict | None) -> dict:
     return run.stage(Stage("candidates-latency", params, inputs_, [LATENCY]), compute)
 
 
-def run_candidates(run: RunDir) -> dict:
+def run_candidates(run: RunDir) -> CandidatesResult | Skipped:
     """Everything notebook 05 shows (written to ``results/candidates.json`` less the bench and the INT8 pick)."""
     cfg, c = run.cfg, run.cfg.candidates
     if not c.enabled:
-        return {"skipped": "candidates.enabled is false in the params"}
+        return Skipped("candidates.enabled is false in the params")
     info = run.read(baseline.MODEL_INFO)
     if info["structure_only"]:
-        return {"skipped": f"{info['label']}: structure only (random weights), no accuracy to choose candidates by"}
+        return Skipped(f"{info['label']}: structure only (random weights), no accuracy to choose candidates by")
     if not cfg.sensitivity.enabled:
-        return {"skipped": "sensitivity.enabled is false: notebook 04 wrote no schemes to materialise"}
+        return Skipped("sensitivity.enabled is false: notebook 04 wrote no schemes to materialise")
     t0 = time.perf_counter()
     match = sweep_match(run)
     schemes = all_schemes(run)
@@ -425,12 +452,10 @@ def run_candidates(run: RunDir) -> dict:
         evals[n] = {**evals[n], **confirm(run, n)}
     int8 = best_int8(run)
     lat = latency(run, list(recipes), int8) if c.latency else None
-    result = {"method": method, "ladder": ladder, "sweep_match": match, "recipes": recipes, "evaluations": evals, "winners": win,
-              "guided": next((n for n, r in recipes.items() if r["scheme"]["name"] == guided), None),
-              "controls": controls, "best_int8": int8, "latency": lat, "fp32_size_bytes": run.artifact(baseline.MODEL).stat().st_size,
-              "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
-    # what the params determine: not the bench (results/latency.json, a measurement), nor notebook
-    # 03's ORT pick, which keeps the variants that bench found faster than FP32 (best_int8(run) gives it)
-    recorded = {k: v for k, v in result.items() if k not in ("latency", "best_int8")}
-    run.stage(Stage("candidates", None, [], [CANDIDATES], fixed_key="derived"), lambda: recorded, read=None)
+    result = CandidatesResult(
+        method=method, ladder=ladder, sweep_match=match, recipes=recipes, evaluations=evals, winners=win,
+        guided=next((n for n, r in recipes.items() if r["scheme"]["name"] == guided), None), controls=controls,
+        best_int8=int8, latency=lat, fp32_size_bytes=run.artifact(baseline.MODEL).stat().st_size,
+        seconds=round(time.perf_counter() - t0, 1))  # fmt: skip
+    run.stage(Stage("candidates", None, [], [CANDIDATES], fixed_key="derived"), result.record, read=None)
     return result

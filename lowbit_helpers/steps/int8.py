@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -57,6 +57,7 @@ from ..runtime import (
 )
 from ..runtime.emulate import EmulatedSession, emulated_probe, qemu_binary
 from ..runtime.inspect import head_fidelity, ort_executed_ops, qdq_counts
+from ..schema import Skipped
 from ..sensitivity.schemes import ranking
 from . import baseline
 from .sensitivity import onnx_sweep
@@ -74,6 +75,24 @@ FP32_ENGINES = "int8-coco/fp32_engines.json"  # FP32 under the other engines (Op
 CONFIRM_IDS = "int8-coco/confirm_ids.txt"  # the confirmation split: confirm_subset minus select_subset
 KERNEL_PROBE = "int8-coco/kernel_probe.json"  # the int16 saturation probe on this CPU (and emulated)
 LATENCY = "int8-coco/latency.json"
+
+
+@dataclass
+class Int8Result:
+    """Notebook 03's result: per variant its recipe (``recipes``) and validation (``validations``,
+    with each engine's scores), FP32 under the other engines, the emulated CPU's scores, the int16
+    saturation probe, the interleaved bench's rows (``latency``) and profiles, and what it ran on."""
+
+    recipes: dict[str, dict]
+    validations: dict[str, dict]
+    latency: list[dict]
+    kernel_probe: dict
+    fp32_engines: dict = field(default_factory=dict)
+    emulated: dict[str, dict] = field(default_factory=dict)
+    profiles: dict = field(default_factory=dict)
+    environment: dict = field(default_factory=dict)
+    structure_only: bool = False
+    splits: dict = field(default_factory=dict)
 
 
 def variant_model(v: Int8Variant) -> str:
@@ -340,7 +359,7 @@ def fp32_engines(run: RunDir) -> dict:
     return run.stage(Stage("int8-fp32-engines", params, [baseline.MODEL], [FP32_ENGINES]), compute)
 
 
-def emulated(run: RunDir, v: Int8Variant) -> dict:
+def emulated(run: RunDir, v: Int8Variant) -> dict | Skipped:
     """ORT's kernels for ``v`` on the CPU model ``int8.emulate.cpu`` (QEMU user mode), against the
     exact arithmetic on the same images: what the file loses on such a CPU."""
 
@@ -349,7 +368,7 @@ def emulated(run: RunDir, v: Int8Variant) -> dict:
     rel = VARIANT_EMULATED.format(name=v.name)
     qemu = qemu_binary()
     if qemu is None:
-        return {"skipped": "qemu-x86_64-static not found: bash scripts/get_qemu.sh fetches it (Debian's qemu-user-static)"}
+        return Skipped("qemu-x86_64-static not found: bash scripts/get_qemu.sh fetches it (Debian's qemu-user-static)")
     params = {"cpu": em.cpu, "subset": em.subset, "decode": cfg.decode.model_dump(), "data": cfg.data.model_dump(),
               "evaluation": cfg.evaluation.model_dump(), "onnxruntime": _engine_environment(["ort-exact"]),
               **_rewrites(q)}  # fmt: skip
@@ -382,7 +401,7 @@ def kernel_probe(run: RunDir) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             out = {"this_cpu": probe(tmp)}
         if em.cpu:
-            out["emulated"] = emulated_probe(qemu, em.cpu) if qemu else {"skipped": "qemu-x86_64-static not found"}
+            out["emulated"] = emulated_probe(qemu, em.cpu) if qemu else Skipped("qemu-x86_64-static not found").record()
         return out
 
     return run.stage(Stage("int8-kernel-probe", params, [], [KERNEL_PROBE], record=None), compute)
@@ -429,7 +448,7 @@ def latency(run: RunDir) -> dict:
     return run.stage(Stage("int8-latency", params, inputs, [LATENCY]), compute)
 
 
-def ort_cpu_pick(result: dict) -> dict | None:
+def ort_cpu_pick(result: Int8Result) -> dict | None:
     """The ORT CPU recipe to ship, by one rule (notebook 03's conclusion and notebook 05's INT8 row):
     among the ``ort`` recipes scored through ORT's kernels and with exact arithmetic,
 
@@ -443,17 +462,17 @@ def ort_cpu_pick(result: dict) -> dict | None:
 
     the best Δ to FP32 on the selection split through ORT's kernels. None when nothing qualifies.
     """
-    vals = result.get("validations") or {}
-    fp32_ms = next((r["median_ms"] for r in result.get("latency") or []
+    vals = result.validations
+    fp32_ms = next((r["median_ms"] for r in result.latency
                     if r["name"] == "fp32" and r.get("runtime", "ort") == "ort"), None)  # fmt: skip
-    ort_ms = {r["name"]: r["median_ms"] for r in result.get("latency") or []
+    ort_ms = {r["name"]: r["median_ms"] for r in result.latency
               if r.get("runtime", "ort") == "ort" and r.get("precision", "f32") == "f32"}  # fmt: skip
 
     def scored(n):
         return {"ort", "ort-exact"} <= set(vals[n].get("engines") or {})
 
-    names = [n for n in vals if result["recipes"][n]["backend"] == "ort" and scored(n)]
-    probe = (result.get("kernel_probe") or {}).get("this_cpu") or {}
+    names = [n for n in vals if result.recipes[n]["backend"] == "ort" and scored(n)]
+    probe = result.kernel_probe.get("this_cpu") or {}
     exact_kernels = probe.get("saturates") is False
     if exact_kernels and any(not vals[n]["variant"].get("reduce_range") for n in names):
         names = [n for n in names if not vals[n]["variant"].get("reduce_range")]
@@ -465,34 +484,34 @@ def ort_cpu_pick(result: dict) -> dict | None:
             "ort_disabled_optimizers": vals[best].get("ort_disabled_optimizers", [])}
 
 
-def tensorrt_pick(result: dict) -> dict | None:
+def tensorrt_pick(result: Int8Result) -> dict | None:
     """The TensorRT recipe to ship: the ModelOpt recipe with the best Δ to FP32 on the selection
     split under exact Q/DQ arithmetic (what TensorRT computes); None when none was scored so."""
-    vals = result.get("validations") or {}
-    names = [n for n in vals if result["recipes"][n]["backend"] == "modelopt" and "ort-exact" in (vals[n].get("engines") or {})]
+    vals = result.validations
+    names = [n for n in vals if result.recipes[n]["backend"] == "modelopt" and "ort-exact" in (vals[n].get("engines") or {})]
     if not names:
         return None
     best = max(names, key=lambda n: vals[n]["engines"]["ort-exact"]["select"]["delta_vs_fp32"]["delta"])
     return {"name": best, "considered": names}
 
 
-def read_int8_result(run: RunDir) -> dict | None:
+def read_int8_result(run: RunDir) -> Int8Result | None:
     """What :func:`ort_cpu_pick` needs, read from notebook 03's artifacts only (nothing is computed);
     None while any of them is missing (notebook 03 not run, or not finished)."""
     rels = {v.name: (VARIANT_RECIPE.format(name=v.name), VARIANT_EVAL.format(name=v.name)) for v in run.cfg.int8.variants}
     needed = [r for pair in rels.values() for r in pair] + [LATENCY, KERNEL_PROBE]
     if not all(run.has(r) for r in needed):
         return None
-    return {"recipes": {n: run.read(r) for n, (r, _) in rels.items()},
-            "validations": {n: run.read(e) for n, (_, e) in rels.items()},
-            "latency": run.read(LATENCY)["rows"], "kernel_probe": run.read(KERNEL_PROBE)}
+    return Int8Result(recipes={n: run.read(r) for n, (r, _) in rels.items()},
+                      validations={n: run.read(e) for n, (_, e) in rels.items()},
+                      latency=run.read(LATENCY)["rows"], kernel_probe=run.read(KERNEL_PROBE))
 
 
-def run_int8(run: RunDir) -> dict:
+def run_int8(run: RunDir) -> Int8Result | Skipped:
     """Everything notebook 03 shows: per-variant recipes and validations, and the latency table."""
     cfg = run.cfg
     if not cfg.int8.enabled:
-        return {"skipped": "int8.enabled is false in the params"}
+        return Skipped("int8.enabled is false in the params")
     check_variants(cfg)
     recipes = {v.name: quantize_variant(run, v) for v in cfg.int8.variants}
     info = run.read(baseline.MODEL_INFO)
@@ -514,7 +533,7 @@ def run_int8(run: RunDir) -> dict:
             # the listed variants that this params file has (the default list names the default variants)
             emulation = {v.name: emulated(run, v) for v in cfg.int8.variants if v.name in cfg.int8.emulate.variants}
     lat = latency(run)
-    return {"recipes": recipes, "validations": validations, "fp32_engines": fp32, "emulated": emulation,
-            "kernel_probe": probe, "latency": lat["rows"], "profiles": lat.get("profiles", {}),
-            "environment": lat["environment"], "structure_only": info["structure_only"],
-            "splits": {"select": cfg.int8.select_subset, "confirm": cfg.int8.confirm_subset}}  # fmt: skip
+    return Int8Result(recipes=recipes, validations=validations, fp32_engines=fp32, emulated=emulation,
+                      kernel_probe=probe, latency=lat["rows"], profiles=lat.get("profiles", {}),
+                      environment=lat["environment"], structure_only=info["structure_only"],
+                      splits={"select": cfg.int8.select_subset, "confirm": cfg.int8.confirm_subset})  # fmt: skip

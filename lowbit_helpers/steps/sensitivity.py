@@ -16,6 +16,7 @@ Stages (each cached in the run's manifest like the others):
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,7 @@ from ..int8.calibration import load_calibration
 from ..lowbit import parse_method
 from ..lowbit.stats import collect_stats
 from ..rundir import RunDir, Stage
+from ..schema import Skipped
 from ..sensitivity import validation as sv
 from ..sensitivity.metrics import METRICS
 from ..sensitivity.schemes import write_schemes
@@ -59,6 +61,19 @@ SWEEP_VERSION = 2  # 2: detection-aware metrics, groups of sessions over worker 
 PROXY = "sensitivity/torch_proxy.json"
 SCHEMES_DIR = "schemes"
 SCHEMES_INDEX = f"{SCHEMES_DIR}/index.json"  # written by sensitivity.schemes.write_schemes
+
+
+@dataclass
+class SensitivityResult:
+    """Notebook 04's result: the Conv table, the ONNX sweep (``sensitivity``: per format, each
+    Conv alone and kept), the Torch proxy and the metric validation (each a :class:`Skipped`
+    where it did not run), and the mixed schemes derived from the sweep."""
+
+    layers: list[dict]
+    sensitivity: dict
+    proxy: dict | Skipped
+    validation: dict | Skipped
+    schemes: list[dict]
 
 
 def _images(run: RunDir) -> tuple[np.ndarray, np.ndarray]:
@@ -138,7 +153,7 @@ def validation_reason(run: RunDir) -> str | None:
     return None
 
 
-def validation(run: RunDir, sens: dict | None, proxy: dict | None = None, progress=None) -> dict:
+def validation(run: RunDir, sens: dict | None, proxy: dict | None = None, progress=None) -> dict | Skipped:
     """Which metric predicts mAP: candidate metrics (and the default sweep's, and the Torch proxy)
     against the true COCO mAP of single-layer perturbations (:mod:`..sensitivity.validation`).
 
@@ -158,11 +173,11 @@ def validation(run: RunDir, sens: dict | None, proxy: dict | None = None, progre
         if committed.is_file() and not run.read(baseline.MODEL_INFO)["structure_only"]:
             result = read_json(committed)
             if result.get("model_sha256") != model_sha:  # another model's layers: its ranking says nothing here
-                return {"skipped": f"{why}; the committed result reports/{committed.relative_to(reports).as_posix()} is of "
-                                   "another model (its model_sha256 differs)"}  # fmt: skip
+                return Skipped(f"{why}; the committed result reports/{committed.relative_to(reports).as_posix()} is of "
+                               "another model (its model_sha256 differs)")  # fmt: skip
             result["agreement"] = agreement(result, sens, proxy, run.cfg.sensitivity.rank_as)
             return {**result, "committed": committed.relative_to(reports).as_posix(), "not_rerun": why}
-        return {"skipped": why}
+        return Skipped(why)
     cfg, s = run.cfg, run.cfg.sensitivity
     v = s.validation
     model_path = run.artifact(baseline.MODEL)
@@ -272,14 +287,14 @@ def agreement(result: dict, sens: dict | None, proxy: dict | None, rank_as: dict
                     "split, if its interval there is above 0 in every alone study (else no pick: the split cannot rank)"}  # fmt: skip
 
 
-def torch_proxy(run: RunDir, sens: dict) -> dict:
+def torch_proxy(run: RunDir, sens: dict) -> dict | Skipped:
     """The plan's Torch proxy on the same images and format, and its agreement with the ONNX sweep."""
     cfg, s = run.cfg, run.cfg.sensitivity
     source = baseline.model_source(cfg)
     if not s.proxy or source.kind == "onnx" or s.proxy_format not in sens["formats"]:
         why = ("disabled in params" if not s.proxy else "the model is an ONNX file: no torch model"
                if source.kind == "onnx" else f"proxy_format {s.proxy_format} is not among the swept formats")  # fmt: skip
-        return {"skipped": why}
+        return Skipped(why)
     model_path = run.artifact(baseline.MODEL)
     params = {"format": s.proxy_format, "range_images": s.range_images, "images": s.images, "chunk": s.chunk,
               "source": source.sha256, "versions": baseline.versions()}  # fmt: skip
@@ -341,14 +356,14 @@ def scheme_files(run: RunDir) -> list[dict]:
     return [run.read(f"{SCHEMES_DIR}/{e['file']}") for e in index]
 
 
-def run_sensitivity(run: RunDir) -> dict:
+def run_sensitivity(run: RunDir) -> SensitivityResult | Skipped:
     """Everything notebook 04 shows."""
     if not run.cfg.sensitivity.enabled:
-        return {"skipped": "sensitivity.enabled is false in the params"}
+        return Skipped("sensitivity.enabled is false in the params")
     s = run.cfg.sensitivity
     if s.budgets and not all(0 < b <= 100 for b in s.budgets):
         raise LowbitError(f"sensitivity.budgets must be percentages in (0, 100], got {s.budgets}", "use e.g. [25, 50, 75, 90]")
     sens = onnx_sweep(run)
     proxy = torch_proxy(run, sens)
-    return {"layers": layer_table(run), "sensitivity": sens, "proxy": proxy,
-            "validation": validation(run, sens, None if "skipped" in proxy else proxy), "schemes": scheme_files(run)}  # fmt: skip
+    val = validation(run, sens, None if isinstance(proxy, Skipped) else proxy)
+    return SensitivityResult(layer_table(run), sens, proxy, val, scheme_files(run))

@@ -12,10 +12,14 @@ from ..decode import decode
 from ..evaluate import evaluate_coco
 from ..rundir import RunDir, Stage
 from ..runtime import make_session
+from ..schema import Skipped
 from . import baseline, splits
-from .candidates import CANDIDATE_ONNX
-from .int8 import ort_cpu_pick, tensorrt_pick, variant_model
+from .candidates import CANDIDATE_ONNX, CandidatesResult
+from .int8 import Int8Result, ort_cpu_pick, tensorrt_pick, variant_model
 from .int8 import splits as int8_splits
+
+Int8Step = Int8Result | Skipped | None  # notebook 03's result, why it did not run, or not read
+CandidatesStep = CandidatesResult | Skipped | None  # notebook 05's, likewise
 
 DETECTIONS = "summary/detections.json"  # the shipped models' boxes on the first images of the confirmation split
 FP32_PER_CLASS = "summary/fp32_per_class.json"  # FP32's AP per class on the whole confirmation subset, box counts
@@ -23,16 +27,14 @@ SHOW_SCORE = 0.35  # boxes below this score are not drawn (the evaluation keeps 
 SHOW_IMAGES = 4
 
 
-def picks(int8_result: dict | None, cand_result: dict | None) -> list[dict]:
+def picks(int8_result: Int8Step, cand_result: CandidatesStep) -> list[dict]:
     """What to ship, one row per target: {kind, role, model, confirmation-split score, engine, size,
     bench label, the rule that chose it} (the report's answer draws them)."""
 
     rows = []
-    ok8 = int8_result and "skipped" not in int8_result and not int8_result.get("structure_only")
-    okc = cand_result and "skipped" not in cand_result
-    if ok8:
-        vals = int8_result["validations"]
-        env = int8_result.get("environment") or {}
+    if isinstance(int8_result, Int8Result) and not int8_result.structure_only:
+        vals = int8_result.validations
+        env = int8_result.environment
         cpu = ort_cpu_pick(int8_result)
         if cpu:
             n = cpu["name"]
@@ -48,9 +50,9 @@ def picks(int8_result: dict | None, cand_result: dict | None) -> list[dict]:
                          "engine": "exact Q/DQ (what TensorRT computes)", "size_bytes": vals[n]["size_bytes"], "bench": None,
                          "rule": f"best {vals[n]['engines']['ort-exact']['select']['subset']} Δ with exact Q/DQ arithmetic of the "
                                  f"{len(trt['considered'])} ModelOpt recipe(s) here"})  # fmt: skip
-    if okc:
-        ev, rec = cand_result["evaluations"], cand_result["recipes"]
-        for w in sorted(cand_result["winners"].values(), key=lambda w: w["budget_percent"]):
+    if isinstance(cand_result, CandidatesResult):
+        ev, rec = cand_result.evaluations, cand_result.recipes
+        for w in sorted(cand_result.winners.values(), key=lambda w: w["budget_percent"]):
             n = w["candidate"]
             if "confirm" not in ev[n]:
                 continue
@@ -61,7 +63,7 @@ def picks(int8_result: dict | None, cand_result: dict | None) -> list[dict]:
         if w16 and "confirm" in ev[w16]:
             rows.append({"kind": "w4a16", "role": "uniform W4A16", "model": w16, "score": ev[w16]["confirm"], "engine": "ORT kernels",
                          "size_bytes": ev[w16]["size_bytes"], "bench": w16,
-                         "rule": f"every Conv W4A16; 4-bit method {cand_result['method']} chosen on "
+                         "rule": f"every Conv W4A16; 4-bit method {cand_result.method} chosen on "
                                  f"{ev[w16]['select']['subset']} (the ladder)"})  # fmt: skip
     return rows
 
@@ -76,7 +78,7 @@ def top_budget(rows: list[dict]) -> dict | None:
     return low[-1] if low else None
 
 
-def shipped_models(run: RunDir, int8_result: dict | None, cand_result: dict | None) -> dict[str, str]:
+def shipped_models(run: RunDir, int8_result: Int8Step, cand_result: CandidatesStep) -> dict[str, str]:
     """Label -> run-relative ONNX: FP32, the CPU INT8 pick and the low-bit pick at the highest budget."""
     rows = picks(int8_result, cand_result)
     cpu, low = first(rows, "cpu"), top_budget(rows)
@@ -88,7 +90,7 @@ def shipped_models(run: RunDir, int8_result: dict | None, cand_result: dict | No
     return models
 
 
-def pick_detections(run: RunDir, int8_result: dict | None, cand_result: dict | None) -> dict | None:
+def pick_detections(run: RunDir, int8_result: Int8Step, cand_result: CandidatesStep) -> dict | None:
     """Each shipped model's decoded boxes (score >= SHOW_SCORE, original image pixels) on the first
     images of the confirmation split; None when there is no pick to show beside FP32."""
     models = shipped_models(run, int8_result, cand_result)
@@ -117,13 +119,13 @@ def pick_detections(run: RunDir, int8_result: dict | None, cand_result: dict | N
     return run.stage(Stage("summary-detections", params, list(models.values()), [DETECTIONS]), compute)
 
 
-def fp32_per_class(run: RunDir, int8_result: dict | None, cand_result: dict | None) -> dict | None:
+def fp32_per_class(run: RunDir, int8_result: Int8Step, cand_result: CandidatesStep) -> dict | None:
     """FP32's AP50-95 per class on the whole confirmation subset and each class's box count there, to
     compare the picks' with; None when neither the CPU INT8 pick nor the low-bit pick was scored there."""
     rows = picks(int8_result, cand_result)
     cpu, low = first(rows, "cpu"), top_budget(rows)
-    scored = [int8_result["validations"][cpu["model"]]["engines"]["ort"].get("whole") if cpu else None,
-              cand_result["evaluations"][low["model"]].get("whole") if low else None]  # fmt: skip
+    scored = [int8_result.validations[cpu["model"]]["engines"]["ort"].get("whole") if cpu else None,
+              cand_result.evaluations[low["model"]].get("whole") if low else None]  # fmt: skip
     if not any(scored):
         return None
     cfg = run.cfg
