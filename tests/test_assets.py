@@ -43,6 +43,31 @@ def test_checksum_mismatch_names_the_file_and_fix(tmp_path, monkeypatch):
     assert "checksum mismatch" in e.value.cause and str(bad) in e.value.fix
 
 
+def test_checksum_mismatch_through_the_command_line(tmp_path, monkeypatch, capsys, coco_root):
+    """The CLI contract: one `error:` line naming the cause, a `fix:` line naming the file, exit 2,
+    nothing written (no ONNX, no run directory, no report), the tampered file left for the user."""
+    import yaml
+
+    from lowbit_helpers.__main__ import main
+
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "cache"))
+    bad = tmp_path / "cache" / "weights" / "yolov10n.pt"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"tampered")
+    params = tmp_path / "p.yaml"
+    params.write_text(yaml.safe_dump({"name": "t", "model": {"weights": "yolov10n"}, "data": {"coco_root": str(coco_root)},
+                                      "output": {"runs_dir": str(tmp_path / "runs"), "reports_dir": str(tmp_path / "rep")}}))  # fmt: skip
+    for argv in (["export", "--weights", "yolov10n", "--out", str(tmp_path / "m.onnx")], ["run", str(params)]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        lines = err.splitlines()
+        assert lines[0].startswith("error: ") and "checksum mismatch" in lines[0], err
+        assert sum(x.startswith("error: ") for x in lines) == 1 and any(x.startswith("  fix: ") and str(bad) in x for x in lines)
+        assert "Traceback" not in err
+    assert not (tmp_path / "m.onnx").exists() and not (tmp_path / "runs").exists() and not (tmp_path / "rep").exists()
+    assert bad.read_bytes() == b"tampered"
+
+
 def test_official_weights_offline_names_alternatives(tmp_path, monkeypatch):
     monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path))
     monkeypatch.setattr(assets, "RELEASE_URL", "http://127.0.0.1:9")  # closed port on this machine

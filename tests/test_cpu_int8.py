@@ -48,6 +48,44 @@ def test_saturation_probe_on_this_cpu(tmp_path):
         assert p["full_range"]["kernel"] == pytest.approx(CHANNELS * 32767 / 64770, abs=CHANNELS / 250)
 
 
+def _qdq_probe_reference(x: np.ndarray, reduce_range: bool = False) -> np.ndarray:
+    """The probe's Q/DQ graph computed as written, in float64 numpy: quantize x to u8, dequantize
+    it and the int8 weights, a float 1x1 Conv, then quantize and dequantize the output."""
+    q = 64 if reduce_range else 127
+    xq = np.clip(np.round(x.astype(np.float64) * 255), 0, 255) / 255
+    y = xq.sum(axis=1, keepdims=True).repeat(8, axis=1) * (q * (1 / q))  # every weight dequantizes to 1.0
+    y_scale = CHANNELS / 250
+    return np.clip(np.round(y / y_scale), 0, 255) * y_scale
+
+
+def test_the_exact_engine_is_the_qdq_arithmetic_not_the_kernels(tmp_path):
+    """``ort-exact`` on an INT8 model: the Q/DQ graph as written (a float reference of it, to float
+    rounding), with ORT's graph optimizations off, while ``ort`` runs the fused QLinearConv; on a CPU
+    whose kernel saturates (the probe says so) the two differ by far more than one output step."""
+    import onnxruntime as ort
+
+    from lowbit_helpers.runtime.inspect import ort_executed_ops
+
+    m = probe_model(tmp_path / "p.onnx")
+    step = CHANNELS / 250
+    rng = np.random.default_rng(3)
+    x = np.ones((1, CHANNELS, 4, 4), np.float32)  # the first two rows at 1.0: pair sums 64770, beyond int16
+    x[:, :, 2:] = rng.random((1, CHANNELS, 2, 4), dtype=np.float32)
+    exact_s, kern_s = engine_session(m, "ort-exact", threads=1), engine_session(m, "ort", threads=1)
+    opt = ort.GraphOptimizationLevel
+    assert exact_s.get_session_options().graph_optimization_level == opt.ORT_DISABLE_ALL
+    assert kern_s.get_session_options().graph_optimization_level != opt.ORT_DISABLE_ALL
+    assert ort_executed_ops(m, 1)["QLinearConv"] == 1  # what the kernels engine runs
+    exact, kern = exact_s.run(None, {"x": x})[0], kern_s.run(None, {"x": x})[0]
+    ref = _qdq_probe_reference(x)
+    assert np.abs(exact - ref).max() <= step / 2 + 1e-5  # float rounding order at most moves a value across a step's midpoint
+    assert np.mean(np.isclose(exact, ref, atol=1e-5)) > 0.95
+    if probe(tmp_path)["saturates"]:  # this CPU's u8s8 kernel clips: the all-ones rows lose half their value
+        assert np.abs(kern - exact).max() > 20 * step
+    else:
+        assert np.abs(kern - exact).max() <= step + 1e-6
+
+
 def _qemu() -> str:
     q = qemu_binary()
     assert q, "qemu-x86_64-static not found: bash scripts/get_qemu.sh fetches it into .cache/qemu (scripts/test.sh does)"

@@ -238,12 +238,23 @@ def test_the_browser_check_sees_what_a_reader_sees(tmp_path):
     plt.close(fig)
     png = base64.b64encode(buf.getvalue()).decode()
     page = tmp_path / "p.html"
+    # a real figure; an empty one; bytes that are long enough but no PNG; a PNG of one blank colour
+    fig2 = plt.figure(figsize=(4, 3))
+    blank_png = io.BytesIO()
+    fig2.savefig(blank_png, format="png")
+    plt.close(fig2)
+    garbage = base64.b64encode(b"\x89PNG not really" * 2000).decode()
+    blank_b64 = base64.b64encode(blank_png.getvalue()).decode()
     page.write_text(f"<html><body><h1>Report</h1><h2>The answer</h2><table><tr><th>role</th></tr><tr><td>fp32</td></tr></table>"
-                    f"<h2>Plot</h2><img src='data:image/png;base64,{png}'><img src='data:image/png;base64,'></body></html>")  # fmt: skip
+                    f"<h2>Plot</h2><img src='data:image/png;base64,{png}'><img src='data:image/png;base64,'>"
+                    f"<img src='data:image/png;base64,{garbage}'><img src='data:image/png;base64,{blank_b64}'></body></html>")  # fmt: skip
     r = render(page)
     assert r["headings"] == ["Report", "The answer", "Plot"]
     assert r["tables"][0]["after"] == "The answer" and r["tables"][0]["text"] == ["role", "fp32"]
-    assert [i["inline_bytes"] > 5000 for i in r["images"]] == [True, False]  # the empty figure is seen as empty
+    real, empty, broken, blank_fig = r["images"]
+    assert real["png"] and (real["width"], real["height"]) == (400, 300) and real["pixel_std"] > 0.01
+    assert not empty["png"] and not broken["png"]  # the empty and the undecodable figure are seen as such
+    assert blank_fig["png"] and blank_fig["pixel_std"] == 0.0  # decodes, but shows nothing
     assert r["screenshot_std"] > 0.02
     blank = tmp_path / "blank.html"
     blank.write_text("<html><body></body></html>")

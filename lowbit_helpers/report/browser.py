@@ -7,6 +7,9 @@ Debian's ``chromium`` package (``scripts/test.sh`` installs it when missing: ``s
 
 from __future__ import annotations
 
+import base64
+import binascii
+import io
 import shutil
 import subprocess
 import tempfile
@@ -29,8 +32,23 @@ def chromium() -> str:
                       "install Debian's package: apt-get install -y chromium")  # fmt: skip
 
 
+def decode_image(src: str) -> dict:
+    """An inline image as the page carries it: whether it decodes as a PNG, its width and height in
+    pixels and the spread of its pixel values (0 for a blank image)."""
+    from matplotlib import image as mpimg  # late: matplotlib only for figures
+
+    head, _, data = src.partition(",")
+    if head != "data:image/png;base64":
+        return {"png": False, "width": 0, "height": 0, "pixel_std": 0.0}
+    try:
+        px = np.asarray(mpimg.imread(io.BytesIO(base64.b64decode(data, validate=True)), format="png"), float)
+    except (ValueError, binascii.Error, OSError, SyntaxError):  # not base64, or not a PNG (Pillow's errors)
+        return {"png": False, "width": 0, "height": 0, "pixel_std": 0.0}
+    return {"png": True, "width": int(px.shape[1]), "height": int(px.shape[0]), "pixel_std": float(px.std())}
+
+
 class _Page(HTMLParser):
-    """What the rendered DOM holds: headings, tables (rows with text) and images (decoded size)."""
+    """What the rendered DOM holds: headings, tables (rows with text) and images (decoded)."""
 
     def __init__(self):
         super().__init__()
@@ -53,8 +71,7 @@ class _Page(HTMLParser):
             self._cell = []
         elif tag == "img":
             src = a.get("src") or ""
-            self.images.append({"after": self.headings[-1] if self.headings else "", "inline_bytes": len(src) * 3 // 4
-                                if src.startswith("data:image") else 0, "src": src[:40]})  # fmt: skip
+            self.images.append({"after": self.headings[-1] if self.headings else "", "src": src[:40], **decode_image(src)})
 
     def handle_endtag(self, tag):
         if tag in ("h1", "h2", "h3") and self._heading is not None:
@@ -77,8 +94,8 @@ class _Page(HTMLParser):
 
 
 def render(html: str | Path, width: int = 1400, height: int = 6000, timeout: float = 120) -> dict:
-    """Open ``html`` in headless Chromium: {headings, tables, images, screenshot_std (pixel spread
-    of the first screen of its screenshot: 0 for a blank page)}."""
+    """Open ``html`` in headless Chromium: {headings, tables, images (each decoded: :func:`decode_image`),
+    screenshot_std (pixel spread of the first screen of its screenshot: 0 for a blank page)}."""
     from matplotlib import image as mpimg  # late: matplotlib only for figures
 
     html = Path(html).resolve()
