@@ -78,7 +78,8 @@ def test_the_exact_engine_is_the_qdq_arithmetic_not_the_kernels(tmp_path):
     assert ort_executed_ops(m, 1)["QLinearConv"] == 1  # what the kernels engine runs
     exact, kern = exact_s.run(None, {"x": x})[0], kern_s.run(None, {"x": x})[0]
     ref = _qdq_probe_reference(x)
-    assert np.abs(exact - ref).max() <= step / 2 + 1e-5  # float rounding order at most moves a value across a step's midpoint
+    # outputs come in whole steps: float rounding order may move a value near a step's midpoint by one step, rarely
+    assert np.abs(exact - ref).max() <= step + 1e-5
     assert np.mean(np.isclose(exact, ref, atol=1e-5)) > 0.95
     if probe(tmp_path)["saturates"]:  # this CPU's u8s8 kernel clips: the all-ones rows lose half their value
         assert np.abs(kern - exact).max() > 20 * step

@@ -126,6 +126,40 @@ def test_int8_report_reads_every_engine_and_names_what_it_ships():
     assert "kernel_probe" not in r.kernel_probe_text(res) and "no saturation" in r.kernel_probe_text(res)
 
 
+def test_int8_report_where_qemu_is_missing():
+    """Without QEMU the emulated CPU's entry is a Skipped: the table says why, nothing else reads it."""
+    from lowbit_helpers.report import int8 as r
+
+    res = _synthetic_int8_result()
+    res.emulated["ort-a"] = Skipped("qemu-x86_64-static not found")
+    assert r.emulation_table(res).loc["ort-a", "emulated CPU"] == "qemu-x86_64-static not found"
+    assert not any("emulated" in c for c in r.drop_decomposition(res).columns)
+    assert "ship `ort-keep`" in r.int8_conclusion(res) and "emulated" not in r.int8_conclusion(res)
+
+
+def test_decode_image_without_a_browser():
+    import base64
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lowbit_helpers.report.browser import decode_image
+
+    fig, ax = plt.subplots(figsize=(2, 1))
+    ax.plot([0, 1], [1, 0])
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    ok = decode_image("data:image/png;base64," + base64.b64encode(buf.getvalue()).decode())
+    assert ok["png"] and (ok["width"], ok["height"]) == (200, 100) and ok["pixel_std"] > 0.01
+    for bad in ("", "data:image/png;base64,", "data:image/png;base64,@@@", "data:image/jpeg;base64,AAAA",
+                "data:image/png;base64," + base64.b64encode(b"not a png" * 100).decode()):
+        assert not decode_image(bad)["png"], bad
+
+
 def test_int8_report_without_openvino_and_structure_only():
     from lowbit_helpers.report import int8 as r
 

@@ -88,7 +88,7 @@ class Int8Result:
     latency: list[dict]
     kernel_probe: dict
     fp32_engines: dict = field(default_factory=dict)
-    emulated: dict[str, dict] = field(default_factory=dict)
+    emulated: dict[str, dict | Skipped] = field(default_factory=dict)  # Skipped where QEMU is missing
     profiles: dict = field(default_factory=dict)
     environment: dict = field(default_factory=dict)
     structure_only: bool = False
@@ -496,8 +496,9 @@ def tensorrt_pick(result: Int8Result) -> dict | None:
 
 
 def read_int8_result(run: RunDir) -> Int8Result | None:
-    """What :func:`ort_cpu_pick` needs, read from notebook 03's artifacts only (nothing is computed);
-    None while any of them is missing (notebook 03 not run, or not finished)."""
+    """What :func:`ort_cpu_pick` needs, read from notebook 03's artifacts only (nothing is computed):
+    recipes, validations, the bench and the probe, not a whole result (the report reads
+    :func:`run_int8`'s); None while any of them is missing (notebook 03 not run, or not finished)."""
     rels = {v.name: (VARIANT_RECIPE.format(name=v.name), VARIANT_EVAL.format(name=v.name)) for v in run.cfg.int8.variants}
     needed = [r for pair in rels.values() for r in pair] + [LATENCY, KERNEL_PROBE]
     if not all(run.has(r) for r in needed):
