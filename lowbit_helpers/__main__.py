@@ -12,7 +12,7 @@ import onnx
 
 from .artifacts import atomic_path, read_json, sha256_file, write_json
 from .assets import resolve_model, validate_raw_onnx
-from .config import load_config, parse_config
+from .config import CandidatesCfg, SensitivityCfg, load_config, parse_config
 from .data import calibration_tensor, read_image_list
 from .errors import LowbitError
 from .export import export_raw_onnx
@@ -28,7 +28,7 @@ from .int8 import (
     quantize_int8,
 )
 from .int8.calibration import load_calibration
-from .lowbit import method_grammar, parse_method
+from .lowbit import DEFAULT_METHOD, method_grammar, parse_method
 from .lowbit.materialize import check_scheme, materialize, stats_convs
 from .lowbit.stats import collect_stats
 from .rundir import RunDir, run_lock
@@ -41,6 +41,7 @@ from .sensitivity.sweep import DIRECTIONS, activation_ranges, measure
 from .steps import baseline
 from .steps import sensitivity as step
 from .steps.baseline import evaluate_model
+from .steps.candidates import CANDIDATES
 
 
 def _raw_onnx(path: str, check_output: bool = True) -> Path:
@@ -213,7 +214,25 @@ def _cmd_validate_sensitivity(args) -> int:
     return 0
 
 
+def _materialize_defaults(args) -> None:
+    """Fill what the command line left open: from ``--run`` (the method its ladder chose, its
+    calibration tensor and image counts), else the defaults the params and the report use."""
+    if args.run:
+        run = RunDir.open(args.run)
+        if not run.has(CANDIDATES):
+            raise LowbitError(f"{args.run} has no {CANDIDATES}", "run notebook 05 for it first, or drop --run")
+        args.method = args.method or run.read(CANDIDATES)["method"]
+        args.range_images = args.range_images or run.cfg.sensitivity.range_images
+        args.stats_images = args.stats_images or run.cfg.candidates.stats_images
+        if not (args.calib or args.calib_npy):
+            args.calib_npy = str(run.artifact(baseline.CALIB))
+    args.method = args.method or DEFAULT_METHOD
+    args.range_images = args.range_images or SensitivityCfg.model_fields["range_images"].default
+    args.stats_images = args.stats_images or CandidatesCfg.model_fields["stats_images"].default
+
+
 def _cmd_materialize(args) -> int:
+    _materialize_defaults(args)
     scheme_path = Path(args.scheme)
     if not scheme_path.is_file():
         raise LowbitError(f"scheme not found: {scheme_path}", "give a scheme JSON written by notebook 04 or `schemes`")
@@ -231,6 +250,8 @@ def _cmd_materialize(args) -> int:
                           "entry to apply its node precisions to this model anyway")  # fmt: skip
     nodes = check_scheme(model, scheme.get("nodes") if isinstance(scheme, dict) else None)
     need = max(args.range_images, args.stats_images)
+    if not (args.calib or args.calib_npy):
+        raise LowbitError("no calibration images", "pass --calib LIST.txt or --calib-npy calib.npy, or --run RUN_DIR")
     if args.calib_npy:
         calib = load_calibration(args.calib_npy, need)
     else:
@@ -380,12 +401,17 @@ def build_parser() -> argparse.ArgumentParser:
     z = sub.add_parser("materialize", help="a mixed-precision scheme (JSON) -> one deployable Q/DQ ONNX with INT4/INT8/FP8 weights")
     z.add_argument("scheme", help="scheme JSON (node -> fp32 | fp16 | w8a8 | w4a16 | w4a8 | fp8)")
     z.add_argument("model", help="the FP32 raw-head ONNX the scheme was made for")
-    zsrc = z.add_mutually_exclusive_group(required=True)
+    zsrc = z.add_mutually_exclusive_group()
     zsrc.add_argument("--calib", help="text file of calibration image paths (train2017, never evaluation images)")
     zsrc.add_argument("--calib-npy", help="instead: an N x 3 x 640 x 640 float32 .npy (a run's calib/calib.npy)")
-    z.add_argument("--method", default="gptq-bc", help=f"4-bit method {method_grammar()} (default gptq-bc)")
-    z.add_argument("--range-images", type=_positive, default=32, help="activation ranges from calibration images [0, R)")
-    z.add_argument("--stats-images", type=_positive, default=32, help="GPTQ / bias-correction statistics from images [0, N)")
+    z.add_argument("--run", metavar="RUN_DIR", help="a run after notebook 05 (e.g. runs/default): its chosen 4-bit method, "
+                   "its calibration tensor and image counts, so the file is the run's candidate byte for byte")  # fmt: skip
+    z.add_argument("--method", help=f"4-bit method {method_grammar()} (default: the run's with --run, else "
+                   f"{DEFAULT_METHOD}, the default report's choice)")  # fmt: skip
+    z.add_argument("--range-images", type=_positive, help="activation ranges from calibration images [0, R) "
+                   f"(default: the run's, else {SensitivityCfg.model_fields['range_images'].default} as in the params)")  # fmt: skip
+    z.add_argument("--stats-images", type=_positive, help="GPTQ / bias-correction statistics from images [0, N) "
+                   f"(default: the run's, else {CandidatesCfg.model_fields['stats_images'].default} as in the params)")  # fmt: skip
     z.add_argument("--out", required=True, help="OUT.onnx (its recipe goes beside it as OUT.recipe.json)")
     z.set_defaults(func=_cmd_materialize)
 

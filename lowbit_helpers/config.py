@@ -19,7 +19,7 @@ from .errors import LowbitError
 from .formats import FORMATS
 from .int8 import ALL_BIAS_CORRECTIONS, ALL_METHODS, BACKENDS, HEAD_POLICIES, Int8Options, checked, option_specs
 from .int8.bias_correction import BC_IMAGES
-from .lowbit import method_grammar, parse_method
+from .lowbit import DEFAULT_METHOD, method_grammar, parse_method
 from .runtime import ENGINES, RUNTIMES
 from .schema import DecodeCfg, Section
 from .sensitivity.metrics import METRICS
@@ -166,7 +166,7 @@ class ValidationCfg(Section):
     enabled: bool = Field(False, description="run the metric validation (dozens of COCO evaluations; "
                                              "`python -m lowbit_helpers validate-sensitivity PARAMS` runs it alone)")
     formats: list[Fmt] = Field(default_factory=lambda: ["w4a16", "w4a8"], description="alone direction, each format")
-    method: str = Field("gptq-bc-b32", description="4-bit weight PTQ of the perturbations (a lowbit.METHODS name)")
+    method: str = Field(DEFAULT_METHOD, description="4-bit weight PTQ of the perturbations (a lowbit.METHODS name)")
     layers: int = Field(24, ge=3, description="layers per format: the `top` most sensitive by each candidate metric, "
                                               "the rest spread evenly over the ranking")
     top: int = Field(4, ge=0, description="see layers")

@@ -289,6 +289,10 @@ def test_cli_materialize_on_yolov10n(yolov10n_onnx, coco_root, tmp_path, capsys)
     valid.write_text(json.dumps({"nodes": {c: "w4a16" for c in convs}}))
     assert main(["materialize", str(valid), str(yolov10n_onnx), "--calib", str(short), "--out", str(out)]) == 2
     assert "need 32" in capsys.readouterr().err and not out.exists()
+    assert main(["materialize", str(valid), str(yolov10n_onnx), "--out", str(out)]) == 2
+    assert "no calibration images" in capsys.readouterr().err and not out.exists()
+    assert main(["materialize", str(valid), str(yolov10n_onnx), "--run", str(tmp_path), "--out", str(out)]) == 2
+    assert "not a run directory" in capsys.readouterr().err and not out.exists()
     with pytest.raises(SystemExit):
         main(["materialize", str(bad), str(yolov10n_onnx), "--calib", str(short), "--range-images", "0", "--out", str(out)])
     good = tmp_path / "good.json"

@@ -1,0 +1,26 @@
+"""The command line's defaults are the report's answer, not a second opinion."""
+
+import re
+from pathlib import Path
+
+from lowbit_helpers.__main__ import _materialize_defaults, build_parser
+from lowbit_helpers.config import load_config
+from lowbit_helpers.lowbit import DEFAULT_METHOD, parse_method
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_materialize_defaults_are_the_default_reports_choices():
+    """The committed default report names the 4-bit method its ladder chose; `materialize` without
+    --method uses that one, with the calibration counts params/default.yaml gives."""
+    summary = (REPO / "reports" / "default" / "summary.md").read_text()
+    chosen = re.search(r"4-bit method (\S+) chosen on", summary)
+    assert chosen, "the default report names no chosen 4-bit method"
+    assert chosen.group(1) == DEFAULT_METHOD, "rerun the report changed the choice: set lowbit.DEFAULT_METHOD to it"
+    parse_method(DEFAULT_METHOD)
+    args = build_parser().parse_args(["materialize", "s.json", "m.onnx", "--calib-npy", "c.npy", "--out", "o.onnx"])
+    _materialize_defaults(args)
+    cfg = load_config(REPO / "params" / "default.yaml")
+    assert (args.method, args.range_images, args.stats_images) == (
+        DEFAULT_METHOD, cfg.sensitivity.range_images, cfg.candidates.stats_images)
+    assert cfg.sensitivity.validation.method == DEFAULT_METHOD
