@@ -5,6 +5,8 @@ from pathlib import Path
 
 from lowbit_helpers.__main__ import _materialize_defaults, build_parser
 from lowbit_helpers.config import load_config
+from lowbit_helpers.int8 import checked
+from lowbit_helpers.int8.base import Int8Options
 from lowbit_helpers.lowbit import DEFAULT_METHOD, parse_method
 
 REPO = Path(__file__).resolve().parent.parent
@@ -24,3 +26,20 @@ def test_materialize_defaults_are_the_default_reports_choices():
     assert (args.method, args.range_images, args.stats_images) == (
         DEFAULT_METHOD, cfg.sensitivity.range_images, cfg.candidates.stats_images)
     assert cfg.sensitivity.validation.method == DEFAULT_METHOD
+
+
+def test_quantize_int8_defaults_are_the_shipped_recipes():
+    """`quantize-int8` with no --backend builds the default report's CPU pick; with --backend and
+    nothing else, the TensorRT pick: the backends' defaults are the shipped recipes."""
+    summary = (REPO / "reports" / "default" / "summary.md").read_text()
+    cpu = re.search(r"\*\*CPU:\*\* ship `([^`]+)`", summary).group(1)
+    trt = re.search(r"\*\*TensorRT:\*\* ship `([^`]+)`", summary).group(1)
+    cfg = load_config(REPO / "params" / "default.yaml")
+    variants = {v.name: v for v in cfg.int8.variants}
+    args = build_parser().parse_args(["quantize-int8", "m.onnx", "--calib-npy", "c.npy", "--out", "q.onnx"])
+    assert args.backend == variants[cpu].backend
+    assert args.images == (cfg.int8.calib_images or cfg.data.calib_images)
+    for name in (cpu, trt):
+        v = variants[name]
+        assert not v.keep_sensitive, name  # a keep_sensitive recipe needs the sweep: not a command-line default
+        assert checked(v.backend, Int8Options()) == checked(v.backend, v.options()), name

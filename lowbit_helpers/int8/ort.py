@@ -136,7 +136,8 @@ class OrtBackend(Int8Backend):
 
     name, title, library = "ort", "ORT", None
     help = "the recipe the report ships for ORT CPU"
-    methods, default_method = ORT_METHODS, "avgminmax"
+    # the default report's CPU pick (ort-percentile); tests/test_cli_defaults.py holds the two together
+    methods, default_method = ORT_METHODS, "percentile"
     options = {
         "reduce_range": OptionSpec("--reduce-range", "7-bit weights (no int16 saturation on CPUs without VNNI)", kind=bool),
         "placement": OptionSpec("--placement", "Q/DQ on every op ORT quantizes (all: QLinearConv under ORT) or on Conv "
