@@ -405,7 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     zsrc.add_argument("--calib", help="text file of calibration image paths (train2017, never evaluation images)")
     zsrc.add_argument("--calib-npy", help="instead: an N x 3 x 640 x 640 float32 .npy (a run's calib/calib.npy)")
     z.add_argument("--run", metavar="RUN_DIR", help="a run after notebook 05 (e.g. runs/default): its chosen 4-bit method, "
-                   "its calibration tensor and image counts, so the file is the run's candidate byte for byte")  # fmt: skip
+                   "its calibration tensor and image counts")  # fmt: skip
     z.add_argument("--method", help=f"4-bit method {method_grammar()} (default: the run's with --run, else "
                    f"{DEFAULT_METHOD}, the default report's choice)")  # fmt: skip
     z.add_argument("--range-images", type=_positive, help="activation ranges from calibration images [0, R) "

@@ -159,21 +159,6 @@ def test_gpu_bench_on_a_machine_without_a_gpu(smoke_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_the_cli_pointed_at_the_run_writes_its_candidate(smoke_run, tmp_path):
-    """`materialize SCHEME MODEL --run RUN` takes the run's chosen method, calibration and image
-    counts: the file is the run's own candidate, byte for byte."""
-    from lowbit_helpers.__main__ import main
-
-    run = smoke_run.run
-    method = read_json(run / "results" / "candidates.json")["method"]
-    out = tmp_path / "w4a8-top0.onnx"
-    assert main(["materialize", str(run / "schemes" / "w4a8-top0.json"), str(run / "baseline-onnx" / "model.onnx"),
-                 "--run", str(run), "--out", str(out)]) == 0  # fmt: skip
-    assert out.read_bytes() == (run / "candidates" / f"w4a8-top0.{method}.onnx").read_bytes()
-    assert read_json(out.with_suffix(".recipe.json"))["method"] == method
-
-
-@pytest.mark.slow
 def test_a_rerun_reuses_every_stage(smoke_run, coco_root):
     """The same params again: every stage is reused (the summaries that only read cached stages,
     keyed "always" / "derived", are rewritten each time)."""
