@@ -214,6 +214,11 @@ def _cmd_validate_sensitivity(args) -> int:
     return 0
 
 
+# materialize's image counts when neither the command line nor --run gives them: the params' defaults
+RANGE_IMAGES = SensitivityCfg.model_fields["range_images"].default
+STATS_IMAGES = CandidatesCfg.model_fields["stats_images"].default
+
+
 def _materialize_defaults(args) -> None:
     """Fill what the command line left open: from ``--run`` (the method its ladder chose, its
     calibration tensor and image counts), else the defaults the params and the report use."""
@@ -227,8 +232,8 @@ def _materialize_defaults(args) -> None:
         if not (args.calib or args.calib_npy):
             args.calib_npy = str(run.artifact(baseline.CALIB))
     args.method = args.method or DEFAULT_METHOD
-    args.range_images = args.range_images or SensitivityCfg.model_fields["range_images"].default
-    args.stats_images = args.stats_images or CandidatesCfg.model_fields["stats_images"].default
+    args.range_images = args.range_images or RANGE_IMAGES
+    args.stats_images = args.stats_images or STATS_IMAGES
 
 
 def _cmd_materialize(args) -> int:
@@ -409,9 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("--method", help=f"4-bit method {method_grammar()} (default: the run's with --run, else "
                    f"{DEFAULT_METHOD}, the default report's choice)")  # fmt: skip
     z.add_argument("--range-images", type=_positive, help="activation ranges from calibration images [0, R) "
-                   f"(default: the run's, else {SensitivityCfg.model_fields['range_images'].default} as in the params)")  # fmt: skip
+                   f"(default: the run's, else {RANGE_IMAGES} as in the params)")  # fmt: skip
     z.add_argument("--stats-images", type=_positive, help="GPTQ / bias-correction statistics from images [0, N) "
-                   f"(default: the run's, else {CandidatesCfg.model_fields['stats_images'].default} as in the params)")  # fmt: skip
+                   f"(default: the run's, else {STATS_IMAGES} as in the params)")  # fmt: skip
     z.add_argument("--out", required=True, help="OUT.onnx (its recipe goes beside it as OUT.recipe.json)")
     z.set_defaults(func=_cmd_materialize)
 

@@ -34,9 +34,6 @@ class Skipped:
 
     why: str
 
-    def __str__(self) -> str:
-        return self.why
-
     def record(self) -> dict:
         """The JSON form a stage writes (``{"skipped": why}``)."""
         return {"skipped": self.why}

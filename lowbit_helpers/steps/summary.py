@@ -18,8 +18,8 @@ from .candidates import CANDIDATE_ONNX, CandidatesResult
 from .int8 import Int8Result, ort_cpu_pick, tensorrt_pick, variant_model
 from .int8 import splits as int8_splits
 
-Int8Step = Int8Result | Skipped | None  # notebook 03's result, why it did not run, or not read
-CandidatesStep = CandidatesResult | Skipped | None  # notebook 05's, likewise
+Int8Step = Int8Result | Skipped  # notebook 03's result, or why it did not run
+CandidatesStep = CandidatesResult | Skipped  # notebook 05's, likewise
 
 DETECTIONS = "summary/detections.json"  # the shipped models' boxes on the first images of the confirmation split
 FP32_PER_CLASS = "summary/fp32_per_class.json"  # FP32's AP per class on the whole confirmation subset, box counts
