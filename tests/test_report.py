@@ -1,9 +1,14 @@
+import re
+from pathlib import Path
+
 import pytest
 
-from lowbit_helpers.report.summary import update_readme
+from lowbit_helpers.report.summary import README_END, README_START, update_readme
 from lowbit_helpers.schema import Skipped
 from lowbit_helpers.steps.candidates import CandidatesResult
 from lowbit_helpers.steps.int8 import Int8Result
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def test_update_readme_replaces_only_the_results_block(tmp_path):
@@ -19,6 +24,22 @@ def test_update_readme_replaces_only_the_results_block(tmp_path):
     with pytest.raises(ValueError, match="results:start"):
         update_readme(readme, summary, "default")
 
+
+
+# a measurement typed into prose: a number with a unit of time, memory or signal, a ratio, or a
+# correlation (parameters such as "95 %" or "4 × 16 bins" are not measurements)
+TYPED_MEASUREMENT = re.compile(r"\b\d+(?:\.\d+)?\s?(?:ms|s|min|minutes?|hours?|GB|GiB|MB|MiB|dB)(?![\w-])"
+                               r"|\b\d+\.\d+\s?[×x](?![\w-])|(?:Spearman|SQNR|mAP)[^.\n]{0,12}?[-+]?\d\.\d")
+
+
+def test_the_readme_types_no_measurement_outside_its_generated_block():
+    """Numbers that a run measures live only in the block `update_readme` writes from summary.md."""
+    text = (REPO / "README.md").read_text()
+    start, end = text.index(README_START), text.index(README_END)
+    prose = text[:start] + text[end:]
+    assert TYPED_MEASUREMENT.search("the sweep took 787 s and 4.7 GB") and TYPED_MEASUREMENT.search("Spearman 0.85")
+    found = [m.group(0) for m in TYPED_MEASUREMENT.finditer(prose)]
+    assert not found, f"typed measurements outside the generated block: {found}"
 
 def test_int8_verdicts_need_the_whole_interval():
     from lowbit_helpers.report.int8 import _gap_verdict, _verdict, fmt_delta
