@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,7 +32,7 @@ from .int8.calibration import load_calibration
 from .lowbit import DEFAULT_METHOD, method_grammar, parse_method
 from .lowbit.materialize import check_scheme, materialize, stats_convs
 from .lowbit.stats import collect_stats
-from .rundir import RunDir, run_lock
+from .rundir import REPO_ROOT, RunDir, run_lock
 from .runtime import RUNTIMES, bench_models, compare_profiles, environment, profile_model
 from .runtime.sessions import OPENVINO_PRECISIONS
 from .schema import DECODE_MODES, Skipped
@@ -188,6 +189,17 @@ def _cmd_sensitivity(args) -> int:
     return 0
 
 
+def _commit() -> str:
+    """The checkout's commit, short, with ``+changes`` when the package differs from it ("unknown" outside git)."""
+    def git(*a):
+        return subprocess.run(["git", "-C", str(REPO_ROOT), *a], capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        return git("rev-parse", "--short", "HEAD") + ("+changes" if git("status", "--porcelain", "--", "lowbit_helpers") else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def _cmd_validate_sensitivity(args) -> int:
     """Notebook 04's metric validation alone, on a run's cached stages; its JSON beside the report."""
 
@@ -204,7 +216,8 @@ def _cmd_validate_sensitivity(args) -> int:
         raise LowbitError(f"the validation cannot run: {result.why}", "use a params file with real weights")
     out = Path(cfg.output.reports_dir) / run.run_id / step.VALIDATION_REPORT
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(out, run.read(step.VALIDATION))  # with its measured costs (the run's file leaves them to the manifest)
+    # with its measured costs (the run's file leaves them to the manifest) and when and from which code it was made
+    write_json(out, {**run.read(step.VALIDATION), "made_on": {"date": time.strftime("%Y-%m-%d", time.gmtime()), "commit": _commit()}})
     a = result["agreement"]
     for name, table in a["spearman"].items():
         print(name + ": " + ", ".join(f"{m} {t['select']['rho']:+.2f}/{t['confirm']['rho']:+.2f}" for m, t in table.items()))

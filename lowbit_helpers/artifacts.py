@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Iterator
@@ -37,8 +38,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """``obj`` as strict JSON (RFC 8259, what jq and JavaScript read): a float that is not finite is
+    written as ``null`` (NaN: undefined, e.g. the AP of a class without boxes; an infinite SQNR:
+    no noise at all, read back by :func:`lowbit_helpers.runtime.inspect.sqnr_value`)."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
+        tmp.write_text(json.dumps(finite(obj), indent=2, allow_nan=False) + "\n")
     return Path(path)
 
 
@@ -46,10 +50,19 @@ def read_json(path: str | os.PathLike) -> Any:
     return json.loads(Path(path).read_text())
 
 
-def _json_default(obj: Any) -> Any:
-    # numpy scalars and arrays, Paths
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
+def finite(obj: Any) -> Any:
+    """``obj`` with JSON's types only: numpy scalars and arrays as Python numbers and lists, paths
+    as strings, tuples as lists, and every float that is not finite as ``None``."""
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if obj is None or isinstance(obj, (str, int)):
+        return obj
+    if hasattr(obj, "tolist"):  # numpy scalars and arrays
+        return finite(obj.tolist())
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")

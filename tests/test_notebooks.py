@@ -12,16 +12,20 @@ from lowbit_helpers.artifacts import read_json
 from lowbit_helpers.errors import LowbitError
 from lowbit_helpers.pipeline import NOTEBOOK_DIR, run_pipeline
 from lowbit_helpers.report.sections import SECTIONS
+from lowbit_helpers.schema import Skipped
 
 REPO = Path(__file__).resolve().parent.parent
 SECTION_ORDER = [s.title for s in SECTIONS]
 
 
-def smoke_params(tmp_path, coco_root, **model) -> Path:
+def smoke_params(tmp_path, coco_root, sections: dict | None = None, **model) -> Path:
+    """params/smoke.yaml writing under ``tmp_path``; ``sections``: keys replaced per params section."""
     p = yaml.safe_load((REPO / "params" / "smoke.yaml").read_text())
     p["data"]["coco_root"] = str(coco_root)
     p["output"] = {"runs_dir": str(tmp_path / "runs"), "reports_dir": str(tmp_path / "reports")}
     p.setdefault("model", {}).update(model)
+    for section, keys in (sections or {}).items():
+        p[section].update(keys)
     out = tmp_path / "smoke.yaml"
     out.write_text(yaml.safe_dump(p))
     return out
@@ -114,6 +118,69 @@ def test_smoke_run_of_all_notebooks(smoke_run):
     assert str(root) not in html and str(root) not in summary  # no absolute path of the machine
 
 
+
+@pytest.mark.slow
+def test_a_committed_validation_is_shown_only_where_everything_that_made_it_matches(smoke_run, tmp_path, monkeypatch):
+    """With the validation off, a run shows the committed result (labelled with its date and commit)
+    only where the model, the images and boxes, the calibration images, the method and the metrics'
+    code that made it equal the run's own; otherwise it says which of them differs."""
+    import json
+
+    from lowbit_helpers.report.sensitivity import committed_label
+    from lowbit_helpers.rundir import RunDir
+    from lowbit_helpers.sensitivity.metrics import read_back
+    from lowbit_helpers.steps import sensitivity as step
+
+    run = RunDir.open(smoke_run.run)
+    s = run.cfg.sensitivity
+    off = run.cfg.model_copy(update={
+        "output": run.cfg.output.model_copy(update={"reports_dir": str(tmp_path)}),
+        "sensitivity": s.model_copy(update={"validation": s.validation.model_copy(update={"enabled": False})})})  # fmt: skip
+    view = RunDir(run.path, off)  # the smoke run's inputs, the validation not rerun
+    made = read_json(run.path / step.VALIDATION)
+    assert set(made["made_by"]) == {"model_sha256", "evaluation", "calibration", "decode", "code"}
+    committed = tmp_path / step.FULL_RUN / step.VALIDATION_REPORT
+    committed.parent.mkdir()
+    sens = read_back(read_json(run.path / step.SENS))
+
+    def shown(record):
+        committed.write_text(json.dumps({**record, "made_on": {"date": "2026-12-05", "commit": "abc1234"}}))
+        return step.validation(view, sens)
+
+    ok = shown(made)
+    assert ok["committed"] == f"{step.FULL_RUN}/{step.VALIDATION_REPORT}" and ok["agreement"]["spearman"]
+    label = committed_label(ok)
+    assert "2026-12-05" in label and "abc1234" in label
+    for key, value, named in (("calibration", {**made["made_by"]["calibration"], "sha256": "0" * 64}, "calibration"),
+                              ("evaluation", {**made["made_by"]["evaluation"], "sha256": "0" * 64}, "evaluation"),
+                              ("model_sha256", "0" * 64, "model_sha256")):  # fmt: skip
+        why = shown({**made, "made_by": {**made["made_by"], key: value}})
+        assert isinstance(why, Skipped) and f"another {named}" in why.why, getattr(why, "why", "shown although it differs")
+    why = shown({**made, "method": "rtn" if made["method"] != "rtn" else "gptq"})
+    assert isinstance(why, Skipped) and "method (" in why.why
+    why = shown({k: v for k, v in made.items() if k != "made_by"})
+    assert isinstance(why, Skipped) and "does not record what made it" in why.why
+    monkeypatch.setattr(step, "SWEEP_VERSION", step.SWEEP_VERSION + 1)  # the metrics' code changed since
+    why = shown(made)
+    assert isinstance(why, Skipped) and "another code" in why.why
+
+def _refuse(token):
+    raise ValueError(f"{token} is not JSON")
+
+
+@pytest.mark.slow
+def test_every_json_the_smoke_run_writes_is_strict_json(smoke_run):
+    """jq and JavaScript read every JSON of a run: no NaN or Infinity token (write_json writes null)."""
+    import json
+
+    files = sorted(smoke_run.root.rglob("*.json"))
+    assert len(files) > 50 and any(f.name == "sensitivity.json" for f in files) and any(f.name == "metrics.json" for f in files)
+    for f in files:
+        try:
+            json.loads(f.read_text(), parse_constant=_refuse)
+        except ValueError as exc:
+            raise AssertionError(f"{f.relative_to(smoke_run.root)}: {exc}") from None
+
 @pytest.mark.slow
 def test_the_report_as_a_browser_shows_it(smoke_run):
     """Headless Chromium's DOM and screenshot of the smoke report: every section in order, the answer's
@@ -159,6 +226,29 @@ def test_gpu_bench_on_a_machine_without_a_gpu(smoke_run, tmp_path):
 
 
 @pytest.mark.slow
+def test_the_cli_pointed_at_the_run_writes_its_candidate(smoke_run, tmp_path):
+    """`materialize SCHEME MODEL --run RUN` takes the run's chosen method, calibration and image
+    counts: the file is the run's own candidate, byte for byte, whatever torch's thread count in
+    the calling process (GPTQ's float sums are split per thread: lowbit/stats.py TORCH_THREADS)."""
+    import torch
+
+    from lowbit_helpers.__main__ import main
+
+    run = smoke_run.run
+    method = read_json(run / "results" / "candidates.json")["method"]
+    assert method.startswith("gptq")  # the statistics and GPTQ path, not round to nearest
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # not the notebooks' two: the codes must not depend on it
+    try:
+        out = tmp_path / "w4a8-top0.onnx"
+        assert main(["materialize", str(run / "schemes" / "w4a8-top0.json"), str(run / "baseline-onnx" / "model.onnx"),
+                     "--run", str(run), "--out", str(out)]) == 0  # fmt: skip
+    finally:
+        torch.set_num_threads(before)
+    assert out.read_bytes() == (run / "candidates" / f"w4a8-top0.{method}.onnx").read_bytes()
+    assert read_json(out.with_suffix(".recipe.json"))["method"] == method
+
+@pytest.mark.slow
 def test_a_rerun_reuses_every_stage(smoke_run, coco_root):
     """The same params again: every stage is reused (the summaries that only read cached stages,
     keyed "always" / "derived", are rewritten each time)."""
@@ -169,9 +259,21 @@ def test_a_rerun_reuses_every_stage(smoke_run, coco_root):
     assert {k: again[k]["finished"] for k in finished} == finished
 
 
+# what the structure-only run needs of the smoke params: the code paths a random model changes
+# (no accuracy, no parity, latency and the profiler still), not every backend and engine again
+STRUCTURE_ONLY = {
+    "int8": {"variants": [{"name": "ort-percentile", "backend": "ort", "method": "percentile"}], "fp32_engines": [],
+             "emulate": {"cpu": None}},
+    "sensitivity": {"formats": ["w8a8-ort", "w4a8"], "naive_check": 0, "proxy": False, "budgets": [], "top_k": [0]},
+    "candidates": {"ladder": ["rtn"], "ladder_schemes": ["w4a8-top0"], "schemes": ["w4a8-top0"], "fp8": False,
+                   "random_schemes": 0, "heuristic": False},
+}  # fmt: skip
+
+
 @pytest.mark.slow
 def test_structure_only_model_shows_no_accuracy(tmp_path, coco_root):
-    report = run_pipeline(smoke_params(tmp_path, coco_root, weights="random:yolov10n"), run_id="random", progress=False)
+    params = smoke_params(tmp_path, coco_root, STRUCTURE_ONLY, weights="random:yolov10n")
+    report = run_pipeline(params, run_id="random", progress=False)
     html = report.read_text()
     assert "structure only" in html and "Parity check skipped" in html and "Structure-only model: no accuracy" in html
     assert "Fastest ORT variant" in html and "its Conv kernels take" in html

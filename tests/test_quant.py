@@ -172,8 +172,8 @@ def test_profile_keys_kernels_by_their_onnx_conv(tmp_path):
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
     from lowbit_helpers.report.int8 import latency_breakdown
-    from lowbit_helpers.steps.int8 import Int8Result
     from lowbit_helpers.runtime import compare_profiles, conv_key, profile_model
+    from lowbit_helpers.steps.int8 import Int8Result
 
     aliases = {"/model.0/conv/Conv": "/model.0/conv/Conv", "/model.0/conv/Conv_output_0": "/model.0/conv/Conv"}
     assert conv_key("/model.0/conv/Conv_token_44", aliases) == "/model.0/conv/Conv"

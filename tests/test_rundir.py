@@ -200,3 +200,29 @@ def test_a_declared_stage_computes_once_records_its_dependencies_and_refuses_an_
     with pytest.raises(LowbitError, match="has not run"):
         run.stage(Stage("late", {}, ["a/missing.json"], ["a/late.json"]), lambda: {"x": 1})
     assert not run.has("a/late.json")
+
+
+def test_json_outputs_are_strict_and_sqnrs_come_back_infinite(tmp_path):
+    """NaN and infinity are not JSON (jq and JavaScript reject them): write_json writes null, and a
+    sensitivity record reads its SQNRs back as computed (null there: no noise, +inf)."""
+    import json
+    import math
+
+    import numpy as np
+
+    from lowbit_helpers.artifacts import read_json, write_json
+    from lowbit_helpers.sensitivity.metrics import read_back
+
+    rec = {"per_class_ap": {"toaster": float("nan"), "cow": np.float32(0.25)}, "ratio": np.float64("nan"),
+           "alone": {"fg_box_sqnr": float("inf"), "raw_sqnr": np.float32(30.5)}, "rows": [np.array([1.0, np.inf])],
+           "shape": (2, np.int64(3))}  # fmt: skip
+    path = write_json(tmp_path / "r.json", rec)
+
+    def strict(name):
+        raise ValueError(f"not JSON: {name}")
+
+    back = json.loads(path.read_text(), parse_constant=strict)  # RFC 8259: no NaN / Infinity tokens
+    assert back == {"per_class_ap": {"toaster": None, "cow": 0.25}, "ratio": None, "alone": {"fg_box_sqnr": None, "raw_sqnr": 30.5},
+                    "rows": [[1.0, None]], "shape": [2, 3]}  # fmt: skip
+    restored = read_back(read_json(path))
+    assert restored["alone"]["fg_box_sqnr"] == math.inf and restored["per_class_ap"]["toaster"] is None

@@ -19,7 +19,7 @@ import numpy as np
 
 from ..weights import WeightSpec, expand_scale
 from .base import FourBitMethod
-from .stats import ConvStats, _rows
+from .stats import ConvStats, _rows, fixed_torch_threads
 
 
 def gptq_codes(w: np.ndarray, scale: np.ndarray, spec: WeightSpec, stats: ConvStats, damp: float = 0.01,
@@ -28,6 +28,11 @@ def gptq_codes(w: np.ndarray, scale: np.ndarray, spec: WeightSpec, stats: ConvSt
 
     All groups of a grouped (e.g. depthwise) Conv are solved at once as a batch.
     """
+    with fixed_torch_threads():  # the codes must not depend on torch's thread count (stats.py)
+        return _gptq_codes(w, scale, spec, stats, damp, act_order, block_cols)
+
+
+def _gptq_codes(w, scale, spec, stats, damp, act_order, block_cols) -> np.ndarray:
     import torch  # late: torch costs seconds at import, kept off the command line's start-up
 
     g = stats.geometry.group

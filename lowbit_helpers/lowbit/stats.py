@@ -10,12 +10,31 @@ activation collector (:class:`lowbit_helpers.runtime.Activations`).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 
 from ..runtime import Activations
+
+# torch's intra-op threads for the 4-bit arithmetic (statistics, GPTQ): float sums are split per
+# thread, so with another thread count a rounding decision can flip and a file's codes differ
+# (measured: the smoke run's GPTQ candidate and the same command in a process whose torch had one
+# thread). Fixed here, the codes are a function of the model, the images and the method alone.
+TORCH_THREADS = 2
+
+
+@contextlib.contextmanager
+def fixed_torch_threads(n: int = TORCH_THREADS):
+    import torch  # late: torch costs seconds at import, kept off the command line's start-up
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @dataclass
@@ -94,12 +113,13 @@ class StatsCollector:
     def add(self, images: np.ndarray) -> None:
         import torch  # late: torch costs seconds at import, kept off the command line's start-up
 
-        for values in self._activations.each(images):
-            for name, st in self.stats.items():
-                cols = unfold(values[self._inputs[name]], st.geometry)  # float32 products, float64 sums
-                st.xxt += torch.bmm(cols, cols.transpose(1, 2)).double().numpy()
-                st.xsum += cols.double().sum(dim=2).numpy()
-                st.count += cols.shape[2]
+        with fixed_torch_threads():
+            for values in self._activations.each(images):
+                for name, st in self.stats.items():
+                    cols = unfold(values[self._inputs[name]], st.geometry)  # float32 products, float64 sums
+                    st.xxt += torch.bmm(cols, cols.transpose(1, 2)).double().numpy()
+                    st.xsum += cols.double().sum(dim=2).numpy()
+                    st.count += cols.shape[2]
 
 
 def collect_stats(model: onnx.ModelProto, convs: list[str], images: np.ndarray, threads: int = 2) -> dict[str, ConvStats]:

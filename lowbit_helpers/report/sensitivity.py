@@ -182,6 +182,13 @@ def _label(metric: str) -> str:
     return METRIC_LABELS.get(metric, metric)
 
 
+def committed_label(validation: dict) -> str:
+    """Where a validation shown but not rerun comes from: the committed file, its date and commit."""
+    made = validation.get("made_on") or {}
+    return (f"committed result `reports/{validation['committed']}`, made on {made.get('date', '?')} at commit "
+            f"{made.get('commit', '?')} with this run's model, images, calibration, method and metric code")  # fmt: skip
+
+
 def validation_table(validation: dict) -> pd.DataFrame:
     """Spearman of every metric with the true mAP delta: per study, on the selection split (where the
     metric is chosen) and on the rest (where it is confirmed, with the bootstrap interval over layers)."""
@@ -291,7 +298,7 @@ def conclusion(result: SensitivityResult) -> str:
                      f"{s['all']['raw_sqnr']:.1f} dB){worst_text}. Sweep cost {cost}.")  # fmt: skip
     if not isinstance(val, Skipped):
         a = val["agreement"]
-        src = " (committed result; rerun: `python -m lowbit_helpers validate-sensitivity PARAMS`)" if val.get("committed") else ""
+        src = f" ({committed_label(val)}; rerun: `python -m lowbit_helpers validate-sensitivity PARAMS`)" if val.get("committed") else ""
 
         def spear(m: str) -> str:
             parts = []

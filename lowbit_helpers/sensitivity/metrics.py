@@ -37,6 +37,17 @@ METRICS = ("raw_sqnr", "score_sqnr", "fg_score_sqnr", "fg_box_sqnr", "det_sqnr")
 _SUMS = ("raw", "score", "fg_score", "fg_box")  # (signal, noise) pairs behind the metrics
 
 
+def read_back(obj):
+    """A sensitivity or validation record read from JSON, with its SQNRs as computed: JSON has no
+    infinity, so an SQNR without noise (``inf``: the layer does not reach that output, e.g. a
+    class-branch Conv and the boxes) is written as null (:func:`..artifacts.write_json`)."""
+    if isinstance(obj, dict):
+        return {k: (math.inf if v is None and k in METRICS else read_back(v)) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [read_back(v) for v in obj]
+    return obj
+
+
 def _sigmoid(x: np.ndarray) -> np.ndarray:
     return expit(x)
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from ..artifacts import read_json, write_json
 from ..errors import LowbitError
 from ..formats import FORMATS
+from .metrics import read_back
 from .sweep import value
 
 
@@ -122,7 +123,7 @@ def write_schemes(sens_path: str | Path, out_dir: str | Path, top_k: list[int], 
     path = Path(sens_path)
     if not path.is_file():
         raise LowbitError(f"sensitivity file not found: {path}", "make one with `python -m lowbit_helpers sensitivity`")
-    sens = read_json(path)
+    sens = read_back(read_json(path))
     if "formats" not in sens or "convs" not in sens:
         raise LowbitError(f"{path} is not a sensitivity file (no 'formats' / 'convs')", "pass the JSON `sensitivity` wrote")
     if metric:

@@ -39,6 +39,7 @@ from ..rundir import RunDir, Stage
 from ..runtime import BENCH_SETTINGS, bench_models, environment, load_memory, make_session
 from ..runtime.inspect import fidelity, ort_executed_ops, qdq_counts, raw_heads
 from ..schema import Skipped
+from ..sensitivity.metrics import read_back
 from ..sensitivity.schemes import heuristic_scheme, random_scheme
 from ..sensitivity.sweep import activation_ranges, conv_nodes
 from . import baseline
@@ -141,7 +142,7 @@ def all_schemes(run: RunDir) -> dict[str, dict]:
     """Notebook 04's schemes (or ``candidates.schemes``), fp8, and the random / heuristic controls."""
 
     cfg, c = run.cfg, run.cfg.candidates
-    sens = run.read(SENS)
+    sens = read_back(run.read(SENS))
     nb04 = notebook04_schemes(run)
     wanted = list(nb04) if c.schemes is None else c.schemes
     unknown = [n for n in wanted + c.ladder_schemes if n not in nb04]

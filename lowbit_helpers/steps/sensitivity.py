@@ -15,6 +15,8 @@ Stages (each cached in the run's manifest like the others):
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +25,7 @@ import numpy as np
 import onnx
 
 from ..artifacts import read_json, sha256_file
+from ..data import open_coco
 from ..errors import LowbitError
 from ..evaluate import evaluate_coco
 from ..export import load_torch_model
@@ -30,11 +33,12 @@ from ..formats import get_format
 from ..graph import graph_info
 from ..int8.calibration import load_calibration
 from ..lowbit import parse_method
+from ..lowbit.materialize import QUANT_VERSION
 from ..lowbit.stats import collect_stats
 from ..rundir import RunDir, Stage
 from ..schema import Skipped
 from ..sensitivity import validation as sv
-from ..sensitivity.metrics import METRICS
+from ..sensitivity.metrics import METRICS, read_back
 from ..sensitivity.schemes import write_schemes
 from ..sensitivity.sweep import (
     ALL,
@@ -136,7 +140,7 @@ def onnx_sweep(run: RunDir) -> dict:
 
     keyed = {**params, "versions": baseline.versions(), "sweep_version": SWEEP_VERSION}
     st = Stage("sensitivity", keyed, [baseline.MODEL, baseline.CALIB], [SENS], record=params)
-    return {**run.stage(st, compute), "metric": s.metric}
+    return {**read_back(run.stage(st, compute)), "metric": s.metric}
 
 
 def _spearman(a, b) -> float:
@@ -151,6 +155,51 @@ def validation_reason(run: RunDir) -> str | None:
     if run.read(baseline.MODEL_INFO)["structure_only"]:
         return "random weights: no accuracy to predict"
     return None
+
+
+def made_by(run: RunDir, calib_images: int, subset: str, select: str) -> dict:
+    """What a metric validation's result depends on, measured on this run's inputs: the model, the
+    COCO images and boxes of its ground truth (``subset``, split by ``select``), the calibration
+    images [0, ``calib_images``) of its ranges, statistics and sweep, the decoder and the code of
+    its metrics and quantizers. A committed result carries it; another run shows that result only
+    where its own record for the same study is equal (:func:`committed_validation`)."""
+    cfg = run.cfg
+    calib = load_calibration(run.artifact(baseline.CALIB))
+    if len(calib) < calib_images:
+        calib_sha = f"the run has {len(calib)} calibration images"
+    else:
+        calib_sha = hashlib.sha256(np.ascontiguousarray(calib[:calib_images]).tobytes()).hexdigest()
+    union = open_coco(cfg.data.coco_root, cfg.data.annotations, subset)
+    sel = open_coco(cfg.data.coco_root, cfg.data.annotations, select)
+    coco = union.coco
+    boxes = sorted((a["image_id"], a["category_id"], *a["bbox"]) for a in coco.loadAnns(coco.getAnnIds(imgIds=union.ids)))
+    truth = json.dumps({"ids": union.ids, "select": sel.ids, "boxes": boxes})
+    return {"model_sha256": sha256_file(run.artifact(baseline.MODEL)),
+            "evaluation": {"subset": subset, "select": select, "images": len(union.ids), "boxes": len(boxes),
+                           "sha256": hashlib.sha256(truth.encode()).hexdigest()},
+            "calibration": {"images": calib_images, "sha256": calib_sha},
+            "decode": cfg.decode.model_dump(),
+            "code": {"validation": VALIDATION_VERSION, "sweep": SWEEP_VERSION, "quant": QUANT_VERSION, "metrics": list(METRICS)}}  # fmt: skip
+
+
+def committed_validation(run: RunDir, path: Path, why: str) -> dict | Skipped:
+    """A committed validation result, if everything that made it equals this run's (the model, the
+    images and boxes, the calibration images, the decoder, the metrics' code) and it validated the
+    4-bit method this run's params name; else a :class:`Skipped` that says what differs."""
+    shown = path.relative_to(Path(run.cfg.output.reports_dir)).as_posix()
+    result = read_back(read_json(path))
+    recorded = result.get("made_by")
+    if not recorded:
+        return Skipped(f"{why}; the committed result reports/{shown} does not record what made it "
+                       "(rerun `python -m lowbit_helpers validate-sensitivity PARAMS`)")  # fmt: skip
+    ours = made_by(run, recorded["calibration"]["images"], recorded["evaluation"]["subset"], recorded["evaluation"]["select"])
+    differ = [k for k in ours if ours[k] != recorded.get(k)]
+    if result.get("method") != run.cfg.sensitivity.validation.method:
+        differ.append(f"method ({result.get('method')}, not {run.cfg.sensitivity.validation.method})")
+    if differ:
+        return Skipped(f"{why}; the committed result reports/{shown} was made with another "
+                       f"{', '.join(differ)} than this run's")  # fmt: skip
+    return {**result, "committed": shown, "not_rerun": why}
 
 
 def validation(run: RunDir, sens: dict | None, proxy: dict | None = None, progress=None) -> dict | Skipped:
@@ -168,16 +217,13 @@ def validation(run: RunDir, sens: dict | None, proxy: dict | None = None, progre
         reports = Path(run.cfg.output.reports_dir)
         # this run's committed result, else the exhaustive study's (params/full.yaml, same model and images)
         committed = next((p for p in (reports / run.run_id / VALIDATION_REPORT, reports / FULL_RUN / VALIDATION_REPORT)
-                          if p.is_file()), reports / run.run_id / VALIDATION_REPORT)  # fmt: skip
-        model_sha = sha256_file(run.artifact(baseline.MODEL))
-        if committed.is_file() and not run.read(baseline.MODEL_INFO)["structure_only"]:
-            result = read_json(committed)
-            if result.get("model_sha256") != model_sha:  # another model's layers: its ranking says nothing here
-                return Skipped(f"{why}; the committed result reports/{committed.relative_to(reports).as_posix()} is of "
-                               "another model (its model_sha256 differs)")  # fmt: skip
+                          if p.is_file()), None)  # fmt: skip
+        if committed is None or run.read(baseline.MODEL_INFO)["structure_only"]:
+            return Skipped(why)
+        result = committed_validation(run, committed, why)
+        if not isinstance(result, Skipped):  # against this run's sweep and proxy
             result["agreement"] = agreement(result, sens, proxy, run.cfg.sensitivity.rank_as)
-            return {**result, "committed": committed.relative_to(reports).as_posix(), "not_rerun": why}
-        return Skipped(why)
+        return result
     cfg, s = run.cfg, run.cfg.sensitivity
     v = s.validation
     model_path = run.artifact(baseline.MODEL)
@@ -229,14 +275,16 @@ def validation(run: RunDir, sens: dict | None, proxy: dict | None = None, progre
                              "rows": rows, "candidates": cand, "all": cand_all}  # fmt: skip
             cost[name] = {"candidates_seconds": t2 - t1, "truth_seconds": time.perf_counter() - t2,
                           "truth_evaluations": len(layers) + 1, "images": len(union)}  # fmt: skip
-        result = {"method": v.method, "model_sha256": sha256_file(model_path), "subset": v.subset, "select": sel.name,
+        result = {"method": v.method, "made_by": made_by(run, max(s.range_images + s.images, cfg.candidates.stats_images),
+                                                         v.subset, v.select_subset),
+                  "model_sha256": sha256_file(model_path), "subset": v.subset, "select": sel.name,
                   "confirm": rest.name, "fp32_mAP_50_95": fp32,
                   "images": {part: len(sub.ids) for part, sub in parts.items()},
                   "studies": studies, "cost": cost, "total_seconds": time.perf_counter() - t0}  # fmt: skip
         return result
 
-    result = run.stage(Stage("sensitivity-validation", params, [baseline.MODEL, baseline.CALIB],
-                             [VALIDATION, VALIDATION_IDS]), compute)  # fmt: skip
+    result = read_back(run.stage(Stage("sensitivity-validation", params, [baseline.MODEL, baseline.CALIB],
+                                       [VALIDATION, VALIDATION_IDS]), compute))  # fmt: skip
     # against this run's sweep and proxy, whenever they change (the ground truth does not depend on them)
     result["agreement"] = agreement(result, sens, proxy, run.cfg.sensitivity.rank_as)
     return result
