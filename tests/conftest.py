@@ -42,3 +42,31 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def beside(request, tmp_path_factory):
+    """The killed-and-resumed and the structure-only pipelines (tests/smoke.py), started with the
+    session's first test when their tests are collected, so they run beside everything else;
+    the weights are fetched first, so no two processes download them. Not a dependency of the
+    fast tests: their fixtures stay theirs (the slow marking above reads them)."""
+    from tests.smoke import KILL_TEST, STRUCTURE_TEST, start_beside
+
+    wanted = {item.originalname for item in request.session.items} & {KILL_TEST, STRUCTURE_TEST}
+    if not wanted:
+        return {}
+    coco = request.getfixturevalue("coco_root")
+    request.getfixturevalue("yolov10n")
+    return start_beside(wanted, tmp_path_factory, coco)
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory, coco_root, beside):
+    """The smoke run of all six notebooks, once per test session: the content, rerun, browser,
+    gpu-bench, CLI and resume tests all read it (each full pipeline costs minutes on two cores)."""
+    from lowbit_helpers.pipeline import run_pipeline
+    from tests.smoke import SMOKE_ID, Smoke, smoke_params
+
+    root = tmp_path_factory.mktemp("smoke")
+    report = run_pipeline(smoke_params(root, coco_root), run_id=SMOKE_ID, progress=False)
+    return Smoke(root, root / "runs" / SMOKE_ID, report)

@@ -1,34 +1,18 @@
 """Smoke runs of the whole main job: six notebooks via papermill, HTML via nbconvert."""
 
 import shutil
-from dataclasses import dataclass
-from pathlib import Path
 
 import nbformat
 import pytest
-import yaml
 
 from lowbit_helpers.artifacts import read_json
 from lowbit_helpers.errors import LowbitError
 from lowbit_helpers.pipeline import NOTEBOOK_DIR, run_pipeline
 from lowbit_helpers.report.sections import SECTIONS
 from lowbit_helpers.schema import Skipped
+from tests.smoke import SMOKE_ID, smoke_params
 
-REPO = Path(__file__).resolve().parent.parent
 SECTION_ORDER = [s.title for s in SECTIONS]
-
-
-def smoke_params(tmp_path, coco_root, sections: dict | None = None, **model) -> Path:
-    """params/smoke.yaml writing under ``tmp_path``; ``sections``: keys replaced per params section."""
-    p = yaml.safe_load((REPO / "params" / "smoke.yaml").read_text())
-    p["data"]["coco_root"] = str(coco_root)
-    p["output"] = {"runs_dir": str(tmp_path / "runs"), "reports_dir": str(tmp_path / "reports")}
-    p.setdefault("model", {}).update(model)
-    for section, keys in (sections or {}).items():
-        p[section].update(keys)
-    out = tmp_path / "smoke.yaml"
-    out.write_text(yaml.safe_dump(p))
-    return out
 
 
 def test_notebooks_are_committed_without_outputs():
@@ -37,25 +21,6 @@ def test_notebooks_are_committed_without_outputs():
         assert any("parameters" in c.metadata.get("tags", []) for c in book.cells), nb.name
         for c in book.cells:
             assert c.cell_type != "code" or (not c.outputs and c.execution_count is None), nb.name
-
-
-SMOKE_ID = "smoke-test"
-
-
-@dataclass(frozen=True)
-class Smoke:
-    root: Path  # the params' output folders live here
-    run: Path
-    report: Path
-
-
-@pytest.fixture(scope="session")
-def smoke_run(tmp_path_factory, coco_root) -> Smoke:
-    """The smoke run of all six notebooks, once per test session: the content, rerun, browser,
-    gpu-bench and resume tests all read it (each full pipeline costs minutes on two cores)."""
-    root = tmp_path_factory.mktemp("smoke")
-    report = run_pipeline(smoke_params(root, coco_root), run_id=SMOKE_ID, progress=False)
-    return Smoke(root, root / "runs" / SMOKE_ID, report)
 
 
 @pytest.mark.slow
@@ -158,6 +123,8 @@ def test_a_committed_validation_is_shown_only_where_everything_that_made_it_matc
         assert isinstance(why, Skipped) and f"another {named}" in why.why, getattr(why, "why", "shown although it differs")
     why = shown({**made, "method": "rtn" if made["method"] != "rtn" else "gptq"})
     assert isinstance(why, Skipped) and "method (" in why.why
+    why = shown({**made, "made_by": {**made["made_by"], "evaluation": {**made["made_by"]["evaluation"], "subset": "val1300"}}})
+    assert isinstance(why, Skipped) and "images this run cannot open" in why.why  # not in the smoke's annotation file
     why = shown({k: v for k, v in made.items() if k != "made_by"})
     assert isinstance(why, Skipped) and "does not record what made it" in why.why
     monkeypatch.setattr(step, "SWEEP_VERSION", step.SWEEP_VERSION + 1)  # the metrics' code changed since
@@ -259,25 +226,13 @@ def test_a_rerun_reuses_every_stage(smoke_run, coco_root):
     assert {k: again[k]["finished"] for k in finished} == finished
 
 
-# what the structure-only run needs of the smoke params: the code paths a random model changes
-# (no accuracy, no parity, latency and the profiler still), not every backend and engine again
-STRUCTURE_ONLY = {
-    "int8": {"variants": [{"name": "ort-percentile", "backend": "ort", "method": "percentile"}], "fp32_engines": [],
-             "emulate": {"cpu": None}},
-    "sensitivity": {"formats": ["w8a8-ort", "w4a8"], "naive_check": 0, "proxy": False, "budgets": [], "top_k": [0]},
-    "candidates": {"ladder": ["rtn"], "ladder_schemes": ["w4a8-top0"], "schemes": ["w4a8-top0"], "fp8": False,
-                   "random_schemes": 0, "heuristic": False},
-}  # fmt: skip
-
-
 @pytest.mark.slow
-def test_structure_only_model_shows_no_accuracy(tmp_path, coco_root):
-    params = smoke_params(tmp_path, coco_root, STRUCTURE_ONLY, weights="random:yolov10n")
-    report = run_pipeline(params, run_id="random", progress=False)
-    html = report.read_text()
+def test_structure_only_model_shows_no_accuracy(beside):
+    root = beside["random"].result()
+    html = (root / "reports" / "random" / "report.html").read_text()
     assert "structure only" in html and "Parity check skipped" in html and "Structure-only model: no accuracy" in html
     assert "Fastest ORT variant" in html and "its Conv kernels take" in html
-    metrics = read_json(tmp_path / "runs" / "random" / "baseline-coco" / "metrics.json")
+    metrics = read_json(root / "runs" / "random" / "baseline-coco" / "metrics.json")
     assert metrics == {"structure_only": True, "reason": metrics["reason"]} and "no accuracy" in metrics["reason"]
 
 
@@ -296,67 +251,17 @@ def test_failing_notebook_is_named_and_leaves_no_report(tmp_path, coco_root):
     assert read_json(tmp_path / "runs" / "broken" / "manifest.json")["notebooks"]["01_bootstrap_baseline"]["status"] == "failed"
 
 
-def _kill_when(cmd: list[str], cwd: Path, manifest: Path, ready, timeout: float = 900) -> None:
-    """Start ``cmd`` in its own process group and SIGKILL the whole group (papermill's kernel
-    included) as soon as ``ready(manifest)`` holds: a crash, not a clean stop."""
-    import os
-    import signal
-    import subprocess
-    import time
-
-    proc = subprocess.Popen(cmd, cwd=cwd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    t0 = time.time()
-    try:
-        while time.time() - t0 < timeout:
-            if proc.poll() is not None:
-                raise AssertionError(f"the run ended (rc {proc.returncode}) before it could be interrupted")
-            try:
-                if manifest.is_file() and ready(read_json(manifest)):
-                    break
-            except (ValueError, OSError):  # caught mid-write: read it again
-                pass
-            time.sleep(0.2)
-        else:
-            raise AssertionError("the run never reached the point to interrupt")
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
-def _claims_hold(run: Path) -> dict:
-    """Every stage the manifest calls finished has its outputs, byte for byte; its finish times."""
-    from lowbit_helpers.artifacts import sha256_file
-
-    m = read_json(run / "manifest.json")
-    for stage, entry in m["stages"].items():
-        for rel in entry["outputs"]:
-            assert (run / rel).is_file() and sha256_file(run / rel) == m["artifacts"][rel]["sha256"], (stage, rel)
-    return {k: v["finished"] for k, v in m["stages"].items() if v["key"] not in ("always", "derived")}
-
-
 @pytest.mark.slow
-def test_a_killed_run_resumes_where_it_stopped(tmp_path, coco_root, smoke_run):
+def test_a_killed_run_resumes_where_it_stopped(beside, smoke_run):
     """SIGKILL during notebook 03, then during notebook 05: each rerun keeps every finished stage,
     redoes only what was unfinished, and no report exists until the run completes; and the resumed
     run's outputs are byte for byte those of the uninterrupted smoke run (same params)."""
-    import sys
-
-    params = smoke_params(tmp_path, coco_root)
-    cmd = [sys.executable, "-m", "lowbit_helpers", "run", str(params), "--run-id", SMOKE_ID]
-    run, report = tmp_path / "runs" / SMOKE_ID, tmp_path / "reports" / SMOKE_ID / "report.html"
-    in_03 = lambda m: any(k.startswith("int8-eval:") for k in m["stages"])  # noqa: E731
-    in_05 = lambda m: any(k.startswith("candidate-eval:") for k in m["stages"])  # noqa: E731
-    _kill_when(cmd, REPO, run / "manifest.json", in_03)
-    before = _claims_hold(run)
-    assert not report.exists() and not in_05(read_json(run / "manifest.json"))
-    _kill_when(cmd, REPO, run / "manifest.json", in_05)
-    middle = _claims_hold(run)
+    killed = beside["killed"].result()
+    run, before, middle, after = killed["run"], killed["before"], killed["middle"], killed["after"]
+    assert killed["early"] == [False, False]  # no report (nor notebook 05) before the run completes
     assert {k: middle[k] for k in before} == before  # nothing finished before the first kill was redone
-    assert len(middle) > len(before) and not report.exists()
-    assert run_pipeline(params, run_id=SMOKE_ID, progress=False) == report
-    after = _claims_hold(run)
-    assert {k: after[k] for k in middle} == middle and len(after) > len(middle)
+    assert len(middle) > len(before)
+    assert killed["report"] and {k: after[k] for k in middle} == middle and len(after) > len(middle)
     assert all(v["status"] == "ok" for v in read_json(run / "manifest.json")["notebooks"].values())
 
     # The uninterrupted smoke run of the same params, in another folder: every output the params
@@ -372,4 +277,4 @@ def test_a_killed_run_resumes_where_it_stopped(tmp_path, coco_root, smoke_run):
             "results/w4a8-top0.gptq-bc-b64.confirm.json", "results/candidates.json"} <= set(files)  # fmt: skip
     assert [f for f in files if (run / f).read_bytes() != (other / f).read_bytes()] == []
     assert "seconds" not in (run / "onnx" / "ort-percentile.recipe.json").read_text()  # costs are in the manifest
-    assert str(tmp_path) not in "".join((run / f).read_text() for f in files if f.endswith(".json") and "detections" not in f)
+    assert str(killed["root"]) not in "".join((run / f).read_text() for f in files if f.endswith(".json") and "detections" not in f)

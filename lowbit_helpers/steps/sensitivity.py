@@ -192,7 +192,10 @@ def committed_validation(run: RunDir, path: Path, why: str) -> dict | Skipped:
     if not recorded:
         return Skipped(f"{why}; the committed result reports/{shown} does not record what made it "
                        "(rerun `python -m lowbit_helpers validate-sensitivity PARAMS`)")  # fmt: skip
-    ours = made_by(run, recorded["calibration"]["images"], recorded["evaluation"]["subset"], recorded["evaluation"]["select"])
+    try:
+        ours = made_by(run, recorded["calibration"]["images"], recorded["evaluation"]["subset"], recorded["evaluation"]["select"])
+    except LowbitError as exc:  # e.g. its images are not in this run's annotation file
+        return Skipped(f"{why}; the committed result reports/{shown} was made on images this run cannot open ({exc.cause})")
     differ = [k for k in ours if ours[k] != recorded.get(k)]
     if result.get("method") != run.cfg.sensitivity.validation.method:
         differ.append(f"method ({result.get('method')}, not {run.cfg.sensitivity.validation.method})")
