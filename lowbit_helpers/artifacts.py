@@ -40,7 +40,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
     """``obj`` as strict JSON (RFC 8259, what jq and JavaScript read): a float that is not finite is
     written as ``null`` (NaN: undefined, e.g. the AP of a class without boxes; an infinite SQNR:
-    no noise at all, read back by :func:`lowbit_helpers.runtime.inspect.sqnr_value`)."""
+    no noise at all, read back by :func:`lowbit_helpers.sensitivity.metrics.read_back`)."""
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(finite(obj), indent=2, allow_nan=False) + "\n")
     return Path(path)

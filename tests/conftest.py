@@ -48,16 +48,25 @@ def pytest_collection_modifyitems(config, items):
 def beside(request, tmp_path_factory):
     """The killed-and-resumed and the structure-only pipelines (tests/smoke.py), started with the
     session's first test when their tests are collected, so they run beside everything else;
-    the weights are fetched first, so no two processes download them. Not a dependency of the
-    fast tests: their fixtures stay theirs (the slow marking above reads them)."""
-    from tests.smoke import KILL_TEST, STRUCTURE_TEST, start_beside
+    the weights are fetched first, so no two processes download them (a missing COCO folder or
+    weights fails those two tests, not the session). Not a dependency of the fast tests: their
+    fixtures stay theirs (the slow marking above reads them). Whatever still runs at the end of
+    the session (interrupted, failed) is killed."""
+    from tests.smoke import KILL_TEST, STRUCTURE_TEST, start_beside, stop_beside
 
-    wanted = {item.originalname for item in request.session.items} & {KILL_TEST, STRUCTURE_TEST}
+    wanted = {getattr(item, "originalname", item.name) for item in request.session.items} & {KILL_TEST, STRUCTURE_TEST}
     if not wanted:
-        return {}
-    coco = request.getfixturevalue("coco_root")
-    request.getfixturevalue("yolov10n")
-    return start_beside(wanted, tmp_path_factory, coco)
+        yield {}
+        return
+
+    def inputs():
+        request.getfixturevalue("yolov10n")
+        return request.getfixturevalue("coco_root")
+
+    try:
+        yield start_beside(wanted, tmp_path_factory, inputs)
+    finally:
+        stop_beside()
 
 
 @pytest.fixture(scope="session")

@@ -58,12 +58,22 @@ def smoke_params(tmp_path, coco_root, sections: dict | None = None, **model) -> 
     return out
 
 
-class Beside(threading.Thread):
-    """A pipeline run as subprocesses in a thread; ``result()`` waits and re-raises its failure."""
+# the pipelines' processes still running (each its own process group): killed when the session ends
+LIVE: set[subprocess.Popen] = set()
+PIPELINE_TIMEOUT = 1800  # seconds: a hung pipeline fails its test instead of the whole CI job
 
-    def __init__(self, fn, *args):
+
+class Beside(threading.Thread):
+    """A pipeline run as subprocesses in a thread; ``result()`` waits and re-raises its failure
+    (or ``error``, given when it could not start)."""
+
+    def __init__(self, fn, *args, error: BaseException | None = None):
         super().__init__(daemon=True)
-        self.fn, self.args, self.value, self.error = fn, args, None, None
+        self.fn, self.args, self.value, self.error = fn, args, None, error
+
+    def start(self):
+        if self.error is None:
+            super().start()
 
     def run(self):
         try:
@@ -72,25 +82,55 @@ class Beside(threading.Thread):
             self.error = exc
 
     def result(self):
-        self.join()
+        if self.ident is not None:  # started
+            self.join(3 * PIPELINE_TIMEOUT)
+            assert not self.is_alive(), f"{self.fn.__name__} still runs after {3 * PIPELINE_TIMEOUT} s"
         if self.error is not None:
             raise self.error
         return self.value
 
 
-def start_beside(wanted: set[str], tmp_path_factory, coco_root: Path) -> dict[str, Beside]:
-    """Start the pipelines of the collected tests among ``wanted`` (test names)."""
-    jobs = {name: Beside(fn, tmp_path_factory.mktemp(name), coco_root)
-            for name, (test, fn) in {"killed": (KILL_TEST, kill_and_resume), "random": (STRUCTURE_TEST, structure_only_run)}.items()
-            if test in wanted}  # fmt: skip
+JOBS = {"killed": (KILL_TEST, "kill_and_resume"), "random": (STRUCTURE_TEST, "structure_only_run")}
+
+
+def start_beside(wanted: set[str], tmp_path_factory, inputs) -> dict[str, Beside]:
+    """Start the pipelines of the collected tests among ``wanted`` (test names). ``inputs()``
+    gives the COCO root (and fetches the weights); where it fails, only these tests fail."""
+    try:
+        coco_root, error = inputs(), None
+    except BaseException as exc:  # noqa: BLE001 - raised by each job's test, not by every test of the session
+        coco_root, error = None, exc
+    jobs = {name: Beside(globals()[fn], tmp_path_factory.mktemp(name), coco_root, error=error)
+            for name, (test, fn) in JOBS.items() if test in wanted}  # fmt: skip
     for job in jobs.values():
         job.start()
     return jobs
 
 
+def stop_beside() -> None:
+    """Kill what is left of the pipelines (an interrupted or failed session must not leave them running)."""
+    for proc in list(LIVE):
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        LIVE.discard(proc)
+
+
+def _start(cmd: list[str], **kw) -> subprocess.Popen:
+    proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, **kw)
+    LIVE.add(proc)
+    return proc
+
+
 def run_cli(cmd: list[str]) -> None:
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    assert done.returncode == 0, f"{' '.join(cmd[2:])} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    proc = _start(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=PIPELINE_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        stop_beside()
+        raise AssertionError(f"{' '.join(cmd[2:])} ran over {PIPELINE_TIMEOUT} s") from None
+    LIVE.discard(proc)
+    assert proc.returncode == 0, f"{' '.join(cmd[2:])} failed:\n{out[-3000:]}\n{err[-3000:]}"
 
 
 def structure_only_run(root: Path, coco_root: Path) -> Path:
@@ -99,10 +139,10 @@ def structure_only_run(root: Path, coco_root: Path) -> Path:
     return root
 
 
-def kill_when(cmd: list[str], manifest: Path, ready, timeout: float = 1500) -> None:
+def kill_when(cmd: list[str], manifest: Path, ready, timeout: float = PIPELINE_TIMEOUT) -> None:
     """Start ``cmd`` in its own process group and SIGKILL the whole group (papermill's kernel
     included) as soon as ``ready(manifest)`` holds: a crash, not a clean stop."""
-    proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = _start(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     t0 = time.time()
     try:
         while time.time() - t0 < timeout:
@@ -120,6 +160,7 @@ def kill_when(cmd: list[str], manifest: Path, ready, timeout: float = 1500) -> N
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        LIVE.discard(proc)
 
 
 def claims_hold(run: Path) -> dict:

@@ -28,8 +28,9 @@ def test_update_readme_replaces_only_the_results_block(tmp_path):
 
 # a measurement typed into prose: a number with a unit of time, memory or signal, a ratio, or a
 # correlation (parameters such as "95 %" or "4 × 16 bins" are not measurements)
-TYPED_MEASUREMENT = re.compile(r"\b\d+(?:\.\d+)?\s?(?:ms|s|min|minutes?|hours?|GB|GiB|MB|MiB|dB)(?![\w-])"
-                               r"|\b\d+\.\d+\s?[×x](?![\w-])|(?:Spearman|SQNR|mAP)[^.\n]{0,12}?[-+]?\d\.\d")
+TYPED_MEASUREMENT = re.compile(r"\b\d+(?:\.\d+)?\s?(?:ms|s|seconds?|min|minutes?|hours?|GB|GiB|MB|MiB|dB)(?![\w-])"
+                               r"|\b\d+(?:\.\d+)?\s?×(?!\s?\d)|(?<![\w\d]\s)(?<![\w\d])×\s?\d|\b\d+\.\d+\s?x(?![\w-])"  # a ratio, not N × M
+                               r"|(?:Spearman|SQNR|mAP)[^.\n]{0,12}?[-+]?\d\.\d")
 
 
 def test_the_readme_types_no_measurement_outside_its_generated_block():
@@ -37,7 +38,10 @@ def test_the_readme_types_no_measurement_outside_its_generated_block():
     text = (REPO / "README.md").read_text()
     start, end = text.index(README_START), text.index(README_END)
     prose = text[:start] + text[end:]
-    assert TYPED_MEASUREMENT.search("the sweep took 787 s and 4.7 GB") and TYPED_MEASUREMENT.search("Spearman 0.85")
+    for typed in ("the sweep took 787 s", "787 seconds", "4.7 GB", "Spearman 0.85", "1.30× FP32", "×2.6", "2× faster"):
+        assert TYPED_MEASUREMENT.search(typed), typed
+    for shape in ("N×3×640×640", "(4 × 16 bins)", "95 % basic bootstrap"):
+        assert not TYPED_MEASUREMENT.search(shape), shape
     found = [m.group(0) for m in TYPED_MEASUREMENT.finditer(prose)]
     assert not found, f"typed measurements outside the generated block: {found}"
 

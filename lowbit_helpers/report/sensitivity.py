@@ -185,8 +185,10 @@ def _label(metric: str) -> str:
 def committed_label(validation: dict) -> str:
     """Where a validation shown but not rerun comes from: the committed file, its date and commit."""
     made = validation.get("made_on") or {}
+    calib = validation.get("made_by", {}).get("calibration", {}).get("images", "?")
     return (f"committed result `reports/{validation['committed']}`, made on {made.get('date', '?')} at commit "
-            f"{made.get('commit', '?')} with this run's model, images, calibration, method and metric code")  # fmt: skip
+            f"{made.get('commit', '?')} from the same model, COCO images and boxes, first {calib} calibration images, "
+            "decoder, 4-bit method and metric code as this run (with its own study settings)")  # fmt: skip
 
 
 def validation_table(validation: dict) -> pd.DataFrame:

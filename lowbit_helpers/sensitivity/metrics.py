@@ -38,14 +38,27 @@ _SUMS = ("raw", "score", "fg_score", "fg_box")  # (signal, noise) pairs behind t
 
 
 def read_back(obj):
-    """A sensitivity or validation record read from JSON, with its SQNRs as computed: JSON has no
-    infinity, so an SQNR without noise (``inf``: the layer does not reach that output, e.g. a
-    class-branch Conv and the boxes) is written as null (:func:`..artifacts.write_json`)."""
+    """A sensitivity, validation or proxy record read from JSON, with its numbers as computed: JSON
+    has neither infinity nor NaN, so both were written as null (:func:`..artifacts.write_json`).
+    An SQNR (a key of :data:`METRICS`, or ending in ``sqnr`` / ``sqnr_db``) is null only without
+    noise (``inf``: the layer does not reach that output, e.g. a class-branch Conv and the boxes;
+    ``-inf``, a zero signal, does not occur on a detector's head); another number is null where it
+    was undefined (NaN: a label-free mAP without pseudo ground truth)."""
     if isinstance(obj, dict):
-        return {k: (math.inf if v is None and k in METRICS else read_back(v)) for k, v in obj.items()}
+        return {k: (_undefined(k) if v is None else read_back(v)) for k, v in obj.items()}
     if isinstance(obj, list):
         return [read_back(v) for v in obj]
     return obj
+
+
+def _undefined(key: str) -> float | None:
+    if key in METRICS or key.endswith(("sqnr", "sqnr_db")):
+        return math.inf
+    return math.nan if key in NUMERIC_KEYS else None
+
+
+# keys of the records read_back restores whose null is a NaN (not a missing value)
+NUMERIC_KEYS = ("label_free_map", "spearman")
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:

@@ -232,7 +232,7 @@ def validation(run: RunDir, sens: dict | None, proxy: dict | None = None, progre
     model_path = run.artifact(baseline.MODEL)
     params = {**v.model_dump(), "range_images": s.range_images, "images": s.images, "stats_images": cfg.candidates.stats_images,
               "decode": cfg.decode.model_dump(), "data": cfg.data.model_dump(), "versions": baseline.versions(),
-              "validation_version": VALIDATION_VERSION}  # fmt: skip
+              "validation_version": VALIDATION_VERSION, "quant_version": QUANT_VERSION}  # fmt: skip
 
     def compute():
         t0 = time.perf_counter()
@@ -386,7 +386,7 @@ def torch_proxy(run: RunDir, sens: dict) -> dict | Skipped:
                "top20_overlap": len(set(sorted(onnx_rank, key=onnx_rank.get)[:20]) & {n for n, _ in by_torch[:20]})}  # fmt: skip
         return out
 
-    return run.stage(Stage("sensitivity-proxy", params, [baseline.MODEL, baseline.CALIB, SENS], [PROXY]), compute)
+    return read_back(run.stage(Stage("sensitivity-proxy", params, [baseline.MODEL, baseline.CALIB, SENS], [PROXY]), compute))
 
 
 def scheme_files(run: RunDir) -> list[dict]:
