@@ -46,15 +46,15 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session", autouse=True)
 def beside(request, tmp_path_factory):
-    """The killed-and-resumed and the structure-only pipelines (tests/smoke.py), started with the
+    """The structure-only pipeline (tests/smoke.py), started with the
     session's first test when their tests are collected, so they run beside everything else;
     the weights are fetched first, so no two processes download them (a missing COCO folder or
-    weights fails those two tests, not the session). Not a dependency of the fast tests: their
+    weights fails that test, not the session). Not a dependency of the fast tests: their
     fixtures stay theirs (the slow marking above reads them). Whatever still runs at the end of
     the session (interrupted, failed) is killed."""
-    from tests.smoke import KILL_TEST, STRUCTURE_TEST, start_beside, stop_beside
+    from tests.smoke import STRUCTURE_TEST, start_beside, stop_beside
 
-    wanted = {getattr(item, "originalname", item.name) for item in request.session.items} & {KILL_TEST, STRUCTURE_TEST}
+    wanted = {getattr(item, "originalname", item.name) for item in request.session.items} & {STRUCTURE_TEST}
     if not wanted:
         yield {}
         return

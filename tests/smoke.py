@@ -1,8 +1,8 @@
 """The smoke pipelines the slow tests share (params/smoke.yaml on a handful of images).
 
-The smoke run itself (``conftest.smoke_run``) and, beside it in threads from the session's first
-test on, the pipelines that only their own test reads: the killed-and-resumed run and the
-structure-only run (:func:`start_beside`). One pipeline keeps the two cores about three quarters
+The smoke run itself (``conftest.smoke_run``), the killed-and-resumed run (its test, after the
+smoke run) and, beside them in a thread from the session's first test on, the structure-only run
+(:func:`start_beside`). One pipeline keeps the two cores about three quarters
 busy (notebook start-up, imports and papermill are one thread), so the others, and the unit
 tests, run alongside.
 """
@@ -90,7 +90,10 @@ class Beside(threading.Thread):
         return self.value
 
 
-JOBS = {"killed": (KILL_TEST, "kill_and_resume"), "random": (STRUCTURE_TEST, "structure_only_run")}
+# the killed-and-resumed run is not among them: run beside the smoke run (and through the CLI at the
+# end), two of its outputs differed from the smoke run's (model_info.json, int8-coco/ort-percentile.json;
+# cause not yet found), so its test runs it after the smoke run, as before
+JOBS = {"random": (STRUCTURE_TEST, "structure_only_run")}
 
 
 def start_beside(wanted: set[str], tmp_path_factory, inputs) -> dict[str, Beside]:
@@ -188,7 +191,9 @@ def kill_and_resume(root: Path, coco_root: Path) -> dict:
     kill_when(cmd, run / "manifest.json", in_05)
     out["middle"] = claims_hold(run)
     out["early"].append(report.exists())
-    run_cli(cmd)
+    from lowbit_helpers.pipeline import run_pipeline  # late: the last resume in this process, as the smoke run
+
+    run_pipeline(params, run_id=SMOKE_ID, progress=False)
     out["after"] = claims_hold(run)
     out["report"] = report.is_file()
     return out

@@ -252,11 +252,13 @@ def test_failing_notebook_is_named_and_leaves_no_report(tmp_path, coco_root):
 
 
 @pytest.mark.slow
-def test_a_killed_run_resumes_where_it_stopped(beside, smoke_run):
+def test_a_killed_run_resumes_where_it_stopped(smoke_run, tmp_path, coco_root):
     """SIGKILL during notebook 03, then during notebook 05: each rerun keeps every finished stage,
     redoes only what was unfinished, and no report exists until the run completes; and the resumed
     run's outputs are byte for byte those of the uninterrupted smoke run (same params)."""
-    killed = beside["killed"].result()
+    from tests.smoke import kill_and_resume
+
+    killed = kill_and_resume(tmp_path, coco_root)
     run, before, middle, after = killed["run"], killed["before"], killed["middle"], killed["after"]
     assert killed["early"] == [False, False]  # no report (nor notebook 05) before the run completes
     assert {k: middle[k] for k in before} == before  # nothing finished before the first kill was redone
