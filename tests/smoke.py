@@ -2,7 +2,7 @@
 
 The smoke run itself (``conftest.smoke_run``), the killed-and-resumed run (its test, after the
 smoke run) and, beside them in a thread from the session's first test on, the structure-only run
-(:func:`start_beside`). One pipeline keeps the two cores about three quarters
+(:func:`start_structure_only`). One pipeline keeps the two cores about three quarters
 busy (notebook start-up, imports and papermill are one thread), so the others, and the unit
 tests, run alongside.
 """
@@ -24,7 +24,6 @@ from lowbit_helpers.artifacts import read_json, sha256_file
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE_ID = "smoke-test"
-KILL_TEST = "test_a_killed_run_resumes_where_it_stopped"
 STRUCTURE_TEST = "test_structure_only_model_shows_no_accuracy"
 
 # what the structure-only run needs of the smoke params: the code paths a random model changes
@@ -90,24 +89,19 @@ class Beside(threading.Thread):
         return self.value
 
 
-# the killed-and-resumed run is not among them: run beside the smoke run (and through the CLI at the
-# end), two of its outputs differed from the smoke run's (model_info.json, int8-coco/ort-percentile.json;
-# cause not yet found), so its test runs it after the smoke run, as before
-JOBS = {"random": (STRUCTURE_TEST, "structure_only_run")}
-
-
-def start_beside(wanted: set[str], tmp_path_factory, inputs) -> dict[str, Beside]:
-    """Start the pipelines of the collected tests among ``wanted`` (test names). ``inputs()``
-    gives the COCO root (and fetches the weights); where it fails, only these tests fail."""
+# The killed-and-resumed run does not run beside the smoke run: there (and resumed through the CLI
+# at the end), two of its outputs differed from the smoke run's (model_info.json,
+# int8-coco/ort-percentile.json; cause not yet found), so its test runs it after the smoke run.
+def start_structure_only(tmp_path_factory, inputs) -> Beside:
+    """Start the structure-only run in a thread. ``inputs()`` gives the COCO root (and fetches the
+    weights); where it fails, only the structure-only test fails."""
     try:
         coco_root, error = inputs(), None
-    except BaseException as exc:  # noqa: BLE001 - raised by each job's test, not by every test of the session
+    except BaseException as exc:  # noqa: BLE001 - raised by the structure-only test, not by every test
         coco_root, error = None, exc
-    jobs = {name: Beside(globals()[fn], tmp_path_factory.mktemp(name), coco_root, error=error)
-            for name, (test, fn) in JOBS.items() if test in wanted}  # fmt: skip
-    for job in jobs.values():
-        job.start()
-    return jobs
+    job = Beside(structure_only_run, tmp_path_factory.mktemp("random"), coco_root, error=error)
+    job.start()
+    return job
 
 
 def stop_beside() -> None:

@@ -228,7 +228,7 @@ def test_a_rerun_reuses_every_stage(smoke_run, coco_root):
 
 @pytest.mark.slow
 def test_structure_only_model_shows_no_accuracy(beside):
-    root = beside["random"].result()
+    root = beside.result()
     html = (root / "reports" / "random" / "report.html").read_text()
     assert "structure only" in html and "Parity check skipped" in html and "Structure-only model: no accuracy" in html
     assert "Fastest ORT variant" in html and "its Conv kernels take" in html
