@@ -46,16 +46,17 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session", autouse=True)
 def beside(request, tmp_path_factory):
-    """The structure-only pipeline (tests/smoke.py), started with the session's first test when its
-    test is collected, so it runs beside everything else;
-    the weights are fetched first, so no two processes download them (a missing COCO folder or
-    weights fails that test, not the session). Not a dependency of the fast tests: their
+    """The killed-and-resumed and the structure-only pipelines (tests/smoke.py), started with the
+    session's first test when their tests are collected, so they run beside everything else; the
+    weights are fetched first, so no two processes download them (a missing COCO folder or
+    weights fails those tests, not the session). Not a dependency of the fast tests: their
     fixtures stay theirs (the slow marking above reads them). Whatever still runs at the end of
     the session (interrupted, failed) is killed."""
-    from tests.smoke import STRUCTURE_TEST, start_structure_only, stop_beside
+    from tests.smoke import KILL_TEST, STRUCTURE_TEST, start_beside, stop_beside
 
-    if STRUCTURE_TEST not in {getattr(item, "originalname", item.name) for item in request.session.items}:
-        yield None
+    wanted = {getattr(item, "originalname", item.name) for item in request.session.items} & {KILL_TEST, STRUCTURE_TEST}
+    if not wanted:
+        yield {}
         return
 
     def inputs():
@@ -63,7 +64,7 @@ def beside(request, tmp_path_factory):
         return request.getfixturevalue("coco_root")
 
     try:
-        yield start_structure_only(tmp_path_factory, inputs)
+        yield start_beside(wanted, tmp_path_factory, inputs)
     finally:
         stop_beside()
 

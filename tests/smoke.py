@@ -1,10 +1,15 @@
 """The smoke pipelines the slow tests share (params/smoke.yaml on a handful of images).
 
-The smoke run itself (``conftest.smoke_run``), the killed-and-resumed run (its test, after the
-smoke run) and, beside them in a thread from the session's first test on, the structure-only run
-(:func:`start_structure_only`). One pipeline keeps the two cores about three quarters
-busy (notebook start-up, imports and papermill are one thread), so the others, and the unit
-tests, run alongside.
+The smoke run itself (``conftest.smoke_run``) and, beside it in threads from the session's first
+test on (:func:`start_beside`), the killed-and-resumed run and the structure-only run. One pipeline
+keeps the two cores about three quarters busy (notebook start-up, imports and papermill are one
+thread), so the others, and the unit tests, run alongside.
+
+Every pipeline process starts with the environment the session started with (:data:`ENV`), not
+the one of the moment: a test that sets a variable (``monkeypatch.setenv("LOWBIT_CACHE", ...)`` in
+tests/test_assets.py) while a background run starts a process would otherwise hand it to that run
+(measured: the killed run then fetched the weights into the test's folder and its model_info.json
+named another source path than the smoke run's).
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from lowbit_helpers.artifacts import read_json, sha256_file
 REPO = Path(__file__).resolve().parent.parent
 SMOKE_ID = "smoke-test"
 STRUCTURE_TEST = "test_structure_only_model_shows_no_accuracy"
+KILL_TEST = "test_a_killed_run_resumes_where_it_stopped"
+ENV = dict(os.environ)  # at import (conftest imports this module before any test runs)
 
 # what the structure-only run needs of the smoke params: the code paths a random model changes
 # (no accuracy, no parity, latency and the profiler still), not every backend and engine again
@@ -89,19 +96,21 @@ class Beside(threading.Thread):
         return self.value
 
 
-# The killed-and-resumed run does not run beside the smoke run: there (and resumed through the CLI
-# at the end), two of its outputs differed from the smoke run's (model_info.json,
-# int8-coco/ort-percentile.json; cause not yet found), so its test runs it after the smoke run.
-def start_structure_only(tmp_path_factory, inputs) -> Beside:
-    """Start the structure-only run in a thread. ``inputs()`` gives the COCO root (and fetches the
-    weights); where it fails, only the structure-only test fails."""
+def start_beside(wanted: set[str], tmp_path_factory, inputs) -> dict[str, Beside]:
+    """Start, each in its thread, the background pipelines whose tests are in ``wanted``: the
+    killed-and-resumed run and the structure-only run. ``inputs()`` gives the COCO root (and
+    fetches the weights first, so no two processes download them); where it fails, only those
+    tests fail."""
     try:
         coco_root, error = inputs(), None
-    except BaseException as exc:  # noqa: BLE001 - raised by the structure-only test, not by every test
+    except BaseException as exc:  # noqa: BLE001 - raised by the tests that read the jobs, not by every test
         coco_root, error = None, exc
-    job = Beside(structure_only_run, tmp_path_factory.mktemp("random"), coco_root, error=error)
-    job.start()
-    return job
+    jobs = {test: Beside(fn, tmp_path_factory.mktemp(name), coco_root, error=error)
+            for test, name, fn in ((KILL_TEST, "killed", kill_and_resume), (STRUCTURE_TEST, "random", structure_only_run))
+            if test in wanted}  # fmt: skip
+    for job in jobs.values():
+        job.start()
+    return jobs
 
 
 def stop_beside() -> None:
@@ -114,7 +123,7 @@ def stop_beside() -> None:
 
 
 def _start(cmd: list[str], **kw) -> subprocess.Popen:
-    proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, **kw)
+    proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, env=ENV, **kw)
     LIVE.add(proc)
     return proc
 
@@ -185,9 +194,7 @@ def kill_and_resume(root: Path, coco_root: Path) -> dict:
     kill_when(cmd, run / "manifest.json", in_05)
     out["middle"] = claims_hold(run)
     out["early"].append(report.exists())
-    from lowbit_helpers.pipeline import run_pipeline  # late: the last resume in this process, as the smoke run
-
-    run_pipeline(params, run_id=SMOKE_ID, progress=False)
+    run_cli(cmd)
     out["after"] = claims_hold(run)
     out["report"] = report.is_file()
     return out

@@ -228,7 +228,9 @@ def test_a_rerun_reuses_every_stage(smoke_run, coco_root):
 
 @pytest.mark.slow
 def test_structure_only_model_shows_no_accuracy(beside):
-    root = beside.result()
+    from tests.smoke import STRUCTURE_TEST
+
+    root = beside[STRUCTURE_TEST].result()
     html = (root / "reports" / "random" / "report.html").read_text()
     assert "structure only" in html and "Parity check skipped" in html and "Structure-only model: no accuracy" in html
     assert "Fastest ORT variant" in html and "its Conv kernels take" in html
@@ -251,14 +253,31 @@ def test_failing_notebook_is_named_and_leaves_no_report(tmp_path, coco_root):
     assert read_json(tmp_path / "runs" / "broken" / "manifest.json")["notebooks"]["01_bootstrap_baseline"]["status"] == "failed"
 
 
+def _first_difference(a, b) -> str:
+    """Where two files first differ: the JSON key path, or the byte offset."""
+    if a.suffix == ".json":
+        x, y = read_json(a), read_json(b)
+        path = []
+        while isinstance(x, dict) and isinstance(y, dict):
+            key = next((k for k in sorted(set(x) | set(y)) if x.get(k) != y.get(k)), None)
+            if key is None:
+                break
+            path.append(key)
+            x, y = x.get(key), y.get(key)
+        return f"{'.'.join(path)}: {str(x)[:200]} != {str(y)[:200]}"
+    da, db = a.read_bytes(), b.read_bytes()
+    return f"byte {next((i for i, (p, q) in enumerate(zip(da, db)) if p != q), min(len(da), len(db)))}"
+
+
 @pytest.mark.slow
-def test_a_killed_run_resumes_where_it_stopped(smoke_run, tmp_path, coco_root):
+def test_a_killed_run_resumes_where_it_stopped(smoke_run, beside):
     """SIGKILL during notebook 03, then during notebook 05: each rerun keeps every finished stage,
     redoes only what was unfinished, and no report exists until the run completes; and the resumed
-    run's outputs are byte for byte those of the uninterrupted smoke run (same params)."""
-    from tests.smoke import kill_and_resume
+    run's outputs are byte for byte those of the uninterrupted smoke run (same params), which ran
+    at the same time in another process (tests/smoke.py)."""
+    from tests.smoke import KILL_TEST
 
-    killed = kill_and_resume(tmp_path, coco_root)
+    killed = beside[KILL_TEST].result()
     run, before, middle, after = killed["run"], killed["before"], killed["middle"], killed["after"]
     assert killed["early"] == [False, False]  # no report (nor notebook 05) before the run completes
     assert {k: middle[k] for k in before} == before  # nothing finished before the first kill was redone
@@ -277,6 +296,7 @@ def test_a_killed_run_resumes_where_it_stopped(smoke_run, tmp_path, coco_root):
     assert {"baseline-onnx/model.onnx", "baseline-coco/metrics.json", "int8-coco/ort-percentile.json", "onnx/nncf-mixed.onnx",
             "sensitivity/sensitivity.json", "schemes/w4a8-top0.json", "candidates/w4a8-top0.gptq-bc-b64.onnx",
             "results/w4a8-top0.gptq-bc-b64.confirm.json", "results/candidates.json"} <= set(files)  # fmt: skip
-    assert [f for f in files if (run / f).read_bytes() != (other / f).read_bytes()] == []
+    differ = [f for f in files if (run / f).read_bytes() != (other / f).read_bytes()]
+    assert differ == [], {f: _first_difference(run / f, other / f) for f in differ}
     assert "seconds" not in (run / "onnx" / "ort-percentile.recipe.json").read_text()  # costs are in the manifest
     assert str(killed["root"]) not in "".join((run / f).read_text() for f in files if f.endswith(".json") and "detections" not in f)
