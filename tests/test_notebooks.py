@@ -196,7 +196,7 @@ def test_gpu_bench_on_a_machine_without_a_gpu(smoke_run, tmp_path):
 def test_the_cli_pointed_at_the_run_writes_its_candidate(smoke_run, tmp_path):
     """`materialize SCHEME MODEL --run RUN` takes the run's chosen method, calibration and image
     counts: the file is the run's own candidate, byte for byte, whatever torch's thread count in
-    the calling process (GPTQ's float sums are split per thread: lowbit/stats.py TORCH_THREADS)."""
+    the calling process (GPTQ's float sums are split per thread: runtime/threads.py TORCH_THREADS)."""
     import torch
 
     from lowbit_helpers.__main__ import main
@@ -204,7 +204,7 @@ def test_the_cli_pointed_at_the_run_writes_its_candidate(smoke_run, tmp_path):
     run = smoke_run.run
     method = read_json(run / "results" / "candidates.json")["method"]
     assert method.startswith("gptq")  # the statistics and GPTQ path, not round to nearest
-    before = torch.get_num_threads()  # the notebook kernels' count too (torch's default: the cores)
+    before = torch.get_num_threads()
     torch.set_num_threads(1 if before != 1 else 2)  # another one: the codes must not depend on it
     try:
         out = tmp_path / "w4a8-top0.onnx"

@@ -1,7 +1,7 @@
 """4-bit weight post-training methods, and the scheme -> deployable ONNX writer.
 
 * :mod:`.base`: the method interface (:class:`.base.FourBitMethod`) and parsed names (:class:`.base.Method`);
-* one module per rounding rung: :mod:`.rtn`, :mod:`.mse`, :mod:`.gptq`;
+* one module per rounding rung: :mod:`.rtn`, :mod:`.mse`, :mod:`.gptq`, :mod:`.adaround`;
 * :mod:`.stats`: the Conv input statistics the methods read; :mod:`.bias_shift`: the ``-bc`` modifier;
 * :mod:`.materialize`: a scheme (node -> precision) into one ONNX with the methods' codes.
 
@@ -14,13 +14,14 @@ from __future__ import annotations
 import re
 
 from ..errors import LowbitError
+from .adaround import AdaRound, AdaRoundFromGptq
 from .base import FourBitMethod, Method
 from .gptq import Gptq
 from .mse import MseClip
 from .rtn import RoundToNearest
 
 # The registry: rounding name -> method.
-METHODS: dict[str, FourBitMethod] = {m.name: m for m in (RoundToNearest(), MseClip(), Gptq())}
+METHODS: dict[str, FourBitMethod] = {m.name: m for m in (RoundToNearest(), MseClip(), Gptq(), AdaRound(), AdaRoundFromGptq())}
 
 # The 4-bit method the committed default report's ladder chose (reports/default: notebook 05's
 # "method"); the CLI's and the validation's default. tests/test_cli_defaults.py fails when a rerun of

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..runtime import fixed_torch_threads
 from ..weights import WeightSpec, expand_scale
 from .base import FourBitMethod
-from .stats import ConvStats, _rows, fixed_torch_threads
+from .stats import ConvStats, _rows
 
 
 def gptq_codes(w: np.ndarray, scale: np.ndarray, spec: WeightSpec, stats: ConvStats, damp: float = 0.01,
@@ -28,7 +29,7 @@ def gptq_codes(w: np.ndarray, scale: np.ndarray, spec: WeightSpec, stats: ConvSt
 
     All groups of a grouped (e.g. depthwise) Conv are solved at once as a batch.
     """
-    with fixed_torch_threads():  # the codes must not depend on torch's thread count (stats.py)
+    with fixed_torch_threads():  # the codes must not depend on torch's thread count (runtime/threads.py)
         return _gptq_codes(w, scale, spec, stats, damp, act_order, block_cols)
 
 

@@ -46,7 +46,7 @@ from .bias_shift import expected_output_shift
 PRECISIONS = ("fp32", "fp16", *(name for name, f in FORMATS.items() if not f.ort_placement))
 # Part of every candidate's cache key: bump it when the arithmetic of weights.py / a method's module /
 # this module changes (clip grid, damping, act-order, statistics), so old builds are not reused.
-QUANT_VERSION = 2  # 2: statistics and GPTQ under a fixed torch thread count (stats.TORCH_THREADS)
+QUANT_VERSION = 2  # 2: statistics and GPTQ under a fixed torch thread count (runtime.TORCH_THREADS)
 INT4_OPSET = 21  # INT4 tensors and blocked DequantizeLinear
 
 

@@ -10,31 +10,12 @@ activation collector (:class:`lowbit_helpers.runtime.Activations`).
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 
-from ..runtime import Activations
-
-# torch's intra-op threads for the 4-bit arithmetic (statistics, GPTQ): float sums are split per
-# thread, so with another thread count a rounding decision can flip and a file's codes differ
-# (measured: the smoke run's GPTQ candidate and the same command in a process whose torch had one
-# thread). Fixed here, the codes are a function of the model, the images and the method alone.
-TORCH_THREADS = 2
-
-
-@contextlib.contextmanager
-def fixed_torch_threads(n: int = TORCH_THREADS):
-    import torch  # late: torch costs seconds at import, kept off the command line's start-up
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+from ..runtime import Activations, fixed_torch_threads
 
 
 @dataclass

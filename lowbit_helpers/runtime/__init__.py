@@ -7,7 +7,8 @@
 * :mod:`.bench`: interleaved latency benches, ORT's profiler, load memory;
 * :mod:`.machine`: the CPU's int8 instructions and the runtimes' versions;
 * :mod:`.inspect`: what a Q/DQ file holds and what ORT runs of it, raw-head fidelity;
-* :mod:`.emulate`: ORT's kernels on another x86 CPU model under QEMU.
+* :mod:`.emulate`: ORT's kernels on another x86 CPU model under QEMU;
+* :mod:`.threads`: fixed thread counts for float arithmetic whose results are recorded.
 """
 
 from .activations import Activations, activations, with_outputs
@@ -35,10 +36,11 @@ from .sessions import (
     run_head,
     runtime_unavailable,
 )
+from .threads import TORCH_THREADS, fixed_torch_threads
 
 __all__ = [
-    "ARITHMETICS", "BENCH_SETTINGS", "CONV_OPS", "ENGINES", "INT8_ISA_FLAGS", "RUNTIMES", "Activations", "activations",
+    "ARITHMETICS", "BENCH_SETTINGS", "CONV_OPS", "ENGINES", "INT8_ISA_FLAGS", "RUNTIMES", "TORCH_THREADS", "Activations", "activations",
     "bench_models", "check_providers", "compare_profiles", "conv_key", "cpu_int8_isa", "engine_session",
-    "engine_unavailable", "environment", "float_convs_between_qdq", "int8_kernel_class", "kept_float_rewrite",
+    "engine_unavailable", "environment", "fixed_torch_threads", "float_convs_between_qdq", "int8_kernel_class", "kept_float_rewrite",
     "latency_stats", "load_memory", "make_session", "profile_model", "run_head", "runtime_unavailable", "with_outputs",
 ]  # fmt: skip

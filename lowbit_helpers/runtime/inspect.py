@@ -52,8 +52,10 @@ def sqnr_db(reference: np.ndarray, test: np.ndarray) -> float:
 
 
 def cosine(reference: np.ndarray, test: np.ndarray) -> float:
+    # numpy's own (pairwise, one-thread) sums, not BLAS's dot: BLAS splits the sum per thread, and
+    # its thread count follows OMP_NUM_THREADS (runtime/threads.py), so the last digits would too
     a, b = reference.astype(np.float64).ravel(), test.astype(np.float64).ravel()
-    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+    return float(np.sum(a * b) / np.sqrt(np.sum(a * a) * np.sum(b * b)))
 
 
 def head_fidelity(fp32_session, test_session, images: list[np.ndarray]) -> dict:

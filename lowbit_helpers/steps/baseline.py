@@ -27,7 +27,15 @@ from ..export import export_raw_onnx, load_torch_model
 from ..graph import graph_info
 from ..parity import export_ultralytics_e2e, ultralytics_predictions
 from ..rundir import RunDir, Stage
-from ..runtime import BENCH_SETTINGS, bench_models, engine_session, environment, make_session, run_head
+from ..runtime import (
+    BENCH_SETTINGS,
+    bench_models,
+    engine_session,
+    environment,
+    fixed_torch_threads,
+    make_session,
+    run_head,
+)
 from ..schema import DecodeCfg, Skipped
 
 MODEL = "baseline-onnx/model.onnx"
@@ -109,7 +117,7 @@ def torch_onnx_difference(source: ModelSource, onnx_path: str | Path, image: str
 
     x, _ = preprocess(image)
     model = load_torch_model(source)
-    with torch.no_grad():
+    with torch.no_grad(), fixed_torch_threads():  # the recorded floor must not depend on the caller's threads
         ref = model(torch.from_numpy(x)).numpy()
         ref64 = model.double()(torch.from_numpy(x).double()).numpy()
     got = run_head(make_session(onnx_path, threads=2), x)
