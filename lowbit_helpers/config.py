@@ -233,7 +233,7 @@ def _default_ladder() -> list[str]:
 class CandidatesCfg(Section):
     enabled: bool = True
     ladder: list[str] = Field(default_factory=_default_ladder, min_length=1,
-                              description="4-bit PTQ methods measured in order: <rtn|mse|gptq>[-bc][-b<B>]")
+                              description=f"4-bit PTQ methods measured in order: {method_grammar()}")
     ladder_schemes: list[str] = Field(default_factory=lambda: ["w4a16-top0"], min_length=1,
                                       description="notebook 04 schemes the ladder is measured on")
     ladder_confirm: bool = Field(False, description="also every ladder rung on the confirmation split (slow; the pick stays on select)")

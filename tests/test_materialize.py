@@ -142,8 +142,7 @@ def test_gptq_and_bias_correction_reduce_output_error(group, tmp_path):
 @pytest.mark.parametrize("group", [1, 8])
 def test_adaround_learns_up_or_down_and_beats_rounding_to_nearest(group, tmp_path):
     """AdaRound's codes are each weight's floor or ceiling on the same scales; on correlated inputs
-    its output error (measured through ORT on inputs it never saw) is well below round to nearest's,
-    and started from GPTQ's codes it does not end worse than GPTQ."""
+    its output error (measured through ORT on inputs it never saw) is well below round to nearest's."""
     rng = np.random.default_rng(5)
     w = rng.normal(size=(8, 16 // group, 3, 3)).astype(np.float32)
     b = rng.normal(size=8).astype(np.float32)
@@ -157,15 +156,12 @@ def test_adaround_learns_up_or_down_and_beats_rounding_to_nearest(group, tmp_pat
     rtn, ada = quantize_codes(w, scale, spec), adaround.adaround_codes(w, scale, spec, st)
     assert np.all((ada == np.clip(np.floor(ratio), -7, 7)) | (ada == np.clip(np.ceil(ratio), -7, 7)))
     assert not np.array_equal(ada, rtn)  # it learned something other than the nearest level
-    g_codes = gptq.gptq_codes(w, scale, spec, st)
     ref = _run(model, held, tmp=tmp_path)
     errors = {}
-    for name, codes in (("rtn", rtn), ("adaround", ada), ("gptq", g_codes),
-                        ("adagptq", adaround.adaround_codes(w, scale, spec, st, start=g_codes))):  # fmt: skip
+    for name, codes in (("rtn", rtn), ("adaround", ada)):
         out = _run(_conv_graph(dequantize(codes, scale, None), b, group), held, tmp=tmp_path)
         errors[name] = float(((out - ref) ** 2).mean())
     assert errors["adaround"] < 0.8 * errors["rtn"], errors
-    assert errors["adagptq"] <= 1.02 * errors["gptq"], errors
 
 
 @pytest.mark.parametrize("group", [1, 8])

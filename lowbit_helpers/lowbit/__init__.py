@@ -14,14 +14,14 @@ from __future__ import annotations
 import re
 
 from ..errors import LowbitError
-from .adaround import AdaRound, AdaRoundFromGptq
+from .adaround import AdaRound
 from .base import FourBitMethod, Method
 from .gptq import Gptq
 from .mse import MseClip
 from .rtn import RoundToNearest
 
 # The registry: rounding name -> method.
-METHODS: dict[str, FourBitMethod] = {m.name: m for m in (RoundToNearest(), MseClip(), Gptq(), AdaRound(), AdaRoundFromGptq())}
+METHODS: dict[str, FourBitMethod] = {m.name: m for m in (RoundToNearest(), MseClip(), Gptq(), AdaRound())}
 
 # The 4-bit method the committed default report's ladder chose (reports/default: notebook 05's
 # "method"); the CLI's and the validation's default. tests/test_cli_defaults.py fails when a rerun of
