@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The test suite: unit tests, the parity check on val500 and the smoke run of all six
+# The test suite: unit tests, the parity check on val100 and the smoke run of all six
 # notebooks. Extra arguments go to pytest (e.g. -m "not slow" for the fast tests alone).
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 bash scripts/get_chromium.sh   # the report's browser check (headless Chromium)

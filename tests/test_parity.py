@@ -1,5 +1,6 @@
-"""Parity with Ultralytics on val500: the project's top-k decode of the raw-head ONNX against
-Ultralytics predicting with the NMS-free end-to-end ONNX it exported itself."""
+"""Parity with Ultralytics on val100: the project's top-k decode of the raw-head ONNX against
+Ultralytics predicting with the NMS-free end-to-end ONNX it exported itself. (val100 in CI, for
+its time; params/full.yaml's parity stage runs the same comparison on val500.)"""
 
 import pytest
 
@@ -9,16 +10,16 @@ from lowbit_helpers.evaluate import evaluate_coco, predict_onnx
 from lowbit_helpers.parity import export_ultralytics_e2e, ultralytics_predictions
 from lowbit_helpers.runtime import make_session
 
-from .conftest import VAL500
+from .conftest import VAL100
 
 
 @pytest.mark.slow
-def test_topk_decode_matches_ultralytics_on_val500(yolov10n, yolov10n_onnx, coco_root, tmp_path):
-    subset = open_coco(coco_root, VAL500, "val500")
+def test_topk_decode_matches_ultralytics_on_val100(yolov10n, yolov10n_onnx, coco_root, tmp_path):
+    subset = open_coco(coco_root, VAL100, "val100")
     ours = evaluate_coco(subset, predict_onnx(make_session(yolov10n_onnx), subset, DecodeCfg(mode="topk")))
     e2e = export_ultralytics_e2e(yolov10n, tmp_path)
     theirs = evaluate_coco(subset, ultralytics_predictions(e2e, subset, conf=0.001, max_det=300))
-    print(f"\nval500 mAP50-95: ours top-k {ours.metrics['mAP_50_95']:.4f}, Ultralytics e2e ONNX {theirs.metrics['mAP_50_95']:.4f}")
-    assert ours.metrics["num_images"] == theirs.metrics["num_images"] == 500
+    print(f"\nval100 mAP50-95: ours top-k {ours.metrics['mAP_50_95']:.4f}, Ultralytics e2e ONNX {theirs.metrics['mAP_50_95']:.4f}")
+    assert ours.metrics["num_images"] == theirs.metrics["num_images"] == 100
     assert abs(ours.metrics["mAP_50_95"] - theirs.metrics["mAP_50_95"]) <= 0.002
-    assert 0.38 < ours.metrics["mAP_50_95"] < 0.41  # the official checkpoint, not a broken pipeline
+    assert 0.44 < ours.metrics["mAP_50_95"] < 0.49  # the official checkpoint, not a broken pipeline
