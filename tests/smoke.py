@@ -31,7 +31,10 @@ REPO = Path(__file__).resolve().parent.parent
 SMOKE_ID = "smoke-test"
 STRUCTURE_TEST = "test_structure_only_model_shows_no_accuracy"
 KILL_TEST = "test_a_killed_run_resumes_where_it_stopped"
-ENV = dict(os.environ)  # at import (conftest imports this module before any test runs)
+# at import (collection, before any test imports ultralytics, which sets OMP_NUM_THREADS=1 in os.environ):
+# so the background runs have no OMP_NUM_THREADS and the in-process smoke run's kernels have 1, and the
+# killed run's byte comparison with the smoke run also shows that no recorded result depends on it
+ENV = dict(os.environ)
 
 # what the structure-only run needs of the smoke params: the code paths a random model changes
 # (no accuracy, no parity, latency and the profiler still), not every backend and engine again

@@ -13,6 +13,7 @@ from lowbit_helpers.__main__ import main
 from lowbit_helpers.errors import LowbitError
 from lowbit_helpers.formats import FORMATS, apply_format
 from lowbit_helpers.lowbit import LADDER, METHODS, adaround, gptq, parse_method
+from lowbit_helpers.lowbit.base import FourBitMethod
 from lowbit_helpers.lowbit.bias_shift import expected_output_shift
 from lowbit_helpers.lowbit.materialize import materialize
 from lowbit_helpers.lowbit.stats import collect_stats
@@ -195,6 +196,8 @@ def test_the_file_holds_each_methods_own_codes(name, group, monkeypatch):
             assert np.array_equal(codes, gptq.gptq_codes(w, scale, spec, st)), variant
         if m.rounding.name == "adaround":
             assert np.array_equal(codes, adaround.adaround_codes(w, scale, spec, st)), variant
+        if type(m.rounding).codes is not FourBitMethod.codes:  # its own rounding: not round to nearest on its scales
+            assert not np.array_equal(codes, quantize_codes(w, scale, spec)), variant
         if m.rounding.name != "rtn":  # neither its scales nor its codes are max-abs round to nearest's
             plain = compute_scale(w, WeightSpec(4, m.block, "maxabs"))
             assert not (np.array_equal(scale, plain) and np.array_equal(codes, quantize_codes(w, scale, spec))), variant
@@ -385,7 +388,6 @@ def test_a_new_4bit_method_is_one_class_and_one_registry_line(monkeypatch):
     params and materialize then take it, and the deployed file holds exactly the class's codes."""
     from lowbit_helpers.config import parse_config
     from lowbit_helpers.lowbit import METHODS
-    from lowbit_helpers.lowbit.base import FourBitMethod
     from lowbit_helpers.weights import expand_scale
 
     class RoundTowardZero(FourBitMethod):

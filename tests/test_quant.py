@@ -1,6 +1,7 @@
 """INT8 quantization end to end on a real (small) model, the calibrators, and bad input."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -147,13 +148,14 @@ def test_reader_slices_and_helpers():
     assert cosine(ref, 2 * ref) == pytest.approx(1.0)
 
 
-
 def test_fidelity_does_not_depend_on_blas_threads():
     """The recorded cosine and SQNR are the same to the last bit with one BLAS thread or two (BLAS's
     dot splits its sum per thread, and ultralytics' import sets OMP_NUM_THREADS=1 in the test
     session's notebooks, not in a command-line run's: measured, the cosines' last digits moved)."""
-    from threadpoolctl import threadpool_limits
+    from threadpoolctl import threadpool_info, threadpool_limits
 
+    assert any(i["user_api"] == "blas" for i in threadpool_info()), "numpy's BLAS must be visible to threadpoolctl"
+    assert (os.cpu_count() or 1) >= 2, "two threads must be possible for the comparison to mean anything"
     rng = np.random.default_rng(0)
     ref = rng.normal(size=(2, 144, 8400)).astype(np.float32)
     out = ref + 0.01 * rng.normal(size=ref.shape).astype(np.float32)
@@ -162,6 +164,7 @@ def test_fidelity_does_not_depend_on_blas_threads():
         with threadpool_limits(threads):
             values.append((cosine(ref, out), sqnr_db(ref, out)))
     assert values[0] == values[1]
+
 
 def test_bad_calibration_input(yolov10n_onnx, tmp_path, capsys):
     empty = tmp_path / "empty.txt"

@@ -29,7 +29,8 @@ METHODS: dict[str, FourBitMethod] = {m.name: m for m in (RoundToNearest(), MseCl
 DEFAULT_METHOD = "gptq-bc-b32"
 
 # The measured ladder of notebook 05 (params/full.yaml), in order; any name of the grammar is accepted too.
-LADDER = ["rtn", "rtn-b128", "rtn-b64", "rtn-b32", "mse", "mse-bc", "gptq", "gptq-bc", "gptq-bc-b64", "gptq-bc-b32"]
+LADDER = ["rtn", "rtn-b128", "rtn-b64", "rtn-b32", "mse", "mse-bc", "gptq", "gptq-bc", "gptq-bc-b64", "gptq-bc-b32",
+          "adaround-bc-b32"]
 
 _MODIFIERS = re.compile(r"^(?P<rounding>[a-z0-9_]+?)(?P<bc>-bc)?(?:-b(?P<block>\d+))?$")
 

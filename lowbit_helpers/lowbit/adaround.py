@@ -52,7 +52,7 @@ def adaround_codes(w: np.ndarray, scale: np.ndarray, spec: WeightSpec, stats: Co
     optimised at once as a batch.
     """
     with fixed_torch_threads():  # the codes must not depend on torch's thread count (runtime/threads.py)
-        return _adaround_codes(w, scale, spec, stats, iterations or ITERATIONS)
+        return _adaround_codes(w, scale, spec, stats, ITERATIONS if iterations is None else iterations)
 
 
 def _adaround_codes(w, scale, spec, stats, iterations) -> np.ndarray:
@@ -100,3 +100,7 @@ class AdaRound(FourBitMethod):
 
     def codes(self, w: np.ndarray, scale: np.ndarray, spec: WeightSpec, stats: ConvStats | None) -> np.ndarray:
         return adaround_codes(w, scale, spec, stats)
+
+    def settings(self) -> dict:
+        return {"iterations": ITERATIONS, "learning_rate": LEARNING_RATE, "reg_weight": REG_WEIGHT, "beta": list(BETA),
+                "warmup": WARMUP, "zeta_gamma": [ZETA, GAMMA]}  # fmt: skip

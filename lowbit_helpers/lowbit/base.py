@@ -38,6 +38,11 @@ class FourBitMethod:
         """Integer codes of ``w`` for fixed ``scale`` (ONNX layout, same shape as ``w``)."""
         return quantize_codes(w, scale, spec)
 
+    def settings(self) -> dict:
+        """The method's tunable constants (iterations, learning rate, ...): part of every candidate's
+        cache key and recipe, so a changed setting recomputes the files made with it. None here."""
+        return {}
+
 
 @dataclass(frozen=True)
 class Method:
@@ -67,5 +72,6 @@ class Method:
     def record(self) -> dict:
         """What a candidate's recipe records of the method. The keys are those recipes had before the
         registry (their files stay byte for byte the same); ``gptq``: the codes come from GPTQ."""
-        return {"name": self.name, "clip": self.rounding.clip, "gptq": self.rounding.name == "gptq",
-                "bias_correction": self.bias_correction, "block": self.block}  # fmt: skip
+        out = {"name": self.name, "clip": self.rounding.clip, "gptq": self.rounding.name == "gptq",
+               "bias_correction": self.bias_correction, "block": self.block}  # fmt: skip
+        return out | ({"settings": s} if (s := self.rounding.settings()) else {})

@@ -157,8 +157,10 @@ def materialize(model: onnx.ModelProto, nodes: dict[str, str], method: str | Met
                 codes, zero = codes.astype(np_type), np.zeros(scale.shape, np_type)
                 dq_attrs = {"axis": 0} if spec.block is None else {"axis": 1, "block_size": spec.block}
                 rec["weights"] = f"int{bits}, {spec.granularity}" + ("" if bits == 8 else f", {method.name}")
-                rec["weight_rel_error"] = float(np.linalg.norm(dequantize(codes.astype(np.int8), scale, spec.block) - w)
-                                                / max(np.linalg.norm(w), 1e-12))  # fmt: skip
+                # numpy's own sums, not BLAS's (whose thread split follows OMP_NUM_THREADS: runtime/threads.py)
+                err = (dequantize(codes.astype(np.int8), scale, spec.block) - w).astype(np.float64)
+                w64 = w.astype(np.float64)
+                rec["weight_rel_error"] = float(np.sqrt(np.sum(err * err)) / max(np.sqrt(np.sum(w64 * w64)), 1e-12))
             _init(g, codes, f"{base}::wq")
             _init(g, scale, f"{base}::ws")
             _init(g, zero, f"{base}::wz")

@@ -1,4 +1,4 @@
-"""Input statistics of Conv layers for layer-wise 4-bit methods (GPTQ, MSE clipping, bias correction).
+"""Input statistics of Conv layers for layer-wise 4-bit methods (GPTQ, AdaRound, MSE clipping, bias correction).
 
 A Conv ``y = W * x`` with ``groups = g`` is, per group j and output position, a matrix product
 ``W_j [Cout/g, d] @ X_j [d, L]`` where ``X_j`` are the unfolded input patches (``d = Cin/g *

@@ -187,6 +187,8 @@ def build(run: RunDir, scheme: dict, method: str) -> dict:
     params = {"nodes": scheme["nodes"], "method": method if has_four_bit(scheme) else None,
               "range_images": cfg.sensitivity.range_images, "stats_images": cfg.candidates.stats_images,
               "quant_version": QUANT_VERSION, "versions": baseline.versions(), "model": model_sha, "calib": calib_sha}  # fmt: skip
+    if has_four_bit(scheme) and (settings := parse_method(method).rounding.settings()):
+        params["method_settings"] = settings  # only where a method has any: the other keys stay as they were
 
     def compute():
         t0 = time.perf_counter()
