@@ -52,9 +52,9 @@ def beside(request, tmp_path_factory):
     weights fails those tests, not the session). Not a dependency of the fast tests: their
     fixtures stay theirs (the slow marking above reads them). Whatever still runs at the end of
     the session (interrupted, failed) is killed."""
-    from tests.smoke import KILL_TEST, STRUCTURE_TEST, start_beside, stop_beside
+    from tests.smoke import KILL_TEST, RERUN_TEST, STRUCTURE_TEST, start_beside, stop_beside
 
-    wanted = {getattr(item, "originalname", item.name) for item in request.session.items} & {KILL_TEST, STRUCTURE_TEST}
+    wanted = {getattr(item, "originalname", item.name) for item in request.session.items} & {KILL_TEST, RERUN_TEST, STRUCTURE_TEST}
     if not wanted:
         yield {}
         return
@@ -71,7 +71,7 @@ def beside(request, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory, coco_root, beside):
-    """The smoke run of all six notebooks, once per test session: the content, rerun, browser,
+    """The smoke run of all six notebooks, once per test session: the content, browser,
     gpu-bench, CLI and resume tests all read it (each full pipeline costs minutes on two cores)."""
     from lowbit_helpers.pipeline import run_pipeline
     from tests.smoke import SMOKE_ID, Smoke, smoke_params

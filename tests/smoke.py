@@ -31,6 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 SMOKE_ID = "smoke-test"
 STRUCTURE_TEST = "test_structure_only_model_shows_no_accuracy"
 KILL_TEST = "test_a_killed_run_resumes_where_it_stopped"
+RERUN_TEST = "test_a_rerun_reuses_every_stage"  # reads the killed run too
 # at import (collection, before any test imports ultralytics, which sets OMP_NUM_THREADS=1 in os.environ):
 # so the background runs have no OMP_NUM_THREADS and the in-process smoke run's kernels have 1, and the
 # killed run's byte comparison with the smoke run also shows that no recorded result depends on it
@@ -108,10 +109,13 @@ def start_beside(wanted: set[str], tmp_path_factory, inputs) -> dict[str, Beside
         coco_root, error = inputs(), None
     except BaseException as exc:  # noqa: BLE001 - raised by the tests that read the jobs, not by every test
         coco_root, error = None, exc
-    jobs = {test: Beside(fn, tmp_path_factory.mktemp(name), coco_root, error=error)
-            for test, name, fn in ((KILL_TEST, "killed", kill_and_resume), (STRUCTURE_TEST, "random", structure_only_run))
-            if test in wanted}  # fmt: skip
-    for job in jobs.values():
+    jobs = {}
+    table = (((KILL_TEST, RERUN_TEST), "killed", kill_and_resume), ((STRUCTURE_TEST,), "random", structure_only_run))
+    for tests, name, fn in table:
+        if wanted & set(tests):
+            job = Beside(fn, tmp_path_factory.mktemp(name), coco_root, error=error)
+            jobs.update({test: job for test in tests})
+    for job in set(jobs.values()):
         job.start()
     return jobs
 
@@ -182,9 +186,9 @@ def claims_hold(run: Path) -> dict:
 
 
 def kill_and_resume(root: Path, coco_root: Path) -> dict:
-    """SIGKILL during notebook 03, then during notebook 05, then the run to its end: what the
-    manifest claimed after each (every claim checked against the files), and whether a report or
-    notebook 05's stages existed too early."""
+    """SIGKILL during notebook 03, then during notebook 05, then the run to its end, then once more:
+    what the manifest claimed after each (every claim checked against the files), and whether a
+    report or notebook 05's stages existed too early."""
     params = smoke_params(root, coco_root)
     cmd = [sys.executable, "-m", "lowbit_helpers", "run", str(params), "--run-id", SMOKE_ID]
     run, report = root / "runs" / SMOKE_ID, root / "reports" / SMOKE_ID / "report.html"
@@ -200,4 +204,6 @@ def kill_and_resume(root: Path, coco_root: Path) -> dict:
     run_cli(cmd)
     out["after"] = claims_hold(run)
     out["report"] = report.is_file()
+    run_cli(cmd)  # the finished run once more: every stage is reused (test_a_rerun_reuses_every_stage)
+    out["again"] = claims_hold(run)
     return out
