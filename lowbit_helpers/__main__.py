@@ -30,6 +30,7 @@ from .int8 import (
 )
 from .int8.calibration import load_calibration
 from .lowbit import DEFAULT_METHOD, method_grammar, parse_method
+from .lowbit.integer_form import integer_form
 from .lowbit.materialize import check_scheme, materialize, stats_convs
 from .lowbit.stats import collect_stats
 from .rundir import REPO_ROOT, RunDir, run_lock
@@ -235,6 +236,7 @@ STATS_IMAGES = CandidatesCfg.model_fields["stats_images"].default
 def _materialize_defaults(args) -> None:
     """Fill what the command line left open: from ``--run`` (the method its ladder chose, its
     calibration tensor and image counts), else the defaults the params and the report use."""
+    explicit = args.method is not None
     if args.run:
         run = RunDir.open(args.run)
         if not run.has(CANDIDATES):
@@ -245,6 +247,8 @@ def _materialize_defaults(args) -> None:
         if not (args.calib or args.calib_npy):
             args.calib_npy = str(run.artifact(baseline.CALIB))
     args.method = args.method or DEFAULT_METHOD
+    if args.integer_form and not explicit:  # QLinearConv takes one scale per output channel: the method without blocks
+        args.method = parse_method(args.method).per_channel
     args.range_images = args.range_images or RANGE_IMAGES
     args.stats_images = args.stats_images or STATS_IMAGES
 
@@ -284,15 +288,23 @@ def _cmd_materialize(args) -> int:
     ranges = activation_ranges(model, calib[: args.range_images])
     convs = stats_convs(nodes, method)
     stats = collect_stats(model, convs, calib[: args.stats_images]) if convs else None
-    q, info = materialize(model, nodes, method, ranges=ranges, stats=stats)
+    if args.integer_form:
+        int8_path = Path(args.integer_form)
+        if not int8_path.is_file():
+            raise LowbitError(f"INT8 recipe not found: {int8_path}",
+                              "give --integer-form the ORT INT8 file (placement all) of this model, e.g. a run's onnx/ort-percentile.onnx")  # fmt: skip
+        q, info = integer_form(onnx.load(str(int8_path)), model, nodes, method, stats=stats)
+    else:
+        q, info = materialize(model, nodes, method, ranges=ranges, stats=stats)
     out = Path(args.out)
     with atomic_path(out) as tmp:
         onnx.save(q, str(tmp))
     recipe = {"scheme": str(scheme_path), "model": str(model_path), "method": method.name,
               "calibration": {"range_images": args.range_images, "stats_images": args.stats_images},
-              "seconds": round(time.perf_counter() - t0, 1), "materialize": info}  # fmt: skip
+              "seconds": round(time.perf_counter() - t0, 1), "materialize": info,
+              **({"integer_form": str(args.integer_form)} if args.integer_form else {})}  # fmt: skip
     write_json(out.with_suffix(".recipe.json"), recipe)
-    print(json.dumps({k: info[k] for k in ("precisions", "four_bit_share", "opset")}))
+    print(json.dumps({k: info[k] for k in ("precisions", "deployed", "four_bit_share", "opset") if k in info}))
     print(f"wrote {out} ({out.stat().st_size / 2**20:.2f} MiB) and {out.with_suffix('.recipe.json')}")
     return 0
 
@@ -430,6 +442,9 @@ def build_parser() -> argparse.ArgumentParser:
                    f"(default: the run's, else {RANGE_IMAGES} as in the params)")  # fmt: skip
     z.add_argument("--stats-images", type=_positive, help="GPTQ / bias-correction statistics from images [0, N) "
                    f"(default: the run's, else {STATS_IMAGES} as in the params)")  # fmt: skip
+    z.add_argument("--integer-form", metavar="INT8.onnx", help="write the scheme's 4-bit codes into this ORT INT8 recipe "
+                   "of the model (placement all, e.g. a run's onnx/ort-percentile.onnx), so that ORT runs every Conv as "
+                   "QLinearConv (scales per output channel: the default method without its -b<B>)")  # fmt: skip
     z.add_argument("--out", required=True, help="OUT.onnx (its recipe goes beside it as OUT.recipe.json)")
     z.set_defaults(func=_cmd_materialize)
 

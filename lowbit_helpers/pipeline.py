@@ -20,6 +20,7 @@ from .report.summary import SUMMARY_MD
 from .rundir import RunDir, run_lock, split_measured
 from .runtime import check_providers
 from .steps.sensitivity import SCHEMES_DIR
+from .steps.summary import ANSWER
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 REPORT_NOTEBOOK = "06_summary_report"
@@ -110,7 +111,7 @@ def _run_locked(cfg: Config, run_id: str | None, progress: bool, notebook_dir: P
         run.update("notebooks", nb.stem, {"status": "ok", "seconds": round(time.perf_counter() - t0, 1)})
         render_html(out, html_dir / f"{nb.stem}.html")
     report_dir.mkdir(parents=True, exist_ok=True)
-    for name in (SUMMARY_MD,):
+    for name in (SUMMARY_MD, ANSWER):
         if (run.path / name).is_file():
             shutil.copyfile(run.path / name, report_dir / name)
     schemes = run.path / SCHEMES_DIR

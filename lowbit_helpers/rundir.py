@@ -54,6 +54,7 @@ MEASUREMENTS = {
     "*/latency.json": "latency and memory benches",
     "*.log": "quantizer logs (progress, timings)",
     "summary.md": "the report's text, latency included",
+    "answer.json": "the answer table as data, latency ratios included",
     "html/*": "the executed notebooks, rendered",
     "notebooks/*": "the executed notebooks",
     "baseline-coco/*_ultralytics_e2e.onnx": "Ultralytics stamps its own export with the export time",

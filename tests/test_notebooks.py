@@ -1,5 +1,6 @@
 """Smoke runs of the whole main job: six notebooks via papermill, HTML via nbconvert."""
 
+import json
 import shutil
 
 import nbformat
@@ -81,6 +82,48 @@ def test_smoke_run_of_all_notebooks(smoke_run):
     md_heads = [line.split(" ", 1)[1] for line in summary.splitlines() if line.startswith(("## ", "### "))]
     assert md_heads == [t for t in SECTION_ORDER if t in md_heads] and len(md_heads) >= 6, md_heads
     assert str(root) not in html and str(root) not in summary  # no absolute path of the machine
+
+
+@pytest.mark.slow
+def test_the_integer_form_and_the_answer_as_data(smoke_run):
+    """Notebook 05 builds the integer-kernel form of the params' integer scheme in notebook 03's best
+    ORT recipe (every Conv of that recipe a QLinearConv under ORT, scored with exact Q/DQ too and
+    confirmed); ``answer.json`` beside ``summary.md`` holds one record per row of the answer table,
+    FP32 first, each naming a file of the run and the Δ its evaluation recorded."""
+    run, root = smoke_run.run, smoke_run.root
+    from lowbit_helpers.lowbit import parse_method
+
+    cands = read_json(run / "results" / "candidates.json")
+    method = parse_method(cands["method"]).per_channel  # the ladder's method, one scale per output channel
+    name = f"budget50-w4a8-w8a8.{method}.int"
+    assert cands["integer"]["candidates"] == [name] and cands["integer"]["skipped"] is None
+    recipe = read_json(run / "candidates" / f"{name}.recipe.json")
+    assert recipe["form"] == "integer" and recipe["method"] == method and recipe["materialize"]["deployed"]["int4"] > 0
+    ev = cands["evaluations"][name]
+    recipe_ev = read_json(run / "int8-coco" / f"{recipe['int8_recipe']}.json")
+    assert ev["ort_cpu"]["QLinearConv"] == recipe_ev["ort_cpu"]["QLinearConv"] > 0  # the same Convs as the INT8 recipe
+    assert "select_exact" in ev and "confirm" in ev
+    assert "budget_percent" in next(iter(cands["integer"]["winners"].values()))
+
+    answer = json.loads((root / "reports" / SMOKE_ID / "answer.json").read_text(), parse_constant=_no_constant)
+    assert answer == read_json(run / "answer.json")
+    keys = {"role", "model", "file", "select_split", "confirm_split", "map_confirm", "delta_confirm", "engine", "size_mib",
+            "latency_ratio", "runtime", "rule"}  # fmt: skip
+    assert all(set(r) == keys for r in answer) and answer[0]["model"] == "fp32" and answer[0]["delta_confirm"] == [0, 0, 0]
+    assert len(answer) >= 4 and any(r["role"].startswith("low-bit on integer kernels") for r in answer)
+    for r in answer[1:]:
+        assert (run / r["file"]).is_file(), r["file"]
+        point, lo, hi = r["delta_confirm"]
+        assert lo <= point <= hi and r["select_split"] != r["confirm_split"]
+        assert abs(r["map_confirm"] - point - answer[0]["map_confirm"]) < 0.011  # the same images' FP32
+    low = next(r for r in answer if r["role"].startswith("low-bit on integer kernels"))
+    confirm = cands["evaluations"][low["model"]]["confirm"]
+    assert low["delta_confirm"][0] == round(100 * confirm["delta_vs_fp32"]["delta"], 2)
+    assert low["latency_ratio"] > 0 and "ORT CPU" in low["runtime"]
+
+
+def _no_constant(token: str):
+    raise ValueError(f"non-strict JSON token {token}")
 
 
 

@@ -238,16 +238,20 @@ def _synthetic_candidates(fp32_ms: float = 50.0) -> CandidatesResult:
                 "delta_vs_fp32": {"delta": x, "lo": x - 0.008, "hi": x + 0.008}}
 
     cands = {"w4a16-top0.g": ("w4a16-top0", -0.034, 1.7), "w4a16-top10.g": ("w4a16-top10", -0.022, 2.7),
-             "budget75-w4a8-w8a8.g": ("budget75-w4a8-w8a8", -0.013, 2.5)}  # fmt: skip
+             "budget75-w4a8-w8a8.g": ("budget75-w4a8-w8a8", -0.013, 2.5),
+             "budget75-w4a8-w8a8.g.int": ("budget75-w4a8-w8a8", -0.017, 2.0)}  # fmt: skip
     recipes = {n: {"scheme": {"name": s, "kind": "budget" if s.startswith("budget") else "top_k"}} for n, (s, _, _) in cands.items()}
+    recipes["budget75-w4a8-w8a8.g.int"].update(form="integer", int8_recipe="ort-keep")
     evals = {n: {"select": split(x + 0.01, "val100"), "confirm": split(x), "size_bytes": int(mib * 2**20)} for n, (_, x, mib) in cands.items()}
     rows = [{"name": "fp32", "median_ms": fp32_ms}, {"name": "int8:ort-keep", "median_ms": 0.55 * fp32_ms}]
-    rows += [{"name": n, "median_ms": 1.2 * fp32_ms} for n in cands]
+    rows += [{"name": n, "median_ms": (0.6 if n.endswith(".int") else 1.2) * fp32_ms} for n in cands]
     winners = {"50": {"budget_percent": 50.0, "candidate": "w4a16-top10.g", "eligible": 2},
                "75": {"budget_percent": 75.0, "candidate": "budget75-w4a8-w8a8.g", "eligible": 1}}  # fmt: skip
+    integer = {"candidates": ["budget75-w4a8-w8a8.g.int"], "skipped": None,
+               "winners": {"75": {"budget_percent": 75.0, "candidate": "budget75-w4a8-w8a8.g.int", "eligible": 1}}}  # fmt: skip
     return CandidatesResult(method="g", ladder={}, sweep_match={}, recipes=recipes, evaluations=evals, winners=winners,
-                            guided=None, controls=[], best_int8=None, latency={"rows": rows}, fp32_size_bytes=9 << 20,
-                            seconds=0.0)  # fmt: skip
+                            guided=None, controls=[], integer=integer, best_int8=None, latency={"rows": rows},
+                            fp32_size_bytes=9 << 20, seconds=0.0)  # fmt: skip
 
 
 def test_headline_answers_first_from_one_bench():
@@ -257,7 +261,9 @@ def test_headline_answers_first_from_one_bench():
     int8, cand = _synthetic_int8_result(), _synthetic_candidates()
     table = headline_table(int8, cand, fp32_size)
     assert list(table.index) == ["FP32 reference", "CPU INT8 (ORT, VNNI CPU)", "TensorRT INT8 (ModelOpt Q/DQ)",
-                                 "low-bit, ≥ 50 % of weights in 4-bit", "low-bit, ≥ 75 % of weights in 4-bit", "uniform W4A16"]  # fmt: skip
+                                 "low-bit, ≥ 50 % of weights in 4-bit", "low-bit, ≥ 75 % of weights in 4-bit",
+                                 "low-bit on integer kernels, ≥ 75 % of weights in 4-bit", "uniform W4A16"]  # fmt: skip
+    assert table.loc["low-bit on integer kernels, ≥ 75 % of weights in 4-bit", "latency × FP32"] == 0.6
     assert table.loc["CPU INT8 (ORT, VNNI CPU)", "model"] == "ort-keep"  # notebook 03's rule, not a second one
     assert table.loc["TensorRT INT8 (ModelOpt Q/DQ)", "model"] == "modelopt-e"
     # every ratio from notebook 05's bench: the INT8 pick's 0.55 there, not notebook 03's 0.6
@@ -270,7 +276,10 @@ def test_headline_answers_first_from_one_bench():
     assert "is compatible with the 0.5-point target" in text[0]  # its interval reaches -0.90
     assert "**TensorRT:** ship `modelopt-e`: -1.20 [-2.00, -0.40]" in text[1] and "misses" in text[1]
     assert text[2].startswith("**Low-bit:** at ≥ 75 % of weights in 4-bit, ship `budget75-w4a8-w8a8.g`") and "28% of FP32's file" in text[2]
-    assert "Uniform W4A16 (`w4a16-top0.g`) costs -3.40" in text[2] and text[3].startswith("Latency ratios: notebook 05's")
+    assert "Uniform W4A16 (`w4a16-top0.g`) costs -3.40" in text[2]
+    assert text[3].startswith("**Low-bit on integer kernels:** at ≥ 75 % of weights in 4-bit, `budget75-w4a8-w8a8.g.int`")
+    assert "-1.70 [-2.50, -0.90] points" in text[3] and "0.60× FP32 latency" in text[3] and "22% of FP32's file" in text[3]
+    assert text[4].startswith("Latency ratios: notebook 05's")
     # without notebook 05, notebook 03's bench gives the ratios; nothing at all: no table
     only8 = headline_table(int8, Skipped("off"), fp32_size)
     assert only8.loc["CPU INT8 (ORT, VNNI CPU)", "latency × FP32"] == 0.6 and len(only8) == 3

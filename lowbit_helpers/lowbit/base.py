@@ -60,6 +60,12 @@ class Method:
         return WeightSpec(bits, None, "maxabs")
 
     @property
+    def per_channel(self) -> str:
+        """This method's name without blocked scales (what one scale per output channel allows:
+        the integer-kernel form, :mod:`.integer_form`)."""
+        return self.name if self.block is None else self.name[: -len(f"-b{self.block}")]
+
+    @property
     def needs_stats(self) -> bool:
         return self.rounding.needs_stats or self.bias_correction or self.rounding.clip == "mse"
 

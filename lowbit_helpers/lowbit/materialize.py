@@ -74,6 +74,31 @@ def stats_convs(nodes: dict[str, str], method: Method) -> list[str]:
     return [n for n, p in nodes.items() if p in FORMATS and FORMATS[p].weight_bits == 4]
 
 
+def layer_codes(name: str, w: np.ndarray, bits: int, method: Method, stats: dict | None,
+                cache: dict | None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:  # fmt: skip
+    """Conv ``name``'s weight ``w`` at ``bits``: (scales, integer codes, bias shift or None).
+
+    4-bit layers take the method's own scales and codes (``lowbit/<rounding>.py``) and its ``-bc``
+    shift; 8-bit layers are rounded to nearest per channel. ``cache``: see :func:`materialize`."""
+    spec = method.spec(bits)
+    st = stats.get(name) if (stats is not None and bits == 4) else None
+    ckey = (name, bits, method.name, id(st))  # the caller's cache holds one model; id: these stats
+    if cache is not None and ckey in cache:
+        return cache[ckey]
+    if bits == 4:
+        scale = method.rounding.scales(w, spec, st)
+        codes = method.rounding.codes(w, scale, spec, st)
+    else:
+        scale = compute_scale(w, spec)
+        codes = quantize_codes(w, scale, spec)
+    shift = None
+    if bits == 4 and method.bias_correction:
+        shift = expected_output_shift(w, dequantize(codes, scale, spec.block), st)
+    if cache is not None:
+        cache[ckey] = (scale, codes, shift)
+    return scale, codes, shift
+
+
 def _init(g: onnx.GraphProto, array: np.ndarray, name: str) -> str:
     """Add ``array`` as an initializer (ml_dtypes int4 / float8 arrays are packed by onnx)."""
     g.initializer.append(numpy_helper.from_array(array, name))
@@ -107,7 +132,7 @@ def materialize(model: onnx.ModelProto, nodes: dict[str, str], method: str | Met
     out = onnx.ModelProto()
     out.CopyFrom(model)
     if any(p in ("w4a16", "w4a8") for p in nodes.values()):
-        out = _with_opset(out, INT4_OPSET)
+        out = with_opset(out, INT4_OPSET)
     g = out.graph
     inits = {i.name: i for i in g.initializer}
     new_nodes, layers = [], {}
@@ -134,22 +159,7 @@ def materialize(model: onnx.ModelProto, nodes: dict[str, str], method: str | Met
             else:
                 bits = fmt.weight_bits
                 spec = method.spec(bits)
-                st = stats.get(node.name) if (stats is not None and bits == 4) else None
-                ckey = (node.name, bits, method.name, id(st))  # the caller's cache holds one model; id: these stats
-                if cache is not None and ckey in cache:
-                    scale, codes, shift = cache[ckey]
-                else:
-                    if bits == 4:  # the method's own scales and codes (lowbit/<rounding>.py)
-                        scale = method.rounding.scales(w, spec, st)
-                        codes = method.rounding.codes(w, scale, spec, st)
-                    else:
-                        scale = compute_scale(w, spec)
-                        codes = quantize_codes(w, scale, spec)
-                    shift = None
-                    if bits == 4 and method.bias_correction:
-                        shift = expected_output_shift(w, dequantize(codes, scale, spec.block), st)
-                    if cache is not None:
-                        cache[ckey] = (scale, codes, shift)
+                scale, codes, shift = layer_codes(node.name, w, bits, method, stats, cache)
                 if shift is not None:
                     _correct_bias(g, node, inits, shift, base)
                     rec["bias_shift_max"] = float(np.abs(shift).max())
@@ -204,7 +214,7 @@ def _correct_bias(g, node, inits, shift: np.ndarray, base: str) -> None:
         node.input.append(name)
 
 
-def _with_opset(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
+def with_opset(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
     current = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     if current >= version:
         return model

@@ -13,9 +13,11 @@ import pandas as pd
 from ..steps.candidates import CONTROL_KINDS, CandidatesResult
 from .common import fmt_delta, pct, tidy
 
-W4A16_TARGET = 0.85  # uniform W4A16 keeps at least this share of FP32 mAP50-95
-DROP_TARGET = 1.5  # points: a >= 75 % 4-bit candidate within this of FP32
-SIZE_TARGET = 0.40  # that candidate's file at most this share of FP32's
+# the low-bit targets (issue 22: "low-bit worth shipping")
+W4A16_TARGET = 0.95  # uniform W4A16 keeps at least this share of FP32 mAP50-95
+DROP_TARGET = 1.0  # points: a >= 75 % 4-bit candidate within this of FP32
+SIZE_TARGET = 0.25  # that candidate's file at most this share of FP32's
+LATENCY_TARGET = 0.65  # and its ORT CPU latency at most this share of FP32's
 
 
 def _delta(s: dict) -> str:
@@ -53,7 +55,8 @@ def candidate_rows(result: CandidatesResult) -> list[dict]:
     for name, rec in result.recipes.items():
         ev = result.evaluations[name]
         info = rec["materialize"]
-        row = {"candidate": name, "kind": rec["scheme"].get("kind", ""), "precisions": info["precisions"],
+        row = {"candidate": name, "kind": rec["scheme"].get("kind", ""), "form": rec.get("form", "scheme"),
+               "precisions": info.get("deployed", info["precisions"]),
                "four_bit_share": info["four_bit_share"], "size_mib": ev["size_bytes"] / 2**20,
                "size_ratio": ev["size_bytes"] / result.fp32_size_bytes, "select": ev["select"],
                "confirm": ev.get("confirm"), "whole": ev.get("whole"), "select_exact": ev.get("select_exact"),
@@ -176,7 +179,7 @@ def target_lines(result: CandidatesResult) -> list[str]:
     """Each issue target: met / compatible / not met, with the measured numbers."""
     ev, rec = result.evaluations, result.recipes
     lines = []
-    w16 = next((n for n in rec if rec[n]["scheme"].get("name") == "w4a16-top0"), None)
+    w16 = next((n for n in rec if rec[n]["scheme"].get("name") == "w4a16-top0" and rec[n].get("form") != "integer"), None)
     if w16 and "confirm" in ev[w16]:
         w = ev[w16]["confirm"]  # not the whole of val500: val100 chose the method on this very scheme
         keep = w["metrics"]["mAP_50_95"] / w["fp32_mAP_50_95"]
@@ -189,20 +192,29 @@ def target_lines(result: CandidatesResult) -> list[str]:
                      + (f" On the whole of {ev[w16]['whole']['subset']}: {pct(ev[w16]['whole']['metrics']['mAP_50_95'])} "
                         f"({100 * ev[w16]['whole']['metrics']['mAP_50_95'] / ev[w16]['whole']['fp32_mAP_50_95']:.1f} %)."
                         if "whole" in ev[w16] else ""))  # fmt: skip
-    best = None
-    for n, r in rec.items():
-        if r["materialize"]["four_bit_share"] >= 0.75 and "confirm" in ev[n] and r["scheme"].get("kind") not in CONTROL_KINDS:
-            if best is None or ev[n]["select"]["metrics"]["mAP_50_95"] > ev[best]["select"]["metrics"]["mAP_50_95"]:
-                best = n
-    if best:
+    lat = _latency(result)
+    for integer in (False, True):
+        best = None
+        for n, r in rec.items():
+            if ((r.get("form") == "integer") == integer and r["materialize"]["four_bit_share"] >= 0.75 and "confirm" in ev[n]
+                    and r["scheme"].get("kind") not in CONTROL_KINDS):  # fmt: skip
+                if best is None or ev[n]["select"]["metrics"]["mAP_50_95"] > ev[best]["select"]["metrics"]["mAP_50_95"]:
+                    best = n
+        if not best:
+            continue
         c = ev[best]["confirm"]
         d = c["delta_vs_fp32"]
         state = "met" if d["lo"] >= -DROP_TARGET / 100 else ("compatible with the target" if d["delta"] >= -DROP_TARGET / 100 else "not met")
         size = ev[best]["size_bytes"] / result.fp32_size_bytes
-        lines.append(f"Best candidate with ≥ 75 % of conv weights in 4-bit, chosen on {ev[best]['select']['subset']}: `{best}` "
-                     f"({100 * rec[best]['materialize']['four_bit_share']:.1f} % 4-bit), Δ on {c['subset']} {_delta(c)}: "
-                     f"within {DROP_TARGET} points **{state}**; file {size:.2f}× FP32: ≤ {SIZE_TARGET}× "
-                     f"**{'met' if size <= SIZE_TARGET else 'not met'}**.")  # fmt: skip
+        what = "integer-kernel form" if integer else "candidate"
+        text = (f"Best {what} with ≥ 75 % of conv weights in 4-bit, chosen on {ev[best]['select']['subset']}: `{best}` "
+                f"({100 * rec[best]['materialize']['four_bit_share']:.1f} % 4-bit), Δ on {c['subset']} {_delta(c)}: "
+                f"within {DROP_TARGET} points **{state}**; file {size:.2f}× FP32: ≤ {SIZE_TARGET}× "
+                f"**{'met' if size <= SIZE_TARGET else 'not met'}**")  # fmt: skip
+        if best in lat and "fp32" in lat:
+            ratio = lat[best]["median_ms"] / lat["fp32"]["median_ms"]
+            text += f"; ORT CPU latency {ratio:.2f}× FP32: ≤ {LATENCY_TARGET}× **{'met' if ratio <= LATENCY_TARGET else 'not met'}**"
+        lines.append(text + ".")
     return lines
 
 
@@ -309,5 +321,18 @@ def int4_runtime_note(result: CandidatesResult) -> str:
                     f"(`{name}`: {ops['DequantizeLinear']} DequantizeLinear and {ops['float_Conv']} float Conv in ORT's optimized "
                     f"graph, {ops['QLinearConv']} QLinearConv): ORT has no int4 Conv kernel, so 4-bit buys file size and load "
                     f"memory on CPU, not speed. Weights of 8-bit layers in these schemes are Q/DQ without an output "
-                    f"QuantizeLinear (the sweep's arithmetic), so ORT does not fuse them into QLinearConv either.")  # fmt: skip
+                    f"QuantizeLinear (the sweep's arithmetic), so ORT does not fuse them into QLinearConv either."
+                    + _integer_note(result))  # fmt: skip
     return ""
+
+
+def _integer_note(result: CandidatesResult) -> str:
+    names = result.integer.get("candidates", [])
+    if not names:
+        why = result.integer.get("skipped")
+        return f" No integer-kernel form here: {why}." if why else ""
+    ops = result.evaluations[names[0]]["ort_cpu"]
+    return (f" The integer-kernel forms ({', '.join(f'`{n}`' for n in names)}) carry the same 4-bit codes (per output "
+            f"channel) in notebook 03's ORT CPU pick, Q/DQ on every Conv's input and output: the file keeps INT4, asks "
+            f"the loader to widen it to INT8 (the same integers), and ORT runs {ops['QLinearConv']} QLinearConv and "
+            f"{ops['float_Conv']} float Conv (`{names[0]}`).")  # fmt: skip

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from ..steps.candidates import CandidatesResult
-from ..steps.int8 import Int8Result
-from ..steps.summary import CandidatesStep, Int8Step, first, picks, top_budget
+from ..steps.summary import CandidatesStep, Int8Step, bench, first, picks, top_budget
 from .common import fmt_delta, pct
 from .int8 import _verdict
 
@@ -22,12 +20,8 @@ INT8_TARGET = 0.5  # points: the INT8 drop the plan accepts
 
 def _bench(int8_result: Int8Step, cand_result: CandidatesStep) -> tuple[dict, str]:
     """(label -> median ms, which measurement) from the one bench the headline quotes."""
-    if isinstance(cand_result, CandidatesResult) and (cand_result.latency or {}).get("rows"):
-        return {r["name"]: r["median_ms"] for r in cand_result.latency["rows"]}, "notebook 05's interleaved bench (ORT CPU)"
-    if isinstance(int8_result, Int8Result) and int8_result.latency:
-        rows = [r for r in int8_result.latency if r.get("runtime", "ort") == "ort" and r.get("precision", "f32") == "f32"]
-        return {("fp32" if r["name"] == "fp32" else f"int8:{r['name']}"): r["median_ms"] for r in rows}, "notebook 03's interleaved bench (ORT CPU)"
-    return {}, "no latency measured"
+    ms, where, _ = bench(int8_result, cand_result)
+    return ms, where
 
 
 def fp32_ms(int8_result: Int8Step, cand_result: CandidatesStep) -> float | None:
@@ -91,6 +85,13 @@ def headline_sentences(int8_result: Int8Step, cand_result: CandidatesStep, fp32_
         if w16:
             text += f" Uniform W4A16 (`{w16['model']}`) costs {fmt_delta(w16['score']['delta_vs_fp32'])}."
         out.append(text)
+    fast = [r for r in rows if r["kind"] == "lowbit-int"]
+    if fast:
+        f = fast[-1]
+        out.append(f"**Low-bit on integer kernels:** at {f['role'][len('low-bit on integer kernels, '):]}, `{f['model']}` "
+                   f"(the 4-bit codes in the CPU INT8 recipe, every quantized Conv a QLinearConv): "
+                   f"{fmt_delta(f['score']['delta_vs_fp32'])} points on {f['score']['subset']}, "
+                   f"{f['size_bytes'] / fp32_size_bytes:.0%} of FP32's file, {lat(f)}.")  # fmt: skip
     if out:
         out.append(f"Latency ratios: {where}.")
     return out

@@ -40,7 +40,7 @@ def check_providers(providers: list[str] | None) -> list[str]:
 def make_session(model: str | Path | onnx.ModelProto, providers: list[str] | None = None, threads: int = 2,
                  optimized_path: str | Path | None = None, profile_prefix: str | Path | None = None,
                  arithmetic: str = "kernels", runtime: str = "ort", precision: str = "f32", spinning: bool = True,
-                 disabled_optimizers: Iterable[str] = (), memory_arena: bool = True):  # fmt: skip
+                 disabled_optimizers: Iterable[str] = (), memory_arena: bool = True, widen_int4: bool | None = None):  # fmt: skip
     """A session with fixed, documented options (the same for every variant).
 
     ``spinning`` False stops ORT's intra-op threads from spin-waiting between runs: the setting
@@ -69,6 +69,11 @@ def make_session(model: str | Path | onnx.ModelProto, providers: list[str] | Non
 
     ``model`` may be an in-memory ``onnx.ModelProto``; ``memory_arena`` False frees each run's
     buffers (many small sessions alive at once in the sweep).
+
+    ``widen_int4``: open :func:`widened_int4` of the model (its per-channel INT4 weights as INT8
+    initializers of the same integers), so that ORT's CPU fuses their Convs into ``QLinearConv``;
+    None (the default): as the file asks (:data:`LOAD_KEY` in its metadata, written by
+    :func:`lowbit_helpers.lowbit.integer_form.integer_form`).
     """
     if runtime not in RUNTIMES:
         raise LowbitError(f"unknown runtime {runtime!r}", f"use one of {', '.join(RUNTIMES)}")
@@ -82,6 +87,10 @@ def make_session(model: str | Path | onnx.ModelProto, providers: list[str] | Non
         model = Path(model)
         if not model.is_file():
             raise LowbitError(f"model not found: {model}", "give an existing .onnx file")
+    if widen_int4 is None:
+        widen_int4 = load_request(model) == WIDEN_INT4
+    if widen_int4:
+        model, in_memory = widened_int4(model), True
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
@@ -254,6 +263,47 @@ def kept_float_rewrite(model: str | Path | onnx.ModelProto) -> list[str]:
     ORT session here turns it off for such files, and so should a deployment of them.
     """
     return ["WeightBiasQuantization"] if float_convs_between_qdq(model) else []
+
+
+# A model's request to the loader, in its metadata_props: WIDEN_INT4 (its INT4 weights run as INT8)
+LOAD_KEY, WIDEN_INT4 = "lowbit.load", "widen-int4"
+
+
+def load_request(model: str | Path | onnx.ModelProto) -> str | None:
+    """What the file's :data:`LOAD_KEY` metadata asks of the loader (None: nothing)."""
+    props = model.metadata_props if isinstance(model, onnx.ModelProto) else onnx.load(str(model), load_external_data=False).metadata_props
+    return next((p.value for p in props if p.key == LOAD_KEY), None)
+
+
+def widened_int4(model: str | Path | onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with every INT4 input of a per-channel or per-tensor ``DequantizeLinear`` (codes and
+    zero point) stored as INT8: the same integers, so the same arithmetic, in the type ORT's CPU
+    ``QLinearConv`` takes (it has no INT4 kernel). Blocked ``DequantizeLinear`` stays INT4 (no
+    ``QLinearConv`` runs blocked scales). ``model`` itself is not changed.
+
+    Our own code: ORT has no load-time option that widens INT4 initializers."""
+    if isinstance(model, onnx.ModelProto):
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
+    else:
+        out = onnx.load(str(model))
+    g = out.graph
+    inits = {i.name: i for i in g.initializer}
+    readers: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+
+    def blocked(n) -> bool:
+        return any(a.name == "block_size" and a.i > 0 for a in n.attribute)
+
+    for name, t in inits.items():
+        if t.data_type != onnx.TensorProto.INT4:
+            continue
+        users = readers.get(name, [])
+        if users and all(u.op_type == "DequantizeLinear" and not blocked(u) for u in users):
+            t.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(t).astype(np.int8), name))
+    return out
 
 
 def run_head(session, tensor: np.ndarray) -> np.ndarray:

@@ -13,7 +13,11 @@
 3. Honest selection: winners (the method, the best candidate per 4-bit budget) are chosen on
    the selection split (val100) and confirmed on the *other* images of the confirmation subset
    (val500 minus val100), with paired-bootstrap intervals of the difference to FP32.
-4. Latency of FP32, the best INT8 variant of notebook 03 and every candidate in one process.
+4. Integer-kernel forms (``candidates.integer_schemes``): the scheme's 4-bit codes (the method
+   per output channel) in notebook 03's ORT CPU pick, whose Convs ORT runs as QLinearConv
+   (:mod:`..lowbit.integer_form`); scored and confirmed like the others, with their own winner
+   per budget.
+5. Latency of FP32, the best INT8 variant of notebook 03 and every candidate in one process.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from ..errors import LowbitError
 from ..evaluate import predict_onnx
 from ..formats import FORMATS, apply_format
 from ..lowbit import parse_method
+from ..lowbit.integer_form import integer_form
 from ..lowbit.materialize import QUANT_VERSION, materialize
 from ..lowbit.stats import collect_stats
 from ..rundir import RunDir, Stage
@@ -65,7 +70,8 @@ CONTROL_KINDS = ("random", "heuristic")  # schemes that test the guidance, never
 class CandidatesResult:
     """Notebook 05's result: the 4-bit method ladder and the method it chose, the materialised
     model against the sweep, per candidate its recipe and evaluations, the winner per budget, the
-    guided scheme and its controls, notebook 03's INT8 pick (``best_int8``) and the bench."""
+    guided scheme and its controls, the integer-kernel forms and their winner per budget, notebook
+    03's INT8 pick (``best_int8``) and the bench."""
 
     method: str
     ladder: dict
@@ -75,6 +81,7 @@ class CandidatesResult:
     winners: dict[str, dict]
     guided: str | None
     controls: list[str]
+    integer: dict  # the integer-kernel forms: their names, the best per budget, or why there are none
     best_int8: dict | None
     latency: dict | None
     fp32_size_bytes: int
@@ -205,6 +212,82 @@ def build(run: RunDir, scheme: dict, method: str) -> dict:
     # model and calibration enter the key by their digests (params): hashing the ~630 MB tensor per stage would cost minutes
     st = Stage(f"candidate:{name}", params, [], [recipe_rel, rel], record={"scheme": scheme["name"], "method": method})
     return run.stage(st, compute)
+
+
+def integer_name(scheme: dict, method: str) -> str:
+    return f"{scheme['name']}.{method}.int"
+
+
+def build_integer(run: RunDir, scheme: dict, method: str, int8: dict) -> dict:
+    """``scheme``'s integer-kernel form (:mod:`..lowbit.integer_form`): its 4-bit codes with ``method``
+    (per output channel) in notebook 03's ORT CPU pick ``int8``, ``candidates/<scheme>.<method>.int.onnx``."""
+
+    cfg = run.cfg
+    name = integer_name(scheme, method)
+    model, _, model_sha, calib_sha = inputs(run)
+    rel, recipe_rel = CANDIDATE_ONNX.format(name=name), CANDIDATE_RECIPE.format(name=name)
+    params = {"nodes": scheme["nodes"], "method": method, "form": "integer", "int8": int8["model"],
+              "stats_images": cfg.candidates.stats_images, "quant_version": QUANT_VERSION,
+              "versions": baseline.versions(), "model": model_sha, "calib": calib_sha}  # fmt: skip
+    if settings := parse_method(method).rounding.settings():
+        params["method_settings"] = settings
+
+    def compute():
+        t0 = time.perf_counter()
+        _, stats, cache = calibration(run)
+        q, info = integer_form(onnx.load(str(run.artifact(int8["model"]))), onnx.load(str(model)), scheme["nodes"], method,
+                               stats=stats, cache=cache)  # fmt: skip
+        with atomic_path(run.file(rel)) as tmp:
+            onnx.save(q, str(tmp))
+        return {"name": name, "scheme": {k: v for k, v in scheme.items() if k != "nodes"}, "nodes": scheme["nodes"],
+                "method": method, "form": "integer", "int8_recipe": int8["name"], "materialize": info,
+                "seconds": round(time.perf_counter() - t0, 1),
+                "command": f"python -m lowbit_helpers materialize SCHEME.json {Path(model).name} --calib-npy calib.npy "
+                           f"--method {method} --integer-form {Path(int8['model']).name} --out {name}.onnx"}  # fmt: skip
+
+    st = Stage(f"candidate:{name}", params, [int8["model"]], [recipe_rel, rel],
+               record={"scheme": scheme["name"], "method": method, "form": "integer"})  # fmt: skip
+    return run.stage(st, compute)
+
+
+def integer_recipe(run: RunDir) -> dict | None:
+    """The INT8 recipe whose file carries the integer-kernel forms: among notebook 03's ORT recipes
+    with placement ``all`` (every Conv a QLinearConv), the best selection-split Δ to FP32 through ORT's
+    kernels. Not notebook 03's CPU pick, which also asks its bench (a measurement) for a speed-up: the
+    forms' files must follow from the params alone. None when INT8 is off or no recipe qualifies."""
+    if not run.cfg.int8.enabled:
+        return None
+    done = read_int8_result(run)
+    if not done:
+        return None
+    best = None
+    for v in run.cfg.int8.variants:
+        ort = ((done.validations.get(v.name) or {}).get("engines") or {}).get("ort")
+        if v.backend == "ort" and v.placement == "all" and ort:
+            d = ort["select"]["delta_vs_fp32"]["delta"]
+            if best is None or d > best[0]:
+                best = (d, v)
+    return {"name": best[1].name, "model": variant_model(best[1])} if best else None
+
+
+def integer_forms(run: RunDir, schemes: dict[str, dict], method: str) -> tuple[dict, str | None]:
+    """The integer-kernel form of each of ``candidates.integer_schemes`` ({name: recipe}), or why none."""
+    names = run.cfg.candidates.integer_schemes
+    if not names:
+        return {}, "candidates.integer_schemes is empty"
+    unknown = [n for n in names if n not in schemes]
+    if unknown:
+        raise LowbitError(f"candidates.integer_schemes: {unknown} are not among the candidates' schemes ({sorted(schemes)})",
+                          "name schemes listed in candidates.schemes")  # fmt: skip
+    int8 = integer_recipe(run)
+    if int8 is None:
+        return {}, "notebook 03 scored no ORT recipe with placement all (QLinearConv) to carry the 4-bit codes"
+    per_channel = parse_method(method).per_channel
+    out = {}
+    for n in names:
+        r = build_integer(run, schemes[n], per_channel, int8)
+        out[r["name"]] = r
+    return out, None
 
 
 # ------------------------------------------------------------------ evaluation
@@ -438,18 +521,21 @@ def run_candidates(run: RunDir) -> CandidatesResult | Skipped:
     for s in schemes.values():
         r = build(run, s, method)
         recipes[r["name"]] = r
+    integer, integer_why = integer_forms(run, schemes, method)
+    recipes.update(integer)
     evals = {n: evaluate(run, n) for n in recipes}
     for n in recipes:  # exact Q/DQ arithmetic where ORT runs integer kernels (they depend on the CPU's int8 ISA)
         if c.exact and evals[n]["ort_cpu"]["QLinearConv"] > 0:
             evals[n] = {**evals[n], **exact(run, n)}
-    win = winners(run, recipes, evals)
+    win = winners(run, {n: r for n, r in recipes.items() if n not in integer}, evals)
+    integer_win = winners(run, integer, evals)
     low, high = cfg.sensitivity.budget_low, cfg.sensitivity.budget_high
     guided = f"budget{int(c.random_budget)}-{low}-{high}"
     controls = [n for n, r in recipes.items() if r["scheme"].get("kind") in CONTROL_KINDS]
     if c.confirm == "all":
         confirmed = set(recipes)
     else:
-        confirmed = {w["candidate"] for w in win.values()} | set(controls)
+        confirmed = {w["candidate"] for w in win.values()} | set(controls) | set(integer)
         confirmed |= {n for n, r in recipes.items() if r["scheme"]["name"] in ("w4a16-top0", "w4a8-top0", guided)}
     for n in sorted(confirmed):
         evals[n] = {**evals[n], **confirm(run, n)}
@@ -458,7 +544,7 @@ def run_candidates(run: RunDir) -> CandidatesResult | Skipped:
     result = CandidatesResult(
         method=method, ladder=ladder, sweep_match=match, recipes=recipes, evaluations=evals, winners=win,
         guided=next((n for n, r in recipes.items() if r["scheme"]["name"] == guided), None), controls=controls,
-        best_int8=int8, latency=lat, fp32_size_bytes=run.artifact(baseline.MODEL).stat().st_size,
+        integer={"candidates": sorted(integer), "winners": integer_win, "skipped": integer_why}, best_int8=int8, latency=lat, fp32_size_bytes=run.artifact(baseline.MODEL).stat().st_size,
         seconds=round(time.perf_counter() - t0, 1))  # fmt: skip
     run.stage(Stage("candidates", None, [], [CANDIDATES], fixed_key="derived"), result.record, read=None)
     return result

@@ -21,6 +21,7 @@ from .int8 import splits as int8_splits
 Int8Step = Int8Result | Skipped  # notebook 03's result, or why it did not run
 CandidatesStep = CandidatesResult | Skipped  # notebook 05's, likewise
 
+ANSWER = "answer.json"  # the answer table as data, one record per row (copied beside summary.md in reports/)
 DETECTIONS = "summary/detections.json"  # the shipped models' boxes on the first images of the confirmation split
 FP32_PER_CLASS = "summary/fp32_per_class.json"  # FP32's AP per class on the whole confirmation subset, box counts
 SHOW_SCORE = 0.35  # boxes below this score are not drawn (the evaluation keeps them all)
@@ -59,12 +60,90 @@ def picks(int8_result: Int8Step, cand_result: CandidatesStep) -> list[dict]:
             rows.append({"kind": "lowbit", "role": f"low-bit, ≥ {w['budget_percent']:g} % of weights in 4-bit", "model": n, "score": ev[n]["confirm"],
                          "engine": "ORT kernels", "size_bytes": ev[n]["size_bytes"], "bench": n,
                          "rule": f"best {ev[n]['select']['subset']} mAP of the {w['eligible']} guided candidates at that budget"})  # fmt: skip
-        w16 = next((n for n, r in rec.items() if r["scheme"].get("name") == "w4a16-top0"), None)
+        for w in sorted(cand_result.integer.get("winners", {}).values(), key=lambda w: w["budget_percent"]):
+            n = w["candidate"]
+            if "confirm" not in ev[n]:
+                continue
+            rows.append({"kind": "lowbit-int", "role": f"low-bit on integer kernels, ≥ {w['budget_percent']:g} % of weights in 4-bit",
+                         "model": n, "score": ev[n]["confirm"], "engine": "ORT kernels", "size_bytes": ev[n]["size_bytes"],
+                         "bench": n, "rule": f"best {ev[n]['select']['subset']} mAP of the {w['eligible']} integer-kernel forms "
+                                             f"at that budget (4-bit codes in {rec[n]['int8_recipe']})"})  # fmt: skip
+        w16 = next((n for n, r in rec.items() if r["scheme"].get("name") == "w4a16-top0" and r.get("form") != "integer"), None)
         if w16 and "confirm" in ev[w16]:
             rows.append({"kind": "w4a16", "role": "uniform W4A16", "model": w16, "score": ev[w16]["confirm"], "engine": "ORT kernels",
                          "size_bytes": ev[w16]["size_bytes"], "bench": w16,
                          "rule": f"every Conv W4A16; 4-bit method {cand_result.method} chosen on "
                                  f"{ev[w16]['select']['subset']} (the ladder)"})  # fmt: skip
+    return rows
+
+
+def bench(int8_result: Int8Step, cand_result: CandidatesStep) -> tuple[dict, str, dict]:
+    """(label -> median ms, which measurement, its environment) from the one bench every latency
+    ratio of the answer comes from: notebook 05's, which times FP32, the INT8 pick and every
+    candidate in one process (notebook 03's when 05 did not run)."""
+    if isinstance(cand_result, CandidatesResult) and (cand_result.latency or {}).get("rows"):
+        lat = cand_result.latency
+        return ({r["name"]: r["median_ms"] for r in lat["rows"]}, "notebook 05's interleaved bench (ORT CPU)",
+                lat.get("environment", {}))  # fmt: skip
+    if isinstance(int8_result, Int8Result) and int8_result.latency:
+        rows = [r for r in int8_result.latency if r.get("runtime", "ort") == "ort" and r.get("precision", "f32") == "f32"]
+        return ({("fp32" if r["name"] == "fp32" else f"int8:{r['name']}"): r["median_ms"] for r in rows},
+                "notebook 03's interleaved bench (ORT CPU)", int8_result.environment)  # fmt: skip
+    return {}, "no latency measured", {}
+
+
+def model_file(run: RunDir, row: dict) -> str:
+    """The run-relative ONNX of an answer row."""
+    if row["kind"] in ("cpu", "tensorrt"):
+        return variant_model(next(v for v in run.cfg.int8.variants if v.name == row["model"]))
+    return CANDIDATE_ONNX.format(name=row["model"])
+
+
+def answer(run: RunDir, int8_result: Int8Step, cand_result: CandidatesStep) -> list[dict]:
+    """The answer table as data (``answer.json``): FP32 and every pick of :func:`picks`, each with the
+    run-relative file a deployment reads, where it was chosen and confirmed, its confirmation mAP and
+    Δ to FP32 with the 95 % interval (mAP50-95 points), the engine of that Δ, size, latency × FP32 and
+    the runtime of that ratio, and the rule that chose it; [] without a pick."""
+    rows = picks(int8_result, cand_result)
+    if not rows:
+        return []
+    ms, where, env = bench(int8_result, cand_result)
+    threads = run.cfg.runtime.threads
+    runtime = f"ORT CPU, {threads} threads, {env.get('int8_kernel_class', '?')} CPU ({where})" if ms else None
+    fp32_ms = ms.get("fp32")
+    ref = rows[0]["score"]
+    fp32_map = ref["metrics"]["mAP_50_95"] - ref["delta_vs_fp32"]["delta"]
+
+    def points(x: float) -> float:
+        return round(100 * x, 2)
+
+    out = [{"role": "FP32 reference", "model": "fp32", "file": baseline.MODEL, "select_split": None,
+            "confirm_split": ref["subset"], "map_confirm": points(fp32_map), "delta_confirm": [0.0, 0.0, 0.0],
+            "engine": "ORT (float)", "size_mib": round(run.artifact(baseline.MODEL).stat().st_size / 2**20, 3),
+            "latency_ratio": 1.0 if fp32_ms else None, "runtime": runtime, "rule": "the reference"}]  # fmt: skip
+    for r in rows:
+        d, sel = r["score"]["delta_vs_fp32"], _select_subset(r, int8_result, cand_result)
+        r_ms = ms.get(r["bench"]) if r["bench"] else None
+        out.append({"role": r["role"], "model": r["model"], "file": model_file(run, r), "select_split": sel,
+                    "confirm_split": r["score"]["subset"], "map_confirm": points(r["score"]["metrics"]["mAP_50_95"]),
+                    "delta_confirm": [points(d["delta"]), points(d["lo"]), points(d["hi"])], "engine": r["engine"],
+                    "size_mib": round(r["size_bytes"] / 2**20, 3),
+                    "latency_ratio": round(r_ms / fp32_ms, 3) if r_ms and fp32_ms else None,
+                    "runtime": runtime if r_ms and fp32_ms else None, "rule": r["rule"]})  # fmt: skip
+    return out
+
+
+def _select_subset(row: dict, int8_result: Int8Step, cand_result: CandidatesStep) -> str:
+    if row["kind"] in ("cpu", "tensorrt"):
+        engine = "ort" if row["kind"] == "cpu" else "ort-exact"
+        return int8_result.validations[row["model"]]["engines"][engine]["select"]["subset"]
+    return cand_result.evaluations[row["model"]]["select"]["subset"]
+
+
+def write_answer(run: RunDir, int8_result: Int8Step, cand_result: CandidatesStep) -> list[dict]:
+    """``answer.json`` in the run directory (the pipeline copies it beside ``summary.md``)."""
+    rows = answer(run, int8_result, cand_result)
+    run.stage(Stage("answer", None, [], [ANSWER], fixed_key="always"), lambda: rows, read=None)
     return rows
 
 
