@@ -264,6 +264,12 @@ def _cmd_materialize(args) -> int:
         raise LowbitError(f"{scheme_path} is not valid JSON ({exc})", "give a scheme JSON written by `schemes`") from None
     model_path = _raw_onnx(args.model)
     method = parse_method(args.method)
+    if args.integer_form and not Path(args.integer_form).is_file():
+        raise LowbitError(f"INT8 recipe not found: {args.integer_form}",
+                          "give --integer-form the ORT INT8 file (placement all) of this model, e.g. a run's onnx/ort-percentile.onnx")  # fmt: skip
+    if args.integer_form and method.block is not None:
+        raise LowbitError(f"method {method.name} has blocked scales, which QLinearConv cannot run (one scale per output channel)",
+                          f"drop --method (the default is {method.per_channel} with --integer-form) or give a per-channel one")  # fmt: skip
     model = onnx.load(str(model_path))
     source = (scheme.get("source") or {}).get("model_sha256") if isinstance(scheme, dict) else None
     if source and source != sha256_file(model_path):
@@ -289,11 +295,7 @@ def _cmd_materialize(args) -> int:
     convs = stats_convs(nodes, method)
     stats = collect_stats(model, convs, calib[: args.stats_images]) if convs else None
     if args.integer_form:
-        int8_path = Path(args.integer_form)
-        if not int8_path.is_file():
-            raise LowbitError(f"INT8 recipe not found: {int8_path}",
-                              "give --integer-form the ORT INT8 file (placement all) of this model, e.g. a run's onnx/ort-percentile.onnx")  # fmt: skip
-        q, info = integer_form(onnx.load(str(int8_path)), model, nodes, method, stats=stats)
+        q, info = integer_form(onnx.load(args.integer_form), model, nodes, method, stats=stats)
     else:
         q, info = materialize(model, nodes, method, ranges=ranges, stats=stats)
     out = Path(args.out)

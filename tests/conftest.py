@@ -35,21 +35,13 @@ def yolov10n_onnx(yolov10n, tmp_path_factory) -> Path:
 
 # Tests that need the real model (download, export) or the COCO folder are slow by definition:
 # `-m "not slow"` is then the unit tests on tiny inputs alone (the README gives its time).
-SLOW_FIXTURES = {"coco_root", "yolov10n", "yolov10n_onnx", "smoke_run"}
-
-
-def _reads_a_pipeline(item) -> bool:
-    from tests.smoke import BESIDE_TESTS, SMOKE
-
-    return SMOKE in getattr(item, "fixturenames", ()) or getattr(item, "originalname", item.name) in BESIDE_TESTS
+SLOW_FIXTURES = {"coco_root", "yolov10n", "yolov10n_onnx"}
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
-    # the tests that wait for a pipeline last: the unit tests run while the pipelines do (stable order otherwise)
-    items.sort(key=_reads_a_pipeline)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -60,11 +52,9 @@ def beside(request, tmp_path_factory):
     weights fails those tests, not the session). Not a dependency of the fast tests: their
     fixtures stay theirs (the slow marking above reads them). Whatever still runs at the end of
     the session (interrupted, failed) is killed."""
-    from tests.smoke import BESIDE_TESTS, SMOKE, start_beside, stop_beside
+    from tests.smoke import KILL_TEST, RERUN_TEST, STRUCTURE_TEST, start_beside, stop_beside
 
-    items = request.session.items
-    wanted = {getattr(item, "originalname", item.name) for item in items} & set(BESIDE_TESTS)
-    wanted |= {SMOKE} if any(SMOKE in getattr(item, "fixturenames", ()) for item in items) else set()
+    wanted = {getattr(item, "originalname", item.name) for item in request.session.items} & {KILL_TEST, RERUN_TEST, STRUCTURE_TEST}
     if not wanted:
         yield {}
         return
@@ -80,10 +70,12 @@ def beside(request, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def smoke_run(beside):
-    """The smoke run of all six notebooks, once per test session (started beside the suite by
-    ``beside``): the content, browser, gpu-bench, CLI and resume tests all read it (each full
-    pipeline costs minutes on two cores)."""
-    from tests.smoke import SMOKE
+def smoke_run(tmp_path_factory, coco_root, beside):
+    """The smoke run of all six notebooks, once per test session: the content, browser,
+    gpu-bench, CLI and resume tests all read it (each full pipeline costs minutes on two cores)."""
+    from lowbit_helpers.pipeline import run_pipeline
+    from tests.smoke import SMOKE_ID, Smoke, smoke_params
 
-    return beside[SMOKE].result()
+    root = tmp_path_factory.mktemp("smoke")
+    report = run_pipeline(smoke_params(root, coco_root), run_id=SMOKE_ID, progress=False)
+    return Smoke(root, root / "runs" / SMOKE_ID, report)

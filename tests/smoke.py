@@ -1,11 +1,9 @@
 """The smoke pipelines the slow tests share (params/smoke.yaml on a handful of images).
 
-The smoke run itself (read by ``conftest.smoke_run``), the killed-and-resumed run and the
-structure-only run, each through the command line in a thread from the session's first test on
-(:func:`start_beside`), while the unit tests run in the main thread; the tests that read a pipeline
-are ordered last (``conftest.pytest_collection_modifyitems``). One pipeline keeps the two cores
-about three quarters busy (notebook start-up, imports and papermill are one thread), so the others,
-and the unit tests, fill the rest.
+The smoke run itself (``conftest.smoke_run``) and, beside it in threads from the session's first
+test on (:func:`start_beside`), the killed-and-resumed run and the structure-only run. One pipeline
+keeps the two cores about three quarters busy (notebook start-up, imports and papermill are one
+thread), so the others, and the unit tests, run alongside.
 
 Every pipeline process starts with the environment the session started with (:data:`ENV`), not
 the one of the moment: a test that sets a variable (``monkeypatch.setenv("LOWBIT_CACHE", ...)`` in
@@ -34,11 +32,9 @@ SMOKE_ID = "smoke-test"
 STRUCTURE_TEST = "test_structure_only_model_shows_no_accuracy"
 KILL_TEST = "test_a_killed_run_resumes_where_it_stopped"
 RERUN_TEST = "test_a_rerun_reuses_every_stage"  # reads the killed run too
-SMOKE = "smoke_run"  # the fixture of the tests that read the smoke run (conftest.smoke_run)
-BESIDE_TESTS = (STRUCTURE_TEST, KILL_TEST, RERUN_TEST)
 # at import (collection, before any test imports ultralytics, which sets OMP_NUM_THREADS=1 in os.environ):
-# the pipelines start with the environment the session started with (smoke_cli_run sets OMP_NUM_THREADS=1
-# for the smoke run alone)
+# so the background runs have no OMP_NUM_THREADS and the in-process smoke run's kernels have 1, and the
+# killed run's byte comparison with the smoke run also shows that no recorded result depends on it
 ENV = dict(os.environ)
 
 # what the structure-only run needs of the smoke params: the code paths a random model changes
@@ -105,17 +101,16 @@ class Beside(threading.Thread):
 
 
 def start_beside(wanted: set[str], tmp_path_factory, inputs) -> dict[str, Beside]:
-    """Start, each in its thread, the background pipelines whose tests (or, for the smoke run, the
-    fixture, :data:`SMOKE`) are in ``wanted``: the smoke run, the killed-and-resumed run and the
-    structure-only run. ``inputs()`` gives the COCO root (and fetches the weights first, so no two
-    processes download them); where it fails, only those tests fail."""
+    """Start, each in its thread, the background pipelines whose tests are in ``wanted``: the
+    killed-and-resumed run and the structure-only run. ``inputs()`` gives the COCO root (and
+    fetches the weights first, so no two processes download them); where it fails, only those
+    tests fail."""
     try:
         coco_root, error = inputs(), None
     except BaseException as exc:  # noqa: BLE001 - raised by the tests that read the jobs, not by every test
         coco_root, error = None, exc
     jobs = {}
-    table = (((SMOKE,), "smoke", smoke_cli_run), ((KILL_TEST, RERUN_TEST), "killed", kill_and_resume),
-             ((STRUCTURE_TEST,), "random", structure_only_run))  # fmt: skip
+    table = (((KILL_TEST, RERUN_TEST), "killed", kill_and_resume), ((STRUCTURE_TEST,), "random", structure_only_run))
     for tests, name, fn in table:
         if wanted & set(tests):
             job = Beside(fn, tmp_path_factory.mktemp(name), coco_root, error=error)
@@ -134,14 +129,14 @@ def stop_beside() -> None:
         LIVE.discard(proc)
 
 
-def _start(cmd: list[str], env: dict | None = None, **kw) -> subprocess.Popen:
-    proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, env={**ENV, **(env or {})}, **kw)
+def _start(cmd: list[str], **kw) -> subprocess.Popen:
+    proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, env=ENV, **kw)
     LIVE.add(proc)
     return proc
 
 
-def run_cli(cmd: list[str], env: dict | None = None) -> None:
-    proc = _start(cmd, env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def run_cli(cmd: list[str]) -> None:
+    proc = _start(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         out, err = proc.communicate(timeout=PIPELINE_TIMEOUT)
     except subprocess.TimeoutExpired:
@@ -149,15 +144,6 @@ def run_cli(cmd: list[str], env: dict | None = None) -> None:
         raise AssertionError(f"{' '.join(cmd[2:])} ran over {PIPELINE_TIMEOUT} s") from None
     LIVE.discard(proc)
     assert proc.returncode == 0, f"{' '.join(cmd[2:])} failed:\n{out[-3000:]}\n{err[-3000:]}"
-
-
-def smoke_cli_run(root: Path, coco_root: Path) -> Smoke:
-    """The smoke run of all six notebooks through the command line, with one OpenMP thread (as in a
-    process that imported ultralytics): the killed run has none set, and its byte comparison with
-    this one shows that no recorded result depends on it."""
-    params = smoke_params(root, coco_root)
-    run_cli([sys.executable, "-m", "lowbit_helpers", "run", str(params), "--run-id", SMOKE_ID], {"OMP_NUM_THREADS": "1"})
-    return Smoke(root, root / "runs" / SMOKE_ID, root / "reports" / SMOKE_ID / "report.html")
 
 
 def structure_only_run(root: Path, coco_root: Path) -> Path:

@@ -145,39 +145,3 @@ def test_the_integer_form_refuses_blocked_scales_and_other_models(built):
     with pytest.raises(LowbitError, match="not Conv nodes of this model|not the float model"):
         integer_form(int8, other, {"/other/Conv": "w4a8"}, "rtn")
 
-
-def test_cli_materialize_integer_form_on_yolov10n(yolov10n_onnx, coco_root, tmp_path, capsys):
-    """``materialize --integer-form INT8.onnx``: the default method per output channel (the report's
-    method without its blocks), the same bytes as :func:`integer_form`, a file ORT runs as QLinearConv
-    wherever the recipe did; a missing INT8 file is one error with its fix, nothing written."""
-    from lowbit_helpers.__main__ import main
-    from lowbit_helpers.data import calibration_tensor, read_image_list
-    from lowbit_helpers.lowbit import DEFAULT_METHOD
-    from lowbit_helpers.runtime.inspect import ort_executed_ops
-
-    calib = calibration_tensor(read_image_list(coco_root / "calib160.txt"), 2)
-    np.save(tmp_path / "calib.npy", calib)
-    int8 = tmp_path / "int8.onnx"
-    quantize_int8_ort(yolov10n_onnx, int8, calib, method="avgminmax")
-    model = onnx.load(str(yolov10n_onnx))
-    convs = conv_nodes(model)
-    kept_float = [n.name for n in onnx.load(str(int8)).graph.node if n.op_type == "Conv" and not n.input[1].endswith("_DequantizeLinear_Output")]
-    assert 0 < len(kept_float) < 10  # the head policy's float Convs
-    nodes = {c: "w4a8" for c in convs[1:6]} | {c: "w4a16" for c in kept_float[:3]}
-    (tmp_path / "s.json").write_text(__import__("json").dumps({"name": "s", "nodes": nodes}))
-    out = tmp_path / "out.onnx"
-    base = ["materialize", str(tmp_path / "s.json"), str(yolov10n_onnx), "--calib-npy", str(tmp_path / "calib.npy"),
-            "--stats-images", "2", "--range-images", "2", "--out", str(out)]  # fmt: skip
-    assert main([*base, "--integer-form", str(tmp_path / "missing.onnx")]) == 2
-    err = capsys.readouterr().err
-    assert "error: INT8 recipe not found" in err and "fix:" in err and not out.exists()
-    assert main([*base, "--integer-form", str(int8)]) == 0
-    method = parse_method(DEFAULT_METHOD).per_channel
-    assert method != DEFAULT_METHOD and __import__("json").loads(out.with_suffix(".recipe.json").read_text())["method"] == method
-    stats = collect_stats(model, list(nodes), calib[:2])
-    want, info = integer_form(onnx.load(str(int8)), model, nodes, method, stats=stats)
-    assert onnx.load(str(out)).SerializeToString() == want.SerializeToString()
-    assert info["deployed"]["int4"] == 5 and info["deployed"]["int4 weights, float Conv"] == 3
-    assert ort_executed_ops(out, threads=1)["QLinearConv"] == ort_executed_ops(int8, threads=1)["QLinearConv"]
-    assert main([*base, "--integer-form", str(int8), "--method", DEFAULT_METHOD, "--out", str(tmp_path / "b.onnx")]) == 2
-    assert "blocked scales" in capsys.readouterr().err and not (tmp_path / "b.onnx").exists()

@@ -222,9 +222,11 @@ def verdicts(result: CandidatesResult) -> pd.DataFrame | None:
     """Per budget: the candidate chosen on the selection split and its confirmation."""
     ev, rec = result.evaluations, result.recipes
     rows = []
-    for w in result.winners.values():
+    forms = [("scheme's arithmetic", w) for w in result.winners.values()]
+    forms += [("integer kernels", w) for w in result.integer.get("winners", {}).values()]
+    for form, w in forms:
         n = w["candidate"]
-        row = {"budget (≥ % 4-bit)": w["budget_percent"], "ship": n, "candidates eligible": w["eligible"],
+        row = {"budget (≥ % 4-bit)": w["budget_percent"], "form": form, "ship": n, "candidates eligible": w["eligible"],
                "4-bit share %": round(100 * rec[n]["materialize"]["four_bit_share"], 1),
                f"Δ {ev[n]['select']['subset']} (chosen on)": _delta(ev[n]["select"])}  # fmt: skip
         if "confirm" in ev[n]:
