@@ -243,7 +243,7 @@ class CandidatesCfg(Section):
                                       description="notebook 04 schemes to materialise (null: all of them)")
     integer_schemes: list[str] = Field(default_factory=lambda: ["w4a16-top0", "budget75-w4a8-w8a8"],
                                        description="schemes also built in the integer-kernel form: their 4-bit codes "
-                                       "(the method per output channel) in notebook 03's ORT CPU pick, run as QLinearConv")
+                                       "(the method per output channel) in notebook 03's best ORT recipe with placement all, run as QLinearConv")
     fp8: bool = Field(False, description="also every Conv in fp8 (e4m3 Q/DQ)")
     random_schemes: int = Field(2, ge=0, description="random schemes with the guided budget scheme's 4-bit share")
     random_budget: float = Field(75.0, gt=0, lt=100, description="the budget the random and heuristic schemes match")

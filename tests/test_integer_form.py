@@ -145,3 +145,34 @@ def test_the_integer_form_refuses_blocked_scales_and_other_models(built):
     with pytest.raises(LowbitError, match="not Conv nodes of this model|not the float model"):
         integer_form(int8, other, {"/other/Conv": "w4a8"}, "rtn")
 
+
+
+def test_a_conv_the_recipe_keeps_float_stays_float_in_4bit(tmp_path):
+    """A Conv the INT8 recipe kept in float between a DequantizeLinear and a QuantizeLinear, put in
+    4-bit by the scheme, runs as a float Conv on its INT4 weights: ORT's WeightBiasQuantization,
+    which would quantize its float bias and fuse it into a QLinearConv, is turned off for it
+    (without that, ORT fuses all three Convs here)."""
+    from lowbit_helpers.runtime.sessions import float_convs_between_qdq
+
+    model = _net()
+    convs = conv_nodes(model)
+    fp32, int8 = tmp_path / "fp32.onnx", tmp_path / "int8.onnx"
+    onnx.save(model, str(fp32))
+    x = np.random.default_rng(12).normal(size=(4, 3, 16, 16)).astype(np.float32)
+    quantize_int8_ort(fp32, int8, x, method="avgminmax", head_policy="none", exclude=[convs[1]])
+    q, info = integer_form(onnx.load(str(int8)), model, {c: "w4a16" for c in convs}, "rtn")
+    assert info["layers"][convs[1]]["deployed"] == "int4 weights, float Conv"
+    assert float_convs_between_qdq(q) == [convs[1]]
+    path = tmp_path / "int.onnx"
+    onnx.save(q, str(path))
+    ops = _fused(path, tmp_path)
+    assert ops.get("QLinearConv") == 2 and ops.get("Conv", 0) + ops.get("FusedConv", 0) == 1
+
+
+def test_per_channel_names_and_a_truncated_file(tmp_path):
+    assert [parse_method(n).per_channel for n in ("gptq-bc-b32", "rtn-b064", "gptq-bc", "adaround-bc-b8")] == [
+        "gptq-bc", "rtn", "gptq-bc", "adaround-bc"]  # fmt: skip
+    bad = tmp_path / "truncated.onnx"
+    bad.write_bytes(_net().SerializeToString()[:200])
+    with pytest.raises(LowbitError, match="cannot load"):
+        make_session(bad)

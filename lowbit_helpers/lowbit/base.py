@@ -10,6 +10,7 @@ Modelled on Brevitas' ``gpxq`` (GPTQ-like methods as subclasses of one base).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -63,7 +64,7 @@ class Method:
     def per_channel(self) -> str:
         """This method's name without blocked scales (what one scale per output channel allows:
         the integer-kernel form, :mod:`.integer_form`)."""
-        return self.name if self.block is None else self.name[: -len(f"-b{self.block}")]
+        return re.sub(r"-b\d+$", "", self.name)
 
     @property
     def needs_stats(self) -> bool:

@@ -1,4 +1,4 @@
-"""A scheme's 4-bit codes in the CPU INT8 recipe's file: the form ORT runs on integer kernels.
+"""A scheme's 4-bit codes in an ORT INT8 recipe's file: the form ORT runs on integer kernels.
 
 :mod:`.materialize` writes a scheme as the sweep scored it: Q/DQ on the a8 Convs' inputs only, so
 ORT computes every Conv in float from dequantized weights (4-bit buys disk, not speed). Here the
@@ -98,7 +98,10 @@ def integer_form(int8_model: onnx.ModelProto, float_model: onnx.ModelProto, node
                                   "give a recipe written by ORT's quantize_static (QDQ, per channel)")  # fmt: skip
             x_scale = float(numpy_helper.to_array(inits[x_dq.input[1]]))
             b_scale = (x_scale * s.astype(np.float64)).astype(np.float32)
-            b_q = np.clip(np.round(b.astype(np.float64) / b_scale), INT32.min, INT32.max).astype(np.int32)
+            b_exact = np.round(b.astype(np.float64) / b_scale)
+            if (clipped := int(np.sum((b_exact < INT32.min) | (b_exact > INT32.max)))) > 0:
+                rec["bias_clipped_channels"] = clipped  # int32 cannot hold them on these scales
+            b_q = np.clip(b_exact, INT32.min, INT32.max).astype(np.int32)
             _set(g, inits, b_dq.input[0], b_q)
             _set(g, inits, b_dq.input[1], b_scale)
             rec["deployed"] = "int4"
@@ -143,7 +146,7 @@ def integer_form(int8_model: onnx.ModelProto, float_model: onnx.ModelProto, node
     info = {"form": "integer", "method": method.record(), "method_text": method.describe, "precisions": precisions,
             "deployed": counts,
             "conv_params": total, "four_bit_params": four_params, "four_bit_share": four_params / total if total else 0.0,
-            "opset": INT4_OPSET, "layers": layers}  # fmt: skip
+            "opset": next(o.version for o in out.opset_import if o.domain in ("", "ai.onnx")), "layers": layers}  # fmt: skip
     return out, info
 
 

@@ -335,6 +335,6 @@ def _integer_note(result: CandidatesResult) -> str:
         return f" No integer-kernel form here: {why}." if why else ""
     ops = result.evaluations[names[0]]["ort_cpu"]
     return (f" The integer-kernel forms ({', '.join(f'`{n}`' for n in names)}) carry the same 4-bit codes (per output "
-            f"channel) in notebook 03's ORT CPU pick, Q/DQ on every Conv's input and output: the file keeps INT4, asks "
+            f"channel) in notebook 03's best ORT recipe with placement all (`{result.recipes[names[0]]['int8_recipe']}`), Q/DQ on every Conv's input and output: the file keeps INT4, asks "
             f"the loader to widen it to INT8 (the same integers), and ORT runs {ops['QLinearConv']} QLinearConv and "
             f"{ops['float_Conv']} float Conv (`{names[0]}`).")  # fmt: skip

@@ -89,7 +89,7 @@ def headline_sentences(int8_result: Int8Step, cand_result: CandidatesStep, fp32_
     if fast:
         f = fast[-1]
         out.append(f"**Low-bit on integer kernels:** at {f['role'][len('low-bit on integer kernels, '):]}, `{f['model']}` "
-                   f"(the 4-bit codes in the CPU INT8 recipe, every quantized Conv a QLinearConv): "
+                   f"(the 4-bit codes in an ORT INT8 recipe, every quantized Conv a QLinearConv): "
                    f"{fmt_delta(f['score']['delta_vs_fp32'])} points on {f['score']['subset']}, "
                    f"{f['size_bytes'] / fp32_size_bytes:.0%} of FP32's file, {lat(f)}.")  # fmt: skip
     if out:

@@ -87,10 +87,13 @@ def make_session(model: str | Path | onnx.ModelProto, providers: list[str] | Non
         model = Path(model)
         if not model.is_file():
             raise LowbitError(f"model not found: {model}", "give an existing .onnx file")
-    if widen_int4 is None:
-        widen_int4 = load_request(model) == WIDEN_INT4
-    if widen_int4:
-        model, in_memory = widened_int4(model), True
+    try:
+        if widen_int4 is None:
+            widen_int4 = load_request(model) == WIDEN_INT4
+        if widen_int4:
+            model, in_memory = widened_int4(model), True
+    except Exception as exc:  # a truncated or corrupt file: protobuf's DecodeError
+        raise LowbitError(f"onnxruntime cannot load {model}: {exc}", "check that the file is a complete ONNX model") from None
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
@@ -238,8 +241,9 @@ def has_float8(model: str | Path | onnx.ModelProto) -> bool:
 
 
 def float_convs_between_qdq(model: str | Path | onnx.ModelProto) -> list[str]:
-    """Convs a recipe kept in float (float weights) that sit between a DequantizeLinear and a
-    QuantizeLinear: the ones ORT's WeightBiasQuantization rewrite would quantize at load time."""
+    """Convs a recipe kept in float (float weights, or an integer-kernel form's dequantized INT4
+    weights with a float bias) that sit between a DequantizeLinear and a QuantizeLinear: the ones
+    ORT's WeightBiasQuantization rewrite would quantize at load time."""
     g = _graph(model)
     inits = {i.name for i in g.initializer}
     producer = {o: n for n in g.node for o in n.output}
@@ -247,7 +251,11 @@ def float_convs_between_qdq(model: str | Path | onnx.ModelProto) -> list[str]:
     for n in g.node:
         for i in n.input:
             consumers.setdefault(i, []).append(n)
-    return [n.name for n in g.node if n.op_type == "Conv" and n.input[1] in inits
+    def float_layer(n) -> bool:  # float weights, or dequantized weights with a float bias (ORT would quantize the bias)
+        dq_weight = getattr(producer.get(n.input[1]), "op_type", None) == "DequantizeLinear"
+        return n.input[1] in inits or (dq_weight and len(n.input) > 2 and n.input[2] in inits)
+
+    return [n.name for n in g.node if n.op_type == "Conv" and float_layer(n)
             and getattr(producer.get(n.input[0]), "op_type", None) == "DequantizeLinear"
             and any(c.op_type == "QuantizeLinear" for c in consumers.get(n.output[0], []))]  # fmt: skip
 

@@ -14,7 +14,8 @@
    the selection split (val100) and confirmed on the *other* images of the confirmation subset
    (val500 minus val100), with paired-bootstrap intervals of the difference to FP32.
 4. Integer-kernel forms (``candidates.integer_schemes``): the scheme's 4-bit codes (the method
-   per output channel) in notebook 03's ORT CPU pick, whose Convs ORT runs as QLinearConv
+   per output channel) in notebook 03's best ORT recipe with placement all (:func:`integer_recipe`),
+   whose Convs ORT runs as QLinearConv
    (:mod:`..lowbit.integer_form`); scored and confirmed like the others, with their own winner
    per budget.
 5. Latency of FP32, the best INT8 variant of notebook 03 and every candidate in one process.
@@ -220,7 +221,7 @@ def integer_name(scheme: dict, method: str) -> str:
 
 def build_integer(run: RunDir, scheme: dict, method: str, int8: dict) -> dict:
     """``scheme``'s integer-kernel form (:mod:`..lowbit.integer_form`): its 4-bit codes with ``method``
-    (per output channel) in notebook 03's ORT CPU pick ``int8``, ``candidates/<scheme>.<method>.int.onnx``."""
+    (per output channel) in the INT8 recipe ``int8`` (:func:`integer_recipe`), ``candidates/<scheme>.<method>.int.onnx``."""
 
     cfg = run.cfg
     name = integer_name(scheme, method)
@@ -252,9 +253,11 @@ def build_integer(run: RunDir, scheme: dict, method: str, int8: dict) -> dict:
 
 def integer_recipe(run: RunDir) -> dict | None:
     """The INT8 recipe whose file carries the integer-kernel forms: among notebook 03's ORT recipes
-    with placement ``all`` (every Conv a QLinearConv), the best selection-split Δ to FP32 through ORT's
-    kernels. Not notebook 03's CPU pick, which also asks its bench (a measurement) for a speed-up: the
-    forms' files must follow from the params alone. None when INT8 is off or no recipe qualifies."""
+    with placement ``all`` (every Conv a QLinearConv), the best selection-split Δ to FP32 with exact
+    Q/DQ arithmetic (ORT's kernels where exact was not scored). Not notebook 03's CPU pick, which also
+    asks its bench (a measurement) for a speed-up, nor the kernels' Δ, which depends on the CPU's int8
+    instructions: the forms' files follow from the params and the data alone. None when INT8 is off or
+    no recipe qualifies."""
     if not run.cfg.int8.enabled:
         return None
     done = read_int8_result(run)
@@ -262,9 +265,10 @@ def integer_recipe(run: RunDir) -> dict | None:
         return None
     best = None
     for v in run.cfg.int8.variants:
-        ort = ((done.validations.get(v.name) or {}).get("engines") or {}).get("ort")
-        if v.backend == "ort" and v.placement == "all" and ort:
-            d = ort["select"]["delta_vs_fp32"]["delta"]
+        engines = (done.validations.get(v.name) or {}).get("engines") or {}
+        scored = engines.get("ort-exact") or engines.get("ort")
+        if v.backend == "ort" and v.placement == "all" and scored:
+            d = scored["select"]["delta_vs_fp32"]["delta"]
             if best is None or d > best[0]:
                 best = (d, v)
     return {"name": best[1].name, "model": variant_model(best[1])} if best else None
