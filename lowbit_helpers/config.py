@@ -42,7 +42,7 @@ class ModelCfg(Section):
 
 class DataCfg(Section):
     coco_root: str = "../shared/coco2017"
-    annotations: str = Field("annotations/instances_val2017_val500.json", description="relative to coco_root")
+    annotations: str = Field("annotations/instances_val2017_val1300.json", description="relative to coco_root")
     subset: str = Field("val100", description="val100 | val500 (<root>/<name>_ids.txt) | first:N | all | ids.txt path")
     calib_list: str = Field("calib160.txt", description="image paths, one per line, relative to the list's folder")
     calib_images: int = Field(128, ge=1)
@@ -86,6 +86,9 @@ class Int8Variant(Section):
         "all", description="ort: Q/DQ on every op ORT quantizes, or on Conv inputs only")
     format: one_of(option_specs()["format"].choices) = Field(
         "onnx", description="nncf: a Q/DQ ONNX, or an OpenVINO IR (OpenVINO only)")
+    engines: list[one_of(ENGINES)] | None = Field(
+        None, description="the engines this recipe is scored under (null: int8.engines), e.g. only ort-exact for a "
+        "TensorRT recipe, whose ORT kernel and OpenVINO numbers no answer reads")
 
     def options(self) -> Int8Options:
         """This variant's own options (the int8 section's shared ones are added by notebook 03)."""
@@ -106,8 +109,8 @@ def _default_variants() -> list[Int8Variant]:
     ORT CPU recipe, the best NNCF row, the TensorRT recipe), re-measured in every default run."""
     return [
         Int8Variant(name="ort-percentile", backend="ort", method="percentile"),
-        Int8Variant(name="nncf-mixed", backend="nncf", method="mixed", bias_correction="full"),
-        Int8Variant(name="modelopt-entropy", backend="modelopt", method="entropy"),
+        Int8Variant(name="nncf-mixed", backend="nncf", method="mixed", bias_correction="full", engines=["ort", "openvino"]),
+        Int8Variant(name="modelopt-entropy", backend="modelopt", method="entropy", engines=["ort-exact"]),
     ]
 
 
@@ -135,14 +138,24 @@ class Int8Cfg(Section):
     percentile: float = Field(99.999, gt=90.0, le=100.0)
     calibration_eps: list[str] = Field(default_factory=lambda: ["cpu"], description="ModelOpt: cpu | cuda:0 | trt")
     high_precision_dtype: one_of(option_specs()["high_precision_dtype"].choices) = "fp32"
-    select_subset: str = Field("val100", description="recipes are chosen on these images ...")
-    confirm_subset: str = Field("val500", description="... and confirmed on these minus select_subset")
+    select_subset: str = Field("val500", description="recipes are chosen on these images ...")
+    confirm_subset: str = Field("val1300", description="... and confirmed on these minus select_subset (extra800)")
     engines: list[Engine] = Field(default_factory=lambda: ["ort", "ort-exact", "openvino"],
                                   description="each variant's accuracy under each (the first is ORT's kernels)")
+    confirm_engines: list[Engine] | None = Field(default_factory=lambda: ["ort", "ort-exact"], description="the engines (of engines) also run on the "
+                                                 "confirmation split; null: all of them")
     fp32_engines: list[Engine] = Field(default_factory=lambda: ["openvino"],
                                        description="FP32 rows under other engines (bf16 skipped where the CPU lacks it)")
     latency_runtimes: list[one_of(RUNTIMES)] = Field(default_factory=lambda: ["ort", "openvino"],
                                                                description="must hold ort: ORT FP32 is every ratio's reference")
+
+    @field_validator("confirm_engines")
+    @classmethod
+    def _answer_engines_confirmed(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and not {"ort", "ort-exact"} <= set(v):
+            raise ValueError("must include ort and ort-exact: the answer's CPU and TensorRT rows are confirmed "
+                             "with them (or null: every engine)")  # fmt: skip
+        return v
 
     @field_validator("latency_runtimes")
     @classmethod
@@ -226,8 +239,8 @@ class SensitivityCfg(Section):
 
 
 def _default_ladder() -> list[str]:
-    """Round to nearest against the full study's best method (params/full.yaml measures every rung)."""
-    return ["rtn", "gptq-bc-b32"]
+    """The full study's best method alone (params/full.yaml measures every rung, round to nearest to AdaRound)."""
+    return ["gptq-bc-b32"]
 
 
 class CandidatesCfg(Section):
@@ -245,12 +258,12 @@ class CandidatesCfg(Section):
                                        description="schemes also built in the integer-kernel form: their 4-bit codes "
                                        "(the method per output channel) in notebook 03's best ORT recipe with placement all, run as QLinearConv")
     fp8: bool = Field(False, description="also every Conv in fp8 (e4m3 Q/DQ)")
-    random_schemes: int = Field(2, ge=0, description="random schemes with the guided budget scheme's 4-bit share")
+    random_schemes: int = Field(0, ge=0, description="random schemes with the guided budget scheme's 4-bit share")
     random_budget: float = Field(75.0, gt=0, lt=100, description="the budget the random and heuristic schemes match")
-    heuristic: bool = Field(True, description="also all Convs in 4-bit except the first block and the head")
+    heuristic: bool = Field(False, description="also all Convs in 4-bit except the first block and the head")
     stats_images: int = Field(32, ge=1, description="calibration images [0, N) for GPTQ / bias-correction statistics")
-    select_subset: str = Field("val100", description="winners (method, candidate per budget) are chosen here")
-    confirm_subset: str = Field("val500", description="winners are confirmed on these images minus the selection split")
+    select_subset: str = Field("val500", description="winners (method, candidate per budget) are chosen here")
+    confirm_subset: str = Field("val1300", description="winners are confirmed on these images minus the selection split")
     confirm: Literal["winners", "all"] = Field("winners", description="which candidates get the confirmation split")
     exact: bool = Field(True, description="candidates ORT runs through integer kernels also with exact Q/DQ arithmetic")
     latency: bool = True

@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import io
+import multiprocessing as mp
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from pycocotools.cocoeval import COCOeval
@@ -23,7 +26,7 @@ from tqdm import tqdm
 
 from .data import CocoSubset, preprocess
 from .decode import decode
-from .runtime import run_head
+from .runtime import engine_session, run_head
 from .schema import DecodeCfg
 
 METRIC_NAMES = ["mAP_50_95", "mAP_50", "mAP_75", "mAP_small", "mAP_medium", "mAP_large",
@@ -65,6 +68,71 @@ def predict_sessions(sessions: dict, subset: CocoSubset, decode_cfg: DecodeCfg) 
             dets[k].extend(to_coco(image_id, lb.to_original(d.boxes), d.scores, d.classes, cats))
             seconds[k] += time.perf_counter() - t0
     return dets, seconds
+
+
+def predict_models(models: dict, subset: CocoSubset, decode_cfg: DecodeCfg, providers: list[str] | None = None,
+                   workers: int = 2) -> tuple[dict, dict]:
+    """:func:`predict_sessions` for model files: ``models`` maps a key to ``(path, engine)`` (an
+    engine of :data:`.runtime.ENGINES`). ``workers`` processes with one inference thread each share
+    the images (worker k takes every ``workers``-th image); the detections come back in image
+    order, equal to one process's with one-thread sessions (a unit test holds them to that).
+
+    Evaluation is throughput, not latency: on two cores, two one-thread sessions predict about
+    1.4× the images per second of one two-thread session (ORT's intra-op threads scale 1.5× on
+    YOLOv10n's INT8 and 4-bit files). The latency bench keeps its ``runtime.threads`` sessions.
+    """
+    ids = list(subset.ids)
+    items = [(i, str(subset.image_path(i))) for i in ids]
+    cats = subset.category_ids
+    models = {k: (str(p), e) for k, (p, e) in models.items()}
+    n = max(1, min(workers, len(items)))
+    if n == 1:
+        parts = [_predict_part(models, items, cats, decode_cfg, providers)]
+    else:
+        pool = _prediction_pool(n)
+        parts = [f.result() for f in [pool.submit(_predict_part, models, items[k::n], cats, decode_cfg, providers)
+                                      for k in range(n)]]  # fmt: skip
+    per_image = {}
+    for part_dets, _ in parts:
+        per_image.update(part_dets)
+    dets = {k: [d for i in ids for d in per_image[i][k]] for k in models}
+    seconds = {k: sum(sec[k] for _, sec in parts) / n for k in models}  # each worker's own time, shared out
+    return dets, seconds
+
+
+_POOL: dict = {}  # workers -> a spawned pool kept for the process's life (its workers keep their sessions)
+_SESSIONS: dict = {}  # in a worker: (path, engine, mtime, size, providers) -> a one-thread session
+
+
+def _prediction_pool(workers: int):
+    if workers not in _POOL:
+        _POOL[workers] = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"))
+    return _POOL[workers]
+
+
+def _worker_session(path: str, engine: str, providers):
+    st = Path(path).stat()
+    key = (path, engine, st.st_mtime_ns, st.st_size, tuple(providers or ()))
+    if key not in _SESSIONS:
+        while len(_SESSIONS) >= 4:  # bounds a worker's memory over a notebook's many models
+            _SESSIONS.pop(next(iter(_SESSIONS)))
+        _SESSIONS[key] = engine_session(path, engine, providers, threads=1)
+    return _SESSIONS[key]
+
+
+def _predict_part(models: dict, items: list, cats: list[int], decode_cfg: DecodeCfg, providers) -> tuple[dict, dict]:
+    sessions = {k: _worker_session(p, e, providers) for k, (p, e) in models.items()}
+    out: dict = {}
+    seconds = {k: 0.0 for k in models}
+    for image_id, path in items:
+        tensor, lb = preprocess(path)
+        out[image_id] = {}
+        for k, session in sessions.items():
+            t0 = time.perf_counter()
+            d = decode(run_head(session, tensor), decode_cfg)
+            out[image_id][k] = to_coco(image_id, lb.to_original(d.boxes), d.scores, d.classes, cats)
+            seconds[k] += time.perf_counter() - t0
+    return out, seconds
 
 
 def to_coco(image_id: int, boxes_xyxy: np.ndarray, scores: np.ndarray, classes: np.ndarray, cats: list[int]) -> list[dict]:

@@ -224,6 +224,13 @@ def test_selection_and_confirmation_splits(coco_root, tmp_path):
     other.write_text("\n".join(map(str, whole.ids[2:10])) + "\n")
     with pytest.raises(LowbitError, match="int8.select_subset has images outside"):
         open_splits(run, "first:4", str(other), "int8-coco/ids.txt", "int8")
+    # choose on val500, confirm on the rest of val1300: the split is named by the subset it equals
+    big = RunDir.create(parse_config({"name": "b", "data": {"coco_root": str(coco_root),
+                                      "annotations": "annotations/instances_val2017_val1300.json"},
+                                      "output": {"runs_dir": str(tmp_path / "runs")}}))  # fmt: skip
+    sel, conf, whole = open_splits(big, "val500", "val1300", "int8-coco/ids.txt", "int8")
+    assert conf.name == "extra800" and len(conf) == 800 and not set(sel.ids) & set(conf.ids) and len(whole) == 1300
+    assert conf.ids == sorted(int(i) for i in (coco_root / "extra800_ids.txt").read_text().split())
 
 
 def test_a_kept_float_conv_runs_in_float_under_ort(tmp_path):

@@ -102,7 +102,7 @@ def test_the_integer_form_and_the_answer_as_data(smoke_run):
     ev = cands["evaluations"][name]
     recipe_ev = read_json(run / "int8-coco" / f"{recipe['int8_recipe']}.json")
     assert ev["ort_cpu"]["QLinearConv"] == recipe_ev["ort_cpu"]["QLinearConv"] > 0  # the same Convs as the INT8 recipe
-    assert "select_exact" in ev and "confirm" in ev
+    assert "confirm" in ev and ev["confirm_exact"]["subset"] == ev["confirm"]["subset"]  # exact Q/DQ on the same images
     assert "budget_percent" in next(iter(cands["integer"]["winners"].values()))
 
     answer = json.loads((root / "reports" / SMOKE_ID / "answer.json").read_text(), parse_constant=_no_constant)

@@ -23,3 +23,20 @@ def test_topk_decode_matches_ultralytics_on_val100(yolov10n, yolov10n_onnx, coco
     assert ours.metrics["num_images"] == theirs.metrics["num_images"] == 100
     assert abs(ours.metrics["mAP_50_95"] - theirs.metrics["mAP_50_95"]) <= 0.002
     assert 0.44 < ours.metrics["mAP_50_95"] < 0.49  # the official checkpoint, not a broken pipeline
+
+
+@pytest.mark.slow
+def test_workers_predict_what_one_process_predicts(yolov10n_onnx, coco_root):
+    """predict_models splits the images over one-thread worker processes; the detections, in image
+    order, are one process's with a one-thread session, for each engine (kernels and exact)."""
+    from lowbit_helpers.evaluate import predict_models
+    from lowbit_helpers.runtime import engine_session
+
+    subset = open_coco(coco_root, VAL100, "first:5")  # odd: the workers take 3 and 2 images
+    dets, seconds = predict_models({"k": (yolov10n_onnx, "ort"), "x": (yolov10n_onnx, "ort-exact")}, subset, DecodeCfg(),
+                                   workers=2)  # fmt: skip
+    for key, engine in (("k", "ort"), ("x", "ort-exact")):
+        want = predict_onnx(engine_session(yolov10n_onnx, engine, threads=1), subset, DecodeCfg())
+        assert want and dets[key] == want
+        assert [d["image_id"] for d in dets[key]] == sorted(d["image_id"] for d in dets[key]) and seconds[key] > 0
+    assert predict_models({"k": (yolov10n_onnx, "ort")}, subset, DecodeCfg(), workers=1)[0]["k"] == dets["k"]

@@ -1,6 +1,7 @@
 import re
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from lowbit_helpers.report.summary import README_END, README_START, update_readme
@@ -185,6 +186,24 @@ def test_decode_image_without_a_browser():
         assert not decode_image(bad)["png"], bad
 
 
+def test_int8_report_with_openvino_on_the_selection_split_only():
+    """int8.confirm_engines leaves OpenVINO out of the confirmation split: its rows show the selection
+    split, the fastest deployment under it says it was not confirmed, and nothing is read that was not run."""
+    from lowbit_helpers.report import int8 as r
+
+    res = _without(_synthetic_int8_result(), "ort-keep")
+    for v in list(res.validations.values()) + [res.fp32_engines]:
+        for k in ("confirm", "whole"):
+            v.get("engines", {}).get("openvino", {}).pop(k, None)
+    acc = r.accuracy_table(res)
+    assert pd.isna(acc.loc[("ort-a", "OpenVINO f32"), "Δ val500 minus val100 [95%] (confirmed on)"])
+    assert acc.loc[("ort-a", "OpenVINO f32"), "Δ val100 [95%] (chosen on)"] == "-0.40 [-1.20, +0.40]"
+    assert acc.loc[("ort-a", "ORT kernels, VNNI CPU"), "Δ val500 minus val100 [95%] (confirmed on)"] == "-0.50 [-1.30, +0.30]"
+    text = r.int8_conclusion(res)
+    assert "`ort-a` under OpenVINO at 0.20×" in text and "not run on val500 minus val100 under that runtime" in text
+    assert "ship `ort-a`" in text and "-0.50 [-1.30, +0.30] on val500 minus val100 through this CPU's kernels" in text
+
+
 def test_int8_report_without_openvino_and_structure_only():
     from lowbit_helpers.report import int8 as r
 
@@ -336,9 +355,11 @@ def test_per_class_change_draws_what_the_steps_recorded():
     from lowbit_helpers.report.headline import per_class_delta
 
     int8, cand = _synthetic_int8_result(), _synthetic_candidates()
-    int8.validations["ort-keep"]["engines"]["ort"]["whole"]["per_class_ap"] = {"cat": 0.40, "dog": 0.50, "yak": 0.3}
-    cand.evaluations["budget75-w4a8-w8a8.g"]["whole"] = {"subset": "val500", "per_class_ap": {"cat": 0.35, "dog": 0.52, "yak": 0.1}}
-    fp32 = {"subset": "val500", "ap": {"cat": 0.42, "dog": 0.50, "yak": None}, "count": {"cat": 40, "dog": 30, "yak": 90}}
+    split = "val500 minus val100"  # the confirmation split: per-class on images nobody chose on
+    int8.validations["ort-keep"]["engines"]["ort"]["confirm"]["per_class_ap"] = {"cat": 0.40, "dog": 0.50, "yak": 0.3}
+    cand.evaluations["budget75-w4a8-w8a8.g"]["confirm"] = {**cand.evaluations["budget75-w4a8-w8a8.g"]["confirm"],
+                                                           "subset": split, "per_class_ap": {"cat": 0.35, "dog": 0.52, "yak": 0.1}}
+    fp32 = {"subset": split, "ap": {"cat": 0.42, "dog": 0.50, "yak": None}, "count": {"cat": 40, "dog": 30, "yak": 90}}
     table = per_class_delta(fp32, int8, cand)
     assert list(table.columns) == ["INT8 ort-keep", "low-bit budget75-w4a8-w8a8.g"]
     assert list(table.index) == ["cat (40)", "dog (30)"]  # sorted by the low-bit pick's change; yak has no FP32 AP

@@ -99,7 +99,7 @@ def headline_sentences(int8_result: Int8Step, cand_result: CandidatesStep, fp32_
 
 def per_class_delta(fp32: dict | None, int8_result: Int8Step, cand_result: CandidatesStep, min_instances: int = 25):
     """AP50-95 Δ to FP32 per class, in points, for the CPU INT8 pick and the low-bit pick at the
-    highest budget, on the whole confirmation subset (``fp32``: :func:`..steps.summary.fp32_per_class`),
+    highest budget, on the confirmation split (``fp32``: :func:`..steps.summary.fp32_per_class`),
     for classes with at least ``min_instances`` ground-truth boxes there. None when neither pick has
     that subset scored."""
     if fp32 is None:
@@ -108,9 +108,9 @@ def per_class_delta(fp32: dict | None, int8_result: Int8Step, cand_result: Candi
     cpu, low = first(rows, "cpu"), top_budget(rows)
     columns = {}
     if cpu:
-        columns[f"INT8 {cpu['model']}"] = int8_result.validations[cpu["model"]]["engines"]["ort"].get("whole")
+        columns[f"INT8 {cpu['model']}"] = int8_result.validations[cpu["model"]]["engines"]["ort"].get("confirm")
     if low:
-        columns[f"low-bit {low['model']}"] = cand_result.evaluations[low["model"]].get("whole")
+        columns[f"low-bit {low['model']}"] = cand_result.evaluations[low["model"]].get("confirm")
     columns = {k: v for k, v in columns.items() if v}
     if not columns or any(v["subset"] != fp32["subset"] for v in columns.values()):
         return None

@@ -17,7 +17,6 @@ from .common import fmt_delta, pct, tidy
 ENGINE_LABELS = {"ort": "ORT kernels", "ort-exact": "exact Q/DQ (ORT, no optimizations)", "openvino": "OpenVINO f32",
                  "openvino-bf16": "OpenVINO bf16"}  # fmt: skip
 RUNTIME_NAMES = {"ort": "ORT", "openvino": "OpenVINO", "openvino-bf16": "OpenVINO bf16"}  # latency rows' runtimes
-SPLITS = ("select", "confirm", "whole")
 TIE_LATENCY = 0.03  # latencies this close to the fastest are one class when choosing a deployment
 
 
@@ -100,14 +99,16 @@ def accuracy_table(result: Int8Result) -> pd.DataFrame | None:
     fp32_eng = result.fp32_engines.get("engines", {})
     for name, engines in [("fp32", fp32_eng)] + [(n, v["engines"]) for n, v in result.validations.items()]:
         for engine, e in engines.items():
-            sel, conf, whole = (e[k] for k in SPLITS)
+            sel = e["select"]
             row = {"variant": name, "engine": engine_label(engine, result),
                    f"mAP50-95 {sel['subset']}": pct(sel["metrics"]["mAP_50_95"]),
-                   f"Δ {sel['subset']} [95%] (chosen on)": fmt_delta(sel["delta_vs_fp32"]),
-                   f"Δ {conf['subset']} [95%] (confirmed on)": fmt_delta(conf["delta_vs_fp32"]),
-                   f"Δ {whole['subset']} [95%]": fmt_delta(whole["delta_vs_fp32"])}  # fmt: skip
-            ex = conf.get("delta_vs", {}).get("ort-exact")
-            row[f"− exact, {conf['subset']} [95%]"] = fmt_delta(ex) if ex else "—"
+                   f"Δ {sel['subset']} [95%] (chosen on)": fmt_delta(sel["delta_vs_fp32"])}  # fmt: skip
+            if e.get("confirm"):  # an engine outside int8.confirm_engines has the selection split only
+                conf, whole = e["confirm"], e["whole"]
+                row.update({f"Δ {conf['subset']} [95%] (confirmed on)": fmt_delta(conf["delta_vs_fp32"]),
+                            f"Δ {whole['subset']} [95%]": fmt_delta(whole["delta_vs_fp32"])})  # fmt: skip
+                ex = conf.get("delta_vs", {}).get("ort-exact")
+                row[f"− exact, {conf['subset']} [95%]"] = fmt_delta(ex) if ex else "—"
             rows.append(row)
     return pd.DataFrame(rows).set_index(["variant", "engine"]) if rows else None
 
@@ -232,7 +233,7 @@ def diverging(result: Int8Result, limit_points: float = 5.0) -> list[tuple[str, 
     out = []
     for name, val in result.validations.items():
         for engine, e in (val.get("engines") or {}).items():
-            gap = e["whole"].get("delta_vs", {}).get("ort-exact")
+            gap = (e.get("whole") or e["select"]).get("delta_vs", {}).get("ort-exact")
             if gap and abs(100 * gap["delta"]) > limit_points:
                 out.append((name, engine, gap))
     return out
@@ -298,10 +299,13 @@ def int8_conclusion(result: Int8Result, target_points: float = 0.5) -> str:
     if not scored:
         return "No engine could score the INT8 variants here: " + "; ".join(
             f"{e}: {why}" for v in vals.values() for e, why in (v.get("skipped_engines") or {}).items()) + "."  # fmt: skip
-    sel_name, conf_name = (next(iter(scored[0].values()))[k]["subset"] for k in ("select", "confirm"))
+    sel_name = next(iter(scored[0].values()))["select"]["subset"]
+    conf_name = next((e["confirm"]["subset"] for v in scored for e in v.values() if e.get("confirm")), "no confirmation split")
 
     def d(name, engine, split="confirm"):
-        return vals[name]["engines"][engine][split]["delta_vs_fp32"]
+        """Δ to FP32 (None: that engine did not run on the confirmation split, int8.confirm_engines)."""
+        scored = vals[name]["engines"][engine].get(split)
+        return scored["delta_vs_fp32"] if scored else None
 
     def has(name, engine):
         return engine in vals[name].get("engines", {})
@@ -341,8 +345,8 @@ def int8_conclusion(result: Int8Result, target_points: float = 0.5) -> str:
         )  # fmt: skip
         peers = [n for n in vals if recipes[n]["backend"] == "nncf"]
         for engine in ("ort", "ort-exact"):
-            peers_e = [n for n in peers if has(n, engine)]
-            if peers_e:
+            peers_e = [n for n in peers if has(n, engine) and d(n, engine)]
+            if peers_e and d(best, engine):
                 p = max(peers_e, key=lambda n: d(n, engine, "select")["delta"])
                 diff = 100 * (d(best, engine)["delta"] - d(p, engine)["delta"])
                 lines[-1] += (f" Best NNCF row under {engine_label(engine, result)}: `{p}` {fmt_delta(d(p, engine))}; "
@@ -390,15 +394,18 @@ def int8_conclusion(result: Int8Result, target_points: float = 0.5) -> str:
         tied = [(ms, name, rt) for ms, name, rt in fastest if ms <= floor * (1 + TIE_LATENCY)]
         ms, name, rt = max(tied, key=lambda t: d(t[1], t[2], "select")["delta"])
         k = d(name, rt)
-        others = ", ".join(f"`{n}` under {RUNTIME_NAMES[r]} ({fmt_delta(d(n, r))})" for _, n, r in sorted(tied)
+        others = ", ".join(f"`{n}` under {RUNTIME_NAMES[r]} ({fmt_delta(d(n, r) or d(n, r, 'select'))})" for _, n, r in sorted(tied)
                            if (n, r) != (name, rt))  # fmt: skip
+        confirmed = (f"{fmt_delta(k)} on {conf_name} from its own outputs. " if k else
+                     f"{fmt_delta(d(name, rt, 'select'))} on {sel_name} (not run on {conf_name} under that runtime: "
+                     "int8.confirm_engines). ")  # fmt: skip
         lines.append(
             f"**Fastest CPU deployment** within {target_points} points on {sel_name} (latencies within "
             f"{TIE_LATENCY:.0%} of the fastest count as tied; the best {sel_name} Δ among them): `{name}` under "
             f"{RUNTIME_NAMES[rt]} at {ms / fp32_ms:.2f}× ORT FP32 latency ({ms:.1f} ms), "
-            f"{fmt_delta(k)} on {conf_name} from its own outputs. The ≤ 0.35× target is "
-            f"{'met' if ms / fp32_ms <= 0.35 else 'not met'} here ({ms / fp32_ms:.3f}×); its accuracy "
-            f"{_verdict(k, 0.15)} the 0.15-point target." + (f" Tied on speed: {others}." if others else "")
+            + confirmed + f"The ≤ 0.35× target is {'met' if ms / fp32_ms <= 0.35 else 'not met'} here ({ms / fp32_ms:.3f}×); "
+            f"its accuracy {_verdict(k or d(name, rt, 'select'), 0.15)} the 0.15-point target"
+            + ("" if k else f" on {sel_name}") + "." + (f" Tied on speed: {others}." if others else "")
         )  # fmt: skip
         fp32_eng = result.fp32_engines.get("engines", {})
         for eng in ("openvino", "openvino-bf16"):

@@ -190,13 +190,13 @@ def _provenance(r: Results) -> list:
 
 
 SECTIONS = [
-    Section("The answer", "What to ship, chosen on the selection split (val100) by the rule in the last column and quoted "
-            "on the confirmation split (the other 400 images of val500) with the paired 95 % interval. \"Meets\" a target "
+    Section("The answer", "What to ship, chosen on the selection split by the rule in the last column and quoted "
+            "on the confirmation split (images nobody chose on: extra800 in the default run) with the paired 95 % interval. \"Meets\" a target "
             "means its whole interval does; \"compatible with\" that only the point estimate does.", _answer, _answer_md),
     Section("What the picks see", "The first four images of the confirmation split through FP32, the CPU INT8 pick and "
             "the low-bit pick (boxes with score ≥ 0.35; the evaluation keeps them all).", _picks_see, level=3),
-    Section("Per-class change", "AP50-95 of the CPU INT8 pick and the low-bit pick against FP32, per class, on the whole "
-            "of val500 (classes with at least 25 boxes there; a class's AP on a few dozen boxes moves by points from "
+    Section("Per-class change", "AP50-95 of the CPU INT8 pick and the low-bit pick against FP32, per class, on the "
+            "confirmation split (classes with at least 25 boxes there; a class's AP on a few dozen boxes moves by points from "
             "image noise alone).", _per_class_change, level=3),
     Section("FP32 baseline", "Every number below was measured in this run and read back from its recorded outputs. mAP "
             "is pycocotools' mAP50-95 in percent with a 95 % basic-bootstrap interval over images; latency is ONNX "

@@ -191,6 +191,8 @@ class OpenVINOSession:
             raise LowbitError("this CPU has no bf16 support in OpenVINO", "use precision f32 here")
         config = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY",
                   "NUM_STREAMS": 1}  # fmt: skip
+        if threads == 1:  # the evaluation's one-thread workers share the cores (evaluate.predict_models): pinned,
+            config["ENABLE_CPU_PINNING"] = False  # each would run on the same first core
         try:
             self.compiled = core.compile_model(str(model), "CPU", config)
         except Exception as exc:  # OpenVINO raises RuntimeError with its own message

@@ -22,7 +22,7 @@ from ..assets import ModelSource, resolve_model
 from ..config import Config
 from ..data import calibration_tensor, open_coco, preprocess, read_image_list
 from ..errors import LowbitError
-from ..evaluate import bootstrap_difference, bootstrap_map, evaluate_coco, predict_onnx, predict_onnx_multi
+from ..evaluate import bootstrap_difference, bootstrap_map, evaluate_coco, predict_models, predict_onnx_multi
 from ..export import export_raw_onnx, load_torch_model
 from ..graph import graph_info
 from ..parity import export_ultralytics_e2e, ultralytics_predictions
@@ -30,7 +30,6 @@ from ..rundir import RunDir, Stage
 from ..runtime import (
     BENCH_SETTINGS,
     bench_models,
-    engine_session,
     environment,
     fixed_torch_threads,
     make_session,
@@ -179,9 +178,8 @@ def evaluate_model(model: str | Path, cfg: Config, subset_name: str | None = Non
     ``engine``: one of :data:`..runtime.ENGINES` (ORT's kernels by default)."""
 
     subset = open_coco(cfg.data.coco_root, cfg.data.annotations, subset_name or cfg.data.subset)
-    session = engine_session(model, engine, cfg.runtime.providers, cfg.runtime.threads)
     t0 = time.perf_counter()
-    dets = predict_onnx(session, subset, cfg.decode, progress=progress)
+    dets = predict_models({"m": (model, engine)}, subset, cfg.decode, cfg.runtime.providers, cfg.runtime.threads)[0]["m"]
     seconds = time.perf_counter() - t0
     ev = evaluate_coco(subset, dets)
     e = cfg.evaluation

@@ -7,12 +7,13 @@
 2. Candidates: every scheme notebook 04 wrote (top-K per format, budgets), all Convs in fp8,
    and the controls of the guided budget: random schemes with the same 4-bit share (fixed
    seeds) and the "all but the first block and the head" heuristic. Each is materialised
-   (:func:`..lowbit.materialize.materialize`), checked, and scored on the selection split;
-   candidates that ORT runs through integer kernels (QLinearConv in its optimized graph) also
-   with exact Q/DQ arithmetic, since those kernels' results depend on the CPU.
+   (:func:`..lowbit.materialize.materialize`), checked, and scored on the selection split.
 3. Honest selection: winners (the method, the best candidate per 4-bit budget) are chosen on
-   the selection split (val100) and confirmed on the *other* images of the confirmation subset
-   (val500 minus val100), with paired-bootstrap intervals of the difference to FP32.
+   the selection split (val500) and confirmed on the *other* images of the confirmation subset
+   (val1300 minus val500: extra800), with paired-bootstrap intervals of the difference to FP32;
+   confirmed candidates that ORT runs through integer kernels (QLinearConv in its optimized
+   graph) also with exact Q/DQ arithmetic, since those kernels' results depend on the CPU.
+   Predictions run in ``runtime.threads`` one-thread worker processes (:func:`..evaluate.predict_models`).
 4. Integer-kernel forms (``candidates.integer_schemes``): the scheme's 4-bit codes (the method
    per output channel) in notebook 03's best ORT recipe with placement all (:func:`integer_recipe`),
    whose Convs ORT runs as QLinearConv
@@ -35,7 +36,7 @@ import onnx
 from ..artifacts import atomic_path, sha256_file
 from ..data import preprocess
 from ..errors import LowbitError
-from ..evaluate import predict_onnx
+from ..evaluate import predict_models
 from ..formats import FORMATS, apply_format
 from ..lowbit import parse_method
 from ..lowbit.integer_form import integer_form
@@ -51,14 +52,14 @@ from ..sensitivity.sweep import activation_ranges, conv_nodes
 from . import baseline
 from .int8 import VARIANT_EVAL, ort_cpu_pick, read_int8_result, variant_model
 from .sensitivity import SCHEMES_DIR, SCHEMES_INDEX, SENS
-from .splits import evaluations_and_references, fp32_reference, open_splits, score, score_evaluated
+from .splits import fp32_reference, open_splits, score
 
 # artifacts, relative to the run directory ({name}: a candidate)
 CANDIDATE_ONNX = "candidates/{name}.onnx"
 CANDIDATE_RECIPE = "candidates/{name}.recipe.json"  # the scheme, the method and what materialize did
 CANDIDATE_EVAL = "results/{name}.json"  # selection split, fidelity, graph facts
-CANDIDATE_EXACT = "results/{name}.exact.json"  # selection split with exact Q/DQ arithmetic (a8 candidates)
-CANDIDATE_CONFIRM = "results/{name}.confirm.json"  # confirmation split and the whole confirmation subset
+CANDIDATE_EXACT = "results/{name}.exact.json"  # confirmation split with exact Q/DQ arithmetic (integer-kernel candidates)
+CANDIDATE_CONFIRM = "results/{name}.confirm.json"  # the confirmation split
 CONFIRM_IDS = "results/confirm_ids.txt"  # the confirmation split: confirm_subset minus select_subset
 LADDER = "results/ladder.json"
 LATENCY = "results/latency.json"
@@ -320,6 +321,12 @@ def _fp32_heads(model: str, model_sha: str, paths: tuple, threads: int) -> tuple
     return images, raw_heads(make_session(model, threads=threads), images)
 
 
+def _predict(run: RunDir, model: Path, engine: str, subset) -> list[dict]:
+    """Detections of one candidate file on ``subset`` (runtime.threads one-thread workers)."""
+    rt = run.cfg.runtime
+    return predict_models({"m": (model, engine)}, subset, run.cfg.decode, rt.providers, rt.threads)[0]["m"]
+
+
 def evaluate(run: RunDir, name: str) -> dict:
     """Selection-split mAP with Δ to FP32, raw-head fidelity, Q/DQ counts, what ORT runs, file size."""
 
@@ -332,9 +339,9 @@ def evaluate(run: RunDir, name: str) -> dict:
     def compute():
         sel, _, _ = splits(run)
         fp32_dets = _fp32_detections(run)
-        session = make_session(q, cfg.runtime.providers, cfg.runtime.threads)
         t0 = time.perf_counter()
-        dets = predict_onnx(session, sel, cfg.decode)
+        dets = _predict(run, q, "ort", sel)
+        session = make_session(q, cfg.runtime.providers, cfg.runtime.threads)
         out = {"name": name, "predict_seconds": round(time.perf_counter() - t0, 1), "arithmetic": "kernels",
                "select": score(run, dets, sel, fp32_dets)}  # fmt: skip
         images, ref = _fp32_heads(str(model), inputs(run)[2], tuple(sel.image_path(i) for i in sel.ids[: cfg.int8.fidelity_images]),
@@ -347,41 +354,36 @@ def evaluate(run: RunDir, name: str) -> dict:
 
 
 def exact(run: RunDir, name: str) -> dict:
-    """The selection split once more with exact Q/DQ arithmetic (ORT's graph optimizations off)."""
+    """The confirmation split once more with exact Q/DQ arithmetic (ORT's graph optimizations off):
+    the machine-independent reference beside this CPU's integer kernels."""
 
-    cfg = run.cfg
     q = run.artifact(CANDIDATE_ONNX.format(name=name))
     rel = CANDIDATE_EXACT.format(name=name)
     params = _eval_params(run)
 
     def compute():
-        sel, _, _ = splits(run)
-        xs = make_session(q, cfg.runtime.providers, cfg.runtime.threads, arithmetic="exact")
-        return {"select_exact": score(run, predict_onnx(xs, sel, cfg.decode), sel, _fp32_detections(run))}
+        _, conf, _ = splits(run)
+        return {"confirm_exact": score(run, _predict(run, q, "ort-exact", conf), conf, _fp32_detections(run))}
 
     return run.stage(Stage(f"candidate-exact:{name}", params, [inputs(run)[0], CANDIDATE_ONNX.format(name=name)], [rel]),
                      compute)  # fmt: skip
 
 
 def confirm(run: RunDir, name: str) -> dict:
-    """The confirmation split (confirm_subset minus the selection split) and the whole
-    confirmation subset, each with Δ to FP32 and its paired-bootstrap interval."""
+    """The confirmation split (confirm_subset minus the selection split: images nobody chose on),
+    with Δ to FP32 and its paired-bootstrap interval."""
 
-    cfg = run.cfg
     q = run.artifact(CANDIDATE_ONNX.format(name=name))
     model = inputs(run)[0]
     rel = CANDIDATE_CONFIRM.format(name=name)
     params = _eval_params(run)
 
     def compute():
-        _, conf, union = splits(run)
-        fp32_dets = _fp32_detections(run)
+        _, conf, _ = splits(run)
         t0 = time.perf_counter()
-        dets = predict_onnx(make_session(q, cfg.runtime.providers, cfg.runtime.threads), union, cfg.decode)
+        dets = _predict(run, q, "ort", conf)
         seconds = round(time.perf_counter() - t0, 1)
-        ev_conf, ev_union = evaluations_and_references(run, [(dets, conf), (dets, union)], fp32_dets)  # in parallel
-        return {"confirm_predict_seconds": seconds, "confirm": score_evaluated(run, ev_conf, conf, fp32_dets),
-                "whole": score_evaluated(run, ev_union, union, fp32_dets)}  # fmt: skip
+        return {"confirm_predict_seconds": seconds, "confirm": score(run, dets, conf, _fp32_detections(run))}
 
     return run.stage(Stage(f"candidate-confirm:{name}", params, [model, CANDIDATE_ONNX.format(name=name)], [rel]), compute)
 
@@ -441,8 +443,7 @@ def run_ladder(run: RunDir, schemes: dict[str, dict]) -> dict:
             if c.ladder_confirm:  # every rung also on the confirmation split (measurement only; the pick stays on select)
                 conf = confirm(run, recipe["name"])
                 row.update(confirm_subset=conf["confirm"]["subset"], confirm_mAP=conf["confirm"]["metrics"]["mAP_50_95"],
-                           confirm_delta=conf["confirm"]["delta_vs_fp32"], whole_subset=conf["whole"]["subset"],
-                           whole_mAP=conf["whole"]["metrics"]["mAP_50_95"], whole_delta=conf["whole"]["delta_vs_fp32"])  # fmt: skip
+                           confirm_delta=conf["confirm"]["delta_vs_fp32"])  # fmt: skip
             rows.append(row)
     mean = {m: float(np.mean([r["select_mAP"] for r in rows if r["method"] == m])) for m in c.ladder}
     best = max(c.ladder, key=lambda m: (mean[m], -c.ladder.index(m)))
@@ -528,9 +529,6 @@ def run_candidates(run: RunDir) -> CandidatesResult | Skipped:
     integer, integer_why = integer_forms(run, schemes, method)
     recipes.update(integer)
     evals = {n: evaluate(run, n) for n in recipes}
-    for n in recipes:  # exact Q/DQ arithmetic where ORT runs integer kernels (they depend on the CPU's int8 ISA)
-        if c.exact and evals[n]["ort_cpu"]["QLinearConv"] > 0:
-            evals[n] = {**evals[n], **exact(run, n)}
     win = winners(run, {n: r for n, r in recipes.items() if n not in integer}, evals)
     integer_win = winners(run, integer, evals)
     low, high = cfg.sensitivity.budget_low, cfg.sensitivity.budget_high
@@ -539,10 +537,14 @@ def run_candidates(run: RunDir) -> CandidatesResult | Skipped:
     if c.confirm == "all":
         confirmed = set(recipes)
     else:
-        confirmed = {w["candidate"] for w in win.values()} | set(controls) | set(integer)
-        confirmed |= {n for n, r in recipes.items() if r["scheme"]["name"] in ("w4a16-top0", "w4a8-top0", guided)}
+        # the answer's rows (winners of both forms, uniform W4A16) and, where there are controls, the guided scheme beside them
+        confirmed = {w["candidate"] for w in [*win.values(), *integer_win.values()]} | set(controls)
+        confirmed |= {n for n, r in recipes.items() if n not in integer and r["scheme"]["name"] in
+                      ("w4a16-top0", "w4a8-top0", *([guided] if controls else []))}  # fmt: skip
     for n in sorted(confirmed):
         evals[n] = {**evals[n], **confirm(run, n)}
+        if c.exact and evals[n]["ort_cpu"]["QLinearConv"] > 0:  # beside this CPU's integer kernels (they depend on its int8 ISA)
+            evals[n] = {**evals[n], **exact(run, n)}
     int8 = best_int8(run)
     lat = latency(run, list(recipes), int8) if c.latency else None
     result = CandidatesResult(

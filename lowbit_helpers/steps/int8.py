@@ -12,9 +12,10 @@ under each engine of ``int8.engines``:
   VNNI kernels aim at, the same on every machine;
 * ``openvino``: OpenVINO's CPU plugin on the same file.
 
-Each engine predicts the confirmation subset once; mAP and the paired-bootstrap Δ to FP32 are
-read on the selection split (val100, where recipes are chosen), the confirmation split (the
-other 400) and the whole subset, and each engine's Δ to the exact arithmetic on the same images.
+Each of a variant's engines (``engines`` of the variant, else ``int8.engines``) predicts the
+selection split (val500, where recipes are chosen); those of ``int8.confirm_engines`` also the
+confirmation split (val1300 minus val500: extra800), and their whole. mAP and the paired-bootstrap
+Δ to FP32 are read on each, with each engine's Δ to the exact arithmetic on the same images.
 ORT's kernels on a CPU without VNNI are measured too, emulated by QEMU (``int8.emulate``).
 Latency: FP32 and every variant under ORT and OpenVINO, interleaved in one process.
 """
@@ -36,7 +37,7 @@ from ..artifacts import read_json
 from ..config import EMULATE_DEFAULT, Config, Int8Variant
 from ..data import open_coco, preprocess
 from ..errors import LowbitError
-from ..evaluate import predict_sessions
+from ..evaluate import predict_models, predict_sessions
 from ..int8 import backend, checked, command_args, quantize_int8
 from ..int8.base import Int8Options
 from ..int8.bias_correction import BC_VERSION
@@ -273,32 +274,44 @@ def available_engines(engines: list[str]) -> tuple[list[str], dict[str, str]]:
     return [e for e in engines if e not in skipped], skipped
 
 
+def confirm_engines(cfg: Config, engines: list[str]) -> list[str]:
+    """The engines (of ``engines``) whose detections are also taken on the confirmation split."""
+    wanted = cfg.int8.confirm_engines
+    return list(engines) if wanted is None else [e for e in engines if e in wanted]
+
+
 def engine_scores(run: RunDir, model: Path, engines: list[str]) -> dict:
-    """``model`` under each engine: one prediction of the whole confirmation subset each, scored on
-    the selection split, the confirmation split and the whole subset (Δ to FP32, and Δ to the
-    exact arithmetic when ``ort-exact`` is among the engines)."""
+    """``model`` under each engine on the selection split, and under the confirmation engines
+    (``int8.confirm_engines``) on the confirmation split and the whole (selection + confirmation):
+    Δ to FP32, and Δ to the exact arithmetic when ``ort-exact`` is among the engines there."""
 
     cfg = run.cfg
     sel, conf, union = splits(run)
     fp32_dets = fp32_reference(run, cfg.int8.confirm_subset)
-    sessions = {e: engine_session(model, e, cfg.runtime.providers, cfg.runtime.threads) for e in engines}
-    dets, seconds = predict_sessions(sessions, union, cfg.decode)
+    rt = cfg.runtime
+    dets, seconds = predict_models({e: (model, e) for e in engines}, sel, cfg.decode, rt.providers, rt.threads)
+    confirming = confirm_engines(cfg, engines)
+    more, more_seconds = predict_models({e: (model, e) for e in confirming}, conf, cfg.decode, rt.providers, rt.threads)
     subsets = {"select": sel, "confirm": conf, "whole": union}
-    pairs = [(e, k) for e in engines for k in subsets]
+    by_split = {"select": dets, "confirm": more, "whole": {e: dets[e] + more[e] for e in confirming}}
+    pairs = [(e, k) for k in subsets for e in engines if e in by_split[k]]
     # each once, in parallel, with FP32's evaluations where this process has none yet
-    evaluated = dict(zip(pairs, evaluations_and_references(run, [(dets[e], subsets[k]) for e, k in pairs], fp32_dets)))
+    evaluated = dict(zip(pairs, evaluations_and_references(run, [(by_split[k][e], subsets[k]) for e, k in pairs], fp32_dets)))
     out = {}
     for e in engines:
-        out[e] = {"predict_seconds": round(seconds[e], 1)}
+        out[e] = {"predict_seconds": round(seconds[e] + more_seconds.get(e, 0.0), 1)}
         for k, sub in subsets.items():
-            against = {"ort-exact": evaluated[("ort-exact", k)]} if "ort-exact" in engines and e != "ort-exact" else None
-            out[e][k] = score_evaluated(run, evaluated[(e, k)], sub, fp32_dets, against)
+            if (e, k) not in evaluated:
+                continue
+            exact = evaluated.get(("ort-exact", k)) if e != "ort-exact" else None
+            out[e][k] = score_evaluated(run, evaluated[(e, k)], sub, fp32_dets, {"ort-exact": exact} if exact else None)
     return out
 
 
 def _eval_params(cfg: Config, engines: list[str]) -> dict:
     q = cfg.int8
-    return {"select": q.select_subset, "confirm": q.confirm_subset, "engines": engines, "decode": cfg.decode.model_dump(),
+    return {"select": q.select_subset, "confirm": q.confirm_subset, "engines": engines,
+            **({"confirm_engines": q.confirm_engines} if q.confirm_engines is not None else {}), "decode": cfg.decode.model_dump(),
             "data": cfg.data.model_dump(), "evaluation": cfg.evaluation.model_dump(), "fidelity_images": q.fidelity_images,
             "environment": _engine_environment(engines)}  # fmt: skip
 
@@ -316,7 +329,7 @@ def validate_variant(run: RunDir, v: Int8Variant) -> dict:
     q = run.artifact(variant_model(v))
     model = run.artifact(baseline.MODEL)
     rel = VARIANT_EVAL.format(name=v.name)
-    engines, skipped = available_engines(cfg.int8.engines)
+    engines, skipped = available_engines(v.engines or cfg.int8.engines)
     if is_ir(v):  # an OpenVINO IR: only OpenVINO reads it
         skipped.update({e: "skipped: an OpenVINO IR, which ONNX Runtime cannot read" for e in engines if e.startswith("ort")})
         engines = [e for e in engines if not e.startswith("ort")]
@@ -339,7 +352,7 @@ def validate_variant(run: RunDir, v: Int8Variant) -> dict:
                   "ort_disabled_optimizers": params.get("ort_disabled_optimizers", []),
                   "size_bytes": sum(run.artifact(p).stat().st_size for p in inputs[1:])}  # fmt: skip
         if "ort" in scores:  # the ORT-kernel result by subset name (what notebook 05 compares against)
-            result["coco"] = {s["subset"]: s for s in (scores["ort"][k] for k in ("select", "confirm", "whole"))}
+            result["coco"] = {s["subset"]: s for k in ("select", "confirm", "whole") if (s := scores["ort"].get(k))}
         return result
 
     return run.stage(Stage(f"int8-eval:{v.name}", params, inputs, [rel]), compute)

@@ -1,9 +1,9 @@
 """Choose on one split, confirm on another: the evaluation splits and scoring notebooks 03 and 05 share.
 
-A selection subset (val100) picks winners; the confirmation split is a larger subset minus the
-selection images (val500 minus val100: the other 400), and the whole larger subset is shown
-too. Every model is predicted once on the larger subset and scored on each split from those
-detections, with the paired-bootstrap interval of its difference to FP32 on the same images.
+A selection subset (val500) picks winners; the confirmation split is a larger subset minus the
+selection images (val1300 minus val500: extra800, the 800 images nobody chose on). Each model is
+predicted on the selection split; the ones a step confirms, on the confirmation split too; every
+score carries the paired-bootstrap interval of its difference to FP32 on the same images.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import functools
 import multiprocessing as mp
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
+from pathlib import Path
 
 from ..artifacts import atomic_path, read_json
 from ..data import open_coco
@@ -46,8 +47,21 @@ def open_splits(run: RunDir, select: str, confirm: str, ids_rel: str, section: s
         with atomic_path(ids_path) as tmp:
             tmp.write_text(text)
     conf = open_coco(cfg.data.coco_root, cfg.data.annotations, str(ids_path))
-    conf.name = f"{confirm} minus {select}"
+    conf.name = named_subset(cfg.data.coco_root, rest) or f"{confirm} minus {select}"
     return sel, conf, union
+
+
+def named_subset(coco_root, ids: list[int]) -> str | None:
+    """The name of the COCO root's subset (``<name>_ids.txt``) with exactly these ids, if one has:
+    val1300 minus val500 is ``extra800``."""
+    want = sorted(ids)
+    for path in sorted(Path(coco_root).glob("*_ids.txt")):
+        try:
+            if sorted(int(x) for x in path.read_text().split()) == want:
+                return path.name.removesuffix("_ids.txt")
+        except ValueError:
+            continue
+    return None
 
 
 def only(dets: list[dict], ids) -> list[dict]:

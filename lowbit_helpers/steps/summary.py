@@ -199,24 +199,25 @@ def pick_detections(run: RunDir, int8_result: Int8Step, cand_result: CandidatesS
 
 
 def fp32_per_class(run: RunDir, int8_result: Int8Step, cand_result: CandidatesStep) -> dict | None:
-    """FP32's AP50-95 per class on the whole confirmation subset and each class's box count there, to
-    compare the picks' with; None when neither the CPU INT8 pick nor the low-bit pick was scored there."""
+    """FP32's AP50-95 per class on the confirmation split (images nobody chose on) and each class's
+    box count there, to compare the picks' with; None when neither the CPU INT8 pick nor the
+    low-bit pick was scored there."""
     rows = picks(int8_result, cand_result)
     cpu, low = first(rows, "cpu"), top_budget(rows)
-    scored = [int8_result.validations[cpu["model"]]["engines"]["ort"].get("whole") if cpu else None,
-              cand_result.evaluations[low["model"]].get("whole") if low else None]  # fmt: skip
+    scored = [int8_result.validations[cpu["model"]]["engines"]["ort"].get("confirm") if cpu else None,
+              cand_result.evaluations[low["model"]].get("confirm") if low else None]  # fmt: skip
     if not any(scored):
         return None
     cfg = run.cfg
     params = {"subset": cfg.int8.confirm_subset, "select": cfg.int8.select_subset, "data": cfg.data.model_dump(),
-              "decode": cfg.decode.model_dump()}  # fmt: skip
+              "decode": cfg.decode.model_dump(), "split": "confirm"}  # fmt: skip
 
     def compute():
-        _, _, union = int8_splits(run)
-        ap = evaluate_coco(union, splits.only(splits.fp32_reference(run, cfg.int8.confirm_subset), union.ids)).per_class
-        coco = union.coco
-        count = {coco.cats[c]["name"]: len(coco.getAnnIds(imgIds=union.ids, catIds=[c])) for c in coco.getCatIds()}
+        _, conf, _ = int8_splits(run)
+        ap = evaluate_coco(conf, splits.only(splits.fp32_reference(run, cfg.int8.confirm_subset), conf.ids)).per_class
+        coco = conf.coco
+        count = {coco.cats[c]["name"]: len(coco.getAnnIds(imgIds=conf.ids, catIds=[c])) for c in coco.getCatIds()}
         # a class without boxes here has no AP: null, not NaN (strict JSON)
-        return {"subset": union.name, "ap": {c: (v if np.isfinite(v) else None) for c, v in ap.items()}, "count": count}
+        return {"subset": conf.name, "ap": {c: (v if np.isfinite(v) else None) for c, v in ap.items()}, "count": count}
 
     return run.stage(Stage("summary-fp32-per-class", params, [baseline.MODEL], [FP32_PER_CLASS]), compute)
