@@ -1,6 +1,6 @@
 """COCO mAP through pycocotools, per-class AP, and bootstrap intervals over images.
 
-Every variant goes through :func:`predict_onnx` (same images, letterbox, decode, thresholds)
+Every model goes through :func:`predict_models` (same images, letterbox, decode, thresholds)
 and :func:`coco_metrics`. The bootstrap reuses pycocotools' own per-image matching
 (``COCOeval.evaluate``) and only re-runs the accumulation step with images resampled; with
 every image counted once it reproduces pycocotools' mAP exactly (a unit test holds it to that).
@@ -17,6 +17,7 @@ import io
 import multiprocessing as mp
 import time
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from tqdm import tqdm
 
 from .data import CocoSubset, preprocess
 from .decode import decode
+from .errors import LowbitError
 from .runtime import engine_session, run_head
 from .schema import DecodeCfg
 
@@ -71,27 +73,36 @@ def predict_sessions(sessions: dict, subset: CocoSubset, decode_cfg: DecodeCfg) 
 
 
 def predict_models(models: dict, subset: CocoSubset, decode_cfg: DecodeCfg, providers: list[str] | None = None,
-                   workers: int = 2) -> tuple[dict, dict]:
+                   workers: int = 2, min_images: int = 16) -> tuple[dict, dict]:
     """:func:`predict_sessions` for model files: ``models`` maps a key to ``(path, engine)`` (an
     engine of :data:`.runtime.ENGINES`). ``workers`` processes with one inference thread each share
     the images (worker k takes every ``workers``-th image); the detections come back in image
-    order, equal to one process's with one-thread sessions (a unit test holds them to that).
+    order, equal to one process's with one-thread sessions (a unit test holds them to that). A worker
+    gets at least ``min_images`` images: below that, starting a process costs more than it saves, and
+    the images are predicted here, with the same one-thread sessions.
 
     Evaluation is throughput, not latency: on two cores, two one-thread sessions predict about
     1.4× the images per second of one two-thread session (ORT's intra-op threads scale 1.5× on
     YOLOv10n's INT8 and 4-bit files). The latency bench keeps its ``runtime.threads`` sessions.
     """
+    if not models:
+        return {}, {}
     ids = list(subset.ids)
     items = [(i, str(subset.image_path(i))) for i in ids]
     cats = subset.category_ids
     models = {k: (str(p), e) for k, (p, e) in models.items()}
-    n = max(1, min(workers, len(items)))
+    n = max(1, min(workers, len(items) // max(1, min_images)))
     if n == 1:
         parts = [_predict_part(models, items, cats, decode_cfg, providers)]
     else:
         pool = _prediction_pool(n)
-        parts = [f.result() for f in [pool.submit(_predict_part, models, items[k::n], cats, decode_cfg, providers)
-                                      for k in range(n)]]  # fmt: skip
+        try:
+            parts = [f.result() for f in [pool.submit(_predict_part, models, items[k::n], cats, decode_cfg, providers)
+                                          for k in range(n)]]  # fmt: skip
+        except BrokenProcessPool:
+            _POOL.pop(n, None)  # the next call starts a fresh pool
+            raise LowbitError(f"a prediction worker died on {subset.name} (killed, or out of memory)",
+                              "rerun: finished stages are kept; lower runtime.threads if memory is short") from None  # fmt: skip
     per_image = {}
     for part_dets, _ in parts:
         per_image.update(part_dets)
@@ -111,8 +122,8 @@ def _prediction_pool(workers: int):
 
 
 def _worker_session(path: str, engine: str, providers):
-    st = Path(path).stat()
-    key = (path, engine, st.st_mtime_ns, st.st_size, tuple(providers or ()))
+    files = [Path(path)] + [p for p in [Path(path).with_suffix(".bin")] if p.is_file()]  # an OpenVINO IR's weights too
+    key = (path, engine, tuple((f.stat().st_mtime_ns, f.stat().st_size) for f in files), tuple(providers or ()))
     if key not in _SESSIONS:
         while len(_SESSIONS) >= 4:  # bounds a worker's memory over a notebook's many models
             _SESSIONS.pop(next(iter(_SESSIONS)))

@@ -34,9 +34,14 @@ def test_workers_predict_what_one_process_predicts(yolov10n_onnx, coco_root):
 
     subset = open_coco(coco_root, VAL100, "first:5")  # odd: the workers take 3 and 2 images
     dets, seconds = predict_models({"k": (yolov10n_onnx, "ort"), "x": (yolov10n_onnx, "ort-exact")}, subset, DecodeCfg(),
-                                   workers=2)  # fmt: skip
+                                   workers=2, min_images=1)  # fmt: skip
     for key, engine in (("k", "ort"), ("x", "ort-exact")):
         want = predict_onnx(engine_session(yolov10n_onnx, engine, threads=1), subset, DecodeCfg())
         assert want and dets[key] == want
         assert [d["image_id"] for d in dets[key]] == sorted(d["image_id"] for d in dets[key]) and seconds[key] > 0
+    from lowbit_helpers import evaluate
+
+    assert len(evaluate._POOL[2]._processes) == 2  # two worker processes shared the images
     assert predict_models({"k": (yolov10n_onnx, "ort")}, subset, DecodeCfg(), workers=1)[0]["k"] == dets["k"]
+    assert predict_models({"k": (yolov10n_onnx, "ort")}, subset, DecodeCfg(), workers=2)[0]["k"] == dets["k"]  # 5 < 2 × 16: here
+    assert predict_models({}, subset, DecodeCfg(), workers=2) == ({}, {})  # nothing to predict: no pass over the images

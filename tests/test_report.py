@@ -192,16 +192,22 @@ def test_int8_report_with_openvino_on_the_selection_split_only():
     from lowbit_helpers.report import int8 as r
 
     res = _without(_synthetic_int8_result(), "ort-keep")
-    for v in list(res.validations.values()) + [res.fp32_engines]:
+    for v in res.validations.values():
         for k in ("confirm", "whole"):
-            v.get("engines", {}).get("openvino", {}).pop(k, None)
+            v["engines"]["openvino"].pop(k, None)
+    fp32_ov = {"subset": "val100", "metrics": {"mAP_50_95": 0.399}, "delta_vs_fp32": {"delta": -0.001, "lo": -0.003, "hi": 0.001}}
+    res.fp32_engines = {"engines": {"openvino": {"select": fp32_ov}}, "skipped_engines": {}}
     acc = r.accuracy_table(res)
+    assert acc.loc[("fp32", "OpenVINO f32"), "Δ val100 [95%] (chosen on)"] == "-0.10 [-0.30, +0.10]"
+    assert pd.isna(acc.loc[("fp32", "OpenVINO f32"), "Δ val500 minus val100 [95%] (confirmed on)"])
+    assert r.drop_decomposition(res) is not None and r.emulation_table(res) is not None
     assert pd.isna(acc.loc[("ort-a", "OpenVINO f32"), "Δ val500 minus val100 [95%] (confirmed on)"])
     assert acc.loc[("ort-a", "OpenVINO f32"), "Δ val100 [95%] (chosen on)"] == "-0.40 [-1.20, +0.40]"
     assert acc.loc[("ort-a", "ORT kernels, VNNI CPU"), "Δ val500 minus val100 [95%] (confirmed on)"] == "-0.50 [-1.30, +0.30]"
     text = r.int8_conclusion(res)
     assert "`ort-a` under OpenVINO at 0.20×" in text and "not run on val500 minus val100 under that runtime" in text
     assert "ship `ort-a`" in text and "-0.50 [-1.30, +0.30] on val500 minus val100 through this CPU's kernels" in text
+    assert "OpenVINO f32 runs the FP32 model itself at 0.50× ORT FP32." in text  # no confirmation-split Δ to quote
 
 
 def test_int8_report_without_openvino_and_structure_only():
@@ -368,3 +374,24 @@ def test_per_class_change_draws_what_the_steps_recorded():
     assert list(per_class_delta(fp32, int8, cand, min_instances=35).index) == ["cat (40)"]
     assert per_class_delta(None, int8, cand) is None
     assert per_class_delta({**fp32, "subset": "val100"}, int8, cand) is None  # another subset: nothing to compare
+
+
+def test_target_lines_state_each_target_with_its_numbers():
+    """Notebook 05's target lines: met / not met from the confirmation split, the best ≥ 75 % candidate of each
+    form chosen on the selection split, and an integer form's exact Q/DQ Δ beside its kernels' Δ."""
+    from lowbit_helpers.report.candidates import target_lines
+
+    cand = _synthetic_candidates()
+    share = {"w4a16-top0.g": 1.0, "w4a16-top10.g": 0.86, "budget75-w4a8-w8a8.g": 0.75, "budget75-w4a8-w8a8.g.int": 0.75}
+    for n, r in cand.recipes.items():
+        r["materialize"] = {"four_bit_share": share[n]}
+    ex = {"subset": "val500 minus val100", "delta_vs_fp32": {"delta": -0.015, "lo": -0.025, "hi": -0.005}}
+    cand.evaluations["budget75-w4a8-w8a8.g.int"]["confirm_exact"] = ex
+    w16, flt, integer = target_lines(cand)
+    assert "keeps 91.1 % of FP32 mAP50-95 on val500 minus val100" in w16 and "**not met**" in w16
+    assert "chosen on val100: `budget75-w4a8-w8a8.g`" in flt and "within 1.0 points **not met**" in flt
+    assert "file 0.28× FP32: ≤ 0.25× **not met**" in flt and "latency 1.20× FP32: ≤ 0.65× **not met**" in flt
+    assert "exact" not in flt
+    assert ("`budget75-w4a8-w8a8.g.int` (75.0 % 4-bit), Δ on val500 minus val100 -1.70 [-2.50, -0.90] "
+            "(exact Q/DQ arithmetic on the same images: -1.50 [-2.50, -0.50]): within 1.0 points **not met**") in integer
+    assert "file 0.22× FP32: ≤ 0.25× **met**" in integer and "latency 0.60× FP32: ≤ 0.65× **met**" in integer

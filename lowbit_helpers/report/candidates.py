@@ -201,13 +201,12 @@ def target_lines(result: CandidatesResult) -> list[str]:
         state = "met" if d["lo"] >= -DROP_TARGET / 100 else ("compatible with the target" if d["delta"] >= -DROP_TARGET / 100 else "not met")
         size = ev[best]["size_bytes"] / result.fp32_size_bytes
         what = "integer-kernel form" if integer else "candidate"
+        ex = ev[best].get("confirm_exact")
+        exact = f" (exact Q/DQ arithmetic on the same images: {_delta(ex)})" if ex else ""
         text = (f"Best {what} with ≥ 75 % of conv weights in 4-bit, chosen on {ev[best]['select']['subset']}: `{best}` "
-                f"({100 * rec[best]['materialize']['four_bit_share']:.1f} % 4-bit), Δ on {c['subset']} {_delta(c)}: "
+                f"({100 * rec[best]['materialize']['four_bit_share']:.1f} % 4-bit), Δ on {c['subset']} {_delta(c)}{exact}: "
                 f"within {DROP_TARGET} points **{state}**; file {size:.2f}× FP32: ≤ {SIZE_TARGET}× "
                 f"**{'met' if size <= SIZE_TARGET else 'not met'}**")  # fmt: skip
-        ex = ev[best].get("confirm_exact")
-        if ex:
-            text += f" (exact Q/DQ arithmetic, the same images: {_delta(ex)})"
         if best in lat and "fp32" in lat:
             ratio = lat[best]["median_ms"] / lat["fp32"]["median_ms"]
             text += f"; ORT CPU latency {ratio:.2f}× FP32: ≤ {LATENCY_TARGET}× **{'met' if ratio <= LATENCY_TARGET else 'not met'}**"
@@ -307,6 +306,9 @@ def method_verdict(result: CandidatesResult) -> str:
     lad = result.ladder
     mean = lad["mean_select_mAP"]
     first = next(iter(mean))
+    if len(mean) == 1:  # a one-rung ladder: the params chose the method (the default keeps full.yaml's choice)
+        return (f"Method for every candidate: **{result.method}**, the only rung of `candidates.ladder` here (params/full.yaml "
+                f"measures the whole ladder): mean selection-split mAP50-95 {pct(mean[first])}.")  # fmt: skip
     return (f"Method for every candidate: **{result.method}** ({lad['rule']}): mean selection-split mAP50-95 "
             f"{pct(mean[lad['best']])} against {pct(mean[first])} for `{first}`.")  # fmt: skip
 

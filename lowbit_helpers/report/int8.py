@@ -92,7 +92,8 @@ def int8_table(result: Int8Result) -> pd.DataFrame:
 
 def accuracy_table(result: Int8Result) -> pd.DataFrame | None:
     """Every variant under every engine: mAP50-95 and Δ to FP32 (ORT) on the selection split, the
-    confirmation split and the whole subset, and Δ to the same file's exact arithmetic."""
+    confirmation split and the whole subset (engines of ``int8.confirm_engines``), and Δ to the same
+    file's exact arithmetic."""
     if result.structure_only:
         return None
     rows = []
@@ -132,7 +133,7 @@ def emulation_table(result: Int8Result) -> pd.DataFrame | None:
             rows.append({"variant": name, "emulated CPU": em.why})
             continue
         k = em["kernels"]
-        this = result.validations[name]["engines"].get("ort", {}).get("select")
+        this = em.get("this_cpu") or result.validations[name]["engines"].get("ort", {}).get("select")  # older runs: no this_cpu
         this_gap = this.get("delta_vs", {}).get("ort-exact") if this and this["subset"] == k["subset"] else None
         rows.append({"variant": name, "emulated CPU": f"{em['cpu']} ({', '.join(em['cpu_int8_isa'])})",
                      f"Δ {k['subset']} [95%] (emulated kernels)": fmt_delta(k["delta_vs_fp32"]),
@@ -229,7 +230,8 @@ def _isa_sentence(result: Int8Result) -> str:
 
 def diverging(result: Int8Result, limit_points: float = 5.0) -> list[tuple[str, str, dict]]:
     """(variant, engine, Δ to exact) where an engine's result is more than ``limit_points`` away from
-    the same file's exact arithmetic on the whole subset: that engine computes the graph wrongly."""
+    the same file's exact arithmetic on the whole subset (the selection split for an engine not confirmed):
+    that engine computes the graph wrongly."""
     out = []
     for name, val in result.validations.items():
         for engine, e in (val.get("engines") or {}).items():

@@ -82,8 +82,8 @@ def _per_class_change(r: Results) -> list:
     fp32 = None if isinstance(r.int8, Skipped) else summary_step.fp32_per_class(r.run, r.int8, r.candidates)
     table = headline.per_class_delta(fp32, r.int8, r.candidates)
     if table is None or table.empty:
-        return ["No per-class comparison: no pick scored on the whole confirmation subset, or no class with 25 boxes in it."]
-    return [headline.per_class_figure(table, r.run.cfg.int8.confirm_subset)]
+        return ["No per-class comparison: no pick scored on the confirmation split, or no class with 25 boxes in it."]
+    return [headline.per_class_figure(table, fp32["subset"])]
 
 
 # ------------------------------------------------------------------ FP32, parity, model
@@ -211,7 +211,8 @@ SECTIONS = [
             "mixed schemes derived from it.", _sensitivity, _sensitivity_md),
     Section("Low-bit candidates", "Every scheme of notebook 04 materialised into one deployable ONNX with real INT4 / "
             "INT8 / FP8 weights (notebook 05): the 4-bit method ladder, the verdict per budget (chosen on the selection "
-            "split, confirmed on the other images of val500), guided against random schemes, and the Pareto view.",
+            "split, confirmed on the confirmation split), guided against random schemes where the params draw them, and "
+            "the Pareto view.",
             _candidates, _candidates_md),
     Section("Provenance", "Each artifact of the run with its SHA-256 (the manifest holds the full hashes and the "
             "parameters that made them).", _provenance),

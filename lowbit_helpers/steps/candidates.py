@@ -359,7 +359,7 @@ def exact(run: RunDir, name: str) -> dict:
 
     q = run.artifact(CANDIDATE_ONNX.format(name=name))
     rel = CANDIDATE_EXACT.format(name=name)
-    params = _eval_params(run)
+    params = _eval_params(run, split="confirm")  # (it scored the selection split before)
 
     def compute():
         _, conf, _ = splits(run)

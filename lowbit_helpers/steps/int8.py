@@ -383,7 +383,7 @@ def emulated(run: RunDir, v: Int8Variant) -> dict | Skipped:
     if qemu is None:
         return Skipped("qemu-x86_64-static not found: bash scripts/get_qemu.sh fetches it (Debian's qemu-user-static)")
     params = {"cpu": em.cpu, "subset": em.subset, "decode": cfg.decode.model_dump(), "data": cfg.data.model_dump(),
-              "evaluation": cfg.evaluation.model_dump(), "onnxruntime": _engine_environment(["ort-exact"]),
+              "evaluation": cfg.evaluation.model_dump(), "onnxruntime": _engine_environment(["ort-exact", "ort"]),
               **_rewrites(q)}  # fmt: skip
 
     def compute():
@@ -394,11 +394,13 @@ def emulated(run: RunDir, v: Int8Variant) -> dict | Skipped:
                                   "emulates no AVX2", "use Debian 12's qemu-user-static 7.2 (bash scripts/get_qemu.sh) "
                                   "or set int8.emulate.cpu: null")  # fmt: skip
             exact = make_session(q, threads=cfg.runtime.threads, arithmetic="exact")
-            dets, seconds = predict_sessions({"emulated": emu, "ort-exact": exact}, sub, cfg.decode)
+            this = make_session(q, threads=cfg.runtime.threads)  # this CPU's kernels on the same images, beside them
+            dets, seconds = predict_sessions({"emulated": emu, "ort-exact": exact, "ort": this}, sub, cfg.decode)
             isa = emu.cpu_int8_isa
         fp32 = fp32_reference(run, em.subset)
         return {"cpu": em.cpu, "cpu_int8_isa": isa, "seconds": round(seconds["emulated"], 1),
-                "kernels": score(run, dets["emulated"], sub, fp32, {"ort-exact": dets["ort-exact"]})}  # fmt: skip
+                "kernels": score(run, dets["emulated"], sub, fp32, {"ort-exact": dets["ort-exact"]}),
+                "this_cpu": score(run, dets["ort"], sub, fp32, {"ort-exact": dets["ort-exact"]})}  # fmt: skip
 
     return run.stage(Stage(f"int8-emulated:{v.name}", params, [baseline.MODEL, variant_model(v)], [rel]), compute)
 

@@ -23,7 +23,7 @@ CandidatesStep = CandidatesResult | Skipped  # notebook 05's, likewise
 
 ANSWER = "answer.json"  # the answer table as data, one record per row (copied beside summary.md in reports/)
 DETECTIONS = "summary/detections.json"  # the shipped models' boxes on the first images of the confirmation split
-FP32_PER_CLASS = "summary/fp32_per_class.json"  # FP32's AP per class on the whole confirmation subset, box counts
+FP32_PER_CLASS = "summary/fp32_per_class.json"  # FP32's AP per class on the confirmation split, box counts
 SHOW_SCORE = 0.35  # boxes below this score are not drawn (the evaluation keeps them all)
 SHOW_IMAGES = 4
 
