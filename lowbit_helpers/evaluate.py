@@ -59,17 +59,9 @@ def predict_sessions(sessions: dict, subset: CocoSubset, decode_cfg: DecodeCfg) 
     each image is read and letterboxed once; returns ({key: detections}, {key: seconds spent
     in that session's forward pass and decode})."""
 
-    cats = subset.category_ids
-    dets: dict = {k: [] for k in sessions}
-    seconds: dict = {k: 0.0 for k in sessions}
-    for image_id in subset.ids:
-        tensor, lb = preprocess(subset.image_path(image_id))
-        for k, session in sessions.items():
-            t0 = time.perf_counter()
-            d = decode(run_head(session, tensor), decode_cfg)
-            dets[k].extend(to_coco(image_id, lb.to_original(d.boxes), d.scores, d.classes, cats))
-            seconds[k] += time.perf_counter() - t0
-    return dets, seconds
+    per_image, seconds = _predict_items(sessions, [(i, subset.image_path(i)) for i in subset.ids], subset.category_ids,
+                                        decode_cfg)  # fmt: skip
+    return {k: [d for i in subset.ids for d in per_image[i][k]] for k in sessions}, seconds
 
 
 def predict_models(models: dict, subset: CocoSubset, decode_cfg: DecodeCfg, providers: list[str] | None = None,
@@ -132,9 +124,14 @@ def _worker_session(path: str, engine: str, providers):
 
 
 def _predict_part(models: dict, items: list, cats: list[int], decode_cfg: DecodeCfg, providers) -> tuple[dict, dict]:
-    sessions = {k: _worker_session(p, e, providers) for k, (p, e) in models.items()}
+    return _predict_items({k: _worker_session(p, e, providers) for k, (p, e) in models.items()}, items, cats, decode_cfg)
+
+
+def _predict_items(sessions: dict, items: list, cats: list[int], decode_cfg: DecodeCfg) -> tuple[dict, dict]:
+    """{image id: {key: detections}} of each session on (image id, path) items, each image read and
+    letterboxed once, and the seconds each session's forward pass and decode took."""
     out: dict = {}
-    seconds = {k: 0.0 for k in models}
+    seconds = {k: 0.0 for k in sessions}
     for image_id, path in items:
         tensor, lb = preprocess(path)
         out[image_id] = {}
