@@ -39,22 +39,34 @@ SLOW_FIXTURES = {"coco_root", "yolov10n", "yolov10n_onnx"}
 
 
 def pytest_collection_modifyitems(config, items):
+    """Mark the slow tests; the tests that read a pipeline (tests/smoke.py) go last, so that the
+    other tests run while the pipelines do."""
     for item in items:
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+    items.sort(key=lambda item: _reads(item) is not None)
+
+
+def _reads(item) -> str | None:
+    """The pipeline of tests/smoke.py a test reads: "smoke", the structure-only test's name, or None."""
+    from tests.smoke import STRUCTURE_TEST
+
+    if "smoke_run" in getattr(item, "fixturenames", ()):
+        return "smoke"
+    return STRUCTURE_TEST if getattr(item, "originalname", item.name) == STRUCTURE_TEST else None
 
 
 @pytest.fixture(scope="session", autouse=True)
 def beside(request, tmp_path_factory):
-    """The killed-and-resumed and the structure-only pipelines (tests/smoke.py), started with the
-    session's first test when their tests are collected, so they run beside everything else; the
-    weights are fetched first, so no two processes download them (a missing COCO folder or
-    weights fails those tests, not the session). Not a dependency of the fast tests: their
-    fixtures stay theirs (the slow marking above reads them). Whatever still runs at the end of
-    the session (interrupted, failed) is killed."""
-    from tests.smoke import KILL_TEST, RERUN_TEST, STRUCTURE_TEST, start_beside, stop_beside
+    """The smoke run and the structure-only run (tests/smoke.py), started with the session's first
+    test when tests that read them are collected, so they run beside everything else; the weights
+    are fetched first, so no two processes download them (a missing COCO folder or weights fails
+    those tests, not the session). Not a dependency of the fast tests: their fixtures stay theirs
+    (the slow marking above reads them). Whatever still runs at the end of the session
+    (interrupted, failed) is killed."""
+    from tests.smoke import start_beside, stop_beside
 
-    wanted = {getattr(item, "originalname", item.name) for item in request.session.items} & {KILL_TEST, RERUN_TEST, STRUCTURE_TEST}
+    wanted = {_reads(item) for item in request.session.items} - {None}
     if not wanted:
         yield {}
         return
@@ -70,12 +82,8 @@ def beside(request, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def smoke_run(tmp_path_factory, coco_root, beside):
-    """The smoke run of all six notebooks, once per test session: the content, browser,
-    gpu-bench, CLI and resume tests all read it (each full pipeline costs minutes on two cores)."""
-    from lowbit_helpers.pipeline import run_pipeline
-    from tests.smoke import SMOKE_ID, Smoke, smoke_params
-
-    root = tmp_path_factory.mktemp("smoke")
-    report = run_pipeline(smoke_params(root, coco_root), run_id=SMOKE_ID, progress=False)
-    return Smoke(root, root / "runs" / SMOKE_ID, report)
+def smoke_run(coco_root, beside):
+    """The smoke run of all six notebooks (killed twice, finished, run once more: tests/smoke.py),
+    once per test session: the content, browser, gpu-bench, CLI, resume and determinism tests all
+    read it (each full pipeline costs minutes on two cores)."""
+    return beside["smoke"].result()

@@ -1,15 +1,20 @@
 """The smoke pipelines the slow tests share (params/smoke.yaml on a handful of images).
 
-The smoke run itself (``conftest.smoke_run``) and, beside it in threads from the session's first
-test on (:func:`start_beside`), the killed-and-resumed run and the structure-only run. One pipeline
-keeps the two cores about three quarters busy (notebook start-up, imports and papermill are one
-thread), so the others, and the unit tests, run alongside.
+One smoke run of all six notebooks serves every test that reads a finished run (content, browser,
+gpu-bench, CLI, strict JSON) and the resume and determinism tests: it is run as a user runs it,
+``python -m lowbit_helpers run``, SIGKILLed during notebook 03 and again during notebook 05, run to
+its end, then run once more after some outputs of notebooks 02, 03, 05 and 06 were deleted (those
+stages recompute the same bytes, every other stage is reused: :func:`kill_and_resume`). Beside it,
+in threads from the session's first test on (:func:`start_beside`), the structure-only run. One
+pipeline keeps the two cores about three quarters busy (notebook start-up, imports and papermill
+are one thread), so the other, and the unit tests, run alongside; the tests that read a pipeline
+run last (``conftest.pytest_collection_modifyitems``), so that the unit tests fill the wait.
 
 Every pipeline process starts with the environment the session started with (:data:`ENV`), not
 the one of the moment: a test that sets a variable (``monkeypatch.setenv("LOWBIT_CACHE", ...)`` in
 tests/test_assets.py) while a background run starts a process would otherwise hand it to that run
-(measured: the killed run then fetched the weights into the test's folder and its model_info.json
-named another source path than the smoke run's).
+(measured: a background run then fetched the weights into the test's folder and its
+model_info.json named another source path).
 """
 
 from __future__ import annotations
@@ -26,23 +31,28 @@ from pathlib import Path
 import yaml
 
 from lowbit_helpers.artifacts import read_json, sha256_file
+from lowbit_helpers.rundir import reproducible_outputs
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE_ID = "smoke-test"
 STRUCTURE_TEST = "test_structure_only_model_shows_no_accuracy"
-KILL_TEST = "test_a_killed_run_resumes_where_it_stopped"
-RERUN_TEST = "test_a_rerun_reuses_every_stage"  # reads the killed run too
 # at import (collection, before any test imports ultralytics, which sets OMP_NUM_THREADS=1 in os.environ):
-# so the background runs have no OMP_NUM_THREADS and the in-process smoke run's kernels have 1, and the
-# killed run's byte comparison with the smoke run also shows that no recorded result depends on it
-ENV = dict(os.environ)
+# so the pipelines run without OMP_NUM_THREADS, and the last run of the smoke params with
+# OMP_NUM_THREADS=1 (:func:`kill_and_resume`) shows that no recomputed result depends on it
+ENV = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+# outputs deleted before the smoke run's last run: one stage or more of notebooks 02, 03, 05 and 06
+# (calibration, an INT8 model and its evaluation, a GPTQ candidate, its evaluation, an integer-form
+# model's exact Q/DQ score, the pictures' detections); they must come back byte for byte
+RECOMPUTED = ("calib/calib.npy", "onnx/ort-percentile.onnx", "int8-coco/ort-percentile.json",
+              "candidates/w4a8-top0.gptq-bc-b64.onnx", "results/w4a8-top0.gptq-bc-b64.json",
+              "results/budget50-w4a8-w8a8.gptq-bc.int.exact.json", "summary/detections.json")
 
 # what the structure-only run needs of the smoke params: the code paths a random model changes
 # (no accuracy, no parity, latency and the profiler still), not every backend and engine again
 STRUCTURE_ONLY = {
     "int8": {"variants": [{"name": "ort-percentile", "backend": "ort", "method": "percentile"}], "fp32_engines": [],
              "emulate": {"cpu": None}},
-    "sensitivity": {"formats": ["w8a8-ort", "w4a8"], "naive_check": 0, "proxy": False, "budgets": [], "top_k": [0]},
+    "sensitivity": {"formats": ["w4a8"], "naive_check": 0, "proxy": False, "budgets": [], "top_k": [0]},
     "candidates": {"ladder": ["rtn"], "ladder_schemes": ["w4a8-top0"], "schemes": ["w4a8-top0"], "fp8": False,
                    "random_schemes": 0, "heuristic": False},
 }  # fmt: skip
@@ -53,6 +63,7 @@ class Smoke:
     root: Path  # the params' output folders live here
     run: Path
     report: Path
+    history: dict  # what kill_and_resume saw after each run
 
 
 def smoke_params(tmp_path, coco_root, sections: dict | None = None, **model) -> Path:
@@ -101,21 +112,17 @@ class Beside(threading.Thread):
 
 
 def start_beside(wanted: set[str], tmp_path_factory, inputs) -> dict[str, Beside]:
-    """Start, each in its thread, the background pipelines whose tests are in ``wanted``: the
-    killed-and-resumed run and the structure-only run. ``inputs()`` gives the COCO root (and
-    fetches the weights first, so no two processes download them); where it fails, only those
-    tests fail."""
+    """Start, each in its thread, the pipelines the collected tests read (``wanted``: "smoke" for
+    the smoke run, :data:`STRUCTURE_TEST` for the structure-only run). ``inputs()`` gives the COCO
+    root (and fetches the weights first, so no two processes download them); where it fails, only
+    the tests that read a pipeline fail."""
     try:
         coco_root, error = inputs(), None
     except BaseException as exc:  # noqa: BLE001 - raised by the tests that read the jobs, not by every test
         coco_root, error = None, exc
-    jobs = {}
-    table = (((KILL_TEST, RERUN_TEST), "killed", kill_and_resume), ((STRUCTURE_TEST,), "random", structure_only_run))
-    for tests, name, fn in table:
-        if wanted & set(tests):
-            job = Beside(fn, tmp_path_factory.mktemp(name), coco_root, error=error)
-            jobs.update({test: job for test in tests})
-    for job in set(jobs.values()):
+    table = (("smoke", "smoke", kill_and_resume), (STRUCTURE_TEST, "random", structure_only_run))
+    jobs = {key: Beside(fn, tmp_path_factory.mktemp(name), coco_root, error=error) for key, name, fn in table if key in wanted}
+    for job in jobs.values():
         job.start()
     return jobs
 
@@ -130,13 +137,13 @@ def stop_beside() -> None:
 
 
 def _start(cmd: list[str], **kw) -> subprocess.Popen:
-    proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, env=ENV, **kw)
+    proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, **{"env": ENV, **kw})
     LIVE.add(proc)
     return proc
 
 
-def run_cli(cmd: list[str]) -> None:
-    proc = _start(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def run_cli(cmd: list[str], **env: str) -> None:
+    proc = _start(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**ENV, **env})
     try:
         out, err = proc.communicate(timeout=PIPELINE_TIMEOUT)
     except subprocess.TimeoutExpired:
@@ -185,16 +192,18 @@ def claims_hold(run: Path) -> dict:
     return {k: v["finished"] for k, v in m["stages"].items() if v["key"] not in ("always", "derived")}
 
 
-def kill_and_resume(root: Path, coco_root: Path) -> dict:
-    """SIGKILL during notebook 03, then during notebook 05, then the run to its end, then once more:
-    what the manifest claimed after each (every claim checked against the files), and whether a
-    report or notebook 05's stages existed too early."""
+def kill_and_resume(root: Path, coco_root: Path) -> Smoke:
+    """The smoke run: SIGKILL during notebook 03, then during notebook 05, then the run to its end,
+    then once more with OMP_NUM_THREADS=1 after deleting :data:`RECOMPUTED`. ``history``: what the
+    manifest claimed after each (every claim checked against the files), whether a report or
+    notebook 05's stages existed too early, and every reproducible output's SHA-256 before and
+    after the last run."""
     params = smoke_params(root, coco_root)
     cmd = [sys.executable, "-m", "lowbit_helpers", "run", str(params), "--run-id", SMOKE_ID]
     run, report = root / "runs" / SMOKE_ID, root / "reports" / SMOKE_ID / "report.html"
     in_03 = lambda m: any(k.startswith("int8-eval:") for k in m["stages"])  # noqa: E731
     in_05 = lambda m: any(k.startswith("candidate-eval:") for k in m["stages"])  # noqa: E731
-    out = {"root": root, "run": run}
+    out = {}
     kill_when(cmd, run / "manifest.json", in_03)
     out["before"] = claims_hold(run)
     out["early"] = [report.exists() or in_05(read_json(run / "manifest.json"))]
@@ -204,6 +213,15 @@ def kill_and_resume(root: Path, coco_root: Path) -> dict:
     run_cli(cmd)
     out["after"] = claims_hold(run)
     out["report"] = report.is_file()
-    run_cli(cmd)  # the finished run once more: every stage is reused (test_a_rerun_reuses_every_stage)
+    out["digests"] = digests(run)
+    for rel in RECOMPUTED:
+        (run / rel).unlink()
+    run_cli(cmd, OMP_NUM_THREADS="1")
     out["again"] = claims_hold(run)
-    return out
+    out["digests_again"] = digests(run)
+    return Smoke(root, run, report, out)
+
+
+def digests(run: Path) -> dict[str, str]:
+    """SHA-256 of every output the params determine (all but rundir.MEASUREMENTS), from the files."""
+    return {rel: sha256_file(run / rel) for rel in reproducible_outputs(run)}

@@ -35,6 +35,7 @@ def test_graph_facts(yolov10n_onnx):
     assert len(info["conv_macs"]) == 82
 
 
+@pytest.mark.slow  # a full-size (15M-parameter) export: seconds, not a unit test on a tiny input
 def test_random_yolov10m_graph(tmp_path):
     from lowbit_helpers.export import export_raw_onnx
 

@@ -94,7 +94,7 @@ def _images(n=4):
 @pytest.mark.parametrize("fmt", ["w4a16", "w4a8", "w8a8", "fp8"])
 def test_cached_sweep_equals_naive(tmp_path, fmt):
     model = _tiny_net(tmp_path / "t.onnx", fragile=False)
-    images = _images()
+    images = _images(2)  # sums over more than one image; naive and cached alike
     ranges = activation_ranges(model, images)
     result = sweep(model, images, get_format(fmt), ranges, workers=1)
     assert result["metrics"] == list(METRICS)
@@ -120,7 +120,7 @@ def test_workers_and_groups_do_not_change_the_result(tmp_path):
 
 def test_fragile_layers_rank_first(tmp_path):
     fragile, plain = _tiny_net(tmp_path / "f.onnx", True), _tiny_net(tmp_path / "p.onnx", False)
-    images = _images()
+    images = _images(2)
     wide_readers = {"/model.1/conv/Conv", "/model.3/cv0/Conv"}  # the Convs that read the wide-range tensor
     for model, expect in ((fragile, wide_readers), (plain, None)):
         r = sweep(model, images, get_format("w8a8"), activation_ranges(model, images), workers=1)
@@ -430,7 +430,7 @@ def test_w8a8_ort_sweep_equals_naive_and_ranks_the_wide_range(tmp_path):
 
     path = tmp_path / "f.onnx"
     model = _tiny_net(path, fragile=True)
-    images = _images()
+    images = _images(2)
     pert = DeployedPerturber(path, images)
     r = sweep(model, images, pert, workers=1)
     assert r["format"] == "w8a8-ort"
