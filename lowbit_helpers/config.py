@@ -84,6 +84,8 @@ class Int8Variant(Section):
         "(int8/bias_correction.py on the finished Q/DQ file)")
     placement: one_of(option_specs()["placement"].choices) = Field(
         "all", description="ort: Q/DQ on every op ORT quantizes, or on Conv inputs only")
+    activations: one_of(option_specs()["activations"].choices) = Field(
+        "uint8", description="ort: uint8 asymmetric (the CPU's kernels) or int8-symmetric (what TensorRT takes)")
     format: one_of(option_specs()["format"].choices) = Field(
         "onnx", description="nncf: a Q/DQ ONNX, or an OpenVINO IR (OpenVINO only)")
     engines: list[one_of(ENGINES)] | None = Field(
@@ -93,7 +95,8 @@ class Int8Variant(Section):
     def options(self) -> Int8Options:
         """This variant's own options (the int8 section's shared ones are added by notebook 03)."""
         return Int8Options(method=self.method, head_policy=self.head_policy, bias_correction=self.bias_correction,
-                           reduce_range=self.reduce_range, placement=self.placement, format=self.format)  # fmt: skip
+                           reduce_range=self.reduce_range, placement=self.placement, activations=self.activations,
+                           format=self.format)  # fmt: skip
 
     @model_validator(mode="after")
     def _backend_rules(self):

@@ -172,3 +172,53 @@ def test_depthwise_and_bias_less_convs(tmp_path):
     # the bias-less Conv's own shift reaches the depthwise Conv's input, which fast correction
     # (FP32 inputs) does not see; the depthwise Conv's own quantization shift is removed
     assert after < before, (before, after)
+
+
+def test_tensorrt_rules_hold_for_the_int8_symmetric_recipe_and_name_each_break(tmp_path):
+    """ORT with int8-symmetric activations on Conv inputs writes what TensorRT takes, as a ModelOpt-style
+    file does; ORT's CPU recipe (uint8, asymmetric) breaks two rules; each other rule, broken on a copy
+    of the good file, is named (int8/tensorrt.py)."""
+    from lowbit_helpers.int8.tensorrt import RULES, tensorrt_violations
+
+    fp32, trt, cpu, mo = (tmp_path / f"{n}.onnx" for n in ("fp32", "trt", "cpu", "mo"))
+    _conv_silu_conv(fp32)
+    quantize_int8_ort(fp32, trt, _images(), head_policy="none", placement="conv-inputs", activations="int8-symmetric")
+    quantize_int8_ort(fp32, cpu, _images(), head_policy="none")
+    _modelopt_style(mo, fp32)
+    good = onnx.load(str(trt))
+    inits = {i.name: i for i in good.graph.initializer}
+    zps = [inits[n.input[2]] for n in good.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert zps and all(z.data_type == TensorProto.INT8 and not numpy_helper.to_array(z).any() for z in zps)
+    for path in (trt, mo):
+        assert tensorrt_violations(onnx.load(str(path))) == {r: [] for r in RULES}, path.name
+    broken = {r for r, v in tensorrt_violations(onnx.load(str(cpu))).items() if v}
+    assert {"int8", "symmetric"} <= broken and "opset" not in broken
+
+    def doctored(change) -> set[str]:
+        m = onnx.load(str(trt))
+        change(m)
+        return {r for r, v in tensorrt_violations(m).items() if v}
+
+    def old_opset(m):
+        m.opset_import[0].version = 12
+
+    def weight_axis_1(m):
+        dq = next(n for n in m.graph.node if n.op_type == "DequantizeLinear" and "w1" in n.input[0])
+        dq.attribute[0].i = 1
+
+    def activation_scale_per_channel(m):
+        i = next(i for i in m.graph.initializer if i.name == "images_scale")
+        i.CopyFrom(numpy_helper.from_array(np.full(3, numpy_helper.to_array(i), np.float32), i.name))
+
+    def no_input_dq(m):
+        for n in m.graph.node:
+            if n.op_type == "Conv":
+                n.input[0] = "images"
+
+    assert doctored(old_opset) == {"opset"}
+    assert doctored(weight_axis_1) == {"per-channel weights on axis 0"}
+    assert doctored(activation_scale_per_channel) == {"per-tensor activations"}
+    assert doctored(no_input_dq) == {"quantized convs"}
+    with pytest.raises(LowbitError, match="activation type"):
+        quantize_int8_ort(fp32, tmp_path / "bad.onnx", _images(), head_policy="none", activations="int4")
+    assert not (tmp_path / "bad.onnx").exists()

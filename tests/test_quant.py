@@ -14,6 +14,7 @@ from lowbit_helpers.__main__ import build_parser, main
 from lowbit_helpers.errors import LowbitError
 from lowbit_helpers.int8.calibration import ArrayReader, activation_ranges, load_calibration
 from lowbit_helpers.int8.policy import excluded_nodes
+from lowbit_helpers.int8.tensorrt import tensorrt_violations
 from lowbit_helpers.runtime.inspect import cosine, ort_executed_ops, qdq_counts, sqnr_db
 
 
@@ -70,6 +71,30 @@ def test_modelopt_int8_end_to_end(yolov10n_onnx, calib, tmp_path):
     counts = qdq_counts(out)
     assert counts["quantized_convs"] == 76 and counts["float_convs"] == 6 and counts["QuantizeLinear"] > 0
     assert ort_executed_ops(out, threads=1)["QLinearConv"] < 10  # TensorRT placement: ORT CPU fuses almost none
+
+    # our own TensorRT-ready recipe against ModelOpt's file, rule by rule (int8/tensorrt.py): both hold every
+    # rule TensorRT sets a Q/DQ graph, quantize the same Convs, and leave the bias float; ORT's CPU recipe does not
+    ours = tmp_path / "trt.onnx"
+    assert main(["quantize-int8", str(yolov10n_onnx), "--backend", "ort", "--method", "avgminmax", "--placement",
+                 "conv-inputs", "--activations", "int8-symmetric", "--bias-correction", "fast", "--bias-correction-images",
+                 "2", "--calib-npy", str(calib), "--images", "2", "--out", str(ours)]) == 0  # fmt: skip
+    cpu = tmp_path / "cpu.onnx"
+    assert main(["quantize-int8", str(yolov10n_onnx), "--backend", "ort", "--method", "avgminmax", "--calib-npy", str(calib),
+                 "--images", "2", "--out", str(cpu)]) == 0  # fmt: skip
+    for f in (out, ours):
+        assert {rule: v for rule, v in tensorrt_violations(onnx.load(str(f))).items() if v} == {}, f.name
+        assert json.loads(f.with_suffix(".recipe.json").read_text())["tensorrt"] == {"ready": True, "violations": {}}
+    mine, theirs = qdq_counts(ours), counts
+    assert mine["quantized_convs"] == theirs["quantized_convs"] and mine["float_convs"] == theirs["float_convs"]
+    for f in (out, ours):  # no integer bias: TensorRT dequantizes int8 only
+        g = onnx.load(str(f)).graph
+        conv_bias = {n.input[2] for n in g.node if n.op_type == "Conv" and len(n.input) > 2}
+        assert not [n for n in g.node if n.op_type == "DequantizeLinear" and n.output[0] in conv_bias], f.name
+    recipe = json.loads(ours.with_suffix(".recipe.json").read_text())
+    assert recipe["call"]["activation_type"] == "QInt8" and recipe["activations"] == "int8-symmetric"
+    assert recipe["bias_correction"]["convs"] == 76
+    broken = json.loads(cpu.with_suffix(".recipe.json").read_text())["tensorrt"]
+    assert not broken["ready"] and {"int8", "symmetric"} <= set(broken["violations"])
 
 
 def _one_conv_model(path):

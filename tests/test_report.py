@@ -152,6 +152,26 @@ def test_int8_report_reads_every_engine_and_names_what_it_ships():
     assert "kernel_probe" not in r.kernel_probe_text(res) and "no saturation" in r.kernel_probe_text(res)
 
 
+def test_the_tensorrt_row_takes_the_best_file_tensorrt_takes():
+    """The TensorRT pick is chosen among the recipes whose recorded rule check (int8/tensorrt.py) says
+    TensorRT takes the file, ModelOpt's or ours, by exact Q/DQ on the selection split: a better exact
+    Δ of a file TensorRT refuses (uint8) does not count."""
+    from lowbit_helpers.report import int8 as r
+    from lowbit_helpers.steps.int8 import tensorrt_pick
+
+    res = _synthetic_int8_result()
+    assert tensorrt_pick(res) == {"name": "modelopt-e", "considered": ["modelopt-e"], "kind": "ModelOpt"}
+    res.recipes["ort-a"]["tensorrt"] = {"ready": False, "violations": {"int8": {"count": 9, "first": []}}}
+    res.recipes["ort-keep"]["tensorrt"] = {"ready": True, "violations": {}}  # exact Δ -0.001: better than ModelOpt's
+    res.recipes["modelopt-e"]["tensorrt"] = {"ready": True, "violations": {}}
+    pick = tensorrt_pick(res)
+    assert pick == {"name": "ort-keep", "considered": ["ort-keep", "modelopt-e"], "kind": "TensorRT-ready"}
+    text = r.int8_conclusion(res)
+    assert "**TensorRT (Q/DQ):** ship `ort-keep` (best val100 Δ with exact arithmetic of the TensorRT-ready recipes" in text
+    res.recipes["ort-keep"]["tensorrt"]["ready"] = False  # a file TensorRT refuses: ModelOpt's again
+    assert tensorrt_pick(res)["name"] == "modelopt-e"
+
+
 def test_int8_report_where_qemu_is_missing():
     """Without QEMU the emulated CPU's entry is a Skipped: the table says why, nothing else reads it."""
     from lowbit_helpers.report import int8 as r

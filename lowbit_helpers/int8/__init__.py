@@ -7,6 +7,7 @@
 * :mod:`.policy`: the head policy (which nodes stay float);
 * :mod:`.bias_correction`: the fast (empirical, per-Conv) bias correction of a finished Q/DQ file;
 * :mod:`.kernel_check`: does this CPU's ORT int8 kernel saturate?
+* :mod:`.tensorrt`: what TensorRT requires of a Q/DQ file, rule by rule (every recipe records it).
 
 A new backend is one module with an :class:`.base.Int8Backend` subclass and one line in
 :data:`BACKENDS`; the params schema, the ``quantize-int8`` command line and notebook 03 read
@@ -19,7 +20,9 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnx
 
+from ..artifacts import write_json
 from ..errors import LowbitError
 from .base import COMMON_OPTIONS, Int8Backend, Int8Options, OptionSpec, check_options
 from .bias_correction import correct_recipe_file
@@ -27,6 +30,7 @@ from .modelopt import ModelOptBackend
 from .nncf import NncfBackend
 from .ort import OrtBackend
 from .policy import HEAD_POLICIES
+from .tensorrt import tensorrt_violations
 
 # The registry: name -> backend (the first is the command line's default).
 BACKENDS: dict[str, Int8Backend] = {b.name: b for b in (OrtBackend(), ModelOptBackend(), NncfBackend())}
@@ -80,6 +84,11 @@ def quantize_int8(name: str, model_in: str | Path, model_out: str | Path, calib:
             for p in (Path(model_out), Path(model_out).with_suffix(".recipe.json")):
                 p.unlink(missing_ok=True)
             raise
+    if Path(model_out).suffix == ".onnx":  # what TensorRT would take of it, rule by rule (.tensorrt)
+        violations = tensorrt_violations(onnx.load(str(model_out), load_external_data=False))
+        recipe["tensorrt"] = {"ready": not any(violations.values()),
+                              "violations": {k: {"count": len(v), "first": v[:3]} for k, v in violations.items() if v}}  # fmt: skip
+        write_json(Path(model_out).with_suffix(".recipe.json"), recipe)
     print(json.dumps({k: recipe[k] for k in ("backend", "method", "head_policy", "seconds")}))
     return recipe
 

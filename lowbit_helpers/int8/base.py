@@ -35,6 +35,7 @@ class Int8Options:
     bias_correction_images: int = BC_IMAGES
     reduce_range: bool = False
     placement: str = "all"
+    activations: str = "uint8"
     percentile: float = 99.999
     format: str = "onnx"
     exclude_op_types: tuple[str, ...] = ()

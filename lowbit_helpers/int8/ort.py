@@ -2,7 +2,8 @@
 
 uint8 activations (asymmetric) and int8 per-channel weights (symmetric), QDQ format: on x86
 ORT fuses every such Conv into QLinearConv. int8 activations (S8S8) fuse almost nothing
-there and run slower, so they are not offered. Calibration (:func:`.calibration.activation_ranges`,
+there and run slower; they are offered for TensorRT alone (``activations: int8-symmetric``, zero
+point 0, with ``placement: conv-inputs``: the file TensorRT builds from, :mod:`.tensorrt`). Calibration (:func:`.calibration.activation_ranges`,
 one image at a time, independent of slicing and order): MinMax, Percentile or Entropy, or
 ``avgminmax``: each tensor's range is the mean of its per-image min and max. Outlier images
 then widen a range by 1/N of their excess instead of setting it: on YOLOv10n val500 this lost
@@ -30,6 +31,9 @@ ORT_METHODS = ("avgminmax", "minmax", "percentile", "entropy")
 # placement: one quantizer per activation, after SiLU, none on the heavy-tailed pre-activation
 # Conv outputs). ORT runs that one in float (slower than FP32), OpenVINO fuses it.
 PLACEMENTS = ("all", "conv-inputs")
+# the activations' integer type: ``uint8`` with an asymmetric range (the CPU's u8s8 kernels), or
+# ``int8-symmetric`` (zero point 0, scale max|range| / 127: what TensorRT takes, as ModelOpt writes it)
+ACTIVATIONS = ("uint8", "int8-symmetric")
 
 
 def _ort_adjusted(model_in: str | Path, ranges: dict, excluded: list[str], op_types: list[str] | None) -> dict:
@@ -71,7 +75,8 @@ def _check_ranges_used(path: Path, ranges: dict) -> None:
 
 def quantize_int8_ort(model_in: str | Path, model_out: str | Path, calib: np.ndarray, method: str = "avgminmax",
                       head_policy: str = "conservative", exclude: list[str] | None = None,
-                      percentile: float = 99.999, reduce_range: bool = False, placement: str = "all") -> dict:  # fmt: skip
+                      percentile: float = 99.999, reduce_range: bool = False, placement: str = "all",
+                      activations: str = "uint8") -> dict:  # fmt: skip
     """Quantize ``model_in`` to ``model_out``; returns (and saves beside it) the exact recipe.
 
     Activation ranges come from :func:`.calibration.activation_ranges` (per-image statistics,
@@ -82,7 +87,8 @@ def quantize_int8_ort(model_in: str | Path, model_out: str | Path, calib: np.nda
     ``reduce_range``: 7-bit weights ([-64, 64] per channel), ORT's remedy for CPUs without
     VNNI, whose u8s8 kernels saturate int16 pair sums of full-range weights
     (:mod:`.kernel_check`); it costs one bit of weight resolution everywhere.
-    ``placement``: see :data:`PLACEMENTS`.
+    ``placement``: see :data:`PLACEMENTS`; ``activations``: see :data:`ACTIVATIONS` (the ranges are
+    computed alike; ORT makes a symmetric one from them).
     """
     from onnxruntime.quantization import (  # late: imports torch
         CalibrationMethod,
@@ -95,9 +101,16 @@ def quantize_int8_ort(model_in: str | Path, model_out: str | Path, calib: np.nda
     excluded = checked_exclusions(model_in, calib, method, ORT_METHODS, "ORT", head_policy, exclude)
     if placement not in PLACEMENTS:
         raise LowbitError(f"unknown Q/DQ placement {placement!r}", f"use one of {', '.join(PLACEMENTS)}")
-    # asymmetric activation ranges: a symmetric [-t, t] range wastes half of uint8 on SiLU outputs
-    # (-0.28 .. t); measured here: 1.8 points of YOLOv10n mAP50-95 on val100 (ORT's symmetric percentile)
-    extra: dict = {"ActivationSymmetric": False, "WeightSymmetric": True}
+    if activations not in ACTIVATIONS:
+        raise LowbitError(f"unknown activation type {activations!r}", f"use one of {', '.join(ACTIVATIONS)}")
+    # asymmetric uint8 activation ranges: a symmetric [-t, t] range wastes half of uint8 on SiLU outputs
+    # (-0.28 .. t); measured here: 1.8 points of YOLOv10n mAP50-95 on val100 (ORT's symmetric percentile).
+    # TensorRT takes symmetric int8 only (int8-symmetric)
+    signed = activations == "int8-symmetric"
+    extra: dict = {"ActivationSymmetric": signed, "WeightSymmetric": True}
+    if signed:  # TensorRT dequantizes int8 only: the bias stays float, as ModelOpt leaves it
+        extra["QuantizeBias"] = False
+    act_type = "QInt8" if signed else "QUInt8"
     op_types = None
     if placement == "conv-inputs":
         op_types, extra["OpTypesToExcludeOutputQuantization"] = ["Conv"], ["Conv"]
@@ -106,7 +119,7 @@ def quantize_int8_ort(model_in: str | Path, model_out: str | Path, calib: np.nda
     range_seconds = time.perf_counter() - t0
     call = {
         "api": "onnxruntime.quantization.quantize_static",
-        "quant_format": "QDQ", "activation_type": "QUInt8", "weight_type": "QInt8", "per_channel": True,
+        "quant_format": "QDQ", "activation_type": act_type, "weight_type": "QInt8", "per_channel": True,
         "reduce_range": reduce_range, "op_types_to_quantize": op_types, "nodes_to_exclude": excluded,
         "extra_options": {**extra, "TensorQuantOverrides": f"rmin / rmax of {len(ranges)} tensors"},
         "ranges": {"function": "lowbit_helpers.int8.calibration.activation_ranges", "method": method,
@@ -118,13 +131,13 @@ def quantize_int8_ort(model_in: str | Path, model_out: str | Path, calib: np.nda
     with atomic_path(model_out) as tmp:
         quantize_static(
             str(model_in), str(tmp), ArrayReader(calib[:1]),  # every range is overridden: one image to satisfy it
-            quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+            quant_format=QuantFormat.QDQ, activation_type=getattr(QuantType, act_type), weight_type=QuantType.QInt8,
             per_channel=True, reduce_range=reduce_range, calibrate_method=CalibrationMethod.MinMax,
             nodes_to_exclude=excluded, op_types_to_quantize=op_types, extra_options=extra,
         )  # fmt: skip
         _check_ranges_used(tmp, ranges)
     recipe = {"backend": "ort", "method": method, "head_policy": head_policy, "reduce_range": reduce_range,
-              "placement": placement, "call": call,
+              "placement": placement, "activations": activations, "call": call,
               "seconds": time.perf_counter() - t0, "input": str(model_in), "input_sha256": sha256_file(model_in),
               "output_sha256": sha256_file(model_out)}  # fmt: skip
     write_json(model_out.with_suffix(".recipe.json"), recipe)
@@ -143,6 +156,9 @@ class OrtBackend(Int8Backend):
         "placement": OptionSpec("--placement", "Q/DQ on every op ORT quantizes (all: QLinearConv under ORT) or on Conv "
                                 "inputs only (conv-inputs: NNCF's placement, fused by OpenVINO, float under ORT)",
                                 choices=PLACEMENTS),
+        "activations": OptionSpec("--activations", "activation integers: uint8 with an asymmetric range (the CPU's "
+                                  "kernels) or int8-symmetric (zero point 0: what TensorRT takes; with --placement "
+                                  "conv-inputs, the file TensorRT builds from)", choices=ACTIVATIONS),
         "percentile": OptionSpec("--percentile", "the percentile method's cut", kind=float),
     }  # fmt: skip
 
@@ -152,9 +168,10 @@ class OrtBackend(Int8Backend):
     def quantize(self, model_in, model_out, calib, o: Int8Options) -> dict:
         return quantize_int8_ort(model_in, model_out, calib, method=o.method, head_policy=o.head_policy,
                                  exclude=list(o.exclude), percentile=o.percentile, reduce_range=o.reduce_range,
-                                 placement=o.placement)  # fmt: skip
+                                 placement=o.placement, activations=o.activations)  # fmt: skip
 
     def command_args(self, o: Int8Options) -> list[str]:
         return ((["--percentile", str(o.percentile)] if o.method == "percentile" else [])
                 + (["--reduce-range"] if o.reduce_range else [])
-                + (["--placement", o.placement] if o.placement != "all" else []))  # fmt: skip
+                + (["--placement", o.placement] if o.placement != "all" else [])
+                + (["--activations", o.activations] if o.activations != "uint8" else []))  # fmt: skip

@@ -45,6 +45,8 @@ def recipe_label(v: dict, method: str) -> str:
         parts.append("7-bit w")
     if v.get("placement", "all") != "all":
         parts.append("Q/DQ on Conv inputs")
+    if v.get("activations", "uint8") != "uint8":
+        parts.append("int8 symmetric activations")
     if v["backend"] == "nncf":
         parts.append(f"{v.get('bias_correction') or 'full'} BC")
     elif v.get("bias_correction") == "fast":  # an old run's ORT / ModelOpt entries say "full": NNCF's default then
@@ -422,12 +424,13 @@ def int8_conclusion(result: Int8Result, target_points: float = 0.5) -> str:
         best = trt["name"]
         ex = d(best, "ort-exact")
         lines.append(
-            f"**TensorRT (ModelOpt Q/DQ):** ship `{best}` (best {sel_name} Δ with exact arithmetic, which is what TensorRT "
+            f"**TensorRT ({'ModelOpt Q/DQ' if trt['kind'] == 'ModelOpt' else 'Q/DQ'}):** ship `{best}` (best {sel_name} Δ "
+            f"with exact arithmetic{'' if trt['kind'] == 'ModelOpt' else ' of the TensorRT-ready recipes'}, which is what TensorRT "
             f"computes): {fmt_delta(ex)} on {conf_name}. It {_verdict(ex, 0.3)} the 0.3-point target. ORT fuses only "
             f"{vals[best]['ort_cpu']['QLinearConv']} of its Convs, so its CPU latency ({ratio(best):.2f}× FP32) says nothing "
             "about TensorRT's."
         )  # fmt: skip
-        others = [n for n in vals if has(n, "ort-exact") and recipes[n]["backend"] != "modelopt"]
+        others = [n for n in vals if has(n, "ort-exact") and n not in trt["considered"]]
         if others:
             b = max(others, key=lambda n: d(n, "ort-exact", "select")["delta"])
             lines[-1] += (f" The best exact arithmetic of any recipe is `{b}`'s, {fmt_delta(d(b, 'ort-exact'))}: its ranges "

@@ -499,15 +499,25 @@ def ort_cpu_pick(result: Int8Result) -> dict | None:
             "ort_disabled_optimizers": vals[best].get("ort_disabled_optimizers", [])}
 
 
+def for_tensorrt(recipe: dict) -> bool:
+    """Whether TensorRT takes the recipe's file: its recorded rule check (int8/tensorrt.py); a
+    recipe written before the check was recorded counts when ModelOpt wrote it."""
+    return recipe["tensorrt"]["ready"] if "tensorrt" in recipe else recipe["backend"] == "modelopt"
+
+
 def tensorrt_pick(result: Int8Result) -> dict | None:
-    """The TensorRT recipe to ship: the ModelOpt recipe with the best Δ to FP32 on the selection
+    """The TensorRT recipe to ship: among the recipes whose file TensorRT takes (:func:`for_tensorrt`:
+    ModelOpt's, and ORT's with int8-symmetric activations), the best Δ to FP32 on the selection
     split under exact Q/DQ arithmetic (what TensorRT computes); None when none was scored so."""
     vals = result.validations
-    names = [n for n in vals if result.recipes[n]["backend"] == "modelopt" and "ort-exact" in (vals[n].get("engines") or {})]
+    names = [n for n in vals if for_tensorrt(result.recipes[n]) and "ort-exact" in (vals[n].get("engines") or {})]
     if not names:
         return None
     best = max(names, key=lambda n: vals[n]["engines"]["ort-exact"]["select"]["delta_vs_fp32"]["delta"])
-    return {"name": best, "considered": names}
+    writers = {result.recipes[n]["backend"] for n in names}
+    # how the report names the recipes it chose among: ModelOpt's alone, or TensorRT-ready ones of several backends
+    kind = "ModelOpt" if writers == {"modelopt"} else "TensorRT-ready"
+    return {"name": best, "considered": names, "kind": kind}
 
 
 def read_int8_result(run: RunDir) -> Int8Result | None:

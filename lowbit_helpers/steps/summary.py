@@ -47,10 +47,11 @@ def picks(int8_result: Int8Step, cand_result: CandidatesStep) -> list[dict]:
         trt = tensorrt_pick(int8_result)
         if trt:
             n = trt["name"]
-            rows.append({"kind": "tensorrt", "role": "TensorRT INT8 (ModelOpt Q/DQ)", "model": n, "score": vals[n]["engines"]["ort-exact"]["confirm"],
+            label = "ModelOpt Q/DQ" if trt["kind"] == "ModelOpt" else "Q/DQ"
+            rows.append({"kind": "tensorrt", "role": f"TensorRT INT8 ({label})", "model": n, "score": vals[n]["engines"]["ort-exact"]["confirm"],
                          "engine": "exact Q/DQ (what TensorRT computes)", "size_bytes": vals[n]["size_bytes"], "bench": None,
                          "rule": f"best {vals[n]['engines']['ort-exact']['select']['subset']} Δ with exact Q/DQ arithmetic of the "
-                                 f"{len(trt['considered'])} ModelOpt recipe(s) here"})  # fmt: skip
+                                 f"{len(trt['considered'])} {trt['kind']} recipe(s) here"})  # fmt: skip
     if isinstance(cand_result, CandidatesResult):
         ev, rec = cand_result.evaluations, cand_result.recipes
         for w in sorted(cand_result.winners.values(), key=lambda w: w["budget_percent"]):
