@@ -108,8 +108,9 @@ class Int8Variant(Section):
 
 
 def _default_variants() -> list[Int8Variant]:
-    """The default run's recipes: what params/full.yaml's study picks on val100 among its 16 (the
-    ORT CPU recipe, the best NNCF row, the TensorRT recipe), re-measured in every default run."""
+    """The default run's recipes: what params/full.yaml's study picked on val100 among the 16 recipes
+    of its last run (the ORT CPU recipe, the best NNCF row, the TensorRT recipe), re-measured in every
+    default run."""
     return [
         Int8Variant(name="ort-percentile", backend="ort", method="percentile"),
         Int8Variant(name="nncf-mixed", backend="nncf", method="mixed", bias_correction="full", engines=["ort", "openvino"]),

@@ -11,7 +11,8 @@ Results and costs are kept apart: what a stage *costs* on this machine (wall-clo
 memory: :data:`MEASURED_KEYS`) is moved out of its JSON outputs into the manifest when the stage
 finishes, and :meth:`RunDir.read` merges it back. Every output but :data:`MEASUREMENTS` (the
 benches, logs and the manifest itself) is then a function of the params and the inputs alone: two
-runs with the same params write them byte for byte alike (``tests/test_notebooks.py``).
+runs with the same params write them byte for byte alike (``tests/test_notebooks.py`` deletes outputs
+of every notebook from a finished run and checks that they come back byte for byte in a new process).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 One smoke run of all six notebooks serves every test that reads a finished run (content, browser,
 gpu-bench, CLI, strict JSON) and the resume and determinism tests: it is run as a user runs it,
 ``python -m lowbit_helpers run``, SIGKILLed during notebook 03 and again during notebook 05, run to
-its end, then run once more after some outputs of notebooks 02, 03, 05 and 06 were deleted (those
+its end, then run once more after some outputs of every notebook were deleted (those
 stages recompute the same bytes, every other stage is reused: :func:`kill_and_resume`). Beside it,
 in threads from the session's first test on (:func:`start_beside`), the structure-only run. One
 pipeline keeps the two cores about three quarters busy (notebook start-up, imports and papermill
@@ -36,14 +36,16 @@ from lowbit_helpers.rundir import reproducible_outputs
 REPO = Path(__file__).resolve().parent.parent
 SMOKE_ID = "smoke-test"
 STRUCTURE_TEST = "test_structure_only_model_shows_no_accuracy"
-# at import (collection, before any test imports ultralytics, which sets OMP_NUM_THREADS=1 in os.environ):
-# so the pipelines run without OMP_NUM_THREADS, and the last run of the smoke params with
-# OMP_NUM_THREADS=1 (:func:`kill_and_resume`) shows that no recomputed result depends on it
+# the pipelines run without OMP_NUM_THREADS (importing ultralytics sets it to 1 in os.environ), and the
+# last run of the smoke params with OMP_NUM_THREADS=1 (:func:`kill_and_resume`) shows that no
+# recomputed result depends on it
 ENV = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
-# outputs deleted before the smoke run's last run: one stage or more of notebooks 02, 03, 05 and 06
-# (calibration, an INT8 model and its evaluation, a GPTQ candidate, its evaluation, an integer-form
-# model's exact Q/DQ score, the pictures' detections); they must come back byte for byte
-RECOMPUTED = ("calib/calib.npy", "onnx/ort-percentile.onnx", "int8-coco/ort-percentile.json",
+# outputs deleted before the smoke run's last run: one stage or more of every notebook (the exported
+# model with notebook 01's torch-vs-ONNX check, calibration, an INT8 model and its evaluation, the
+# layer table, a GPTQ candidate, its evaluation, an integer-form model's exact Q/DQ score, the
+# pictures' detections); they must come back byte for byte
+RECOMPUTED = ("baseline-onnx/smoke.json", "calib/calib.npy", "onnx/ort-percentile.onnx", "int8-coco/ort-percentile.json",
+              "sensitivity/layers.json",
               "candidates/w4a8-top0.gptq-bc-b64.onnx", "results/w4a8-top0.gptq-bc-b64.json",
               "results/budget50-w4a8-w8a8.gptq-bc.int.exact.json", "summary/detections.json")
 
@@ -104,8 +106,8 @@ class Beside(threading.Thread):
 
     def result(self):
         if self.ident is not None:  # started
-            self.join(3 * PIPELINE_TIMEOUT)
-            assert not self.is_alive(), f"{self.fn.__name__} still runs after {3 * PIPELINE_TIMEOUT} s"
+            self.join(5 * PIPELINE_TIMEOUT)  # the smoke run is four runs of the pipeline
+            assert not self.is_alive(), f"{self.fn.__name__} still runs after {5 * PIPELINE_TIMEOUT} s"
         if self.error is not None:
             raise self.error
         return self.value
@@ -213,6 +215,7 @@ def kill_and_resume(root: Path, coco_root: Path) -> Smoke:
     run_cli(cmd)
     out["after"] = claims_hold(run)
     out["report"] = report.is_file()
+    out["notebooks"] = {k: v["status"] for k, v in read_json(run / "manifest.json")["notebooks"].items()}
     out["digests"] = digests(run)
     for rel in RECOMPUTED:
         (run / rel).unlink()

@@ -160,12 +160,12 @@ def test_the_tensorrt_row_takes_the_best_file_tensorrt_takes():
     from lowbit_helpers.steps.int8 import tensorrt_pick
 
     res = _synthetic_int8_result()
-    assert tensorrt_pick(res) == {"name": "modelopt-e", "considered": ["modelopt-e"], "kind": "ModelOpt"}
+    assert tensorrt_pick(res) == {"name": "modelopt-e", "considered": ["modelopt-e"], "kind": "ModelOpt", "label": "ModelOpt Q/DQ"}
     res.recipes["ort-a"]["tensorrt"] = {"ready": False, "violations": {"int8": {"count": 9, "first": []}}}
     res.recipes["ort-keep"]["tensorrt"] = {"ready": True, "violations": {}}  # exact Δ -0.001: better than ModelOpt's
     res.recipes["modelopt-e"]["tensorrt"] = {"ready": True, "violations": {}}
     pick = tensorrt_pick(res)
-    assert pick == {"name": "ort-keep", "considered": ["ort-keep", "modelopt-e"], "kind": "TensorRT-ready"}
+    assert pick == {"name": "ort-keep", "considered": ["ort-keep", "modelopt-e"], "kind": "TensorRT-ready", "label": "Q/DQ"}
     text = r.int8_conclusion(res)
     assert "**TensorRT (Q/DQ):** ship `ort-keep` (best val100 Δ with exact arithmetic of the TensorRT-ready recipes" in text
     res.recipes["ort-keep"]["tensorrt"]["ready"] = False  # a file TensorRT refuses: ModelOpt's again

@@ -30,7 +30,7 @@ from .modelopt import ModelOptBackend
 from .nncf import NncfBackend
 from .ort import OrtBackend
 from .policy import HEAD_POLICIES
-from .tensorrt import tensorrt_violations
+from .tensorrt import tensorrt_ready
 
 # The registry: name -> backend (the first is the command line's default).
 BACKENDS: dict[str, Int8Backend] = {b.name: b for b in (OrtBackend(), ModelOptBackend(), NncfBackend())}
@@ -85,8 +85,8 @@ def quantize_int8(name: str, model_in: str | Path, model_out: str | Path, calib:
                 p.unlink(missing_ok=True)
             raise
     if Path(model_out).suffix == ".onnx":  # what TensorRT would take of it, rule by rule (.tensorrt)
-        violations = tensorrt_violations(onnx.load(str(model_out), load_external_data=False))
-        recipe["tensorrt"] = {"ready": not any(violations.values()),
+        ready, violations = tensorrt_ready(onnx.load(str(model_out), load_external_data=False))
+        recipe["tensorrt"] = {"ready": ready,
                               "violations": {k: {"count": len(v), "first": v[:3]} for k, v in violations.items() if v}}  # fmt: skip
         write_json(Path(model_out).with_suffix(".recipe.json"), recipe)
     print(json.dumps({k: recipe[k] for k in ("backend", "method", "head_policy", "seconds")}))

@@ -424,7 +424,7 @@ def int8_conclusion(result: Int8Result, target_points: float = 0.5) -> str:
         best = trt["name"]
         ex = d(best, "ort-exact")
         lines.append(
-            f"**TensorRT ({'ModelOpt Q/DQ' if trt['kind'] == 'ModelOpt' else 'Q/DQ'}):** ship `{best}` (best {sel_name} Δ "
+            f"**TensorRT ({trt['label']}):** ship `{best}` (best {sel_name} Δ "
             f"with exact arithmetic{'' if trt['kind'] == 'ModelOpt' else ' of the TensorRT-ready recipes'}, which is what TensorRT "
             f"computes): {fmt_delta(ex)} on {conf_name}. It {_verdict(ex, 0.3)} the 0.3-point target. ORT fuses only "
             f"{vals[best]['ort_cpu']['QLinearConv']} of its Convs, so its CPU latency ({ratio(best):.2f}× FP32) says nothing "

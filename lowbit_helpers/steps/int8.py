@@ -43,6 +43,7 @@ from ..int8.base import Int8Options
 from ..int8.bias_correction import BC_VERSION
 from ..int8.calibration import load_calibration
 from ..int8.kernel_check import PROBE_VERSION, probe
+from ..int8.tensorrt import RULES_VERSION as TRT_RULES_VERSION
 from ..rundir import RunDir, Stage
 from ..runtime import (
     BENCH_SETTINGS,
@@ -230,7 +231,7 @@ def quantize_variant(run: RunDir, v: Int8Variant) -> dict:
     b, options = backend(v.backend), variant_options(cfg, v, sensitive)
     # the code versions of what this project computes in the recipe (the ORT backend's ranges, the bias correction)
     own = {**b.code_versions(), **({"bias_correction": BC_VERSION} if b.corrects_file and options.bias_correction == "fast"
-                                   else {})}  # fmt: skip
+                                   else {}), "tensorrt_rules": TRT_RULES_VERSION}  # fmt: skip
     params = {"cmd": cmd[3:], "versions": {**baseline.versions(), **backend_version(v.backend)}, **own}
     outputs = [recipe_rel, rel, log_rel] + ([VARIANT_IR_BIN.format(name=v.name)] if is_ir(v) else []) + [
         f"onnx/{v.name}{suffix}" for suffix in b.logs]  # fmt: skip
@@ -517,7 +518,7 @@ def tensorrt_pick(result: Int8Result) -> dict | None:
     writers = {result.recipes[n]["backend"] for n in names}
     # how the report names the recipes it chose among: ModelOpt's alone, or TensorRT-ready ones of several backends
     kind = "ModelOpt" if writers == {"modelopt"} else "TensorRT-ready"
-    return {"name": best, "considered": names, "kind": kind}
+    return {"name": best, "considered": names, "kind": kind, "label": "ModelOpt Q/DQ" if kind == "ModelOpt" else "Q/DQ"}
 
 
 def read_int8_result(run: RunDir) -> Int8Result | None:

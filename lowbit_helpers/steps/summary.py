@@ -47,8 +47,7 @@ def picks(int8_result: Int8Step, cand_result: CandidatesStep) -> list[dict]:
         trt = tensorrt_pick(int8_result)
         if trt:
             n = trt["name"]
-            label = "ModelOpt Q/DQ" if trt["kind"] == "ModelOpt" else "Q/DQ"
-            rows.append({"kind": "tensorrt", "role": f"TensorRT INT8 ({label})", "model": n, "score": vals[n]["engines"]["ort-exact"]["confirm"],
+            rows.append({"kind": "tensorrt", "role": f"TensorRT INT8 ({trt['label']})", "model": n, "score": vals[n]["engines"]["ort-exact"]["confirm"],
                          "engine": "exact Q/DQ (what TensorRT computes)", "size_bytes": vals[n]["size_bytes"], "bench": None,
                          "rule": f"best {vals[n]['engines']['ort-exact']['select']['subset']} Δ with exact Q/DQ arithmetic of the "
                                  f"{len(trt['considered'])} {trt['kind']} recipe(s) here"})  # fmt: skip
