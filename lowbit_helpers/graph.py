@@ -45,7 +45,7 @@ def graph_info(path: str | Path) -> dict:
             a, b = shapes.get(node.input[0]), shapes.get(node.input[1])
             out = shapes.get(node.output[0])
             if a and b and out and all(isinstance(d, int) for d in out):
-                k = a[-1] if not (node.op_type == "Gemm" and _attr(node, "transA")) else a[-2]
+                k = a[-1] if not (node.op_type == "Gemm" and node_attr(node, "transA", 0)) else a[-2]
                 macs_by_op[node.op_type] += int(np.prod(out)) * int(k)
 
     float_types = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
@@ -64,5 +64,6 @@ def graph_info(path: str | Path) -> dict:
     }
 
 
-def _attr(node, name: str, default: int = 0) -> int:
-    return next((a.i for a in node.attribute if a.name == name), default)
+def node_attr(node: onnx.NodeProto, name: str, default=None):
+    """The value of a node's attribute ``name`` (any type), or ``default`` where the node has none."""
+    return next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)

@@ -26,17 +26,11 @@ from onnx import numpy_helper
 
 from ..artifacts import atomic_path, read_json, sha256_file, write_json
 from ..errors import LowbitError
+from ..graph import node_attr
 from ..runtime import Activations
 
 BC_IMAGES = 32  # calibration images [0, N) for the statistics (the same images as the ranges' first N)
 BC_VERSION = 1  # part of the stage key of every recipe corrected here
-
-
-def _attr(node, name, default):
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
 
 
 def _zero_point(node, inits, arr) -> np.ndarray:
@@ -81,9 +75,9 @@ def _quantized_convs(graph, fp32_weights: dict[str, np.ndarray]) -> tuple[list[d
             bias_dq = prod.get(n.input[2])
             if bias_dq is None or bias_dq.op_type != "DequantizeLinear" or not all(i in inits for i in bias_dq.input[:2]):
                 raise unsupported(n, "its bias is neither an initializer nor a DequantizeLinear of one")
-        if _attr(n, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
-            raise unsupported(n, f"auto_pad {_attr(n, 'auto_pad', '')!r} (explicit pads only)")
-        pads = _attr(n, "pads", [0, 0, 0, 0])
+        if node_attr(n, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+            raise unsupported(n, f"auto_pad {node_attr(n, 'auto_pad', '')!r} (explicit pads only)")
+        pads = node_attr(n, "pads", [0, 0, 0, 0])
         if len(pads) != 4 or pads[:2] != pads[2:]:
             raise unsupported(n, f"padding {pads} (2-D Convs with symmetric padding only)")
         x_zp = _zero_point(dq_x, inits, arr)
@@ -91,8 +85,8 @@ def _quantized_convs(graph, fp32_weights: dict[str, np.ndarray]) -> tuple[list[d
             raise unsupported(n, "per-channel activation quantization")
         scale = arr(dq_w.input[1]).astype(np.float32)
         if scale.size > 1:
-            if _attr(dq_w, "axis", 1) != 0:
-                raise unsupported(n, f"per-channel weight scales on axis {_attr(dq_w, 'axis', 1)} (axis 0 expected)")
+            if node_attr(dq_w, "axis", 1) != 0:
+                raise unsupported(n, f"per-channel weight scales on axis {node_attr(dq_w, 'axis', 1)} (axis 0 expected)")
             scale = scale.reshape(-1, 1, 1, 1)
         if dq_w.input[0] in inits:  # stored integer weights (ORT, NNCF)
             w_zp, w_float = _zero_point(dq_w, inits, arr), None
@@ -116,8 +110,8 @@ def _quantized_convs(graph, fp32_weights: dict[str, np.ndarray]) -> tuple[list[d
             "node": n.name, "x": q_x.input[0], "x_scale": float(arr(dq_x.input[1])), "x_zp": float(x_zp),
             "x_limits": (float(info.min), float(info.max)), "w_q": (w_int - zp) * scale,
             "bias": n.input[2], "bias_dq": bias_dq,
-            "conv": {"stride": _attr(n, "strides", [1, 1]), "padding": tuple(pads[:2]),
-                     "dilation": _attr(n, "dilations", [1, 1]), "groups": _attr(n, "group", 1)},
+            "conv": {"stride": node_attr(n, "strides", [1, 1]), "padding": tuple(pads[:2]),
+                     "dilation": node_attr(n, "dilations", [1, 1]), "groups": node_attr(n, "group", 1)},
         })  # fmt: skip
     return jobs, no_bias
 

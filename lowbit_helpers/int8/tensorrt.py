@@ -26,17 +26,12 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
+from ..graph import node_attr
+
 RULES = ("int8", "symmetric", "per-tensor activations", "per-channel weights on axis 0", "opset", "quantized convs")
 RULES_VERSION = 1  # part of every INT8 recipe's stage key: a rule changed, the recorded verdicts are recomputed
 MIN_OPSET = 13
 WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")  # ops whose input 1 is a weight (per-channel allowed)
-
-
-def _attr(node, name, default):
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
 
 
 def tensorrt_violations(model: onnx.ModelProto) -> dict[str, list[str]]:
@@ -68,7 +63,7 @@ def tensorrt_violations(model: onnx.ModelProto) -> dict[str, list[str]]:
             if n.op_type == "Conv":
                 scale = numpy_helper.to_array(consts[w.input[1]]) if w.input[1] in consts else None
                 cout = _out_channels(n, consts, producer)
-                if scale is not None and scale.size > 1 and (_attr(w, "axis", 1) != 0 or (cout is not None and scale.size != cout)):
+                if scale is not None and scale.size > 1 and (node_attr(w, "axis", 1) != 0 or (cout is not None and scale.size != cout)):
                     out["per-channel weights on axis 0"].append(w.output[0])
         if len(n.input) > 2 and (b := producer.get(n.input[2])) is not None and b.op_type == "DequantizeLinear":
             bias_q.add(b.output[0])
@@ -85,7 +80,7 @@ def tensorrt_violations(model: onnx.ModelProto) -> dict[str, list[str]]:
         zp_name = n.input[2] if len(n.input) > 2 and n.input[2] else None
         if zp_name is None:  # ONNX's default zero point is 0 of uint8, unless the integer type says otherwise
             if n.op_type == "QuantizeLinear":
-                signed = _attr(n, "output_dtype", 0) == TensorProto.INT8
+                signed = node_attr(n, "output_dtype", 0) == TensorProto.INT8
             else:
                 src = consts.get(n.input[0])
                 signed = src is not None and src.data_type == TensorProto.INT8
