@@ -13,10 +13,10 @@ import onnx
 
 from .artifacts import atomic_path, read_json, sha256_file, write_json
 from .assets import resolve_model, validate_raw_onnx
-from .config import CandidatesCfg, SensitivityCfg, load_config, parse_config
+from .config import CandidatesCfg, ReconstructionCfg, SensitivityCfg, load_config, parse_config
 from .data import calibration_tensor, read_image_list
 from .errors import LowbitError
-from .export import export_raw_onnx
+from .export import export_raw_onnx, load_torch_model
 from .formats import FORMATS, get_format
 from .int8 import (
     ALL_BIAS_CORRECTIONS,
@@ -32,6 +32,7 @@ from .int8.calibration import load_calibration
 from .lowbit import DEFAULT_METHOD, method_grammar, parse_method
 from .lowbit.integer_form import integer_form
 from .lowbit.materialize import check_scheme, materialize, stats_convs
+from .lowbit.reconstruct import ReconstructionSettings, reconstructed_integer_form
 from .lowbit.stats import collect_stats
 from .rundir import REPO_ROOT, RunDir, run_lock
 from .runtime import RUNTIMES, bench_models, compare_profiles, environment, profile_model
@@ -40,6 +41,7 @@ from .schema import DECODE_MODES, Skipped
 from .sensitivity.metrics import METRICS
 from .sensitivity.schemes import write_schemes
 from .sensitivity.sweep import DIRECTIONS, activation_ranges, measure
+from .sensitivity.torch_proxy import map_convs
 from .steps import baseline
 from .steps import sensitivity as step
 from .steps.baseline import evaluate_model
@@ -231,6 +233,7 @@ def _cmd_validate_sensitivity(args) -> int:
 # materialize's image counts when neither the command line nor --run gives them: the params' defaults
 RANGE_IMAGES = SensitivityCfg.model_fields["range_images"].default
 STATS_IMAGES = CandidatesCfg.model_fields["stats_images"].default
+RECONSTRUCT_IMAGES = ReconstructionCfg.model_fields["images"].default
 
 
 def _materialize_defaults(args) -> None:
@@ -244,6 +247,8 @@ def _materialize_defaults(args) -> None:
         args.method = args.method or run.read(CANDIDATES)["method"]
         args.range_images = args.range_images or run.cfg.sensitivity.range_images
         args.stats_images = args.stats_images or run.cfg.candidates.stats_images
+        args.weights = args.weights or run.cfg.model.weights
+        args.reconstruct_images = args.reconstruct_images or run.cfg.candidates.reconstruction.images
         if not (args.calib or args.calib_npy):
             args.calib_npy = str(run.artifact(baseline.CALIB))
     args.method = args.method or DEFAULT_METHOD
@@ -251,6 +256,7 @@ def _materialize_defaults(args) -> None:
         args.method = parse_method(args.method).per_channel
     args.range_images = args.range_images or RANGE_IMAGES
     args.stats_images = args.stats_images or STATS_IMAGES
+    args.reconstruct_images = args.reconstruct_images or RECONSTRUCT_IMAGES
 
 
 def _cmd_materialize(args) -> int:
@@ -270,6 +276,10 @@ def _cmd_materialize(args) -> int:
     if args.integer_form and method.block is not None:
         raise LowbitError(f"method {method.name} has blocked scales, which QLinearConv cannot run (one scale per output channel)",
                           f"drop --method (the default is {method.per_channel} with --integer-form) or give a per-channel one")  # fmt: skip
+    if args.reconstruct and not args.integer_form:
+        raise LowbitError("--reconstruct learns the codes of an integer form", "add --integer-form INT8.onnx (or drop --reconstruct)")
+    if args.reconstruct and not args.weights:
+        raise LowbitError("--reconstruct needs the torch model the ONNX was exported from", "add --weights yolov10n (or path.pt), or --run RUN_DIR")
     model = onnx.load(str(model_path))
     source = (scheme.get("source") or {}).get("model_sha256") if isinstance(scheme, dict) else None
     if source and source != sha256_file(model_path):
@@ -277,7 +287,7 @@ def _cmd_materialize(args) -> int:
                           "materialize the scheme with the model its sensitivity was measured on, or drop its 'source' "
                           "entry to apply its node precisions to this model anyway")  # fmt: skip
     nodes = check_scheme(model, scheme.get("nodes") if isinstance(scheme, dict) else None)
-    need = max(args.range_images, args.stats_images)
+    need = max(args.range_images, args.stats_images, args.reconstruct_images if args.reconstruct else 0)
     if not (args.calib or args.calib_npy):
         raise LowbitError("no calibration images", "pass --calib LIST.txt or --calib-npy calib.npy, or --run RUN_DIR")
     if args.calib_npy:
@@ -288,13 +298,20 @@ def _cmd_materialize(args) -> int:
         paths = read_image_list(args.calib)
         if len(paths) < need:
             raise LowbitError(f"{args.calib} lists {len(paths)} images; --range-images {args.range_images} / "
-                              f"--stats-images {args.stats_images} need {need}", "lower them or list more images")  # fmt: skip
+                              f"--stats-images {args.stats_images}{f' / --reconstruct-images {args.reconstruct_images}' if args.reconstruct else ''} "
+                              f"need {need}", "lower them or list more images")  # fmt: skip
         calib = calibration_tensor(paths, need)
     t0 = time.perf_counter()
     ranges = activation_ranges(model, calib[: args.range_images])
     convs = stats_convs(nodes, method)
     stats = collect_stats(model, convs, calib[: args.stats_images]) if convs else None
-    if args.integer_form:
+    reconstruction = None
+    if args.reconstruct:
+        tm = load_torch_model(resolve_model(args.weights))
+        settings = ReconstructionSettings(iterations=args.reconstruct, images=args.reconstruct_images)
+        q, info, reconstruction = reconstructed_integer_form(onnx.load(args.integer_form), model, nodes, method, tm,
+                                                             map_convs(model, tm)["mapping"], calib, settings, stats=stats)  # fmt: skip
+    elif args.integer_form:
         q, info = integer_form(onnx.load(args.integer_form), model, nodes, method, stats=stats)
     else:
         q, info = materialize(model, nodes, method, ranges=ranges, stats=stats)
@@ -304,7 +321,8 @@ def _cmd_materialize(args) -> int:
     recipe = {"scheme": str(scheme_path), "model": str(model_path), "method": method.name,
               "calibration": {"range_images": args.range_images, "stats_images": args.stats_images},
               "seconds": round(time.perf_counter() - t0, 1), "materialize": info,
-              **({"integer_form": str(args.integer_form)} if args.integer_form else {})}  # fmt: skip
+              **({"integer_form": str(args.integer_form)} if args.integer_form else {}),
+              **({"reconstruction": reconstruction} if reconstruction else {})}  # fmt: skip
     write_json(out.with_suffix(".recipe.json"), recipe)
     print(json.dumps({k: info[k] for k in ("precisions", "deployed", "four_bit_share", "opset") if k in info}))
     print(f"wrote {out} ({out.stat().st_size / 2**20:.2f} MiB) and {out.with_suffix('.recipe.json')}")
@@ -447,6 +465,10 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("--integer-form", metavar="INT8.onnx", help="write the scheme's 4-bit codes into this ORT INT8 recipe "
                    "of the model (placement all, e.g. a run's onnx/ort-percentile.onnx), so that ORT runs every Conv as "
                    "QLinearConv (scales per output channel: the default method without its -b<B>)")  # fmt: skip
+    z.add_argument("--reconstruct", type=_positive, metavar="N", help="with --integer-form: learn the 4-bit codes by block "
+                   "reconstruction, N steps per YOLO block (lowbit/reconstruct.py); needs the torch model (--weights)")  # fmt: skip
+    z.add_argument("--reconstruct-images", type=_positive, help=f"reconstruction images: calibration images [0, N) (default {RECONSTRUCT_IMAGES})")
+    z.add_argument("--weights", help="the checkpoint the model was exported from (yolov10n | path.pt; default: the run's model.weights)")
     z.add_argument("--out", required=True, help="OUT.onnx (its recipe goes beside it as OUT.recipe.json)")
     z.set_defaults(func=_cmd_materialize)
 

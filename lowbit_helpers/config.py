@@ -247,6 +247,21 @@ def _default_ladder() -> list[str]:
     return ["gptq-bc-b32"]
 
 
+class ReconstructionCfg(Section):
+    iterations: list[int] = Field(default_factory=lambda: [0], min_length=1,
+                                  description="integer-kernel forms per scheme: 0 keeps the method's codes; N > 0 learns them by "
+                                  "block reconstruction (lowbit/reconstruct.py), N Adam steps per YOLO block")
+    images: int = Field(32, ge=1, description="calibration images [0, N) the reconstruction learns on")
+    batch: int = Field(2, ge=1, description="images per step")
+
+    @field_validator("iterations")
+    @classmethod
+    def _non_negative(cls, v: list[int]) -> list[int]:
+        if any(i < 0 for i in v) or len(set(v)) != len(v):
+            raise ValueError("iterations must be distinct and >= 0 (0: no reconstruction)")
+        return v
+
+
 class CandidatesCfg(Section):
     enabled: bool = True
     ladder: list[str] = Field(default_factory=_default_ladder, min_length=1,
@@ -271,6 +286,7 @@ class CandidatesCfg(Section):
     confirm: Literal["winners", "all"] = Field("winners", description="which candidates get the confirmation split")
     exact: bool = Field(True, description="candidates ORT runs through integer kernels also with exact Q/DQ arithmetic")
     latency: bool = True
+    reconstruction: ReconstructionCfg = ReconstructionCfg()
 
     @field_validator("ladder")
     @classmethod

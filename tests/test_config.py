@@ -40,6 +40,14 @@ def test_out_of_range_and_missing_name():
         parse_config({})
 
 
+def test_reconstruction_iterations_are_distinct_and_not_negative():
+    cfg = parse_config({"name": "x", "candidates": {"reconstruction": {"iterations": [0, 300]}}})
+    assert cfg.candidates.reconstruction.iterations == [0, 300] and cfg.candidates.reconstruction.images == 32
+    for bad in ([-1], [300, 300], []):
+        with pytest.raises(LowbitError, match="candidates.reconstruction.iterations"):
+            parse_config({"name": "x", "candidates": {"reconstruction": {"iterations": bad}}})
+
+
 def test_missing_file_and_bad_yaml(tmp_path):
     with pytest.raises(LowbitError, match="params file not found"):
         load_config(tmp_path / "nope.yaml")

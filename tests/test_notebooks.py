@@ -99,10 +99,14 @@ def test_the_integer_form_and_the_answer_as_data(smoke_run):
 
     cands = read_json(run / "results" / "candidates.json")
     method = parse_method(cands["method"]).per_channel  # the ladder's method, one scale per output channel
-    name = f"budget50-w4a8-w8a8.{method}.int"
-    assert cands["integer"]["candidates"] == [name] and cands["integer"]["skipped"] is None
+    name, learned = f"budget50-w4a8-w8a8.{method}.int", f"budget50-w4a8-w8a8.{method}.br2.int"
+    assert cands["integer"]["candidates"] == sorted([name, learned]) and cands["integer"]["skipped"] is None
     recipe = read_json(run / "candidates" / f"{name}.recipe.json")
     assert recipe["form"] == "integer" and recipe["method"] == method and recipe["materialize"]["deployed"]["int4"] > 0
+    # the same scheme with its codes learned by block reconstruction (params: two steps per block, 4 images)
+    br = read_json(run / "candidates" / f"{learned}.recipe.json")["reconstruction"]
+    assert br["settings"]["iterations"] == 2 and br["settings"]["images"] == 4 and br["blocks"] and br["seconds"] > 0
+    assert all(b["mse_end"] <= b["mse_start"] or not b["kept"] for b in br["blocks"])
     ev = cands["evaluations"][name]
     recipe_ev = read_json(run / "int8-coco" / f"{recipe['int8_recipe']}.json")
     assert ev["ort_cpu"]["QLinearConv"] == recipe_ev["ort_cpu"]["QLinearConv"] > 0  # the same Convs as the INT8 recipe
@@ -281,6 +285,11 @@ def test_the_cli_pointed_at_the_run_writes_its_candidate(smoke_run, tmp_path, ca
     assert main([*args, "--integer-form", str(int8), "--out", str(out)]) == 0
     assert out.read_bytes() == (run / "candidates" / f"{name}.onnx").read_bytes()
     assert read_json(out.with_suffix(".recipe.json"))["method"] == recipe["method"] == parse_method(method).per_channel
+    # --reconstruct N: the run's reconstructed form, byte for byte (the torch model from the run's model.weights)
+    learned = next(n for n in read_json(run / "results" / "candidates.json")["integer"]["candidates"] if ".br" in n)
+    out = tmp_path / "int-br.onnx"
+    assert main([*args, "--integer-form", str(int8), "--reconstruct", "2", "--out", str(out)]) == 0
+    assert out.read_bytes() == (run / "candidates" / f"{learned}.onnx").read_bytes()
 
 @pytest.mark.slow
 def test_a_rerun_reuses_every_stage_and_recomputes_the_same_bytes(smoke_run):

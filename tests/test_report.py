@@ -415,3 +415,26 @@ def test_target_lines_state_each_target_with_its_numbers():
     assert ("`budget75-w4a8-w8a8.g.int` (75.0 % 4-bit), Δ on val500 minus val100 -1.70 [-2.50, -0.90] "
             "(exact Q/DQ arithmetic on the same images: -1.50 [-2.50, -0.50]): within 1.0 points **not met**") in integer
     assert "file 0.22× FP32: ≤ 0.25× **met**" in integer and "latency 0.60× FP32: ≤ 0.65× **met**" in integer
+
+
+def test_the_reconstruction_table_puts_each_forms_cost_beside_its_map():
+    """Notebook 05's "what more compute buys": one row per integer form, 0 iterations for the method's own
+    codes, the reconstruction's cost beside its mAP; no table without a reconstructed form."""
+    from lowbit_helpers.report.candidates import reconstruction_table
+
+    cand = _synthetic_candidates()
+    assert reconstruction_table(cand) is None
+    name = "budget75-w4a8-w8a8.g.br300.int"
+    cand.recipes[name] = {**cand.recipes["budget75-w4a8-w8a8.g.int"], "reconstruction": {
+        "settings": {"iterations": 300, "images": 32}, "seconds": 181.0, "peak_rss_mib": 3100, "changed_codes": 30,
+        "weights": 1000, "blocks": [{"kept": True}, {"kept": False}]}}  # fmt: skip
+    cand.evaluations[name] = {**cand.evaluations["budget75-w4a8-w8a8.g.int"]}
+    cand.evaluations[name]["select"] = {**cand.evaluations[name]["select"], "metrics": {"mAP_50_95": 0.371},
+                                        "delta_vs_fp32": {"delta": -0.009, "lo": -0.015, "hi": -0.001}}  # fmt: skip
+    cand.integer["candidates"] = ["budget75-w4a8-w8a8.g.int", name]
+    table = reconstruction_table(cand)
+    rows = table.reset_index().set_index("iterations per block")
+    assert list(rows.index) == [0, 300]
+    assert rows.loc[300, "seconds"] == "181" and rows.loc[0, "seconds"] == 0.0 and rows.loc[300, "codes changed"] == "3.0 %"
+    assert rows.loc[300, "blocks kept"] == "1 / 2" and rows.loc[300, "mAP50-95 val100"] == "37.1"
+    assert rows.loc[300, "Δ val100 [95%]"].startswith("-0.90 [-1.50, -0.10]")

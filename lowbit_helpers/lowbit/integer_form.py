@@ -37,16 +37,20 @@ from ..formats import FORMATS, replace_nodes
 from ..runtime.sessions import LOAD_KEY, WIDEN_INT4
 from ..weights import dequantize
 from . import Method, parse_method
+from .bias_shift import expected_output_shift
 from .materialize import INT4_OPSET, check_scheme, layer_codes, with_opset
 
 INT32 = np.iinfo(np.int32)
 
 
 def integer_form(int8_model: onnx.ModelProto, float_model: onnx.ModelProto, nodes: dict[str, str],
-                 method: str | Method, *, stats: dict | None = None, cache: dict | None = None) -> tuple[onnx.ModelProto, dict]:  # fmt: skip
+                 method: str | Method, *, stats: dict | None = None, cache: dict | None = None,
+                 codes: dict[str, np.ndarray] | None = None) -> tuple[onnx.ModelProto, dict]:  # fmt: skip
     """Scheme ``nodes`` (Conv -> precision of ``float_model``) with ``method``'s codes, written into
     ``int8_model`` (an ORT ``all``-placement recipe of ``float_model``), and a record per Conv of what
-    it deploys as. ``stats`` and ``cache``: as for :func:`.materialize.materialize`."""
+    it deploys as. ``stats`` and ``cache``: as for :func:`.materialize.materialize`. ``codes``: INT4
+    codes that replace the method's for those Convs (block reconstruction's, :mod:`.reconstruct`), on
+    the method's scales, with the method's ``-bc`` shift computed for them."""
     method = parse_method(method) if isinstance(method, str) else method
     if method.block is not None:
         raise LowbitError(f"method {method.name} has blocked scales, which QLinearConv cannot run (one scale per output channel)",
@@ -81,13 +85,21 @@ def integer_form(int8_model: onnx.ModelProto, float_model: onnx.ModelProto, node
             rec["deployed"] = "int8" if integer else "float"
             layers[name] = rec
             continue
-        scale, codes, shift = layer_codes(name, w, 4, method, stats, cache)
+        scale, q_codes, shift = layer_codes(name, w, 4, method, stats, cache)
+        if codes is not None and name in codes:
+            if codes[name].shape != q_codes.shape or np.abs(codes[name].astype(np.int32)).max() > method.spec(4).qmax:
+                raise LowbitError(f"the codes given for Conv {name} do not fit its weight (shape {q_codes.shape}, "
+                                  f"|code| <= {method.spec(4).qmax})", "give codes learned on a file of this scheme and method")  # fmt: skip
+            q_codes = codes[name].astype(np.int8)
+            if method.bias_correction:
+                shift = expected_output_shift(w, dequantize(q_codes, scale, None), stats[name])
+            rec["learned_codes"] = True
         scale = scale.astype(np.float32)
         b = numpy_helper.to_array(f_inits[f_node.input[2]]).astype(np.float32) if len(f_node.input) > 2 and f_node.input[2] else np.zeros(w.shape[0], np.float32)
         if shift is not None:
             b = b - shift
             rec["bias_shift_max"] = float(np.abs(shift).max())
-        q, s = codes.astype(ml_dtypes.int4), scale
+        q, s = q_codes.astype(ml_dtypes.int4), scale
         if integer:  # swap the recipe's INT8 codes and scales for the method's INT4 ones
             _set(g, inits, w_dq.input[0], q)
             _set(g, inits, w_dq.input[1], s)
@@ -120,7 +132,7 @@ def integer_form(int8_model: onnx.ModelProto, float_model: onnx.ModelProto, node
             else:
                 node.input.append(f"{base}::bias")
             rec["deployed"] = "int4 weights, float Conv"
-        err = (dequantize(codes.astype(np.int8), scale, None) - w).astype(np.float64)
+        err = (dequantize(q_codes.astype(np.int8), scale, None) - w).astype(np.float64)
         rec["weight_rel_error"] = float(np.sqrt(np.sum(err * err)) / max(np.sqrt(np.sum(w.astype(np.float64) ** 2)), 1e-12))
         layers[name] = rec
     before = dict(extra_nodes)

@@ -327,6 +327,29 @@ def int4_runtime_note(result: CandidatesResult) -> str:
     return ""
 
 
+def reconstruction_table(result: CandidatesResult) -> pd.DataFrame | None:
+    """The integer-kernel forms with and without block reconstruction: mAP against its cost (iterations,
+    images, seconds, peak memory), so a user sees what more compute buys. None without a reconstructed form."""
+    names = result.integer.get("candidates", [])
+    if not any("reconstruction" in result.recipes[n] for n in names):
+        return None
+    rows = []
+    for n in names:
+        rec, ev = result.recipes[n], result.evaluations[n]
+        r = rec.get("reconstruction")
+        sub = ev["select"]["subset"]
+        row = {"scheme": rec["scheme"]["name"], "iterations per block": r["settings"]["iterations"] if r else 0,
+               "images": r["settings"]["images"] if r else "—", "seconds": r["seconds"] if r else 0.0,
+               "peak RSS (MiB)": r["peak_rss_mib"] if r else "—",
+               "codes changed": pct(r["changed_codes"] / r["weights"]) + " %" if r else "—",
+               "blocks kept": f"{sum(b['kept'] for b in r['blocks'])} / {len(r['blocks'])}" if r else "—",
+               f"mAP50-95 {sub}": pct(ev["select"]["metrics"]["mAP_50_95"]), f"Δ {sub} [95%]": _delta(ev["select"])}  # fmt: skip
+        if ev.get("confirm"):
+            row[f"Δ {ev['confirm']['subset']} [95%]"] = _delta(ev["confirm"])
+        rows.append(row)
+    return tidy(pd.DataFrame(rows).sort_values(["scheme", "iterations per block"]).set_index(["scheme", "iterations per block"]))
+
+
 def _integer_note(result: CandidatesResult) -> str:
     names = result.integer.get("candidates", [])
     if not names:

@@ -37,10 +37,12 @@ from ..artifacts import atomic_path, sha256_file
 from ..data import preprocess
 from ..errors import LowbitError
 from ..evaluate import predict_models
+from ..export import load_torch_model
 from ..formats import FORMATS, apply_format
 from ..lowbit import parse_method
 from ..lowbit.integer_form import integer_form
 from ..lowbit.materialize import QUANT_VERSION, materialize
+from ..lowbit.reconstruct import RECONSTRUCT_VERSION, ReconstructionSettings, reconstructed_integer_form
 from ..lowbit.stats import collect_stats
 from ..rundir import RunDir, Stage
 from ..runtime import BENCH_SETTINGS, bench_models, environment, load_memory, make_session
@@ -49,6 +51,7 @@ from ..schema import Skipped
 from ..sensitivity.metrics import read_back
 from ..sensitivity.schemes import heuristic_scheme, random_scheme
 from ..sensitivity.sweep import activation_ranges, conv_nodes
+from ..sensitivity.torch_proxy import map_convs
 from . import baseline
 from .int8 import VARIANT_EVAL, ort_cpu_pick, read_int8_result, variant_model
 from .sensitivity import SCHEMES_DIR, SCHEMES_INDEX, SENS
@@ -216,36 +219,71 @@ def build(run: RunDir, scheme: dict, method: str) -> dict:
     return run.stage(st, compute)
 
 
-def integer_name(scheme: dict, method: str) -> str:
-    return f"{scheme['name']}.{method}.int"
+def integer_name(scheme: dict, method: str, iterations: int = 0) -> str:
+    """``<scheme>.<method>.int``, or ``<scheme>.<method>.br<N>.int`` with N steps of block reconstruction per block."""
+    return f"{scheme['name']}.{method}{f'.br{iterations}' if iterations else ''}.int"
 
 
-def build_integer(run: RunDir, scheme: dict, method: str, int8: dict) -> dict:
+def reconstruction_settings(run: RunDir, iterations: int) -> ReconstructionSettings:
+    r = run.cfg.candidates.reconstruction
+    return ReconstructionSettings(iterations=iterations, images=r.images, batch=r.batch)
+
+
+def torch_model(run: RunDir):
+    """The Ultralytics model the run's ONNX was exported from, and its Conv mapping (verified by weights)."""
+    source = baseline.model_source(run.cfg)
+    if source.kind == "onnx":
+        raise LowbitError(f"block reconstruction needs the torch model; model.weights is an ONNX file ({source.path})",
+                          "give model.weights as a checkpoint or a name, or set candidates.reconstruction.iterations: [0]")  # fmt: skip
+    model, _, model_sha, _ = inputs(run)
+    return _torch_model(source, str(model), model_sha)
+
+
+@functools.lru_cache(maxsize=1)
+def _torch_model(source, model_path: str, model_sha: str):
+    tm = load_torch_model(source)
+    return tm, map_convs(onnx.load(model_path), tm)["mapping"]
+
+
+def build_integer(run: RunDir, scheme: dict, method: str, int8: dict, iterations: int = 0) -> dict:
     """``scheme``'s integer-kernel form (:mod:`..lowbit.integer_form`): its 4-bit codes with ``method``
-    (per output channel) in the INT8 recipe ``int8`` (:func:`integer_recipe`), ``candidates/<scheme>.<method>.int.onnx``."""
+    (per output channel) in the INT8 recipe ``int8`` (:func:`integer_recipe`), ``candidates/<name>.onnx``
+    (:func:`integer_name`). With ``iterations`` > 0 the codes are learned by block reconstruction
+    (:mod:`..lowbit.reconstruct`) on the quantizers of the form without it, which is built first."""
 
     cfg = run.cfg
-    name = integer_name(scheme, method)
-    model, _, model_sha, calib_sha = inputs(run)
+    name = integer_name(scheme, method, iterations)
+    model, calib, model_sha, calib_sha = inputs(run)
     rel, recipe_rel = CANDIDATE_ONNX.format(name=name), CANDIDATE_RECIPE.format(name=name)
     params = {"nodes": scheme["nodes"], "method": method, "form": "integer", "int8": int8["model"],
               "stats_images": cfg.candidates.stats_images, "quant_version": QUANT_VERSION,
               "versions": baseline.versions(), "model": model_sha, "calib": calib_sha}  # fmt: skip
     if settings := parse_method(method).rounding.settings():
         params["method_settings"] = settings
+    if iterations:
+        params["reconstruction"] = {**reconstruction_settings(run, iterations).record(), "version": RECONSTRUCT_VERSION}
 
     def compute():
         t0 = time.perf_counter()
         _, stats, cache = calibration(run)
-        q, info = integer_form(onnx.load(str(run.artifact(int8["model"]))), onnx.load(str(model)), scheme["nodes"], method,
-                               stats=stats, cache=cache)  # fmt: skip
+        int8_model, float_model = onnx.load(str(run.artifact(int8["model"]))), onnx.load(str(model))
+        rec = None
+        if iterations:
+            tm, mapping = torch_model(run)
+            q, info, rec = reconstructed_integer_form(int8_model, float_model, scheme["nodes"], parse_method(method), tm, mapping,
+                                                      np.load(calib, mmap_mode="r"), reconstruction_settings(run, iterations),
+                                                      stats=stats, cache=cache)  # fmt: skip
+        else:
+            q, info = integer_form(int8_model, float_model, scheme["nodes"], method, stats=stats, cache=cache)
         with atomic_path(run.file(rel)) as tmp:
             onnx.save(q, str(tmp))
-        return {"name": name, "scheme": {k: v for k, v in scheme.items() if k != "nodes"}, "nodes": scheme["nodes"],
-                "method": method, "form": "integer", "int8_recipe": int8["name"], "materialize": info,
-                "seconds": round(time.perf_counter() - t0, 1),
-                "command": f"python -m lowbit_helpers materialize SCHEME.json {Path(model).name} --calib-npy calib.npy "
-                           f"--method {method} --integer-form {Path(int8['model']).name} --out {name}.onnx"}  # fmt: skip
+        out = {"name": name, "scheme": {k: v for k, v in scheme.items() if k != "nodes"}, "nodes": scheme["nodes"],
+               "method": method, "form": "integer", "int8_recipe": int8["name"], "materialize": info,
+               "seconds": round(time.perf_counter() - t0, 1),
+               "command": f"python -m lowbit_helpers materialize SCHEME.json {Path(model).name} --calib-npy calib.npy "
+                          f"--method {method} --integer-form {Path(int8['model']).name}"
+                          f"{f' --reconstruct {iterations} --weights {cfg.model.weights}' if iterations else ''} --out {name}.onnx"}  # fmt: skip
+        return out | ({"reconstruction": rec} if rec else {})
 
     st = Stage(f"candidate:{name}", params, [int8["model"]], [recipe_rel, rel],
                record={"scheme": scheme["name"], "method": method, "form": "integer"})  # fmt: skip
@@ -290,8 +328,9 @@ def integer_forms(run: RunDir, schemes: dict[str, dict], method: str) -> tuple[d
     per_channel = parse_method(method).per_channel
     out = {}
     for n in names:
-        r = build_integer(run, schemes[n], per_channel, int8)
-        out[r["name"]] = r
+        for iterations in run.cfg.candidates.reconstruction.iterations:
+            r = build_integer(run, schemes[n], per_channel, int8, iterations)
+            out[r["name"]] = r
     return out, None
 
 
