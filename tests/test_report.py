@@ -426,7 +426,7 @@ def test_the_reconstruction_table_puts_each_forms_cost_beside_its_map():
     assert reconstruction_table(cand) is None
     name = "budget75-w4a8-w8a8.g.br300.int"
     cand.recipes[name] = {**cand.recipes["budget75-w4a8-w8a8.g.int"], "reconstruction": {
-        "settings": {"iterations": 300, "images": 32}, "seconds": 181.0, "peak_rss_mib": 3100, "changed_codes": 30,
+        "settings": {"iterations": 300, "images": 32}, "seconds": 181.0, "peak_rss_mb": 3100, "changed_codes": 30,
         "weights": 1000, "blocks": [{"kept": True}, {"kept": False}]}}  # fmt: skip
     cand.evaluations[name] = {**cand.evaluations["budget75-w4a8-w8a8.g.int"]}
     cand.evaluations[name]["select"] = {**cand.evaluations[name]["select"], "metrics": {"mAP_50_95": 0.371},

@@ -340,7 +340,7 @@ def reconstruction_table(result: CandidatesResult) -> pd.DataFrame | None:
         sub = ev["select"]["subset"]
         row = {"scheme": rec["scheme"]["name"], "iterations per block": r["settings"]["iterations"] if r else 0,
                "images": r["settings"]["images"] if r else "—", "seconds": r["seconds"] if r else 0.0,
-               "peak RSS (MiB)": r["peak_rss_mib"] if r else "—",
+               "peak RSS (MB)": r["peak_rss_mb"] if r else "—",
                "codes changed": pct(r["changed_codes"] / r["weights"]) + " %" if r else "—",
                "blocks kept": f"{sum(b['kept'] for b in r['blocks'])} / {len(r['blocks'])}" if r else "—",
                f"mAP50-95 {sub}": pct(ev["select"]["metrics"]["mAP_50_95"]), f"Δ {sub} [95%]": _delta(ev["select"])}  # fmt: skip
