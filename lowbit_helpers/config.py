@@ -151,7 +151,8 @@ class Int8Cfg(Section):
     fp32_engines: list[Engine] = Field(default_factory=lambda: ["openvino"],
                                        description="FP32 rows under other engines (bf16 skipped where the CPU lacks it)")
     latency_runtimes: list[one_of(RUNTIMES)] = Field(default_factory=lambda: ["ort", "openvino"],
-                                                               description="must hold ort: ORT FP32 is every ratio's reference")
+                                                               description="notebooks 03 and 05 time every model under each (05: "
+                                                               "each file OpenVINO compiles); must hold ort: ORT FP32 is every ratio's reference")
 
     @field_validator("confirm_engines")
     @classmethod

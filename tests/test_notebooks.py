@@ -50,6 +50,11 @@ def test_smoke_run_of_all_notebooks(smoke_run):
     assert set(ev["engines"]) == {"ort", "ort-exact", "openvino"}
     assert ev["engines"]["ort"]["confirm"]["delta_vs"]["ort-exact"]["n"] == 50
     assert {r["runtime"] for r in read_json(run / "int8-coco" / "latency.json")["rows"]} == {"ort", "openvino"}
+    # notebook 05's bench: every file under ORT, and under OpenVINO each one it compiles (the others with why)
+    lat5 = read_json(run / "results" / "latency.json")
+    assert {r["runtime"] for r in lat5["rows"]} == {"ort"} and {r["runtime"] for r in lat5["openvino_rows"]} == {"openvino"}
+    assert {r["name"] for r in lat5["openvino_rows"]} | set(lat5["openvino_skipped"]) == {r["name"] for r in lat5["rows"]}
+    assert any(r["name"].endswith(".int") for r in lat5["openvino_rows"])  # the integer-kernel forms run under OpenVINO
     # the NNCF OpenVINO IR: scored and timed by OpenVINO alone
     ir = read_json(run / "int8-coco" / "nncf-ov.json")
     assert set(ir["engines"]) == {"openvino"} and "ort" in ir["skipped_engines"] and (run / "onnx" / "nncf-ov.bin").is_file()

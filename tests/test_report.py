@@ -438,3 +438,28 @@ def test_the_reconstruction_table_puts_each_forms_cost_beside_its_map():
     assert rows.loc[300, "seconds"] == "181" and rows.loc[0, "seconds"] == 0.0 and rows.loc[300, "codes changed"] == "3.0 %"
     assert rows.loc[300, "blocks kept"] == "1 / 2" and rows.loc[300, "mAP50-95 val100"] == "37.1"
     assert rows.loc[300, "Δ val100 [95%]"].startswith("-0.90 [-1.50, -0.10]")
+
+
+def test_openvino_latency_sits_beside_each_candidates_ort_latency():
+    """Notebook 05's bench also times each file OpenVINO compiles: its ratio to ORT's FP32 in the candidate
+    table and beside the ≥ 75 % candidates' latency target, "refused" (with OpenVINO's reason) where it
+    cannot compile the file."""
+    from lowbit_helpers.report.candidates import candidate_table, target_lines
+
+    cand = _synthetic_candidates(fp32_ms=50.0)
+    for n, r in cand.recipes.items():
+        r["materialize"] = {"four_bit_share": 0.75 if "budget75" in n else 1.0, "precisions": {}}
+    for n, ev in cand.evaluations.items():
+        ev["select"]["metrics"].update(mAP_50=0.5, mAP_75=0.4)
+        ev.update(fidelity={"sqnr_db": 20.0}, qdq={"QuantizeLinear": 1, "DequantizeLinear": 1},
+                  ort_cpu={"QLinearConv": 1, "float_Conv": 0, "DequantizeLinear": 0})  # fmt: skip
+    for r in cand.latency["rows"]:
+        r["p90_ms"] = r["median_ms"]
+    cand.latency["openvino_rows"] = [{"name": "fp32", "median_ms": 40.0}, {"name": "budget75-w4a8-w8a8.g.int", "median_ms": 20.0}]
+    cand.latency["openvino_skipped"] = {"budget75-w4a8-w8a8.g": "OpenVINO cannot compile b75.onnx: FrontEnd API failed"}
+    table = candidate_table(cand)
+    assert table.loc["fp32", "OpenVINO × FP32"] == 0.8 and table.loc["budget75-w4a8-w8a8.g.int", "OpenVINO × FP32"] == 0.4
+    assert table.loc["budget75-w4a8-w8a8.g", "OpenVINO × FP32"] == "refused" and table.loc["w4a16-top0.g", "OpenVINO × FP32"] == "—"
+    lines = target_lines(cand)
+    assert any("`budget75-w4a8-w8a8.g.int`" in x and "(under OpenVINO, same bench: 0.40× ORT's FP32)" in x for x in lines)
+    assert any("`budget75-w4a8-w8a8.g`" in x and "(OpenVINO cannot compile it: OpenVINO cannot compile b75.onnx" in x for x in lines)

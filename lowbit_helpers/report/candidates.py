@@ -29,6 +29,22 @@ def _latency(result: CandidatesResult) -> dict:
     return {r["name"]: r for r in lat.get("rows", [])}
 
 
+def _openvino(result: CandidatesResult) -> tuple[dict, dict]:
+    """The same bench's OpenVINO rows ({label: row}) and the files OpenVINO refused ({label: why})."""
+    lat = result.latency or {}
+    return {r["name"]: r for r in lat.get("openvino_rows", [])}, lat.get("openvino_skipped", {})
+
+
+def _openvino_ratio(result: CandidatesResult, label: str) -> float | str | None:
+    """OpenVINO's median over ORT's FP32 median (one bench), "refused" where OpenVINO could not compile
+    the file, None where OpenVINO was not timed."""
+    ov, refused = _openvino(result)
+    fp32 = _latency(result).get("fp32")
+    if label in ov and fp32:
+        return ov[label]["median_ms"] / fp32["median_ms"]
+    return "refused" if label in refused else None
+
+
 def ladder_table(result: CandidatesResult) -> pd.DataFrame:
     """The 4-bit method ladder: each method on each ladder scheme, on the selection split."""
     rows = []
@@ -61,7 +77,7 @@ def candidate_rows(result: CandidatesResult) -> list[dict]:
                "sqnr_db": ev["fidelity"]["sqnr_db"], "qdq": ev["qdq"], "ort_cpu": ev["ort_cpu"]}  # fmt: skip
         if name in lat and fp32_ms:
             row.update(median_ms=lat[name]["median_ms"], p90_ms=lat[name]["p90_ms"], latency_ratio=lat[name]["median_ms"] / fp32_ms,
-                       load_mb=lat[name].get("load_mb"))  # fmt: skip
+                       load_mb=lat[name].get("load_mb"), openvino_ratio=_openvino_ratio(result, name))  # fmt: skip
         out.append(row)
     return out
 
@@ -86,6 +102,8 @@ def _reference_rows(result: CandidatesResult) -> list[dict]:
             r = lat[key]
             row.update({"median ms": round(r["median_ms"], 1), "p90 ms": round(r["p90_ms"], 1),
                         "× FP32": round(r["median_ms"] / fp32["median_ms"], 3), "load MiB": r.get("load_mb")})  # fmt: skip
+            if (ov := _openvino_ratio(result, key)) is not None:
+                row["OpenVINO × FP32"] = round(ov, 3) if isinstance(ov, float) else ov
             if "size_bytes" in r:
                 row.update({"size (MiB)": round(r["size_bytes"] / 2**20, 2), "× FP32 size": round(r["size_bytes"] / result.fp32_size_bytes, 3)})
     return rows
@@ -119,6 +137,8 @@ def candidate_table(result: CandidatesResult) -> pd.DataFrame:
         if "median_ms" in r:
             row.update({"median ms": round(r["median_ms"], 1), "p90 ms": round(r["p90_ms"], 1),
                         "× FP32": round(r["latency_ratio"], 3), "load MiB": r.get("load_mb")})  # fmt: skip
+            if (ov := r.get("openvino_ratio")) is not None:
+                row["OpenVINO × FP32"] = round(ov, 3) if isinstance(ov, float) else ov
         rows.append(row)
     columns = list(dict.fromkeys([k for row in rows[-1:] for k in row] + [k for row in rows for k in row]))
     return tidy(pd.DataFrame(rows, columns=columns).set_index("candidate"))
@@ -210,6 +230,11 @@ def target_lines(result: CandidatesResult) -> list[str]:
         if best in lat and "fp32" in lat:
             ratio = lat[best]["median_ms"] / lat["fp32"]["median_ms"]
             text += f"; ORT CPU latency {ratio:.2f}× FP32: ≤ {LATENCY_TARGET}× **{'met' if ratio <= LATENCY_TARGET else 'not met'}**"
+            ov = _openvino_ratio(result, best)
+            if isinstance(ov, float):
+                text += f" (under OpenVINO, same bench: {ov:.2f}× ORT's FP32)"
+            elif ov == "refused":
+                text += f" (OpenVINO cannot compile it: {_openvino(result)[1][best]})"
         lines.append(text + ".")
     return lines
 

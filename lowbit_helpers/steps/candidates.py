@@ -45,7 +45,7 @@ from ..lowbit.materialize import QUANT_VERSION, materialize
 from ..lowbit.reconstruct import RECONSTRUCT_VERSION, ReconstructionSettings, reconstructed_integer_form
 from ..lowbit.stats import collect_stats
 from ..rundir import RunDir, Stage
-from ..runtime import BENCH_SETTINGS, bench_models, environment, load_memory, make_session
+from ..runtime import BENCH_SETTINGS, bench_models, environment, load_memory, make_session, runtime_unavailable
 from ..runtime.inspect import fidelity, ort_executed_ops, qdq_counts, raw_heads
 from ..schema import Skipped
 from ..sensitivity.metrics import read_back
@@ -526,21 +526,38 @@ def winners(run: RunDir, cands: dict[str, dict], evals: dict[str, dict]) -> dict
 
 
 def latency(run: RunDir, names: list[str], int8: dict | None) -> dict:
+    """FP32, notebook 03's INT8 pick and every candidate under ORT (``rows``) and, where
+    ``int8.latency_runtimes`` names it, each file OpenVINO compiles under OpenVINO (``openvino_rows``;
+    ``openvino_skipped``: the files it refuses, e.g. blocked INT4 ``DequantizeLinear``, and why), all
+    interleaved in one process; every ratio is to ORT's FP32 row."""
     cfg = run.cfg
     models = [run.artifact(baseline.MODEL)] + ([run.artifact(int8["model"])] if int8 else [])
     labels = ["fp32"] + ([f"int8:{int8['name']}"] if int8 else [])
     models += [run.artifact(CANDIDATE_ONNX.format(name=n)) for n in names]
     labels += names
+    openvino = "openvino" in cfg.int8.latency_runtimes and not runtime_unavailable("openvino")
     params = {"runtime": cfg.runtime.model_dump(), "latency": cfg.latency.model_dump(), "bench": BENCH_SETTINGS,
-              "labels": labels,
-              "load_memory": "fresh-process VmHWM"}  # fmt: skip
+              "labels": labels, "load_memory": "fresh-process VmHWM", "openvino": openvino}  # fmt: skip
 
     def compute():
-        rows = bench_models(models, cfg.runtime.threads, cfg.runtime.providers, cfg.latency.warmup, cfg.latency.runs)
+        refused = {}
+        if openvino:
+            for label, m in zip(labels, models):
+                try:
+                    make_session(m, cfg.runtime.providers, cfg.runtime.threads, runtime="openvino")
+                except LowbitError as exc:
+                    refused[label] = exc.cause.split("\n")[0][:200]
+        pairs = [(label, m, "ort") for label, m in zip(labels, models)]
+        pairs += [(label, m, "openvino") for label, m in zip(labels, models) if openvino and label not in refused]
+        rows = bench_models([m for _, m, _ in pairs], cfg.runtime.threads, cfg.runtime.providers, cfg.latency.warmup,
+                            cfg.latency.runs, runtimes=[r for _, _, r in pairs])  # fmt: skip
         memory = load_memory(models, cfg.runtime.threads)
-        for r, label, mem in zip(rows, labels, memory):
-            r.update(name=label, model=Path(r["model"]).name, load_mb=mem, size_bytes=Path(models[labels.index(label)]).stat().st_size)
-        return {"rows": rows, "environment": environment()}
+        for r, (label, m, _) in zip(rows, pairs):
+            r.update(name=label, model=Path(m).name, size_bytes=Path(m).stat().st_size)
+        for r, mem in zip(rows, memory):  # the first len(models) rows are ORT's, in the models' order
+            r["load_mb"] = mem
+        out = {"rows": rows[: len(models)], "environment": environment()}
+        return out | ({"openvino_rows": rows[len(models):], "openvino_skipped": refused} if openvino else {})
 
     inputs_ = [baseline.MODEL] + ([int8["model"]] if int8 else []) + [CANDIDATE_ONNX.format(name=n) for n in names]
     return run.stage(Stage("candidates-latency", params, inputs_, [LATENCY]), compute)
