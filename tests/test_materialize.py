@@ -412,3 +412,29 @@ def test_a_new_4bit_method_is_one_class_and_one_registry_line(monkeypatch):
     expected = RoundTowardZero().codes(w, scale, spec, None)
     assert np.array_equal(codes, expected)
     assert not np.array_equal(codes, quantize_codes(w, scale, spec))  # not round-to-nearest in disguise
+
+
+@pytest.mark.parametrize(("cin", "group"), [(24, 1), (8, 8)])
+def test_blocked_weights_come_in_whole_blocks_with_the_same_arithmetic(cin, group, tmp_path):
+    """Blocks of 16 over 24 input channels (a partial last block) and over a depthwise Conv's one channel:
+    the file holds whole blocks (padded codes sliced after DequantizeLinear; one block of the row's width),
+    which OpenVINO's ONNX frontend requires, and computes exactly the float Conv of the method's
+    dequantized weights; OpenVINO compiles it."""
+    rng = np.random.default_rng(3)
+    w = rng.normal(size=(8, cin // group, 3, 3)).astype(np.float32)
+    b = rng.normal(size=8).astype(np.float32)
+    model = _conv_graph(w, b, group)
+    q, _ = materialize(model, {"/model.0/conv/Conv": "w4a16"}, "rtn-b16")
+    dq = next(n for n in q.graph.node if n.op_type == "DequantizeLinear")
+    block = next(a.i for a in dq.attribute if a.name == "block_size")
+    codes = next(numpy_helper.to_array(i) for i in q.graph.initializer if i.name == dq.input[0])
+    assert codes.shape[1] % block == 0
+    assert (block, codes.shape[1], [n.op_type for n in q.graph.node].count("Slice")) == ((16, 32, 1) if cin == 24 else (1, 1, 0))
+    spec = parse_method("rtn-b16").spec(4)
+    want, scale = quantize_weight(w, spec)
+    ref = _conv_graph(dequantize(want, scale, spec.block).astype(np.float32), b, group)
+    x = rng.normal(size=(2, cin, 12, 12)).astype(np.float32)
+    assert np.array_equal(_run(q, x, tmp=tmp_path), _run(ref, x, tmp=tmp_path))
+    path = tmp_path / "q.onnx"
+    onnx.save(q, str(path))
+    make_session(path, threads=1, runtime="openvino")  # raises LowbitError where OpenVINO cannot compile it

@@ -460,6 +460,11 @@ def test_openvino_latency_sits_beside_each_candidates_ort_latency():
     table = candidate_table(cand)
     assert table.loc["fp32", "OpenVINO × FP32"] == 0.8 and table.loc["budget75-w4a8-w8a8.g.int", "OpenVINO × FP32"] == 0.4
     assert table.loc["budget75-w4a8-w8a8.g", "OpenVINO × FP32"] == "refused" and table.loc["w4a16-top0.g", "OpenVINO × FP32"] == "—"
+    from lowbit_helpers.report.headline import headline_sentences
+
+    text = headline_sentences(_synthetic_int8_result(), cand, 9 << 20)
+    assert any(x.startswith("**Low-bit on integer kernels:**") and "OpenVINO runs the same file at 0.40× ORT's FP32" in x for x in text)
+    assert any(x.startswith("**Low-bit:**") and "OpenVINO" not in x for x in text)  # refused there: nothing said
     lines = target_lines(cand)
     assert any("`budget75-w4a8-w8a8.g.int`" in x and "(under OpenVINO, same bench: 0.40× ORT's FP32)" in x for x in lines)
     assert any("`budget75-w4a8-w8a8.g`" in x and "(OpenVINO cannot compile it: OpenVINO cannot compile b75.onnx" in x for x in lines)

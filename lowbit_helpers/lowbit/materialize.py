@@ -46,7 +46,8 @@ from .bias_shift import expected_output_shift
 PRECISIONS = ("fp32", "fp16", *(name for name, f in FORMATS.items() if not f.ort_placement))
 # Part of every candidate's cache key: bump it when the arithmetic of weights.py / a method's module /
 # this module changes (clip grid, damping, act-order, statistics), so old builds are not reused.
-QUANT_VERSION = 2  # 2: statistics and GPTQ under a fixed torch thread count (runtime.TORCH_THREADS)
+QUANT_VERSION = 3  # 2: statistics and GPTQ under a fixed torch thread count (runtime.TORCH_THREADS);
+# 3: blocked INT4 DequantizeLinear in whole blocks (the same arithmetic), which OpenVINO's ONNX frontend requires
 INT4_OPSET = 21  # INT4 tensors and blocked DequantizeLinear
 
 
@@ -171,11 +172,25 @@ def materialize(model: onnx.ModelProto, nodes: dict[str, str], method: str | Met
                 err = (dequantize(codes.astype(np.int8), scale, spec.block) - w).astype(np.float64)
                 w64 = w.astype(np.float64)
                 rec["weight_rel_error"] = float(np.sqrt(np.sum(err * err)) / max(np.sqrt(np.sum(w64 * w64)), 1e-12))
+                # whole blocks, as OpenVINO's ONNX frontend requires (ONNX allows a partial last block): a row
+                # narrower than a block is one block of its width; a partial last block is padded with zero codes
+                # and the padding sliced off after DequantizeLinear. The same arithmetic either way (tested).
+                width = codes.shape[1]
+                if spec.block is not None and width < spec.block:
+                    dq_attrs["block_size"] = width
+                elif spec.block is not None and width % spec.block:
+                    codes = np.concatenate([codes, np.zeros((codes.shape[0], -width % spec.block) + codes.shape[2:], np_type)], 1)
             _init(g, codes, f"{base}::wq")
             _init(g, scale, f"{base}::ws")
             _init(g, zero, f"{base}::wz")
+            padded = codes.shape[1] != w.shape[1]
             new_nodes.append(helper.make_node("DequantizeLinear", [f"{base}::wq", f"{base}::ws", f"{base}::wz"],
-                                              [f"{base}::w"], name=f"{base}::wdq", **dq_attrs))  # fmt: skip
+                                              [f"{base}::w" + ("::padded" if padded else "")], name=f"{base}::wdq", **dq_attrs))  # fmt: skip
+            if padded:
+                for k, v in (("starts", 0), ("ends", w.shape[1]), ("axes", 1)):
+                    _init(g, np.array([v], np.int64), f"{base}::{k}")
+                new_nodes.append(helper.make_node("Slice", [f"{base}::w::padded", f"{base}::starts", f"{base}::ends", f"{base}::axes"],
+                                                  [f"{base}::w"], name=f"{base}::slice"))  # fmt: skip
             if fmt.act_bits is not None:
                 qdq, inits_new, dq_out = act_qdq_nodes(node, fmt, ranges[node.input[0]])
                 g.initializer.extend(inits_new)

@@ -139,6 +139,9 @@ def file_quantizers(model: onnx.ModelProto) -> dict[str, ConvQuantizers]:
         w_dq = producer.get(node.input[1])
         codes = scale = None
         if w_dq is not None and w_dq.op_type == "DequantizeLinear":
+            if any(a.name == "block_size" and a.i > 0 for a in w_dq.attribute):
+                raise LowbitError(f"{node.name}'s weight has blocked scales; the reconstruction reads per-channel ones",
+                                  "reconstruct an integer form (one scale per output channel)")  # fmt: skip
             raw = inits[w_dq.input[0]]
             q = numpy_helper.to_array(raw).astype(np.int32)
             s = arr(w_dq.input[1]).astype(np.float32)

@@ -60,9 +60,16 @@ def headline_sentences(int8_result: Int8Step, cand_result: CandidatesStep, fp32_
     fp32_ms = bench.get("fp32")
     out = []
 
+    openvino = {r["name"]: r["median_ms"] for r in ((getattr(cand_result, "latency", None) or {}).get("openvino_rows") or [])}
+
     def lat(r):
         ms = bench.get(r["bench"]) if r["bench"] else None
         return f"{ms / fp32_ms:.2f}× FP32 latency" if ms and fp32_ms else "latency not measured here"
+
+    def under_openvino(r) -> str:  # notebook 05's bench: the same file under OpenVINO, against ORT's FP32
+        ms = openvino.get(r["bench"]) if r["bench"] else None
+        return (f" (OpenVINO runs the same file at {ms / fp32_ms:.2f}× ORT's FP32 in the same bench; its accuracy is "
+                "ORT's here)") if ms and fp32_ms else ""
 
     cpu = first(rows, "cpu")
     if cpu:
@@ -80,7 +87,8 @@ def headline_sentences(int8_result: Int8Step, cand_result: CandidatesStep, fp32_
     if best:
         d = best["score"]["delta_vs_fp32"]
         text = (f"**Low-bit:** at {best['role'][len('low-bit, '):]}, ship `{best['model']}`: {fmt_delta(d)} points on "
-                f"{best['score']['subset']}, {best['size_bytes'] / fp32_size_bytes:.0%} of FP32's file, {lat(best)}.")  # fmt: skip
+                f"{best['score']['subset']}, {best['size_bytes'] / fp32_size_bytes:.0%} of FP32's file, {lat(best)}"
+                f"{under_openvino(best)}.")  # fmt: skip
         w16 = first(rows, "w4a16")
         if w16:
             text += f" Uniform W4A16 (`{w16['model']}`) costs {fmt_delta(w16['score']['delta_vs_fp32'])}."
@@ -91,7 +99,7 @@ def headline_sentences(int8_result: Int8Step, cand_result: CandidatesStep, fp32_
         out.append(f"**Low-bit on integer kernels:** at {f['role'][len('low-bit on integer kernels, '):]}, `{f['model']}` "
                    f"(the 4-bit codes in an ORT INT8 recipe, every quantized Conv a QLinearConv): "
                    f"{fmt_delta(f['score']['delta_vs_fp32'])} points on {f['score']['subset']}, "
-                   f"{f['size_bytes'] / fp32_size_bytes:.0%} of FP32's file, {lat(f)}.")  # fmt: skip
+                   f"{f['size_bytes'] / fp32_size_bytes:.0%} of FP32's file, {lat(f)}{under_openvino(f)}.")  # fmt: skip
     if out:
         out.append(f"Latency ratios: {where}.")
     return out

@@ -525,6 +525,13 @@ def winners(run: RunDir, cands: dict[str, dict], evals: dict[str, dict]) -> dict
     return out
 
 
+def _refusal(cause: str) -> str:
+    """OpenVINO's reason in one line: its message less the file name and its source locations."""
+    lines = [ln.strip() for ln in cause.split(": ", 1)[-1].splitlines()]
+    kept = [ln for ln in lines if ln and not ln.startswith(("Exception from", "Check '"))]
+    return " ".join(kept)[:200] or "OpenVINO cannot compile it"
+
+
 def latency(run: RunDir, names: list[str], int8: dict | None) -> dict:
     """FP32, notebook 03's INT8 pick and every candidate under ORT (``rows``) and, where
     ``int8.latency_runtimes`` names it, each file OpenVINO compiles under OpenVINO (``openvino_rows``;
@@ -546,7 +553,7 @@ def latency(run: RunDir, names: list[str], int8: dict | None) -> dict:
                 try:
                     make_session(m, cfg.runtime.providers, cfg.runtime.threads, runtime="openvino")
                 except LowbitError as exc:
-                    refused[label] = exc.cause.split("\n")[0][:200]
+                    refused[label] = _refusal(exc.cause)
         pairs = [(label, m, "ort") for label, m in zip(labels, models)]
         pairs += [(label, m, "openvino") for label, m in zip(labels, models) if openvino and label not in refused]
         rows = bench_models([m for _, m, _ in pairs], cfg.runtime.threads, cfg.runtime.providers, cfg.latency.warmup,
