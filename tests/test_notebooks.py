@@ -22,6 +22,8 @@ def test_notebooks_are_committed_without_outputs():
         assert any("parameters" in c.metadata.get("tags", []) for c in book.cells), nb.name
         for c in book.cells:
             assert c.cell_type != "code" or (not c.outputs and c.execution_count is None), nb.name
+        ids = [c.get("id") for c in json.loads(nb.read_text())["cells"]]  # nbformat 4.5: every cell has its own id
+        assert None not in ids and len(set(ids)) == len(ids), nb.name
 
 
 @pytest.mark.slow
