@@ -234,6 +234,7 @@ def _cmd_validate_sensitivity(args) -> int:
 RANGE_IMAGES = SensitivityCfg.model_fields["range_images"].default
 STATS_IMAGES = CandidatesCfg.model_fields["stats_images"].default
 RECONSTRUCT_IMAGES = ReconstructionCfg.model_fields["images"].default
+RECONSTRUCT_BATCH = ReconstructionCfg.model_fields["batch"].default
 
 
 def _materialize_defaults(args) -> None:
@@ -249,6 +250,7 @@ def _materialize_defaults(args) -> None:
         args.stats_images = args.stats_images or run.cfg.candidates.stats_images
         args.weights = args.weights or run.cfg.model.weights
         args.reconstruct_images = args.reconstruct_images or run.cfg.candidates.reconstruction.images
+        args.reconstruct_batch = args.reconstruct_batch or run.cfg.candidates.reconstruction.batch
         if not (args.calib or args.calib_npy):
             args.calib_npy = str(run.artifact(baseline.CALIB))
     args.method = args.method or DEFAULT_METHOD
@@ -257,6 +259,7 @@ def _materialize_defaults(args) -> None:
     args.range_images = args.range_images or RANGE_IMAGES
     args.stats_images = args.stats_images or STATS_IMAGES
     args.reconstruct_images = args.reconstruct_images or RECONSTRUCT_IMAGES
+    args.reconstruct_batch = args.reconstruct_batch or RECONSTRUCT_BATCH
 
 
 def _cmd_materialize(args) -> int:
@@ -308,7 +311,7 @@ def _cmd_materialize(args) -> int:
     reconstruction = None
     if args.reconstruct:
         tm = load_torch_model(resolve_model(args.weights))
-        settings = ReconstructionSettings(iterations=args.reconstruct, images=args.reconstruct_images)
+        settings = ReconstructionSettings(iterations=args.reconstruct, images=args.reconstruct_images, batch=args.reconstruct_batch)
         q, info, reconstruction = reconstructed_integer_form(onnx.load(args.integer_form), model, nodes, method, tm,
                                                              map_convs(model, tm)["mapping"], calib, settings, stats=stats)  # fmt: skip
     elif args.integer_form:
@@ -468,6 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("--reconstruct", type=_positive, metavar="N", help="with --integer-form: learn the 4-bit codes by block "
                    "reconstruction, N steps per YOLO block (lowbit/reconstruct.py); needs the torch model (--weights)")  # fmt: skip
     z.add_argument("--reconstruct-images", type=_positive, help=f"reconstruction images: calibration images [0, N) (default {RECONSTRUCT_IMAGES})")
+    z.add_argument("--reconstruct-batch", type=_positive, help=f"reconstruction images per step (default {RECONSTRUCT_BATCH})")
     z.add_argument("--weights", help="the checkpoint the model was exported from (yolov10n | path.pt; default: the run's model.weights)")
     z.add_argument("--out", required=True, help="OUT.onnx (its recipe goes beside it as OUT.recipe.json)")
     z.set_defaults(func=_cmd_materialize)

@@ -262,6 +262,12 @@ class ReconstructionCfg(Section):
             raise ValueError("iterations must be distinct and >= 0 (0: no reconstruction)")
         return v
 
+    @model_validator(mode="after")
+    def _batch_fits(self):
+        if self.batch > self.images:
+            raise ValueError(f"batch ({self.batch}) is larger than images ({self.images}): lower batch or raise images")
+        return self
+
 
 class CandidatesCfg(Section):
     enabled: bool = True

@@ -46,6 +46,8 @@ def test_reconstruction_iterations_are_distinct_and_not_negative():
     for bad in ([-1], [300, 300], []):
         with pytest.raises(LowbitError, match="candidates.reconstruction.iterations"):
             parse_config({"name": "x", "candidates": {"reconstruction": {"iterations": bad}}})
+    with pytest.raises(LowbitError, match="batch .3. is larger than images .2."):
+        parse_config({"name": "x", "candidates": {"reconstruction": {"images": 2, "batch": 3}}})
 
 
 def test_missing_file_and_bad_yaml(tmp_path):

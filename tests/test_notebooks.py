@@ -112,11 +112,10 @@ def test_the_integer_form_and_the_answer_as_data(smoke_run):
     assert recipe["form"] == "integer" and recipe["method"] == method and recipe["materialize"]["deployed"]["int4"] > 0
     # the same scheme with its codes learned by block reconstruction (params: two steps per block, 4 images)
     br = read_json(run / "candidates" / f"{learned}.recipe.json")["reconstruction"]
-    assert br["settings"]["iterations"] == 2 and br["settings"]["images"] == 4 and br["blocks"]
+    assert br["settings"]["iterations"] == 2 and br["settings"]["images"] == 4 and br["blocks"] and br["convs"] > 0
     assert "seconds" not in br and "peak_rss_mb" not in br  # costs live in the manifest: the file is the same bytes every run
     cost = read_json(run / "manifest.json")["artifacts"][f"candidates/{learned}.recipe.json"]["measured"]["reconstruction"]
     assert cost["seconds"] > 0 and cost["peak_rss_mb"] > 0
-    assert all(b["mse_end"] <= b["mse_start"] or not b["kept"] for b in br["blocks"])
     ev = cands["evaluations"][name]
     recipe_ev = read_json(run / "int8-coco" / f"{recipe['int8_recipe']}.json")
     assert ev["ort_cpu"]["QLinearConv"] == recipe_ev["ort_cpu"]["QLinearConv"] > 0  # the same Convs as the INT8 recipe

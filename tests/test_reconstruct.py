@@ -13,6 +13,7 @@ from lowbit_helpers.int8.ort import quantize_int8_ort
 from lowbit_helpers.lowbit import parse_method
 from lowbit_helpers.lowbit.bias_shift import expected_output_shift
 from lowbit_helpers.lowbit.integer_form import integer_form
+from lowbit_helpers.lowbit.materialize import materialize
 from lowbit_helpers.lowbit.reconstruct import ReconstructionSettings, file_quantizers, quantized_outputs, reconstruct
 from lowbit_helpers.lowbit.stats import collect_stats
 from lowbit_helpers.runtime import make_session
@@ -77,21 +78,25 @@ def test_the_objective_computes_what_ort_computes_for_the_file(setup):
 
 
 def test_learned_codes_land_in_the_file_bit_for_bit_and_repeat(setup):
-    """Reconstruction changes codes, never leaves a block worse than its start on its images, gives the
-    same codes twice, and the integer form writes them unchanged with the -bc bias computed for them."""
+    """Reconstruction changes codes (a block whose learned codes did worse gets its start codes back), gives
+    the same codes twice, and the integer form writes them unchanged with the bias they were learned
+    against (the start file's, the -bc shift of the method's own codes)."""
     settings = ReconstructionSettings(iterations=40, images=4, learning_rate=0.05)  # a fast rate: codes flip within 40 steps
     codes, rec = reconstruct(setup["tm"], setup["mapping"], setup["start"], setup["x"], settings)
     again, _ = reconstruct(setup["tm"], setup["mapping"], setup["start"], setup["x"], settings)
     assert sorted(codes) == sorted(setup["four"])
     assert all(np.array_equal(codes[c], again[c]) for c in codes)
     assert rec["changed_codes"] > 0 and {b["layer"] for b in rec["blocks"]} == {8, 23}
-    assert all(b["mse_end"] <= b["mse_start"] for b in rec["blocks"] if b["kept"])
+    start_codes = {c: q.codes for c, q in file_quantizers(setup["start"]).items() if q.codes is not None}
+    for b in rec["blocks"]:  # a block learning made worse gives back its start codes
+        assert b["kept"] or all(np.array_equal(codes[c], start_codes[c]) for c in b["convs"])
     model, stats = setup["model"], setup["stats"]
     q, info = integer_form(onnx.load(str(setup["int8"])), model, setup["nodes"], "gptq-bc", stats=stats, codes=codes)
     inits = {i.name: i for i in q.graph.initializer}
     f_inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     producer = {o: n for n in q.graph.node for o in n.output}
     m = parse_method("gptq-bc")
+    start_inits = {i.name: i for i in setup["start"].graph.initializer}
     for c in setup["four"]:
         node = next(n for n in q.graph.node if n.name == c)
         w_dq, b_dq, x_dq = (producer[node.input[k]] for k in (1, 2, 0))
@@ -101,10 +106,10 @@ def test_learned_codes_land_in_the_file_bit_for_bit_and_repeat(setup):
         w, b = f_inits[f_node.input[1]], f_inits[f_node.input[2]]
         scale = numpy_helper.to_array(inits[w_dq.input[1]])
         assert np.array_equal(scale, m.rounding.scales(w, m.spec(4), stats[c]))
-        shift = expected_output_shift(w, dequantize(codes[c], scale, None), stats[c])
-        b_scale = numpy_helper.to_array(inits[b_dq.input[1]])
+        assert inits[b_dq.input[0]] == start_inits[b_dq.input[0]] and inits[b_dq.input[1]] == start_inits[b_dq.input[1]]
+        shift = expected_output_shift(w, dequantize(start_codes[c], scale, None), stats[c])  # the start codes' -bc shift
         assert np.array_equal(numpy_helper.to_array(inits[b_dq.input[0]]),
-                              np.round((b - shift).astype(np.float64) / b_scale).astype(np.int32))  # fmt: skip
+                              np.round((b - shift).astype(np.float64) / numpy_helper.to_array(inits[b_dq.input[1]])).astype(np.int32))  # fmt: skip
         assert info["layers"][c]["learned_codes"]
 
 
@@ -118,6 +123,9 @@ def test_reconstruction_refuses_what_it_cannot_learn(setup):
     partial = {k: v for k, v in mapping.items() if k != setup["four"][0]}
     with pytest.raises(LowbitError, match="no torch module"):
         reconstruct(tm, partial, start, x, ReconstructionSettings(iterations=2, images=4))
+    blocked, _ = materialize(setup["model"], {setup["four"][0]: "w4a16"}, "rtn-b16")
+    with pytest.raises(LowbitError, match="blocked scales"):
+        file_quantizers(blocked)
     with pytest.raises(LowbitError, match="do not fit"):
         integer_form(onnx.load(str(setup["int8"])), setup["model"], setup["nodes"], "gptq-bc", stats=setup["stats"],
                      codes={setup["four"][0]: np.full((3, 3), 9, np.int8)})  # fmt: skip
@@ -138,4 +146,9 @@ def test_the_cli_asks_for_what_reconstruction_needs(setup, yolov10n_onnx, tmp_pa
     assert r.returncode == 2, r.stderr
     lines = [ln.strip() for ln in r.stderr.splitlines() if ln.strip().startswith(("error:", "fix:"))]
     assert lines[0].startswith("error:") and "integer form" in lines[0] and lines[1].startswith("fix:") and "--integer-form" in lines[1]
+    assert not out.exists()
+    r = subprocess.run([sys.executable, "-m", "lowbit_helpers", "materialize", str(scheme), str(yolov10n_onnx), "--calib-npy",
+                        str(calib), "--stats-images", "2", "--range-images", "2", "--reconstruct", "2", "--integer-form",
+                        str(setup["int8"]), "--out", str(out)], capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 2 and "error: --reconstruct needs the torch model" in r.stderr and "--weights" in r.stderr
     assert not out.exists()

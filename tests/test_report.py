@@ -458,8 +458,8 @@ def test_openvino_latency_sits_beside_each_candidates_ort_latency():
     cand.latency["openvino_rows"] = [{"name": "fp32", "median_ms": 40.0}, {"name": "budget75-w4a8-w8a8.g.int", "median_ms": 20.0}]
     cand.latency["openvino_skipped"] = {"budget75-w4a8-w8a8.g": "OpenVINO cannot compile b75.onnx: FrontEnd API failed"}
     table = candidate_table(cand)
-    assert table.loc["fp32", "OpenVINO × FP32"] == 0.8 and table.loc["budget75-w4a8-w8a8.g.int", "OpenVINO × FP32"] == 0.4
-    assert table.loc["budget75-w4a8-w8a8.g", "OpenVINO × FP32"] == "refused" and table.loc["w4a16-top0.g", "OpenVINO × FP32"] == "—"
+    assert table.loc["fp32", "OpenVINO × ORT FP32"] == 0.8 and table.loc["budget75-w4a8-w8a8.g.int", "OpenVINO × ORT FP32"] == 0.4
+    assert table.loc["budget75-w4a8-w8a8.g", "OpenVINO × ORT FP32"] == "refused" and table.loc["w4a16-top0.g", "OpenVINO × ORT FP32"] == "—"
     from lowbit_helpers.report.headline import headline_sentences
 
     text = headline_sentences(_synthetic_int8_result(), cand, 9 << 20)

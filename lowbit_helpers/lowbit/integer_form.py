@@ -37,7 +37,6 @@ from ..formats import FORMATS, replace_nodes
 from ..runtime.sessions import LOAD_KEY, WIDEN_INT4
 from ..weights import dequantize
 from . import Method, parse_method
-from .bias_shift import expected_output_shift
 from .materialize import INT4_OPSET, check_scheme, layer_codes, with_opset
 
 INT32 = np.iinfo(np.int32)
@@ -50,7 +49,8 @@ def integer_form(int8_model: onnx.ModelProto, float_model: onnx.ModelProto, node
     ``int8_model`` (an ORT ``all``-placement recipe of ``float_model``), and a record per Conv of what
     it deploys as. ``stats`` and ``cache``: as for :func:`.materialize.materialize`. ``codes``: INT4
     codes that replace the method's for those Convs (block reconstruction's, :mod:`.reconstruct`), on
-    the method's scales, with the method's ``-bc`` shift computed for them."""
+    the method's scales and with the bias of the method's own codes (their ``-bc`` shift), which is the
+    bias the reconstruction learned them against."""
     method = parse_method(method) if isinstance(method, str) else method
     if method.block is not None:
         raise LowbitError(f"method {method.name} has blocked scales, which QLinearConv cannot run (one scale per output channel)",
@@ -90,9 +90,7 @@ def integer_form(int8_model: onnx.ModelProto, float_model: onnx.ModelProto, node
             if codes[name].shape != q_codes.shape or np.abs(codes[name].astype(np.int32)).max() > method.spec(4).qmax:
                 raise LowbitError(f"the codes given for Conv {name} do not fit its weight (shape {q_codes.shape}, "
                                   f"|code| <= {method.spec(4).qmax})", "give codes learned on a file of this scheme and method")  # fmt: skip
-            q_codes = codes[name].astype(np.int8)
-            if method.bias_correction:
-                shift = expected_output_shift(w, dequantize(q_codes, scale, None), stats[name])
+            q_codes = codes[name].astype(np.int8)  # the bias keeps the method's -bc shift: what they were learned with
             rec["learned_codes"] = True
         scale = scale.astype(np.float32)
         b = numpy_helper.to_array(f_inits[f_node.input[2]]).astype(np.float32) if len(f_node.input) > 2 and f_node.input[2] else np.zeros(w.shape[0], np.float32)

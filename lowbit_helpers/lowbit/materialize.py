@@ -46,8 +46,10 @@ from .bias_shift import expected_output_shift
 PRECISIONS = ("fp32", "fp16", *(name for name, f in FORMATS.items() if not f.ort_placement))
 # Part of every candidate's cache key: bump it when the arithmetic of weights.py / a method's module /
 # this module changes (clip grid, damping, act-order, statistics), so old builds are not reused.
-QUANT_VERSION = 3  # 2: statistics and GPTQ under a fixed torch thread count (runtime.TORCH_THREADS);
-# 3: blocked INT4 DequantizeLinear in whole blocks (the same arithmetic), which OpenVINO's ONNX frontend requires
+QUANT_VERSION = 2  # 2: statistics and GPTQ under a fixed torch thread count (runtime.TORCH_THREADS)
+# How the file is laid out, not what it computes (so not in the metric validation's made_by, which QUANT_VERSION is):
+# 2: blocked INT4 DequantizeLinear in whole blocks, which OpenVINO's ONNX frontend requires
+LAYOUT_VERSION = 2
 INT4_OPSET = 21  # INT4 tensors and blocked DequantizeLinear
 
 

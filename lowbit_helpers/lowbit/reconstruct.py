@@ -28,7 +28,9 @@ the head's raw-output MSE did not improve (its start was kept). mAP50-95 against
 -2.11 [-3.15, -1.35]: no gain. The prototype before it (without the SiLU's Q/DQ in the objective)
 measured -3.25 from GPTQ's codes and -4.97 from round to nearest on val500, and the head's error
 measured as detection quantities (scores and decoded boxes of foreground anchors) instead of its
-raw MSE -3.39. So the default run does not reconstruct; ``params/full.yaml`` measures it.
+raw MSE -3.39. (Those files had the ``-bc`` bias recomputed for the learned codes; the file now keeps
+the bias the codes were learned against.) So the default run does not reconstruct; ``params/full.yaml``
+measures it.
 
 Why our own code: no library reconstructs codes for another tool's quantizers. ``aimet-onnx`` learns
 AdaRound layer by layer for the encodings its own simulation computes (min-max scales, not the
@@ -94,7 +96,7 @@ class ConvQuantizers:
     silu: tuple[float, int, int, int] | None = None
     codes: np.ndarray | None = None  # INT4 codes (int8 array) when the weight is 4-bit: learned
     scale: np.ndarray | None = None  # their per-output-channel scales
-    qmax: int = 7
+    qmax: int = 7  # symmetric INT4 codes, -7..7 (lowbit.weights.WeightSpec(4).qmax)
 
 
 def _range(dtype: int) -> tuple[int, int]:
@@ -194,24 +196,24 @@ class _QuantConv:
             self.W = torch.from_numpy(q.weight)
 
     def h(self):
-        import torch
+        import torch  # late: torch costs seconds at import
 
         return torch.clamp(torch.sigmoid(self.V) * (ZETA - GAMMA) + GAMMA, 0, 1)
 
     def codes(self):
-        import torch
+        import torch  # late: torch costs seconds at import
 
         return torch.clamp(self.down + (self.h() >= 0.5).float(), -self.q.qmax, self.q.qmax)
 
     def weight(self):
-        import torch
+        import torch  # late: torch costs seconds at import
 
         if not self.learned:
             return self.W
         return (self.codes() if self.hard else torch.clamp(self.down + self.h(), -self.q.qmax, self.q.qmax)) * self.S
 
     def _fq(self, t, qp):
-        import torch
+        import torch  # late: torch costs seconds at import
 
         scale, zp, lo, hi = qp
         out = torch.fake_quantize_per_tensor_affine(t, scale, zp, lo, hi)
@@ -221,7 +223,7 @@ class _QuantConv:
         return out
 
     def silu(self, y):
-        import torch
+        import torch  # late: torch costs seconds at import
 
         s = torch.sigmoid(y)
         if self.q.sigmoid is not None:
@@ -230,7 +232,7 @@ class _QuantConv:
         return self._fq(out, self.q.silu) if self.q.silu is not None else out
 
     def forward(self, x):
-        import torch.nn.functional as F
+        import torch.nn.functional as F  # late: with torch
 
         m = self.module
         if self.q.x is not None:
@@ -243,7 +245,7 @@ def _install(qc: _QuantConv, modules: dict, on: bool) -> None:
     """Make ``qc``'s module compute the file's arithmetic, or its own again. Where the file quantizes the
     SiLU after it, the Ultralytics ``Conv`` around it (``act(conv(x))``) is replaced as a whole: its
     ``act`` is one ``nn.SiLU`` shared by every ``Conv`` of the model."""
-    import torch
+    import torch  # late: torch costs seconds at import
 
     parent = modules.get(qc.name.rsplit(".", 1)[0]) if "." in qc.name else None
     wraps = (qc.q.silu is not None and getattr(parent, "conv", None) is qc.module
@@ -343,7 +345,7 @@ def _reconstruct(torch_model, mapping, qs, four, images, settings, progress):
 
 def _learn(m, mine, convs, inputs, run, store, target, n, settings, generator, to_onnx) -> dict:
     """Learn the rounding of ``mine`` (the block's INT4 Convs) against the block's FP32 output."""
-    import torch
+    import torch  # late: torch costs seconds at import
 
     t0 = time.perf_counter()
     with torch.no_grad():

@@ -103,7 +103,7 @@ def _reference_rows(result: CandidatesResult) -> list[dict]:
             row.update({"median ms": round(r["median_ms"], 1), "p90 ms": round(r["p90_ms"], 1),
                         "× FP32": round(r["median_ms"] / fp32["median_ms"], 3), "load MiB": r.get("load_mb")})  # fmt: skip
             if (ov := _openvino_ratio(result, key)) is not None:
-                row["OpenVINO × FP32"] = round(ov, 3) if isinstance(ov, float) else ov
+                row["OpenVINO × ORT FP32"] = round(ov, 3) if isinstance(ov, float) else ov
             if "size_bytes" in r:
                 row.update({"size (MiB)": round(r["size_bytes"] / 2**20, 2), "× FP32 size": round(r["size_bytes"] / result.fp32_size_bytes, 3)})
     return rows
@@ -138,7 +138,7 @@ def candidate_table(result: CandidatesResult) -> pd.DataFrame:
             row.update({"median ms": round(r["median_ms"], 1), "p90 ms": round(r["p90_ms"], 1),
                         "× FP32": round(r["latency_ratio"], 3), "load MiB": r.get("load_mb")})  # fmt: skip
             if (ov := r.get("openvino_ratio")) is not None:
-                row["OpenVINO × FP32"] = round(ov, 3) if isinstance(ov, float) else ov
+                row["OpenVINO × ORT FP32"] = round(ov, 3) if isinstance(ov, float) else ov
         rows.append(row)
     columns = list(dict.fromkeys([k for row in rows[-1:] for k in row] + [k for row in rows for k in row]))
     return tidy(pd.DataFrame(rows, columns=columns).set_index("candidate"))

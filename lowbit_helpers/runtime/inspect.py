@@ -19,7 +19,11 @@ def qdq_counts(model_path: str | Path) -> dict:
     ops = Counter(n.op_type for n in g.node)
     producer = {o: n for n in g.node for o in n.output}
     convs = [n for n in g.node if n.op_type == "Conv"]
-    quantized = [n.name for n in convs if len(n.input) > 1 and getattr(producer.get(n.input[1]), "op_type", "") == "DequantizeLinear"]
+    def weight_op(name: str) -> str:  # through a Slice (a padded blocked INT4 weight: lowbit/materialize.py)
+        p = producer.get(name)
+        return weight_op(p.input[0]) if p is not None and p.op_type == "Slice" else getattr(p, "op_type", "")
+
+    quantized = [n.name for n in convs if len(n.input) > 1 and weight_op(n.input[1]) == "DequantizeLinear"]
     return {"QuantizeLinear": ops.get("QuantizeLinear", 0), "DequantizeLinear": ops.get("DequantizeLinear", 0),
             "Conv": len(convs), "quantized_convs": len(quantized), "float_convs": len(convs) - len(quantized)}  # fmt: skip
 

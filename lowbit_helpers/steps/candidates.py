@@ -41,7 +41,7 @@ from ..export import load_torch_model
 from ..formats import FORMATS, apply_format
 from ..lowbit import parse_method
 from ..lowbit.integer_form import integer_form
-from ..lowbit.materialize import QUANT_VERSION, materialize
+from ..lowbit.materialize import LAYOUT_VERSION, QUANT_VERSION, materialize
 from ..lowbit.reconstruct import RECONSTRUCT_VERSION, ReconstructionSettings, reconstructed_integer_form
 from ..lowbit.stats import collect_stats
 from ..rundir import RunDir, Stage
@@ -198,7 +198,8 @@ def build(run: RunDir, scheme: dict, method: str) -> dict:
     rel, recipe_rel = CANDIDATE_ONNX.format(name=name), CANDIDATE_RECIPE.format(name=name)
     params = {"nodes": scheme["nodes"], "method": method if has_four_bit(scheme) else None,
               "range_images": cfg.sensitivity.range_images, "stats_images": cfg.candidates.stats_images,
-              "quant_version": QUANT_VERSION, "versions": baseline.versions(), "model": model_sha, "calib": calib_sha}  # fmt: skip
+              "quant_version": QUANT_VERSION, "layout_version": LAYOUT_VERSION, "versions": baseline.versions(), "model": model_sha,
+              "calib": calib_sha}  # fmt: skip
     if has_four_bit(scheme) and (settings := parse_method(method).rounding.settings()):
         params["method_settings"] = settings  # only where a method has any: the other keys stay as they were
 
@@ -222,6 +223,15 @@ def build(run: RunDir, scheme: dict, method: str) -> dict:
 def integer_name(scheme: dict, method: str, iterations: int = 0) -> str:
     """``<scheme>.<method>.int``, or ``<scheme>.<method>.br<N>.int`` with N steps of block reconstruction per block."""
     return f"{scheme['name']}.{method}{f'.br{iterations}' if iterations else ''}.int"
+
+
+def _reconstruct_args(run: RunDir, iterations: int) -> str:
+    """The command line's reconstruction options of a reconstructed form (the weights by their file name)."""
+    if not iterations:
+        return ""
+    r = run.cfg.candidates.reconstruction
+    return (f" --reconstruct {iterations} --reconstruct-images {r.images} --reconstruct-batch {r.batch} "
+            f"--weights {Path(run.cfg.model.weights).name}")
 
 
 def reconstruction_settings(run: RunDir, iterations: int) -> ReconstructionSettings:
@@ -282,7 +292,7 @@ def build_integer(run: RunDir, scheme: dict, method: str, int8: dict, iterations
                "seconds": round(time.perf_counter() - t0, 1),
                "command": f"python -m lowbit_helpers materialize SCHEME.json {Path(model).name} --calib-npy calib.npy "
                           f"--method {method} --integer-form {Path(int8['model']).name}"
-                          f"{f' --reconstruct {iterations} --weights {cfg.model.weights}' if iterations else ''} --out {name}.onnx"}  # fmt: skip
+                          f"{_reconstruct_args(run, iterations)} --out {name}.onnx"}  # fmt: skip
         return out | ({"reconstruction": rec} if rec else {})
 
     st = Stage(f"candidate:{name}", params, [int8["model"]], [recipe_rel, rel],
@@ -553,7 +563,7 @@ def latency(run: RunDir, names: list[str], int8: dict | None) -> dict:
                 try:
                     make_session(m, cfg.runtime.providers, cfg.runtime.threads, runtime="openvino")
                 except LowbitError as exc:
-                    refused[label] = _refusal(exc.cause)
+                    refused[label] = _refusal(exc.cause)  # (the session is dropped: the bench opens its own)
         pairs = [(label, m, "ort") for label, m in zip(labels, models)]
         pairs += [(label, m, "openvino") for label, m in zip(labels, models) if openvino and label not in refused]
         rows = bench_models([m for _, m, _ in pairs], cfg.runtime.threads, cfg.runtime.providers, cfg.latency.warmup,
