@@ -51,6 +51,7 @@ from onnx import numpy_helper
 
 from ..errors import LowbitError
 from ..runtime import fixed_torch_threads
+from ..weights import WeightSpec
 from .base import Method
 from .integer_form import integer_form
 
@@ -96,7 +97,7 @@ class ConvQuantizers:
     silu: tuple[float, int, int, int] | None = None
     codes: np.ndarray | None = None  # INT4 codes (int8 array) when the weight is 4-bit: learned
     scale: np.ndarray | None = None  # their per-output-channel scales
-    qmax: int = 7  # symmetric INT4 codes, -7..7 (lowbit.weights.WeightSpec(4).qmax)
+    qmax: int = WeightSpec(4).qmax  # symmetric INT4 codes, as every 4-bit method writes them
 
 
 def _range(dtype: int) -> tuple[int, int]:
