@@ -148,7 +148,7 @@ class Int8Cfg(Section):
                                   description="each variant's accuracy under each (the first is ORT's kernels)")
     confirm_engines: list[Engine] | None = Field(default_factory=lambda: ["ort", "ort-exact"], description="the engines (of engines) also run on the "
                                                  "confirmation split; null: all of them")
-    fp32_engines: list[Engine] = Field(default_factory=lambda: ["openvino"],
+    fp32_engines: list[Engine] = Field(default_factory=list,
                                        description="FP32 rows under other engines (bf16 skipped where the CPU lacks it)")
     latency_runtimes: list[one_of(RUNTIMES)] = Field(default_factory=lambda: ["ort", "openvino"],
                                                                description="notebooks 03 and 05 time every model under each (05: "
@@ -209,7 +209,8 @@ class ValidationCfg(Section):
 class SensitivityCfg(Section):
     enabled: bool = True
     formats: list[Fmt] = Field(default_factory=lambda: ["w8a8", "w4a8"])
-    directions: list[one_of(DIRECTIONS)] = Field(default_factory=lambda: ["alone", "kept"])
+    directions: list[one_of(DIRECTIONS)] = Field(default_factory=lambda: ["alone"], description="alone: only the layer in the "
+                                                  "format; kept: all but the layer (full.yaml: the validation finds no metric that predicts it)")
     rank_as: dict[Fmt, Fmt] = Field(default_factory=lambda: {"w4a16": "w4a8"}, description="formats not swept whose top-K schemes take "
                                     "another swept format's ranking, e.g. {w4a16: w4a8} (they rank alike)")
     metric: Metric = Field("det_sqnr", description="the metric that ranks layers (schemes, keep_sensitive)")
@@ -277,10 +278,9 @@ class CandidatesCfg(Section):
                                       description="notebook 04 schemes the ladder is measured on")
     ladder_confirm: bool = Field(False, description="also every ladder rung on the confirmation split (slow; the pick stays on select)")
     method: str = Field("auto", description="4-bit method of every candidate; auto: the ladder's best on the selection split")
-    schemes: list[str] | None = Field(default_factory=lambda: ["w4a16-top0", "w4a16-top10", "budget50-w4a8-w8a8",
-                                                                "budget75-w4a8-w8a8"],
+    schemes: list[str] | None = Field(default_factory=lambda: ["w4a16-top0", "budget50-w4a8-w8a8", "budget75-w4a8-w8a8"],
                                       description="notebook 04 schemes to materialise (null: all of them)")
-    integer_schemes: list[str] = Field(default_factory=lambda: ["w4a16-top0", "budget75-w4a8-w8a8"],
+    integer_schemes: list[str] = Field(default_factory=lambda: ["budget75-w4a8-w8a8"],
                                        description="schemes also built in the integer-kernel form: their 4-bit codes "
                                        "(the method per output channel) in notebook 03's best ORT recipe with placement all, run as QLinearConv")
     fp8: bool = Field(False, description="also every Conv in fp8 (e4m3 Q/DQ)")
