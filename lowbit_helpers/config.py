@@ -292,6 +292,8 @@ class CandidatesCfg(Section):
     confirm_subset: str = Field("val1300", description="winners are confirmed on these images minus the selection split")
     confirm: Literal["winners", "all"] = Field("winners", description="which candidates get the confirmation split")
     exact: bool = Field(True, description="candidates ORT runs through integer kernels also with exact Q/DQ arithmetic")
+    openvino_budgets: list[float] = Field(default_factory=lambda: [75.0], description="budgets whose winner (the scheme's "
+                                          "arithmetic) is also scored under OpenVINO on the confirmation split, where OpenVINO compiles it")
     latency: bool = True
     reconstruction: ReconstructionCfg = ReconstructionCfg()
 

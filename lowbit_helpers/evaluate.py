@@ -87,14 +87,8 @@ def predict_models(models: dict, subset: CocoSubset, decode_cfg: DecodeCfg, prov
     if n == 1:
         parts = [_predict_part(models, items, cats, decode_cfg, providers)]
     else:
-        pool = _prediction_pool(n)
-        try:
-            parts = [f.result() for f in [pool.submit(_predict_part, models, items[k::n], cats, decode_cfg, providers)
-                                          for k in range(n)]]  # fmt: skip
-        except BrokenProcessPool:
-            _POOL.pop(n, None)  # the next call starts a fresh pool
-            raise LowbitError(f"a prediction worker died on {subset.name} (killed, or out of memory)",
-                              "rerun: finished stages are kept; lower runtime.threads if memory is short") from None  # fmt: skip
+        parts = in_workers(_predict_part, [(models, items[k::n], cats, decode_cfg, providers) for k in range(n)], n,
+                           f"a prediction worker died on {subset.name}")  # fmt: skip
     per_image = {}
     for part_dets, _ in parts:
         per_image.update(part_dets)
@@ -107,10 +101,20 @@ _POOL: dict = {}  # workers -> a spawned pool kept for the process's life (its w
 _SESSIONS: dict = {}  # in a worker: (path, engine, mtime, size, providers) -> a one-thread session
 
 
-def _prediction_pool(workers: int):
+def in_workers(fn, jobs: list[tuple], workers: int, what: str = "a worker died") -> list:
+    """``fn(*job)`` for each job in a pool of ``workers`` spawned processes, results in job order.
+
+    One pool per size, kept for the process's life and shared by the predictions and the COCO
+    scoring (starting a pool costs seconds, and a notebook scores many times); its workers keep
+    their ORT sessions between calls (:func:`_worker_session`)."""
     if workers not in _POOL:
         _POOL[workers] = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"))
-    return _POOL[workers]
+    try:
+        return [f.result() for f in [_POOL[workers].submit(fn, *job) for job in jobs]]
+    except BrokenProcessPool:
+        _POOL.pop(workers, None)  # the next call starts a fresh pool
+        raise LowbitError(f"{what} (killed, or out of memory)",
+                          "rerun: finished stages are kept; lower runtime.threads if memory is short") from None  # fmt: skip
 
 
 def _worker_session(path: str, engine: str, providers):

@@ -137,6 +137,13 @@ def test_the_integer_form_and_the_answer_as_data(smoke_run):
     confirm = cands["evaluations"][low["model"]]["confirm"]
     assert low["delta_confirm"][0] == round(100 * confirm["delta_vs_fp32"]["delta"], 2)
     assert low["latency_ratio"] > 0 and "ORT CPU" in low["runtime"]
+    # the 50 % pick (candidates.openvino_budgets) also under OpenVINO: its own Δ on the same images, its own latency
+    ov = next(r for r in answer if r["role"].startswith("low-bit under OpenVINO"))
+    pick = next(r for r in answer if r["role"] == ov["role"].replace("low-bit under OpenVINO", "low-bit"))
+    scored = read_json(run / "results" / f"{ov['model']}.openvino.json")["confirm_openvino"]
+    assert ov["model"] == pick["model"] and ov["engine"] == "OpenVINO CPU" and ov["runtime"].startswith("OpenVINO CPU")
+    assert ov["delta_confirm"][0] == round(100 * scored["delta_vs_fp32"]["delta"], 2) and ov["confirm_split"] == pick["confirm_split"]
+    assert ov["latency_ratio"] > 0 and ov["latency_ratio"] != pick["latency_ratio"]
 
 
 def _no_constant(token: str):

@@ -71,10 +71,10 @@ def _synthetic_int8_result(openvino: bool = True, structure_only: bool = False) 
         return out
 
     def engines(x, gap):
-        e = {"ort": {k: split(n, x + gap, gap) for k, n in (("select", "val100"), ("confirm", "val500 minus val100"), ("whole", "val500"))},
-             "ort-exact": {k: split(n, x) for k, n in (("select", "val100"), ("confirm", "val500 minus val100"), ("whole", "val500"))}}  # fmt: skip
+        e = {"ort": {k: split(n, x + gap, gap) for k, n in (("select", "val100"), ("confirm", "val500 minus val100"))},
+             "ort-exact": {k: split(n, x) for k, n in (("select", "val100"), ("confirm", "val500 minus val100"))}}  # fmt: skip
         if openvino:
-            e["openvino"] = {k: split(n, x, 0.0) for k, n in (("select", "val100"), ("confirm", "val500 minus val100"), ("whole", "val500"))}
+            e["openvino"] = {k: split(n, x, 0.0) for k, n in (("select", "val100"), ("confirm", "val500 minus val100"))}
         return e
 
     variants = {"ort-a": ("ort", -0.004, -0.001, 0, 0.6), "ort-keep": ("ort", -0.001, 0.0, 2, 0.6),
@@ -141,7 +141,7 @@ def test_int8_report_reads_every_engine_and_names_what_it_ships():
     assert "ship `nncf-m` instead" in text and "0.40× under OpenVINO" in text
     # a file OpenVINO computes wrongly is not recommended for OpenVINO's speed
     wrong = _without(_synthetic_int8_result(), "ort-keep")
-    for k in ("select", "confirm", "whole"):
+    for k in ("select", "confirm"):
         wrong.validations["nncf-m"]["engines"]["openvino"][k]["delta_vs"]["ort-exact"]["delta"] = -0.38
     assert "ship `nncf-m` instead" in r.int8_conclusion(wrong) and "under OpenVINO." not in r.int8_conclusion(wrong)
     assert "`nncf-m` under OpenVINO f32" in r.int8_conclusion(wrong)
@@ -213,8 +213,7 @@ def test_int8_report_with_openvino_on_the_selection_split_only():
 
     res = _without(_synthetic_int8_result(), "ort-keep")
     for v in res.validations.values():
-        for k in ("confirm", "whole"):
-            v["engines"]["openvino"].pop(k, None)
+        v["engines"]["openvino"].pop("confirm", None)
     fp32_ov = {"subset": "val100", "metrics": {"mAP_50_95": 0.399}, "delta_vs_fp32": {"delta": -0.001, "lo": -0.003, "hi": 0.001}}
     res.fp32_engines = {"engines": {"openvino": {"select": fp32_ov}}, "skipped_engines": {}}
     acc = r.accuracy_table(res)
@@ -290,12 +289,15 @@ def _synthetic_candidates(fp32_ms: float = 50.0) -> CandidatesResult:
     evals = {n: {"select": split(x + 0.01, "val100"), "confirm": split(x), "size_bytes": int(mib * 2**20)} for n, (_, x, mib) in cands.items()}
     rows = [{"name": "fp32", "median_ms": fp32_ms}, {"name": "int8:ort-keep", "median_ms": 0.55 * fp32_ms}]
     rows += [{"name": n, "median_ms": (0.6 if n.endswith(".int") else 1.2) * fp32_ms} for n in cands]
+    evals["budget75-w4a8-w8a8.g"]["confirm_openvino"] = split(-0.015)  # the 75 % pick under OpenVINO (openvino_budgets)
+    openvino_rows = [{"name": "budget75-w4a8-w8a8.g", "median_ms": 0.62 * fp32_ms}]
     winners = {"50": {"budget_percent": 50.0, "candidate": "w4a16-top10.g", "eligible": 2},
                "75": {"budget_percent": 75.0, "candidate": "budget75-w4a8-w8a8.g", "eligible": 1}}  # fmt: skip
     integer = {"candidates": ["budget75-w4a8-w8a8.g.int"], "skipped": None,
-               "winners": {"75": {"budget_percent": 75.0, "candidate": "budget75-w4a8-w8a8.g.int", "eligible": 1}}}  # fmt: skip
+               "winners": {"50": {"budget_percent": 50.0, "candidate": "budget75-w4a8-w8a8.g.int", "eligible": 1},
+                           "75": {"budget_percent": 75.0, "candidate": "budget75-w4a8-w8a8.g.int", "eligible": 1}}}  # fmt: skip
     return CandidatesResult(method="g", ladder={}, sweep_match={}, recipes=recipes, evaluations=evals, winners=winners,
-                            guided=None, controls=[], integer=integer, best_int8=None, latency={"rows": rows},
+                            guided=None, controls=[], integer=integer, best_int8=None, latency={"rows": rows, "openvino_rows": openvino_rows},
                             fp32_size_bytes=9 << 20, seconds=0.0)  # fmt: skip
 
 
@@ -307,8 +309,14 @@ def test_headline_answers_first_from_one_bench():
     table = headline_table(int8, cand, fp32_size)
     assert list(table.index) == ["FP32 reference", "CPU INT8 (ORT, VNNI CPU)", "TensorRT INT8 (ModelOpt Q/DQ)",
                                  "low-bit, ≥ 50 % of weights in 4-bit", "low-bit, ≥ 75 % of weights in 4-bit",
+                                 "low-bit under OpenVINO, ≥ 75 % of weights in 4-bit",
                                  "low-bit on integer kernels, ≥ 75 % of weights in 4-bit", "uniform W4A16"]  # fmt: skip
+    ov = table.loc["low-bit under OpenVINO, ≥ 75 % of weights in 4-bit"]
+    assert ov["model"] == "budget75-w4a8-w8a8.g" and ov["latency × FP32"] == 0.62  # OpenVINO's row of the same bench
+    assert ov["Δ val500 minus val100 [95%]"].startswith("-1.50 [-2.30, -0.70] (OpenVINO CPU")
     assert table.loc["low-bit on integer kernels, ≥ 75 % of weights in 4-bit", "latency × FP32"] == 0.6
+    # the integer form that wins both budgets is one row, at the larger, naming the other
+    assert table.loc["low-bit on integer kernels, ≥ 75 % of weights in 4-bit", "chosen by"].endswith("also the best at ≥ 50 %")
     assert table.loc["CPU INT8 (ORT, VNNI CPU)", "model"] == "ort-keep"  # notebook 03's rule, not a second one
     assert table.loc["TensorRT INT8 (ModelOpt Q/DQ)", "model"] == "modelopt-e"
     # every ratio from notebook 05's bench: the INT8 pick's 0.55 there, not notebook 03's 0.6
@@ -322,6 +330,7 @@ def test_headline_answers_first_from_one_bench():
     assert "**TensorRT:** ship `modelopt-e`: -1.20 [-2.00, -0.40]" in text[1] and "misses" in text[1]
     assert text[2].startswith("**Low-bit:** at ≥ 75 % of weights in 4-bit, ship `budget75-w4a8-w8a8.g`") and "28% of FP32's file" in text[2]
     assert "Uniform W4A16 (`w4a16-top0.g`) costs -3.40" in text[2]
+    assert "OpenVINO runs the same file at 0.62× ORT's FP32 in the same bench: -1.50 [-2.30, -0.70] points on val500 minus val100 there" in text[2]
     assert text[3].startswith("**Low-bit on integer kernels:** at ≥ 75 % of weights in 4-bit, `budget75-w4a8-w8a8.g.int`")
     assert "-1.70 [-2.50, -0.90] points" in text[3] and "0.60× FP32 latency" in text[3] and "22% of FP32's file" in text[3]
     assert text[4].startswith("Latency ratios: notebook 05's")

@@ -232,7 +232,9 @@ def target_lines(result: CandidatesResult) -> list[str]:
             text += f"; ORT CPU latency {ratio:.2f}× FP32: ≤ {LATENCY_TARGET}× **{'met' if ratio <= LATENCY_TARGET else 'not met'}**"
             ov = _openvino_ratio(result, best)
             if isinstance(ov, float):
-                text += f" (under OpenVINO, same bench: {ov:.2f}× ORT's FP32)"
+                acc = ev[best].get("confirm_openvino")
+                text += (f" (under OpenVINO, same bench: {ov:.2f}× ORT's FP32"
+                         + (f", Δ on {acc['subset']} {_delta(acc)} there)" if acc else ")"))  # fmt: skip
             elif ov == "refused":
                 text += f" (OpenVINO cannot compile it: {_openvino(result)[1][best]})"
         lines.append(text + ".")

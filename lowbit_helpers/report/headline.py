@@ -68,8 +68,12 @@ def headline_sentences(int8_result: Int8Step, cand_result: CandidatesStep, fp32_
 
     def under_openvino(r) -> str:  # notebook 05's bench: the same file under OpenVINO, against ORT's FP32
         ms = openvino.get(r["bench"]) if r["bench"] else None
-        return (f" (OpenVINO runs the same file at {ms / fp32_ms:.2f}× ORT's FP32 in the same bench; its accuracy is "
-                "ORT's here)") if ms and fp32_ms else ""
+        if not (ms and fp32_ms):
+            return ""
+        ov = next((o for o in rows if o["kind"] == "lowbit-openvino" and o["model"] == r["model"]), None)
+        acc = (f"{fmt_delta(ov['score']['delta_vs_fp32'])} points on {ov['score']['subset']} there" if ov
+               else "its accuracy is ORT's here")  # fmt: skip
+        return f" (OpenVINO runs the same file at {ms / fp32_ms:.2f}× ORT's FP32 in the same bench: {acc})"
 
     cpu = first(rows, "cpu")
     if cpu:
@@ -101,7 +105,7 @@ def headline_sentences(int8_result: Int8Step, cand_result: CandidatesStep, fp32_
                    f"{fmt_delta(f['score']['delta_vs_fp32'])} points on {f['score']['subset']}, "
                    f"{f['size_bytes'] / fp32_size_bytes:.0%} of FP32's file, {lat(f)}{under_openvino(f)}.")  # fmt: skip
     if out:
-        out.append(f"Latency ratios: {where}.")
+        out.append(f"Latency ratios: {where}, ORT CPU unless a row says OpenVINO, each to ORT's FP32.")
     return out
 
 

@@ -93,9 +93,9 @@ def int8_table(result: Int8Result) -> pd.DataFrame:
 
 
 def accuracy_table(result: Int8Result) -> pd.DataFrame | None:
-    """Every variant under every engine: mAP50-95 and Δ to FP32 (ORT) on the selection split, the
-    confirmation split and the whole subset (engines of ``int8.confirm_engines``), and Δ to the same
-    file's exact arithmetic."""
+    """Every variant under every engine: mAP50-95 and Δ to FP32 (ORT) on the selection split and
+    the confirmation split (engines of ``int8.confirm_engines``), and Δ to the same file's exact
+    arithmetic."""
     if result.structure_only:
         return None
     rows = []
@@ -107,9 +107,8 @@ def accuracy_table(result: Int8Result) -> pd.DataFrame | None:
                    f"mAP50-95 {sel['subset']}": pct(sel["metrics"]["mAP_50_95"]),
                    f"Δ {sel['subset']} [95%] (chosen on)": fmt_delta(sel["delta_vs_fp32"])}  # fmt: skip
             if e.get("confirm"):  # an engine outside int8.confirm_engines has the selection split only
-                conf, whole = e["confirm"], e["whole"]
-                row.update({f"Δ {conf['subset']} [95%] (confirmed on)": fmt_delta(conf["delta_vs_fp32"]),
-                            f"Δ {whole['subset']} [95%]": fmt_delta(whole["delta_vs_fp32"])})  # fmt: skip
+                conf = e["confirm"]
+                row[f"Δ {conf['subset']} [95%] (confirmed on)"] = fmt_delta(conf["delta_vs_fp32"])
                 ex = conf.get("delta_vs", {}).get("ort-exact")
                 row[f"− exact, {conf['subset']} [95%]"] = fmt_delta(ex) if ex else "—"
             rows.append(row)
@@ -157,10 +156,11 @@ def drop_decomposition(result: Int8Result) -> pd.DataFrame | None:
         eng = val.get("engines", {})
         if result.recipes[name]["backend"] != "ort" or "ort-exact" not in eng or "ort" not in eng:
             continue
-        whole = eng["ort-exact"]["whole"]
-        row = {"variant": name, f"quantization: exact − FP32, {whole['subset']}": fmt_delta(whole["delta_vs_fp32"]),
-               f"kernels − exact, {env.get('int8_kernel_class', '?').upper()} (this CPU), {whole['subset']}":
-                   fmt_delta(eng["ort"]["whole"]["delta_vs"]["ort-exact"])}  # fmt: skip
+        split = "confirm" if eng["ort-exact"].get("confirm") and eng["ort"].get("confirm") else "select"
+        ex, k = eng["ort-exact"][split], eng["ort"][split]
+        row = {"variant": name, f"quantization: exact − FP32, {ex['subset']}": fmt_delta(ex["delta_vs_fp32"]),
+               f"kernels − exact, {env.get('int8_kernel_class', '?').upper()} (this CPU), {k['subset']}":
+                   fmt_delta(k["delta_vs"]["ort-exact"])}  # fmt: skip
         em = result.emulated.get(name)
         if em and not isinstance(em, Skipped):
             k = em["kernels"]
@@ -232,12 +232,12 @@ def _isa_sentence(result: Int8Result) -> str:
 
 def diverging(result: Int8Result, limit_points: float = 5.0) -> list[tuple[str, str, dict]]:
     """(variant, engine, Δ to exact) where an engine's result is more than ``limit_points`` away from
-    the same file's exact arithmetic on the whole subset (the selection split for an engine not confirmed):
-    that engine computes the graph wrongly."""
+    the same file's exact arithmetic on the confirmation split (the selection split for an engine not
+    confirmed): that engine computes the graph wrongly."""
     out = []
     for name, val in result.validations.items():
         for engine, e in (val.get("engines") or {}).items():
-            gap = (e.get("whole") or e["select"]).get("delta_vs", {}).get("ort-exact")
+            gap = (e.get("confirm") or e["select"]).get("delta_vs", {}).get("ort-exact")
             if gap and abs(100 * gap["delta"]) > limit_points:
                 out.append((name, engine, gap))
     return out

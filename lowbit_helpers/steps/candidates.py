@@ -63,6 +63,7 @@ CANDIDATE_RECIPE = "candidates/{name}.recipe.json"  # the scheme, the method and
 CANDIDATE_EVAL = "results/{name}.json"  # selection split, fidelity, graph facts
 CANDIDATE_EXACT = "results/{name}.exact.json"  # confirmation split with exact Q/DQ arithmetic (integer-kernel candidates)
 CANDIDATE_CONFIRM = "results/{name}.confirm.json"  # the confirmation split
+CANDIDATE_OPENVINO = "results/{name}.openvino.json"  # the confirmation split under OpenVINO (candidates.openvino_budgets)
 CONFIRM_IDS = "results/confirm_ids.txt"  # the confirmation split: confirm_subset minus select_subset
 LADDER = "results/ladder.json"
 LATENCY = "results/latency.json"
@@ -418,6 +419,32 @@ def exact(run: RunDir, name: str) -> dict:
                      compute)  # fmt: skip
 
 
+def under_openvino(run: RunDir, name: str) -> dict:
+    """The confirmation split under OpenVINO's CPU plugin (``confirm_openvino``): the accuracy of the file
+    where notebook 05's bench runs it fastest. ``openvino_refused``: OpenVINO's reason in one line where it
+    cannot compile the file (e.g. W4A16's blocked weights); nothing where OpenVINO is not installed."""
+
+    if runtime_unavailable("openvino"):
+        return {}
+    q = run.artifact(CANDIDATE_ONNX.format(name=name))
+    rel = CANDIDATE_OPENVINO.format(name=name)
+    env = environment()
+    params = _eval_params(run, split="confirm", engine="openvino",
+                          environment={k: env[k] for k in ("openvino", "cpu_int8_isa", "int8_kernel_class")})  # fmt: skip
+
+    def compute():
+        cfg = run.cfg
+        try:
+            make_session(q, cfg.runtime.providers, cfg.runtime.threads, runtime="openvino")
+        except LowbitError as exc:
+            return {"openvino_refused": _refusal(exc.cause)}
+        _, conf, _ = splits(run)
+        return {"confirm_openvino": score(run, _predict(run, q, "openvino", conf), conf, _fp32_detections(run))}
+
+    return run.stage(Stage(f"candidate-openvino:{name}", params, [inputs(run)[0], CANDIDATE_ONNX.format(name=name)], [rel]),
+                     compute)  # fmt: skip
+
+
 def confirm(run: RunDir, name: str) -> dict:
     """The confirmation split (confirm_subset minus the selection split: images nobody chose on),
     with Δ to FP32 and its paired-bootstrap interval."""
@@ -618,6 +645,9 @@ def run_candidates(run: RunDir) -> CandidatesResult | Skipped:
         evals[n] = {**evals[n], **confirm(run, n)}
         if c.exact and evals[n]["ort_cpu"]["QLinearConv"] > 0:  # beside this CPU's integer kernels (they depend on its int8 ISA)
             evals[n] = {**evals[n], **exact(run, n)}
+    for w in win.values():
+        if w["budget_percent"] in c.openvino_budgets and "confirm" in evals[w["candidate"]]:
+            evals[w["candidate"]] = {**evals[w["candidate"]], **under_openvino(run, w["candidate"])}
     int8 = best_int8(run)
     lat = latency(run, list(recipes), int8) if c.latency else None
     result = CandidatesResult(

@@ -14,7 +14,7 @@ under each engine of ``int8.engines``:
 
 Each of a variant's engines (``engines`` of the variant, else ``int8.engines``) predicts the
 selection split (val500, where recipes are chosen); those of ``int8.confirm_engines`` also the
-confirmation split (val1300 minus val500: extra800), and their whole. mAP and the paired-bootstrap
+confirmation split (val1300 minus val500: extra800). mAP and the paired-bootstrap
 Δ to FP32 are read on each, with each engine's Δ to the exact arithmetic on the same images.
 ORT's kernels on a CPU without VNNI are measured too, emulated by QEMU (``int8.emulate``).
 Latency: FP32 and every variant under ORT and OpenVINO, interleaved in one process.
@@ -283,18 +283,19 @@ def confirm_engines(cfg: Config, engines: list[str]) -> list[str]:
 
 def engine_scores(run: RunDir, model: Path, engines: list[str]) -> dict:
     """``model`` under each engine on the selection split, and under the confirmation engines
-    (``int8.confirm_engines``) on the confirmation split and the whole (selection + confirmation):
-    Δ to FP32, and Δ to the exact arithmetic when ``ort-exact`` is among the engines there."""
+    (``int8.confirm_engines``) on the confirmation split: Δ to FP32, and Δ to the exact arithmetic
+    when ``ort-exact`` is among the engines there. (No score of the two splits together: every
+    figure the report quotes is either split's, and on 1,300 images it cost a minute of the default run.)"""
 
     cfg = run.cfg
-    sel, conf, union = splits(run)
+    sel, conf, _ = splits(run)
     fp32_dets = fp32_reference(run, cfg.int8.confirm_subset)
     rt = cfg.runtime
     dets, seconds = predict_models({e: (model, e) for e in engines}, sel, cfg.decode, rt.providers, rt.threads)
     confirming = confirm_engines(cfg, engines)
     more, more_seconds = predict_models({e: (model, e) for e in confirming}, conf, cfg.decode, rt.providers, rt.threads)
-    subsets = {"select": sel, "confirm": conf, "whole": union}
-    by_split = {"select": dets, "confirm": more, "whole": {e: dets[e] + more[e] for e in confirming}}
+    subsets = {"select": sel, "confirm": conf}
+    by_split = {"select": dets, "confirm": more}
     pairs = [(e, k) for k in subsets for e in engines if e in by_split[k]]
     # each once, in parallel, with FP32's evaluations where this process has none yet
     evaluated = dict(zip(pairs, evaluations_and_references(run, [(by_split[k][e], subsets[k]) for e, k in pairs], fp32_dets)))
@@ -311,7 +312,7 @@ def engine_scores(run: RunDir, model: Path, engines: list[str]) -> dict:
 
 def _eval_params(cfg: Config, engines: list[str]) -> dict:
     q = cfg.int8
-    return {"select": q.select_subset, "confirm": q.confirm_subset, "engines": engines,
+    return {"select": q.select_subset, "confirm": q.confirm_subset, "scored": ["select", "confirm"], "engines": engines,
             **({"confirm_engines": q.confirm_engines} if q.confirm_engines is not None else {}), "decode": cfg.decode.model_dump(),
             "data": cfg.data.model_dump(), "evaluation": cfg.evaluation.model_dump(), "fidelity_images": q.fidelity_images,
             "environment": _engine_environment(engines)}  # fmt: skip
@@ -353,7 +354,7 @@ def validate_variant(run: RunDir, v: Int8Variant) -> dict:
                   "ort_disabled_optimizers": params.get("ort_disabled_optimizers", []),
                   "size_bytes": sum(run.artifact(p).stat().st_size for p in inputs[1:])}  # fmt: skip
         if "ort" in scores:  # the ORT-kernel result by subset name (what notebook 05 compares against)
-            result["coco"] = {s["subset"]: s for k in ("select", "confirm", "whole") if (s := scores["ort"].get(k))}
+            result["coco"] = {s["subset"]: s for k in ("select", "confirm") if (s := scores["ort"].get(k))}
         return result
 
     return run.stage(Stage(f"int8-eval:{v.name}", params, inputs, [rel]), compute)

@@ -9,15 +9,13 @@ score carries the paired-bootstrap interval of its difference to FP32 on the sam
 from __future__ import annotations
 
 import functools
-import multiprocessing as mp
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
 from ..artifacts import atomic_path, read_json
 from ..data import open_coco
 from ..errors import LowbitError
-from ..evaluate import CocoEvaluation, bootstrap_samples, difference_interval, evaluate_coco
+from ..evaluate import CocoEvaluation, bootstrap_samples, difference_interval, evaluate_coco, in_workers
 from ..rundir import RunDir, Stage
 from . import baseline
 
@@ -128,13 +126,11 @@ def evaluations(run: RunDir, jobs: list[tuple[list[dict], object]]) -> list[tupl
     seeds); only the pycocotools state that nothing downstream reads stays in the worker.
     """
 
-    workers = min(len(jobs), max(1, run.cfg.runtime.threads))
-    if workers <= 1:
+    workers = max(1, run.cfg.runtime.threads)
+    if min(len(jobs), workers) <= 1:
         return [evaluation(run, dets, sub) for dets, sub in jobs]
     args = [(replace(sub), dets, *_resampling(run)) for dets, sub in jobs]  # a copy without the loaded COCO
-    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-        futures = [pool.submit(_evaluate_job, *a) for a in args]
-        return [f.result() for f in futures]
+    return in_workers(_evaluate_job, args, workers, "a COCO scoring worker died")  # the predictions' pool
 
 
 def _reference_key(run: RunDir, ref_dets: list[dict], subset) -> tuple:

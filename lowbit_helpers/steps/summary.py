@@ -53,21 +53,26 @@ def picks(int8_result: Int8Step, cand_result: CandidatesStep) -> list[dict]:
                                  f"{len(trt['considered'])} {trt['kind']} recipe(s) here"})  # fmt: skip
     if isinstance(cand_result, CandidatesResult):
         ev, rec = cand_result.evaluations, cand_result.recipes
-        for w in sorted(cand_result.winners.values(), key=lambda w: w["budget_percent"]):
+        for w, also in _by_model(cand_result.winners):
             n = w["candidate"]
             if "confirm" not in ev[n]:
                 continue
             rows.append({"kind": "lowbit", "role": f"low-bit, ≥ {w['budget_percent']:g} % of weights in 4-bit", "model": n, "score": ev[n]["confirm"],
                          "engine": "ORT kernels", "size_bytes": ev[n]["size_bytes"], "bench": n,
-                         "rule": f"best {ev[n]['select']['subset']} mAP of the {w['eligible']} guided candidates at that budget"})  # fmt: skip
-        for w in sorted(cand_result.integer.get("winners", {}).values(), key=lambda w: w["budget_percent"]):
+                         "rule": f"best {ev[n]['select']['subset']} mAP of the {w['eligible']} guided candidates at that budget{also}"})  # fmt: skip
+            if "confirm_openvino" in ev[n]:  # the same file where notebook 05's bench runs it fastest (candidates.openvino_budgets)
+                rows.append({"kind": "lowbit-openvino", "role": f"low-bit under OpenVINO, ≥ {w['budget_percent']:g} % of weights in 4-bit",
+                             "model": n, "score": ev[n]["confirm_openvino"], "engine": "OpenVINO CPU", "size_bytes": ev[n]["size_bytes"],
+                             "bench": f"{OPENVINO_BENCH}{n}", "rule": f"the ≥ {w['budget_percent']:g} % low-bit pick (chosen on {ev[n]['select']['subset']} through ORT's "
+                                                                      "kernels), run by OpenVINO's CPU plugin"})  # fmt: skip
+        for w, also in _by_model(cand_result.integer.get("winners", {})):
             n = w["candidate"]
             if "confirm" not in ev[n]:
                 continue
             rows.append({"kind": "lowbit-int", "role": f"low-bit on integer kernels, ≥ {w['budget_percent']:g} % of weights in 4-bit",
                          "model": n, "score": ev[n]["confirm"], "engine": "ORT kernels", "size_bytes": ev[n]["size_bytes"],
                          "bench": n, "rule": f"best {ev[n]['select']['subset']} mAP of the {w['eligible']} integer-kernel forms "
-                                             f"at that budget (4-bit codes in {rec[n]['int8_recipe']})"})  # fmt: skip
+                                             f"at that budget (4-bit codes in {rec[n]['int8_recipe']}){also}"})  # fmt: skip
         w16 = next((n for n, r in rec.items() if r["scheme"].get("name") == "w4a16-top0" and r.get("form") != "integer"), None)
         if w16 and "confirm" in ev[w16]:
             rows.append({"kind": "w4a16", "role": "uniform W4A16", "model": w16, "score": ev[w16]["confirm"], "engine": "ORT kernels",
@@ -77,18 +82,33 @@ def picks(int8_result: Int8Step, cand_result: CandidatesStep) -> list[dict]:
     return rows
 
 
+def _by_model(winners: dict) -> list[tuple[dict, str]]:
+    """Budget winners, one per model, in budget order: a model that wins several budgets is one row, at
+    the largest budget it wins, with the smaller ones named (``also``)."""
+    out: dict[str, list[dict]] = {}
+    for w in sorted(winners.values(), key=lambda w: w["budget_percent"]):
+        out.setdefault(w["candidate"], []).append(w)
+    rows = [(ws[-1], "".join(f"; also the best at ≥ {w['budget_percent']:g} %" for w in ws[:-1])) for ws in out.values()]
+    return sorted(rows, key=lambda r: r[0]["budget_percent"])
+
+
+OPENVINO_BENCH = "openvino:"  # bench labels of notebook 05's OpenVINO rows: the prefix and the candidate
+
+
 def bench(int8_result: Int8Step, cand_result: CandidatesStep) -> tuple[dict, str, dict]:
     """(label -> median ms, which measurement, its environment) from the one bench every latency
     ratio of the answer comes from: notebook 05's, which times FP32, the INT8 pick and every
-    candidate in one process (notebook 03's when 05 did not run)."""
+    candidate in one process, under ORT and (labels ``openvino:<candidate>``) OpenVINO (notebook
+    03's when 05 did not run). Every ratio is to ORT's FP32."""
     if isinstance(cand_result, CandidatesResult) and (cand_result.latency or {}).get("rows"):
         lat = cand_result.latency
-        return ({r["name"]: r["median_ms"] for r in lat["rows"]}, "notebook 05's interleaved bench (ORT CPU)",
-                lat.get("environment", {}))  # fmt: skip
+        ms = {r["name"]: r["median_ms"] for r in lat["rows"]}
+        ms.update({f"{OPENVINO_BENCH}{r['name']}": r["median_ms"] for r in lat.get("openvino_rows") or []})
+        return ms, "notebook 05's interleaved bench", lat.get("environment", {})
     if isinstance(int8_result, Int8Result) and int8_result.latency:
         rows = [r for r in int8_result.latency if r.get("runtime", "ort") == "ort" and r.get("precision", "f32") == "f32"]
         return ({("fp32" if r["name"] == "fp32" else f"int8:{r['name']}"): r["median_ms"] for r in rows},
-                "notebook 03's interleaved bench (ORT CPU)", int8_result.environment)  # fmt: skip
+                "notebook 03's interleaved bench", int8_result.environment)  # fmt: skip
     return {}, "no latency measured", {}
 
 
@@ -109,7 +129,8 @@ def answer(run: RunDir, int8_result: Int8Step, cand_result: CandidatesStep) -> l
         return []
     ms, where, env = bench(int8_result, cand_result)
     threads = run.cfg.runtime.threads
-    runtime = f"ORT CPU, {threads} threads, {env.get('int8_kernel_class', '?')} CPU ({where})" if ms else None
+    cpu = f"{threads} threads, {env.get('int8_kernel_class', '?')} CPU ({where}, ratio to ORT's FP32)"
+    runtime = f"ORT CPU, {cpu}" if ms else None
     fp32_ms = ms.get("fp32")
     ref = rows[0]["score"]
     fp32_map = ref["metrics"]["mAP_50_95"] - ref["delta_vs_fp32"]["delta"]
@@ -129,7 +150,8 @@ def answer(run: RunDir, int8_result: Int8Step, cand_result: CandidatesStep) -> l
                     "delta_confirm": [points(d["delta"]), points(d["lo"]), points(d["hi"])], "engine": r["engine"],
                     "size_mib": round(r["size_bytes"] / 2**20, 3),
                     "latency_ratio": round(r_ms / fp32_ms, 3) if r_ms and fp32_ms else None,
-                    "runtime": runtime if r_ms and fp32_ms else None, "rule": r["rule"]})  # fmt: skip
+                    "runtime": (f"OpenVINO CPU, {cpu}" if r["bench"].startswith(OPENVINO_BENCH) else runtime) if r_ms and fp32_ms else None,
+                    "rule": r["rule"]})  # fmt: skip
     return out
 
 
