@@ -154,3 +154,19 @@ def test_vectorised_accumulate_equals_pycocotools_loop(seed):
     want = np.array([_reference_map(table, w) for w in rows])
     assert np.abs(got - want).max() < 1e-12
     assert len(set(np.round(want, 6))) > 10  # the weightings differ: the equality is not trivial
+
+
+def test_the_all_area_evaluation_scores_the_same(val100):
+    """Scoring evaluates the area range "all" only: mAP50-95, mAP50, mAP75, AR, per-class AP and the
+    bootstrap's resamples are pycocotools' full evaluation's, and the small / medium / large split is None."""
+    from lowbit_helpers.evaluate import AREA_METRICS, bootstrap_samples
+
+    dets = gt_as_detections(val100, jitter=0.08)
+    full, fast = evaluate_coco(val100, dets), evaluate_coco(val100, dets, areas=False)
+    assert len(fast._eval.params.areaRng) == 1
+    for k, v in full.metrics.items():
+        assert fast.metrics[k] is None if k in AREA_METRICS else fast.metrics[k] == v, k
+    assert 0 < full.metrics["mAP_small"] < 1 and 0 < full.metrics["mAP_50_95"] < 0.95  # the full one has the split
+    assert json.dumps(fast.per_class) == json.dumps(full.per_class)  # NaN where a class is absent
+    assert np.array_equal(bootstrap_samples(fast, 50, 1), bootstrap_samples(full, 50, 1))
+    assert evaluate_coco(val100, [], areas=False).metrics["mAP_small"] is None

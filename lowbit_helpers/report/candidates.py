@@ -128,7 +128,6 @@ def candidate_table(result: CandidatesResult) -> pd.DataFrame:
             if any(x["confirm_exact"] for x in cands):
                 row[f"Δ {c} exact Q/DQ"] = _delta(r["confirm_exact"]) if r["confirm_exact"] else None
         row.update({"mAP50 / 75": f"{pct(m['mAP_50'])} / {pct(m['mAP_75'])}",
-                    "AP S / M / L": f"{pct(m.get('mAP_small'))} / {pct(m.get('mAP_medium'))} / {pct(m.get('mAP_large'))}",
                     "raw-head SQNR dB": round(r["sqnr_db"], 1), "size (MiB)": round(r["size_mib"], 2),
                     "× FP32 size": round(r["size_ratio"], 3),
                     "Q/DQ nodes": r["qdq"]["QuantizeLinear"] + r["qdq"]["DequantizeLinear"],

@@ -247,7 +247,7 @@ def validation(run: RunDir, sens: dict | None, proxy: dict | None = None, progre
         # the confirmation split in two halves (alternate ids): how well the ground truth agrees with itself
         parts = {"select": sel, "confirm": rest, "all": union, **sv.halves(rest, "confirm")}
         fp32_dets = splits.fp32_reference(run, v.subset)
-        fp32 = {name: evaluate_coco(sub, splits.only(fp32_dets, sub.ids)).metrics["mAP_50_95"] for name, sub in parts.items()}
+        fp32 = {name: evaluate_coco(sub, splits.only(fp32_dets, sub.ids), areas=False).metrics["mAP_50_95"] for name, sub in parts.items()}
         candidates = sv.CandidateScorer(cfg.decode)
         truth = sv.DetectionScorer(union, cfg.decode)
         cocos = sv.CocoImages(union)
@@ -271,7 +271,7 @@ def validation(run: RunDir, sens: dict | None, proxy: dict | None = None, progre
             rows = []
             for c in layers + [ALL]:
                 dets = states[c, direction if c != ALL else "all"]
-                maps = {part: evaluate_coco(sub, splits.only(dets, sub.ids)).metrics["mAP_50_95"] for part, sub in parts.items()}
+                maps = {part: evaluate_coco(sub, splits.only(dets, sub.ids), areas=False).metrics["mAP_50_95"] for part, sub in parts.items()}
                 rows.append({"conv": c, **{f"delta_{p}": maps[p] - fp32[p] for p in maps},
                              "metrics": cand[c] if c != ALL else cand_all})  # fmt: skip
             studies[name] = {"format": fmt, "direction": direction, "method": v.method, "layers": layers,

@@ -106,7 +106,7 @@ def _resampling(run: RunDir) -> tuple[int, int]:
 def evaluation(run: RunDir, dets: list[dict], subset):
     """A :class:`..evaluate.CocoEvaluation` of ``dets`` restricted to ``subset`` and its bootstrap resamples."""
 
-    ev = evaluate_coco(subset, only(dets, subset.ids))
+    ev = evaluate_coco(subset, only(dets, subset.ids), areas=False)  # scoring reads no small / medium / large split
     return ev, bootstrap_samples(ev, *_resampling(run))
 
 
@@ -114,7 +114,7 @@ def _evaluate_job(subset, dets: list[dict], n: int, seed: int):
     """One :func:`evaluation` in a worker process: the evaluation without pycocotools' state (what
     scoring reads: metrics, per-class AP) and its resamples."""
 
-    ev = evaluate_coco(subset, only(dets, subset.ids))
+    ev = evaluate_coco(subset, only(dets, subset.ids), areas=False)
     return CocoEvaluation(ev.metrics, ev.per_class, None), bootstrap_samples(ev, n, seed)
 
 

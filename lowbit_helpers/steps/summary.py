@@ -236,7 +236,7 @@ def fp32_per_class(run: RunDir, int8_result: Int8Step, cand_result: CandidatesSt
 
     def compute():
         _, conf, _ = int8_splits(run)
-        ap = evaluate_coco(conf, splits.only(splits.fp32_reference(run, cfg.int8.confirm_subset), conf.ids)).per_class
+        ap = evaluate_coco(conf, splits.only(splits.fp32_reference(run, cfg.int8.confirm_subset), conf.ids), areas=False).per_class
         coco = conf.coco
         count = {coco.cats[c]["name"]: len(coco.getAnnIds(imgIds=conf.ids, catIds=[c])) for c in coco.getCatIds()}
         # a class without boxes here has no AP: null, not NaN (strict JSON)
