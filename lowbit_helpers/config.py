@@ -76,8 +76,8 @@ class Int8Variant(Section):
     backend: one_of(BACKENDS)
     method: one_of(ALL_METHODS) = Field(..., description="one of the backend's methods (int8/<backend>.py)")
     head_policy: one_of(HEAD_POLICIES) = "conservative"
-    keep_sensitive: int = Field(0, ge=0, description="also exclude the N Convs with the largest w8a8 kept gain "
-                                "(notebook 04's sweep, computed on first need) from quantization")
+    keep_sensitive: int = Field(0, ge=0, description="also exclude the N Convs with the largest w8a8 kept gain (the lowest "
+                                "alone metric where the kept direction is not swept; notebook 04's sweep, computed on first need) from quantization")
     reduce_range: bool = Field(False, description="ort: 7-bit weights (no int16 saturation without VNNI)")
     bias_correction: one_of(ALL_BIAS_CORRECTIONS) | None = Field(
         None, description="nncf: its own, full (default) | fast; ort, modelopt: none (default) | fast "
@@ -293,7 +293,9 @@ class CandidatesCfg(Section):
     confirm: Literal["winners", "all"] = Field("winners", description="which candidates get the confirmation split")
     exact: bool = Field(True, description="candidates ORT runs through integer kernels also with exact Q/DQ arithmetic")
     openvino_budgets: list[float] = Field(default_factory=lambda: [75.0], description="budgets whose winner (the scheme's "
-                                          "arithmetic) is also scored under OpenVINO on the confirmation split, where OpenVINO compiles it")
+                                          "arithmetic) is also scored under OpenVINO on the confirmation split, where OpenVINO compiles it "
+                                          "(a budget not in sensitivity.budgets has no winner: ignored, so that the default "
+                                          "holds with any budget list, as rank_as's entries do)")
     latency: bool = True
     reconstruction: ReconstructionCfg = ReconstructionCfg()
 

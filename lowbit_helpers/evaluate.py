@@ -109,12 +109,16 @@ def in_workers(fn, jobs: list[tuple], workers: int, what: str = "a worker died")
     their ORT sessions between calls (:func:`_worker_session`)."""
     if workers not in _POOL:
         _POOL[workers] = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"))
+    futures = [_POOL[workers].submit(fn, *job) for job in jobs]
     try:
-        return [f.result() for f in [_POOL[workers].submit(fn, *job) for job in jobs]]
+        return [f.result() for f in futures]
     except BrokenProcessPool:
         _POOL.pop(workers, None)  # the next call starts a fresh pool
         raise LowbitError(f"{what} (killed, or out of memory)",
                           "rerun: finished stages are kept; lower runtime.threads if memory is short") from None  # fmt: skip
+    finally:
+        for f in futures:  # after a failure, nothing left queued ahead of the next call
+            f.cancel()
 
 
 def _worker_session(path: str, engine: str, providers):

@@ -130,3 +130,4 @@ def test_resolved_params_load_again_with_any_format_list(tmp_path):
     sens = {"convs": ["a"], "params": {"a": 1}, "metric": "det_sqnr",
             "formats": {"w8a8-ort": {"records": {"a": {"alone": {"det_sqnr": 1.0}}}}}}  # fmt: skip
     assert make_schemes(sens, [0], [], rank_as=again.sensitivity.rank_as) == []  # no w4a8 sweep: no w4a16 scheme
+

@@ -122,6 +122,9 @@ def test_int8_report_reads_every_engine_and_names_what_it_ships():
     assert acc.loc[("ort-a", "ORT kernels, VNNI CPU"), "− exact, val500 minus val100 [95%]"] == "-0.10 [-0.40, +0.20]"
     assert "-1.60" in r.emulation_table(res).iloc[0]["emulated kernels − exact [95%]"]
     assert "kernels − exact, AVX2 (emulated Haswell), val100" in r.drop_decomposition(res).columns
+    dec = r.drop_decomposition(res)  # the quantization and the kernels on the confirmation split, where both engines ran
+    assert dec.loc["ort-a", "quantization: exact − FP32, val500 minus val100"] == "-0.40 [-1.20, +0.40]"
+    assert dec.loc["ort-a", "kernels − exact, VNNI (this CPU), val500 minus val100"] == "-0.10 [-0.40, +0.20]"
     # on a CPU whose kernel does not saturate, 7-bit-weight recipes are not the ORT pick even when they score best
     rr = _synthetic_int8_result()
     rr.validations["ort-keep"]["variant"].update(keep_sensitive=0, reduce_range=True)
@@ -290,7 +293,8 @@ def _synthetic_candidates(fp32_ms: float = 50.0) -> CandidatesResult:
     rows = [{"name": "fp32", "median_ms": fp32_ms}, {"name": "int8:ort-keep", "median_ms": 0.55 * fp32_ms}]
     rows += [{"name": n, "median_ms": (0.6 if n.endswith(".int") else 1.2) * fp32_ms} for n in cands]
     evals["budget75-w4a8-w8a8.g"]["confirm_openvino"] = split(-0.015)  # the 75 % pick under OpenVINO (openvino_budgets)
-    openvino_rows = [{"name": "budget75-w4a8-w8a8.g", "median_ms": 0.62 * fp32_ms}]
+    openvino_rows = [{"name": "budget75-w4a8-w8a8.g", "median_ms": 0.62 * fp32_ms},
+                     {"name": "budget75-w4a8-w8a8.g.int", "median_ms": 0.7 * fp32_ms}]  # timed, not scored, under OpenVINO
     winners = {"50": {"budget_percent": 50.0, "candidate": "w4a16-top10.g", "eligible": 2},
                "75": {"budget_percent": 75.0, "candidate": "budget75-w4a8-w8a8.g", "eligible": 1}}  # fmt: skip
     integer = {"candidates": ["budget75-w4a8-w8a8.g.int"], "skipped": None,
@@ -333,6 +337,7 @@ def test_headline_answers_first_from_one_bench():
     assert "OpenVINO runs the same file at 0.62× ORT's FP32 in the same bench: -1.50 [-2.30, -0.70] points on val500 minus val100 there" in text[2]
     assert text[3].startswith("**Low-bit on integer kernels:** at ≥ 75 % of weights in 4-bit, `budget75-w4a8-w8a8.g.int`")
     assert "-1.70 [-2.50, -0.90] points" in text[3] and "0.60× FP32 latency" in text[3] and "22% of FP32's file" in text[3]
+    assert "0.70× ORT's FP32 in the same bench: its accuracy not scored under OpenVINO; the Δ is ORT's" in text[3]
     assert text[4].startswith("Latency ratios: notebook 05's")
     # without notebook 05, notebook 03's bench gives the ratios; nothing at all: no table
     only8 = headline_table(int8, Skipped("off"), fp32_size)
@@ -477,3 +482,11 @@ def test_openvino_latency_sits_beside_each_candidates_ort_latency():
     lines = target_lines(cand)
     assert any("`budget75-w4a8-w8a8.g.int`" in x and "(under OpenVINO, same bench: 0.40× ORT's FP32)" in x for x in lines)
     assert any("`budget75-w4a8-w8a8.g`" in x and "(OpenVINO cannot compile it: OpenVINO cannot compile b75.onnx" in x for x in lines)
+
+
+def test_a_model_that_wins_several_budgets_is_one_answer_row():
+    from lowbit_helpers.steps.summary import _by_model
+
+    w = {"25": {"budget_percent": 25.0, "candidate": "a"}, "50": {"budget_percent": 50.0, "candidate": "a"},
+         "75": {"budget_percent": 75.0, "candidate": "b"}}  # fmt: skip
+    assert _by_model(w) == [(w["50"], "; also the best at ≥ 25 %"), (w["75"], "")]

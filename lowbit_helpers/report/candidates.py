@@ -74,6 +74,7 @@ def candidate_rows(result: CandidatesResult) -> list[dict]:
                "four_bit_share": info["four_bit_share"], "size_mib": ev["size_bytes"] / 2**20,
                "size_ratio": ev["size_bytes"] / result.fp32_size_bytes, "select": ev["select"],
                "confirm": ev.get("confirm"), "confirm_exact": ev.get("confirm_exact"),
+               "confirm_openvino": ev.get("confirm_openvino"),
                "sqnr_db": ev["fidelity"]["sqnr_db"], "qdq": ev["qdq"], "ort_cpu": ev["ort_cpu"]}  # fmt: skip
         if name in lat and fp32_ms:
             row.update(median_ms=lat[name]["median_ms"], p90_ms=lat[name]["p90_ms"], latency_ratio=lat[name]["median_ms"] / fp32_ms,
@@ -127,6 +128,8 @@ def candidate_table(result: CandidatesResult) -> pd.DataFrame:
             row[f"Δ {c} [95%]"] = _delta(r["confirm"]) if r["confirm"] else None
             if any(x["confirm_exact"] for x in cands):
                 row[f"Δ {c} exact Q/DQ"] = _delta(r["confirm_exact"]) if r["confirm_exact"] else None
+            if any(x["confirm_openvino"] for x in cands):
+                row[f"Δ {c} OpenVINO"] = _delta(r["confirm_openvino"]) if r["confirm_openvino"] else None
         row.update({"mAP50 / 75": f"{pct(m['mAP_50'])} / {pct(m['mAP_75'])}",
                     "raw-head SQNR dB": round(r["sqnr_db"], 1), "size (MiB)": round(r["size_mib"], 2),
                     "× FP32 size": round(r["size_ratio"], 3),

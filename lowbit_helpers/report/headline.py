@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from ..steps.summary import CandidatesStep, Int8Step, bench, first, picks, top_budget
+from ..steps.summary import OPENVINO_BENCH, CandidatesStep, Int8Step, bench, first, picks, top_budget
 from .common import fmt_delta, pct
 from .int8 import _verdict
 
@@ -60,19 +60,17 @@ def headline_sentences(int8_result: Int8Step, cand_result: CandidatesStep, fp32_
     fp32_ms = bench.get("fp32")
     out = []
 
-    openvino = {r["name"]: r["median_ms"] for r in ((getattr(cand_result, "latency", None) or {}).get("openvino_rows") or [])}
-
     def lat(r):
         ms = bench.get(r["bench"]) if r["bench"] else None
         return f"{ms / fp32_ms:.2f}× FP32 latency" if ms and fp32_ms else "latency not measured here"
 
     def under_openvino(r) -> str:  # notebook 05's bench: the same file under OpenVINO, against ORT's FP32
-        ms = openvino.get(r["bench"]) if r["bench"] else None
+        ms = bench.get(f"{OPENVINO_BENCH}{r['bench']}") if r["bench"] else None
         if not (ms and fp32_ms):
             return ""
         ov = next((o for o in rows if o["kind"] == "lowbit-openvino" and o["model"] == r["model"]), None)
         acc = (f"{fmt_delta(ov['score']['delta_vs_fp32'])} points on {ov['score']['subset']} there" if ov
-               else "its accuracy is ORT's here")  # fmt: skip
+               else "its accuracy not scored under OpenVINO; the Δ is ORT's")  # fmt: skip
         return f" (OpenVINO runs the same file at {ms / fp32_ms:.2f}× ORT's FP32 in the same bench: {acc})"
 
     cpu = first(rows, "cpu")

@@ -433,11 +433,8 @@ def under_openvino(run: RunDir, name: str) -> dict:
                           environment={k: env[k] for k in ("openvino", "cpu_int8_isa", "int8_kernel_class")})  # fmt: skip
 
     def compute():
-        cfg = run.cfg
-        try:
-            make_session(q, cfg.runtime.providers, cfg.runtime.threads, runtime="openvino")
-        except LowbitError as exc:
-            return {"openvino_refused": _refusal(exc.cause)}
+        if refused := _openvino_refusal(run, q):
+            return {"openvino_refused": refused}
         _, conf, _ = splits(run)
         return {"confirm_openvino": score(run, _predict(run, q, "openvino", conf), conf, _fp32_detections(run))}
 
@@ -562,6 +559,15 @@ def winners(run: RunDir, cands: dict[str, dict], evals: dict[str, dict]) -> dict
     return out
 
 
+def _openvino_refusal(run: RunDir, model: Path) -> str | None:
+    """OpenVINO's reason in one line where it cannot compile ``model``, else None (the session is dropped)."""
+    try:
+        make_session(model, run.cfg.runtime.providers, run.cfg.runtime.threads, runtime="openvino")
+    except LowbitError as exc:
+        return _refusal(exc.cause)
+    return None
+
+
 def _refusal(cause: str) -> str:
     """OpenVINO's reason in one line: its message less the file name and its source locations."""
     lines = [ln.strip() for ln in cause.split(": ", 1)[-1].splitlines()]
@@ -585,12 +591,8 @@ def latency(run: RunDir, names: list[str], int8: dict | None) -> dict:
 
     def compute():
         refused = {}
-        if openvino:
-            for label, m in zip(labels, models):
-                try:
-                    make_session(m, cfg.runtime.providers, cfg.runtime.threads, runtime="openvino")
-                except LowbitError as exc:
-                    refused[label] = _refusal(exc.cause)  # (the session is dropped: the bench opens its own)
+        if openvino:  # (the bench opens its own sessions)
+            refused = {label: why for label, m in zip(labels, models) if (why := _openvino_refusal(run, m))}
         pairs = [(label, m, "ort") for label, m in zip(labels, models)]
         pairs += [(label, m, "openvino") for label, m in zip(labels, models) if openvino and label not in refused]
         rows = bench_models([m for _, m, _ in pairs], cfg.runtime.threads, cfg.runtime.providers, cfg.latency.warmup,
