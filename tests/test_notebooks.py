@@ -378,3 +378,26 @@ def test_a_killed_run_resumes_where_it_stopped(smoke_run):
             "results/w4a8-top0.gptq-bc-b64.confirm.json", "results/candidates.json"} <= set(files)  # fmt: skip
     assert "seconds" not in (run / "onnx" / "ort-percentile.recipe.json").read_text()  # costs are in the manifest
     assert str(smoke_run.root) not in "".join((run / f).read_text() for f in files if f.endswith(".json") and "detections" not in f)
+
+
+@pytest.mark.slow
+def test_a_run_directory_copied_elsewhere_keeps_its_int8_builds(smoke_run, tmp_path):
+    """An INT8 build's stage key names the run directory's files relative to it: the smoke run copied to
+    another path gives every variant the key its manifest recorded, so nothing is rebuilt there."""
+    from lowbit_helpers.rundir import RunDir, stage_key
+    from lowbit_helpers.steps import baseline
+    from lowbit_helpers.steps import int8 as step
+
+    run = RunDir.open(smoke_run.run)
+    copy = RunDir(shutil.copytree(run.path, tmp_path / "elsewhere" / run.path.name), run.cfg)
+    recorded = copy.manifest()["stages"]
+    for v in run.cfg.int8.variants:
+        keys = []
+        for r in (run, copy):
+            sensitive = step.sensitive_convs(r, v.keep_sensitive)
+            cmd = step.quantize_command(r.cfg, v, r.artifact(baseline.MODEL), r.artifact(baseline.CALIB),
+                                        r.file(step.variant_model(v)), sensitive)  # fmt: skip
+            params = step.build_params(r, v, cmd, step.variant_options(r.cfg, v, sensitive))
+            assert str(r.path) not in json.dumps(params), params["cmd"]
+            keys.append(stage_key(params, [r.artifact(baseline.MODEL), r.artifact(baseline.CALIB)]))
+        assert keys[0] == keys[1] == recorded[f"int8:{v.name}"]["key"], v.name

@@ -221,6 +221,18 @@ def run_backend(name: str, model: Path, calib: Path, images: int, out: Path, o: 
     return {"seconds": time.perf_counter() - t0, "peak_rss_mb": payload}
 
 
+def build_params(run: RunDir, v: Int8Variant, cmd: list[str], options: Int8Options) -> dict:
+    """What an INT8 build's stage key holds: its command with the run directory's paths relative to it
+    (a run directory moved or copied elsewhere keeps its builds), the library and code versions."""
+    b = backend(v.backend)
+    # the code versions of what this project computes in the recipe (the ORT backend's ranges, the bias correction)
+    own = {**b.code_versions(), **({"bias_correction": BC_VERSION} if b.corrects_file and options.bias_correction == "fast"
+                                   else {}), "tensorrt_rules": TRT_RULES_VERSION}  # fmt: skip
+    here = f"{run.path}/"
+    return {"cmd": [str(a).removeprefix(here) for a in cmd[3:]],
+            "versions": {**baseline.versions(), **backend_version(v.backend)}, **own}  # fmt: skip
+
+
 def quantize_variant(run: RunDir, v: Int8Variant) -> dict:
     cfg = run.cfg
     model, calib = run.artifact(baseline.MODEL), run.artifact(baseline.CALIB)
@@ -229,10 +241,7 @@ def quantize_variant(run: RunDir, v: Int8Variant) -> dict:
     sensitive = sensitive_convs(run, v.keep_sensitive)
     cmd = quantize_command(cfg, v, model, calib, out, sensitive)
     b, options = backend(v.backend), variant_options(cfg, v, sensitive)
-    # the code versions of what this project computes in the recipe (the ORT backend's ranges, the bias correction)
-    own = {**b.code_versions(), **({"bias_correction": BC_VERSION} if b.corrects_file and options.bias_correction == "fast"
-                                   else {}), "tensorrt_rules": TRT_RULES_VERSION}  # fmt: skip
-    params = {"cmd": cmd[3:], "versions": {**baseline.versions(), **backend_version(v.backend)}, **own}
+    params = build_params(run, v, cmd, options)
     outputs = [recipe_rel, rel, log_rel] + ([VARIANT_IR_BIN.format(name=v.name)] if is_ir(v) else []) + [
         f"onnx/{v.name}{suffix}" for suffix in b.logs]  # fmt: skip
 
