@@ -53,7 +53,7 @@ from ..sensitivity.schemes import heuristic_scheme, random_scheme
 from ..sensitivity.sweep import activation_ranges, conv_nodes
 from ..sensitivity.torch_proxy import map_convs
 from . import baseline
-from .int8 import VARIANT_EVAL, ort_cpu_pick, read_int8_result, variant_model
+from .int8 import VARIANT_EVAL, engine_environment, ort_cpu_pick, read_int8_result, variant_model
 from .sensitivity import SCHEMES_DIR, SCHEMES_INDEX, SENS
 from .splits import fp32_reference, open_splits, score
 
@@ -428,9 +428,7 @@ def under_openvino(run: RunDir, name: str) -> dict:
         return {}
     q = run.artifact(CANDIDATE_ONNX.format(name=name))
     rel = CANDIDATE_OPENVINO.format(name=name)
-    env = environment()
-    params = _eval_params(run, split="confirm", engine="openvino",
-                          environment={k: env[k] for k in ("openvino", "cpu_int8_isa", "int8_kernel_class")})  # fmt: skip
+    params = _eval_params(run, split="confirm", engine="openvino", environment=engine_environment(["openvino"]))
 
     def compute():
         if refused := _openvino_refusal(run, q):

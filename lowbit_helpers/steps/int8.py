@@ -265,7 +265,7 @@ def splits(run: RunDir):
     return open_splits(run, q.select_subset, q.confirm_subset, CONFIRM_IDS, "int8")
 
 
-def _engine_environment(engines: list[str]) -> dict:
+def engine_environment(engines: list[str]) -> dict:
     """What an engine's numbers depend on beyond the file: the CPU's int8 ISA, runtime versions."""
 
     env = environment()
@@ -324,7 +324,7 @@ def _eval_params(cfg: Config, engines: list[str]) -> dict:
     return {"select": q.select_subset, "confirm": q.confirm_subset, "scored": ["select", "confirm"], "engines": engines,
             **({"confirm_engines": q.confirm_engines} if q.confirm_engines is not None else {}), "decode": cfg.decode.model_dump(),
             "data": cfg.data.model_dump(), "evaluation": cfg.evaluation.model_dump(), "fidelity_images": q.fidelity_images,
-            "environment": _engine_environment(engines)}  # fmt: skip
+            "environment": engine_environment(engines)}  # fmt: skip
 
 
 def _rewrites(model: Path) -> dict:
@@ -394,7 +394,7 @@ def emulated(run: RunDir, v: Int8Variant) -> dict | Skipped:
     if qemu is None:
         return Skipped("qemu-x86_64-static not found: bash scripts/get_qemu.sh fetches it (Debian's qemu-user-static)")
     params = {"cpu": em.cpu, "subset": em.subset, "decode": cfg.decode.model_dump(), "data": cfg.data.model_dump(),
-              "evaluation": cfg.evaluation.model_dump(), "onnxruntime": _engine_environment(["ort-exact", "ort"]),
+              "evaluation": cfg.evaluation.model_dump(), "onnxruntime": engine_environment(["ort-exact", "ort"]),
               **_rewrites(q)}  # fmt: skip
 
     def compute():
@@ -421,7 +421,7 @@ def kernel_probe(run: RunDir) -> dict:
 
     em = run.cfg.int8.emulate
     qemu = qemu_binary()
-    params = {"cpu": em.cpu, "environment": _engine_environment(["ort"]), "qemu": qemu is not None, "probe": PROBE_VERSION}
+    params = {"cpu": em.cpu, "environment": engine_environment(["ort"]), "qemu": qemu is not None, "probe": PROBE_VERSION}
 
     def compute():
         with tempfile.TemporaryDirectory() as tmp:
@@ -449,7 +449,7 @@ def latency(run: RunDir) -> dict:
     params = {"runtime": cfg.runtime.model_dump(), "latency": cfg.latency.model_dump(), "bench": BENCH_SETTINGS,
               "runtimes": runtimes,
               "fp32_engines": cfg.int8.fp32_engines,
-              "environment": _engine_environment([f"{r}" for r in runtimes])}  # fmt: skip
+              "environment": engine_environment([f"{r}" for r in runtimes])}  # fmt: skip
     rewrites = {n: r for n, m in zip(names, models) if (r := _rewrites(m))}
     if rewrites:
         params["rewrites"] = rewrites
