@@ -275,7 +275,7 @@ def _cmd_materialize(args) -> int:
     method = parse_method(args.method)
     if args.integer_form and not Path(args.integer_form).is_file():
         raise LowbitError(f"INT8 recipe not found: {args.integer_form}",
-                          "give --integer-form the ORT INT8 file (placement all) of this model, e.g. a run's onnx/ort-percentile.onnx")  # fmt: skip
+                          "give --integer-form the ORT INT8 file (placement all) of this model, e.g. a run's onnx/ort-percentile-bc.onnx")  # fmt: skip
     if args.integer_form and method.block is not None:
         raise LowbitError(f"method {method.name} has blocked scales, which QLinearConv cannot run (one scale per output channel)",
                           f"drop --method (the default is {method.per_channel} with --integer-form) or give a per-channel one")  # fmt: skip
@@ -466,7 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("--stats-images", type=_positive, help="GPTQ / bias-correction statistics from images [0, N) "
                    f"(default: the run's, else {STATS_IMAGES} as in the params)")  # fmt: skip
     z.add_argument("--integer-form", metavar="INT8.onnx", help="write the scheme's 4-bit codes into this ORT INT8 recipe "
-                   "of the model (placement all, e.g. a run's onnx/ort-percentile.onnx), so that ORT runs every Conv as "
+                   "of the model (placement all, e.g. a run's onnx/ort-percentile-bc.onnx), so that ORT runs every Conv as "
                    "QLinearConv (scales per output channel: the default method without its -b<B>)")  # fmt: skip
     z.add_argument("--reconstruct", type=_positive, metavar="N", help="with --integer-form: learn the 4-bit codes by block "
                    "reconstruction, N steps per YOLO block (lowbit/reconstruct.py); needs the torch model (--weights)")  # fmt: skip

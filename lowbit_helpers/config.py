@@ -80,7 +80,7 @@ class Int8Variant(Section):
                                 "alone metric where the kept direction is not swept; notebook 04's sweep, computed on first need) from quantization")
     reduce_range: bool = Field(False, description="ort: 7-bit weights (no int16 saturation without VNNI)")
     bias_correction: one_of(ALL_BIAS_CORRECTIONS) | None = Field(
-        None, description="nncf: its own, full (default) | fast; ort, modelopt: none (default) | fast "
+        None, description="nncf: its own, full (default) | fast; ort: fast (default) | none; modelopt: none (default) | fast "
         "(int8/bias_correction.py on the finished Q/DQ file)")
     placement: one_of(option_specs()["placement"].choices) = Field(
         "all", description="ort: Q/DQ on every op ORT quantizes, or on Conv inputs only")
@@ -108,13 +108,15 @@ class Int8Variant(Section):
 
 
 def _default_variants() -> list[Int8Variant]:
-    """The default run's recipes: what params/full.yaml's study picked on val100 among the 16 recipes
-    of its last run (the ORT CPU recipe, the best NNCF row, the TensorRT recipe), re-measured in every
-    default run."""
+    """The default run's recipes: the ORT CPU recipe, the best NNCF row and the two TensorRT-ready files
+    (ModelOpt's and ours), each the best on val500 of its kind among params/full.yaml's recipes
+    (measured so on 2026-12-08: the issue note on INT8 that holds), re-measured in every default run."""
     return [
-        Int8Variant(name="ort-percentile", backend="ort", method="percentile"),
-        Int8Variant(name="nncf-mixed", backend="nncf", method="mixed", bias_correction="full", engines=["ort", "openvino"]),
+        Int8Variant(name="ort-percentile-bc", backend="ort", method="percentile", bias_correction="fast"),
+        Int8Variant(name="nncf-mixed", backend="nncf", method="mixed", bias_correction="full", engines=["openvino"]),
         Int8Variant(name="modelopt-entropy", backend="modelopt", method="entropy", engines=["ort-exact"]),
+        Int8Variant(name="ort-trt-bc-keep16", backend="ort", method="avgminmax", placement="conv-inputs",
+                    activations="int8-symmetric", bias_correction="fast", keep_sensitive=16, engines=["ort-exact"]),
     ]
 
 
@@ -146,13 +148,28 @@ class Int8Cfg(Section):
     confirm_subset: str = Field("val1300", description="... and confirmed on these minus select_subset (extra800)")
     engines: list[Engine] = Field(default_factory=lambda: ["ort", "ort-exact", "openvino"],
                                   description="each variant's accuracy under each (the first is ORT's kernels)")
-    confirm_engines: list[Engine] | None = Field(default_factory=lambda: ["ort", "ort-exact"], description="the engines (of engines) also run on the "
+    confirm_engines: list[Engine] | None = Field(default_factory=lambda: ["ort", "ort-exact", "openvino"], description="the engines (of engines) also run on the "
                                                  "confirmation split; null: all of them")
     fp32_engines: list[Engine] = Field(default_factory=list,
                                        description="FP32 rows under other engines (bf16 skipped where the CPU lacks it)")
     latency_runtimes: list[one_of(RUNTIMES)] = Field(default_factory=lambda: ["ort", "openvino"],
                                                                description="notebooks 03 and 05 time every model under each (05: "
                                                                "each file OpenVINO compiles); must hold ort: ORT FP32 is every ratio's reference")
+
+    openvino_settings: dict[str, dict[str, str | int | float | bool]] = Field(
+        default_factory=lambda: {"bf16": {"INFERENCE_PRECISION_HINT": "bf16"}, "denormals": {"CPU_DENORMALS_OPTIMIZATION": True},
+                                 "unpinned": {"ENABLE_CPU_PINNING": False}}, description="OpenVINO CPU properties over this project's settings (LATENCY hint, one stream, "
+        "f32, runtime.threads), each timed beside them on every variant OpenVINO scores (notebook 03's settings bench)")
+
+    @field_validator("openvino_settings")
+    @classmethod
+    def _settings_named(cls, v: dict) -> dict:
+        if "default" in v:
+            raise ValueError("'default' names this project's own OpenVINO settings (the rows without a setting): "
+                             "give the setting another name")  # fmt: skip
+        if any(not props for props in v.values()):
+            raise ValueError("a setting with no property is the default itself: give each setting a property")
+        return v
 
     @field_validator("confirm_engines")
     @classmethod
@@ -274,11 +291,11 @@ class CandidatesCfg(Section):
     enabled: bool = True
     ladder: list[str] = Field(default_factory=_default_ladder, min_length=1,
                               description=f"4-bit PTQ methods measured in order: {method_grammar()}")
-    ladder_schemes: list[str] = Field(default_factory=lambda: ["w4a16-top0"], min_length=1,
+    ladder_schemes: list[str] = Field(default_factory=lambda: ["budget75-w4a8-w8a8"], min_length=1,
                                       description="notebook 04 schemes the ladder is measured on")
     ladder_confirm: bool = Field(False, description="also every ladder rung on the confirmation split (slow; the pick stays on select)")
     method: str = Field("auto", description="4-bit method of every candidate; auto: the ladder's best on the selection split")
-    schemes: list[str] | None = Field(default_factory=lambda: ["w4a16-top0", "budget50-w4a8-w8a8", "budget75-w4a8-w8a8"],
+    schemes: list[str] | None = Field(default_factory=lambda: ["budget50-w4a8-w8a8", "budget75-w4a8-w8a8"],
                                       description="notebook 04 schemes to materialise (null: all of them)")
     integer_schemes: list[str] = Field(default_factory=lambda: ["budget75-w4a8-w8a8"],
                                        description="schemes also built in the integer-kernel form: their 4-bit codes "

@@ -18,7 +18,7 @@ from .data import open_coco, read_image_list
 from .errors import LowbitError
 from .report.summary import SUMMARY_MD
 from .rundir import RunDir, run_lock, split_measured
-from .runtime import check_providers
+from .runtime import check_openvino_properties, check_providers, runtime_unavailable
 from .steps.sensitivity import SCHEMES_DIR
 from .steps.summary import ANSWER
 
@@ -37,9 +37,11 @@ def notebooks(folder: Path = NOTEBOOK_DIR) -> list[Path]:
 
 def preflight(cfg: Config) -> None:
     """Fail fast, before anything is written, on a missing or wrong model, dataset, calibration
-    list or execution provider."""
+    list, execution provider or OpenVINO setting."""
 
     check_providers(cfg.runtime.providers)
+    if cfg.int8.enabled and cfg.int8.openvino_settings and not runtime_unavailable("openvino"):
+        check_openvino_properties(cfg.int8.openvino_settings)
     resolve_model(cfg.model.weights)
     open_coco(cfg.data.coco_root, cfg.data.annotations, cfg.data.subset)
     read_image_list(Path(cfg.data.coco_root) / cfg.data.calib_list)

@@ -43,7 +43,7 @@ PARAMS = "params.yaml"
 MEASURED_KEYS = frozenset({
     "seconds", "total_seconds", "predict_seconds", "confirm_predict_seconds", "build_seconds", "seconds_with_ranges",
     "candidates_seconds", "truth_seconds", "seconds_per_perturbation", "estimated_seconds", "first_run_ms",
-    "peak_rss_mb", "peak_rss_gb",
+    "peak_rss_mb", "peak_rss_gb", "compile_s", "cold_s", "warm_s",
 })  # fmt: skip
 # Outputs that are a measurement as a whole, or a record of one process: the only files of a run
 # directory that two runs with the same params may write differently (fnmatch patterns on the path

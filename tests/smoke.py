@@ -45,6 +45,7 @@ ENV = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
 # layer table, a GPTQ candidate, its evaluation, an integer-form model's exact Q/DQ score, the
 # pictures' detections); they must come back byte for byte
 RECOMPUTED = ("baseline-onnx/smoke.json", "calib/calib.npy", "onnx/ort-percentile.onnx", "int8-coco/ort-percentile.json",
+              "int8-coco/openvino_settings.json",
               "sensitivity/layers.json",
               "candidates/w4a8-top0.gptq-bc-b64.onnx", "results/w4a8-top0.gptq-bc-b64.json",
               "results/budget50-w4a8-w8a8.gptq-bc.int.exact.json", "summary/detections.json")
@@ -52,7 +53,7 @@ RECOMPUTED = ("baseline-onnx/smoke.json", "calib/calib.npy", "onnx/ort-percentil
 # what the structure-only run needs of the smoke params: the code paths a random model changes
 # (no accuracy, no parity, latency and the profiler still), not every backend and engine again
 STRUCTURE_ONLY = {
-    "int8": {"variants": [{"name": "ort-percentile", "backend": "ort", "method": "percentile"}], "fp32_engines": [],
+    "int8": {"variants": [{"name": "ort-percentile", "backend": "ort", "method": "percentile", "bias_correction": "none"}], "fp32_engines": [],
              "emulate": {"cpu": None}},
     "sensitivity": {"formats": ["w4a8"], "naive_check": 0, "proxy": False, "budgets": [], "top_k": [0]},
     "candidates": {"ladder": ["rtn"], "ladder_schemes": ["w4a8-top0"], "schemes": ["w4a8-top0"], "fp8": False,

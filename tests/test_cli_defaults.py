@@ -29,8 +29,10 @@ def test_materialize_defaults_are_the_default_reports_choices():
 
 
 def test_quantize_int8_defaults_are_the_shipped_recipes():
-    """`quantize-int8` with no --backend builds the default report's CPU pick; with --backend and
-    nothing else, the TensorRT pick: the backends' defaults are the shipped recipes."""
+    """`quantize-int8` with no --backend builds the default report's CPU pick; with --backend modelopt and
+    nothing else, ModelOpt's TensorRT recipe: the backends' defaults are the shipped recipes. The TensorRT
+    pick is that file or our own TensorRT-ready recipe (chosen beside it on the selection split), whose
+    kept-float Convs come from the sweep: its recorded command names them (--exclude), no default does."""
     summary = (REPO / "reports" / "default" / "summary.md").read_text()
     cpu = re.search(r"\*\*CPU:\*\* ship `([^`]+)`", summary).group(1)
     trt = re.search(r"\*\*TensorRT:\*\* ship `([^`]+)`", summary).group(1)
@@ -39,7 +41,10 @@ def test_quantize_int8_defaults_are_the_shipped_recipes():
     args = build_parser().parse_args(["quantize-int8", "m.onnx", "--calib-npy", "c.npy", "--out", "q.onnx"])
     assert args.backend == variants[cpu].backend
     assert args.images == (cfg.int8.calib_images or cfg.data.calib_images)
-    for name in (cpu, trt):
-        v = variants[name]
-        assert not v.keep_sensitive, name  # a keep_sensitive recipe needs the sweep: not a command-line default
-        assert checked(v.backend, Int8Options()) == checked(v.backend, v.options()), name
+    modelopt = [v for v in variants.values() if v.backend == "modelopt"]
+    assert len(modelopt) == 1 and checked("modelopt", Int8Options()) == checked("modelopt", modelopt[0].options())
+    for v in [variants[cpu]] + ([variants[trt]] if variants[trt].backend != "ort" else []):
+        assert not v.keep_sensitive, v.name  # a keep_sensitive recipe needs the sweep: not a command-line default
+        assert checked(v.backend, Int8Options()) == checked(v.backend, v.options()), v.name
+    if variants[trt].backend == "ort":  # ours: TensorRT's placement and types (int8/tensorrt.py checks the file)
+        assert (variants[trt].placement, variants[trt].activations) == ("conv-inputs", "int8-symmetric")

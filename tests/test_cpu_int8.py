@@ -135,6 +135,48 @@ def test_openvino_session_runs_the_qdq_graph(tmp_path):
         make_session(tmp_path / "none.onnx", runtime="openvino")
 
 
+def test_openvino_properties_reach_the_compiled_model(yolov10n_onnx):
+    """An OpenVINO setting (int8.openvino_settings) is what the compiled model runs with: bf16 inference
+    precision changes YOLOv10n's raw head where the CPU has bf16, unpinned threads do not; an engine spec
+    with properties opens the same session; ORT takes no properties."""
+    from lowbit_helpers.runtime import openvino_setting_unavailable, with_properties
+
+    x = np.random.default_rng(0).random((1, 3, 640, 640), dtype=np.float32)
+    base = make_session(yolov10n_onnx, threads=2, runtime="openvino")
+    ref = base.run(None, {"images": x})[0]
+    assert base.compiled.get_property("INFERENCE_PRECISION_HINT").to_string() == "f32"
+    assert base.compiled.get_property("CPU_DENORMALS_OPTIMIZATION") is False
+    flushed = make_session(yolov10n_onnx, threads=2, runtime="openvino", properties={"CPU_DENORMALS_OPTIMIZATION": True})
+    assert flushed.compiled.get_property("CPU_DENORMALS_OPTIMIZATION") is True
+    unpinned = make_session(yolov10n_onnx, threads=2, runtime="openvino", properties={"ENABLE_CPU_PINNING": False})
+    assert unpinned.compiled.get_property("ENABLE_CPU_PINNING") is False
+    assert np.array_equal(unpinned.run(None, {"images": x})[0], ref)
+    spec = with_properties("openvino", {"INFERENCE_PRECISION_HINT": "bf16"})
+    assert hash(spec) == hash(with_properties("openvino", {"INFERENCE_PRECISION_HINT": "bf16"}))
+    if openvino_setting_unavailable(dict(spec[1])) is None:
+        bf16 = engine_session(yolov10n_onnx, spec, threads=2)
+        assert bf16.compiled.get_property("INFERENCE_PRECISION_HINT").to_string() == "bf16"
+        assert not np.array_equal(bf16.run(None, {"images": x})[0], ref)
+    else:
+        assert openvino_setting_unavailable(dict(spec[1])).startswith("skipped: this CPU has no bf16")
+    with pytest.raises(ValueError, match="not ORT's"):
+        make_session(yolov10n_onnx, properties={"ENABLE_CPU_PINNING": False})
+
+
+def test_an_openvino_refusal_is_its_own_message_in_one_line(tmp_path):
+    """What a run records where OpenVINO will not compile a file with a setting: OpenVINO's words, without
+    its source locations, the file name or the setting's dict (whose ': ' once cut the message short)."""
+    from lowbit_helpers.runtime import openvino_refusal
+
+    m = probe_model(tmp_path / "p.onnx")
+    with pytest.raises(LowbitError) as e:
+        make_session(m, threads=2, runtime="openvino", properties={"ENABLE_CPU_PINNING": "maybe"})
+    assert "with {'ENABLE_CPU_PINNING': 'maybe'}" in e.value.cause
+    why = openvino_refusal(e.value)
+    assert why.startswith("Wrong value maybe") and "ENABLE_CPU_PINNING" in why and "\n" not in why
+    assert "Exception from" not in why and "p.onnx" not in why and "{" not in why
+
+
 def test_bench_mixes_runtimes_in_one_process(yolov10n_onnx, tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert main(["bench", str(yolov10n_onnx), "--runtime", "ort", "openvino", "--threads", "1", "--warmup", "1",

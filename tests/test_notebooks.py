@@ -28,6 +28,8 @@ def test_notebooks_are_committed_without_outputs():
 
 @pytest.mark.slow
 def test_smoke_run_of_all_notebooks(smoke_run):
+    from lowbit_helpers.runtime.sessions import _openvino_has_bf16
+
     report, run, root = smoke_run.report, smoke_run.run, smoke_run.root
     assert report.is_file()
     html = report.read_text()
@@ -52,6 +54,24 @@ def test_smoke_run_of_all_notebooks(smoke_run):
     assert set(ev["engines"]) == {"ort", "ort-exact", "openvino"}
     assert ev["engines"]["ort"]["confirm"]["delta_vs"]["ort-exact"]["n"] == 50
     assert {r["runtime"] for r in read_json(run / "int8-coco" / "latency.json")["rows"]} == {"ort", "openvino"}
+    # OpenVINO's settings (smoke: bf16 and unpinned) on every variant OpenVINO scores, timed in the same bench: bf16's
+    # raw head differs on this CPU, so it is scored itself; unpinned's is the default's, so it takes the default's mAP
+    ov = RunDir.open(run).read("int8-coco/openvino_settings.json")  # with its measured costs (compile times) merged back
+    scored_ov = {n for n in ("ort-percentile", "nncf-mixed", "nncf-ov", "ort-trt-bc") if "openvino" in read_json(
+        run / "int8-coco" / f"{n}.json")["engines"]}  # fmt: skip
+    assert scored_ov <= set(ov["variants"]) and "nncf-ov" in ov["variants"]
+    bf16 = "bf16" not in ov["skipped"]  # a CPU without bf16 instructions skips that setting, with its reason
+    assert bf16 == _openvino_has_bf16() and (bf16 or ov["skipped"]["bf16"].startswith("skipped: this CPU has no bf16"))
+    for n, rows in ov["variants"].items():
+        assert rows["unpinned"]["max_abs_diff"] == 0.0 and "scores" not in rows["unpinned"], n
+        if bf16 and "refused" not in rows["bf16"]:  # OpenVINO 2026.4 refuses bf16 for NNCF's file: recorded, not run
+            assert rows["bf16"]["max_abs_diff"] > 0 and rows["bf16"]["scores"]["confirm"]["delta_vs_fp32"]["n"] == 50, n
+        assert rows["default"]["cache"]["warm_s"] < rows["default"]["cache"]["cold_s"], n
+    assert not bf16 or any("scores" in rows["bf16"] for rows in ov["variants"].values())
+    timed = {(r["name"], r.get("setting")) for r in read_json(run / "int8-coco" / "latency.json")["rows"] if r["runtime"] == "openvino"}
+    compiled = {(n, s) for n, rows in ov["variants"].items() for s, row in rows.items() if s != "default" and "refused" not in row}
+    assert compiled == {(n, s) for n, s in timed if s} and len(compiled) >= len(ov["variants"])
+    assert "× default setting" in nb03 and "(same outputs)" in nb03 and "s from the cache" in nb03
     # notebook 05's bench: every file under ORT, and under OpenVINO each one it compiles (the others with why)
     lat5 = read_json(run / "results" / "latency.json")
     assert {r["runtime"] for r in lat5["rows"]} == {"ort"} and {r["runtime"] for r in lat5["openvino_rows"]} == {"openvino"}

@@ -52,6 +52,7 @@ def test_ort_int8_end_to_end(yolov10n_onnx, calib, tmp_path, method):
     assert "TensorQuantOverrides" in recipe["call"]["extra_options"] and "CalibMovingAverage" not in recipe["call"]["extra_options"]
     counts = qdq_counts(out)
     assert counts["Conv"] == 82 and counts["quantized_convs"] == 76 and counts["float_convs"] == 6
+    assert len(counts["float_conv_names"]) == 6 and all(n.startswith("/model.23/") for n in counts["float_conv_names"])  # the head
     assert counts["QuantizeLinear"] > 100 and counts["DequantizeLinear"] > counts["QuantizeLinear"]
     executed = ort_executed_ops(out, threads=1)
     assert executed["QLinearConv"] == 76 and executed["float_Conv"] == 6  # every quantized Conv fused on CPU
@@ -242,18 +243,21 @@ def test_profile_keys_kernels_by_their_onnx_conv(tmp_path):
 
 def test_quantize_command_passes_each_backend_only_its_options():
     from lowbit_helpers.config import load_config
+    from lowbit_helpers.int8 import backend, checked
     from lowbit_helpers.steps.int8 import quantize_command
 
-    cfg = load_config("params/default.yaml")
-    for v in cfg.int8.variants:
+    # full.yaml: ORT recipes without the correction too, where ORT's default corrects
+    variants = [(cfg, v) for cfg in map(load_config, ("params/default.yaml", "params/full.yaml")) for v in cfg.int8.variants]
+    for cfg, v in variants:
         cmd = quantize_command(cfg, v, "m.onnx", "c.npy", "o.onnx")
         assert ("--calibration-eps" in cmd) == (v.backend == "modelopt"), v.name
         assert "--stride" not in cmd, v.name  # ranges no longer depend on slicing: the option is gone
         assert ("--percentile" in cmd) == (v.backend == "ort" and v.method == "percentile"), v.name
         assert ("--placement" in cmd) == (v.placement != "all"), v.name
-        bc = cmd[cmd.index("--bias-correction") + 1] if "--bias-correction" in cmd else "none"
-        assert bc == (v.bias_correction or ("full" if v.backend == "nncf" else "none")), v.name
-        assert ("--bias-correction-images" in cmd) == (v.backend != "nncf" and v.bias_correction == "fast"), v.name
+        # the command rebuilds the recipe's correction: the flag, or the backend's default where it names none
+        bc = cmd[cmd.index("--bias-correction") + 1] if "--bias-correction" in cmd else backend(v.backend).default_bias_correction
+        assert bc == checked(v.backend, v.options()).bias_correction, v.name
+        assert ("--bias-correction-images" in cmd) == (v.backend != "nncf" and bc == "fast"), v.name
     with pytest.raises(SystemExit):
         build_parser().parse_args(["quantize-int8", "m.onnx", "--calib-npy", "c.npy", "--out", "o.onnx", "--stride", "2"])
 

@@ -82,7 +82,7 @@ def _synthetic_int8_result(openvino: bool = True, structure_only: bool = False) 
     vals, recipes, lat = {}, {}, [{"name": "fp32", "runtime": "ort", "precision": "f32", "median_ms": 40.0, "threads": 2}]
     for n, (backend, x, gap, keep, r) in variants.items():
         v = {"name": n, "backend": backend, "keep_sensitive": keep, "reduce_range": False, "bias_correction": "full"}
-        vals[n] = {"variant": v, "qdq": {"QuantizeLinear": 5, "DequantizeLinear": 9, "Conv": 82}, "ort_cpu": {"QLinearConv": 76},
+        vals[n] = {"variant": v, "qdq": {"QuantizeLinear": 5, "DequantizeLinear": 9, "Conv": 82, "float_convs": 6}, "ort_cpu": {"QLinearConv": 76},
                    "ort_disabled_optimizers": ["WeightBiasQuantization"] if keep else [],
                    "size_bytes": 3 << 20, "fidelity": {"sqnr_db": 26.0}, "skipped_engines": {} if openvino else {"openvino": "skipped: x"}}  # fmt: skip
         if not structure_only:
@@ -142,6 +142,15 @@ def test_int8_report_reads_every_engine_and_names_what_it_ships():
     assert "ship `ort-a`" in text and "disabled_optimizers" not in text
     assert "Best NNCF row under ORT kernels, VNNI CPU: `nncf-m`" in text and "behind it by -0.30" in text
     assert "ship `nncf-m` instead" in text and "0.40× under OpenVINO" in text
+    # the peer under OpenVINO beside our file under OpenVINO, the same way
+    assert "Best NNCF row under OpenVINO f32: `nncf-m` -0.20 [-1.00, +0.60]; ours there -0.40 [-1.20, +0.40], is behind" in text
+    # scored under OpenVINO only (the default): the OpenVINO comparison says what to ship where OpenVINO runs
+    ov_only = _without(_synthetic_int8_result(), "ort-keep")
+    for e in ("ort", "ort-exact"):
+        ov_only.validations["nncf-m"]["engines"].pop(e)
+    text = r.int8_conclusion(ov_only)
+    assert "Best NNCF row under ORT kernels" not in text and "ship `nncf-m` instead: it runs" not in text
+    assert "Where OpenVINO is the runtime, ship `nncf-m` instead: 0.40× ORT FP32 there, against 0.20× for ours." in text
     # a file OpenVINO computes wrongly is not recommended for OpenVINO's speed
     wrong = _without(_synthetic_int8_result(), "ort-keep")
     for k in ("select", "confirm"):
@@ -149,8 +158,12 @@ def test_int8_report_reads_every_engine_and_names_what_it_ships():
     assert "ship `nncf-m` instead" in r.int8_conclusion(wrong) and "under OpenVINO." not in r.int8_conclusion(wrong)
     assert "`nncf-m` under OpenVINO f32" in r.int8_conclusion(wrong)
     assert "**ORT CPU, AVX2 class (no VNNI)" in text and "misses the 0.1-point target" in text
-    assert "**Fastest CPU deployment**" in text and "`ort-a` under OpenVINO at 0.20×" in text and "target is met here (0.200×)" in text
+    assert "**Fastest CPU deployment**" in text and "`ort-a` under OpenVINO at 0.20×" in text and "its latency is met here (0.200×)" in text
     assert "**TensorRT (ModelOpt Q/DQ):** ship `modelopt-e`" in text and "misses the 0.3-point target" in text
+    assert "Convs stay float" not in text  # a run that did not measure the float Convs' MACs says nothing of them
+    shares = _without(_synthetic_int8_result(), "ort-keep")
+    shares.validations["modelopt-e"]["float_conv_macs_share"] = 0.0412
+    assert "6 of its 82 Convs stay float (4.1 % of the Conv MACs), which TensorRT runs in FP16 / FP32." in r.int8_conclusion(shares)
     assert "OpenVINO bf16 runs the FP32 model itself at 0.35×" in text
     assert "kernel_probe" not in r.kernel_probe_text(res) and "no saturation" in r.kernel_probe_text(res)
 
@@ -245,6 +258,58 @@ def test_int8_report_without_openvino_and_structure_only():
     text = r.int8_conclusion(so)
     assert text.startswith("Structure-only model") and "Fastest ORT variant: `ort-a`" in text
     assert "Fastest INT8 deployment of all: `ort-a` under OpenVINO at 0.200×" in text
+
+
+def _with_openvino_settings(res: Int8Result, bf16_ms: float, bf16_select: float) -> Int8Result:
+    """``res`` with a settings bench on ``ort-a``: ``unpinned`` (the same outputs as the default, a bit
+    slower) and ``bf16`` (other outputs, so scored itself) at ``bf16_ms``, Δ ``bf16_select`` on val100."""
+
+    def split(name, x):
+        return {"subset": name, "metrics": {"mAP_50_95": 0.4 + x}, "delta_vs_fp32": {"delta": x, "lo": x - 0.008, "hi": x + 0.008}}
+
+    res.openvino_settings = {
+        "settings": {"bf16": {"INFERENCE_PRECISION_HINT": "bf16"}, "unpinned": {"ENABLE_CPU_PINNING": False}}, "skipped": {},
+        "variants": {"ort-a": {"default": {"compile_s": 1.5, "cache": {"cold_s": 1.5, "warm_s": 0.4}},
+                               "bf16": {"max_abs_diff": 0.25, "compile_s": 1.4,
+                                        "scores": {"select": split("val100", bf16_select), "confirm": split("val500 minus val100", -0.005)}},
+                               "unpinned": {"max_abs_diff": 0.0, "compile_s": 1.4}}}}  # fmt: skip
+    ms = {"bf16": bf16_ms, "unpinned": 8.4}
+    res.latency += [{"name": "ort-a", "runtime": "openvino", "precision": "f32", "median_ms": m, "threads": 2, "setting": s,
+                     "properties": res.openvino_settings["settings"][s]} for s, m in ms.items()]  # fmt: skip
+    return res
+
+
+def test_openvino_settings_are_tabled_with_their_map_and_compete_for_the_fastest_deployment():
+    from lowbit_helpers.report import int8 as r
+
+    res = _with_openvino_settings(_synthetic_int8_result(), bf16_ms=5.0, bf16_select=-0.003)
+    table = r.openvino_settings_table(res)
+    assert list(table.index) == [("ort-a", "default"), ("ort-a", "bf16"), ("ort-a", "unpinned")]
+    assert table.loc[("ort-a", "bf16"), "× ORT FP32"] == 0.125 and table.loc[("ort-a", "bf16"), "× default setting"] == 0.625
+    assert table.loc[("ort-a", "bf16"), "mAP"] == "its own"
+    assert table.loc[("ort-a", "unpinned"), "mAP"] == "the default's (same outputs)"
+    # the same outputs: the default's scores, which are ort-a's under OpenVINO
+    assert table.loc[("ort-a", "unpinned"), "Δ val100 [95%] (chosen on)"] == table.loc[("ort-a", "default"), "Δ val100 [95%] (chosen on)"]
+    assert table.loc[("ort-a", "bf16"), "Δ val100 [95%] (chosen on)"] == "-0.30 [-1.10, +0.50]"
+    assert "1.50 s cold, 0.40 s from the cache" in r.openvino_settings_text(res)
+    res.openvino_settings["skipped"] = {"bf16x": "skipped: this CPU has no bf16 instructions"}
+    assert "Not run here: `bf16x` (skipped: this CPU has no bf16 instructions)" in r.openvino_settings_text(res)
+    assert r.int8_table(res).loc["ort-a", "OpenVINO ms (2 thr)"] == 8.0  # the default setting's row, not a setting's
+    # a setting OpenVINO refuses for a file: its row says so, and it is no deployment
+    refused = _with_openvino_settings(_synthetic_int8_result(), bf16_ms=5.0, bf16_select=-0.003)
+    refused.openvino_settings["variants"]["ort-a"]["bf16"] = {"refused": "No suitable implementations."}
+    refused.latency = [x for x in refused.latency if x.get("setting") != "bf16"]
+    assert r.openvino_settings_table(refused).loc[("ort-a", "bf16"), "mAP"].endswith("with it: No suitable implementations.")
+    assert "with `bf16`" not in r.int8_conclusion(refused)
+    text = r.int8_conclusion(res)
+    line = text[text.index("**Fastest CPU deployment**"):].split("\n")[0]
+    assert "`ort-a` under OpenVINO with `bf16` (INFERENCE_PRECISION_HINT=bf16) at 0.12× ORT FP32" in line
+    assert "-0.50 [-1.30, +0.30] on val500 minus val100 from its own outputs" in line
+    # a faster setting that costs more than the target's points on the selection split is no pick
+    slow_acc = _with_openvino_settings(_synthetic_int8_result(), bf16_ms=5.0, bf16_select=-0.006)
+    text = r.int8_conclusion(slow_acc)
+    line = text[text.index("**Fastest CPU deployment**"):].split("\n")[0]
+    assert "with `bf16`" not in line and "`ort-keep` under OpenVINO at 0.20×" in line
 
 
 def test_latency_ties_and_recipe_labels():

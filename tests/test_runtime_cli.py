@@ -152,6 +152,10 @@ def _bad_run_inputs(tmp_path, coco_root):
         ("unknown key", {"decode": {"iou_thresh": 0.5}}, "decode.iou_thresh: unknown key"),
         ("wrong type", {"latency": {"runs": "many"}}, "latency.runs"),
         ("GPU provider without a GPU", {"runtime": {"providers": [gpu]}}, gpu),
+        ("OpenVINO property the installed version lacks", {"int8": {"openvino_settings": {"fast": {"NO_SUCH_PROPERTY": 1}}}},
+         "int8.openvino_settings.fast: OpenVINO"),
+        ("OpenVINO property value it refuses", {"int8": {"openvino_settings": {"pin": {"ENABLE_CPU_PINNING": "maybe"}}}},
+         "refuses {'ENABLE_CPU_PINNING': 'maybe'}"),
         ("unwritable runs directory", {"output": {"runs_dir": str(blocker / "runs"), "reports_dir": str(tmp_path / "rep")}},
          "cannot write the run directory"),
     ]

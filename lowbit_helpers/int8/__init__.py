@@ -68,6 +68,8 @@ def command_args(name: str, model: str | Path, calib_npy: str | Path, images: in
     args += b.command_args(o)
     if b.corrects_file and o.bias_correction == "fast":  # this project's, on the finished file
         args += ["--bias-correction", "fast", "--bias-correction-images", str(o.bias_correction_images)]
+    elif o.bias_correction != b.default_bias_correction:  # none where the backend's default corrects
+        args += ["--bias-correction", o.bias_correction]
     return args
 
 

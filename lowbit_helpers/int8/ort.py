@@ -149,8 +149,9 @@ class OrtBackend(Int8Backend):
 
     name, title, library = "ort", "ORT", None
     help = "the recipe the report ships for ORT CPU"
-    # the default report's CPU pick (ort-percentile); tests/test_cli_defaults.py holds the two together
-    methods, default_method = ORT_METHODS, "percentile"
+    # the default report's CPU pick (ort-percentile-bc: percentile ranges and this project's fast bias correction);
+    # tests/test_cli_defaults.py holds the two together. A recipe without the correction says bias_correction: none.
+    methods, default_method, default_bias_correction = ORT_METHODS, "percentile", "fast"
     options = {
         "reduce_range": OptionSpec("--reduce-range", "7-bit weights (no int16 saturation on CPUs without VNNI)", kind=bool),
         "placement": OptionSpec("--placement", "Q/DQ on every op ORT quantizes (all: QLinearConv under ORT) or on Conv "

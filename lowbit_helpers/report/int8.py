@@ -33,9 +33,85 @@ def _latency(result: Int8Result) -> dict:
     FP32, the reference of every ratio."""
     out = {}
     for r in result.latency:
+        if r.get("setting"):  # int8.openvino_settings' rows: openvino_setting_rows
+            continue
         rt, prec = r.get("runtime", "ort"), r.get("precision", "f32")
         out[(r["name"], rt if prec == "f32" else f"{rt}-{prec}")] = r
     return out
+
+
+def openvino_setting_rows(result: Int8Result) -> list[dict]:
+    """Each variant OpenVINO scores under this project's settings (``setting`` "default") and under
+    each of ``int8.openvino_settings``, from the one interleaved bench: its latency, its outputs
+    against the default's, and its Δ to FP32 on each split (``select``, ``confirm``; None where not
+    scored): a setting's own scores where its outputs differ, else the default's, which it equals."""
+    ov = result.openvino_settings
+    if not ov or isinstance(ov, Skipped):
+        return []
+    fp32_ms = _latency(result)[("fp32", "ort")]["median_ms"]
+    ms = {(r["name"], r.get("setting", "default")): r["median_ms"] for r in result.latency if r.get("runtime") == "openvino"
+          and (r.get("setting") or r.get("precision", "f32") == "f32")}  # fmt: skip
+    rows = []
+    for name, settings in ov["variants"].items():
+        base = result.validations[name]["engines"]["openvino"]
+        for setting, check in settings.items():
+            if "refused" in check:  # OpenVINO would not compile the file with it: no latency, no mAP
+                rows.append({"name": name, "setting": setting, "properties": ov["settings"].get(setting, {}),
+                             "refused": check["refused"]})  # fmt: skip
+                continue
+            if (name, setting) not in ms:
+                continue
+            own = check.get("scores")
+            scored = own or base
+            rows.append({"name": name, "setting": setting, "properties": ov["settings"].get(setting, {}),
+                         "ms": ms[(name, setting)], "ratio": ms[(name, setting)] / fp32_ms,
+                         "ratio_to_default": ms[(name, setting)] / ms[(name, "default")],
+                         "max_abs_diff": check.get("max_abs_diff", 0.0), "compile_s": check["compile_s"],
+                         "own_scores": own is not None,
+                         "subsets": {k: x["subset"] for k in ("select", "confirm") if (x := scored.get(k))},
+                         **{k: (scored.get(k) or {}).get("delta_vs_fp32") for k in ("select", "confirm")}})  # fmt: skip
+    return rows
+
+
+def openvino_settings_table(result: Int8Result) -> pd.DataFrame | None:
+    """Notebook 03's settings bench: each variant OpenVINO scores, under this project's settings and
+    each of ``int8.openvino_settings``, timed in one interleaved bench, with its mAP."""
+    rows = openvino_setting_rows(result)
+    if not rows:
+        return None
+    names = {k: n for r in rows for k, n in r.get("subsets", {}).items()}
+    out = []
+    for r in rows:
+        props = ", ".join(f"{k}={v}" for k, v in r["properties"].items()) or "LATENCY hint, 1 stream, f32 (this project's)"
+        if "refused" in r:
+            out.append({"variant": r["name"], "setting": r["setting"], "properties": props,
+                        "mAP": f"OpenVINO refuses to compile the file with it: {r['refused']}"})  # fmt: skip
+            continue
+        out.append({"variant": r["name"], "setting": r["setting"], "properties": props,
+                    "OpenVINO ms": round(r["ms"], 1), "× ORT FP32": round(r["ratio"], 3),
+                    "× default setting": round(r["ratio_to_default"], 3),
+                    "raw head max |Δ| to default": f"{r['max_abs_diff']:.3g}",
+                    f"Δ {names.get('select', 'selection')} [95%] (chosen on)": fmt_delta(r["select"]) if r["select"] else "—",
+                    f"Δ {names.get('confirm', 'confirmation')} [95%]": fmt_delta(r["confirm"]) if r["confirm"] else "—",
+                    "mAP": "its own" if r["own_scores"] else "the default's (same outputs)",
+                    "compile s": r["compile_s"]})  # fmt: skip
+    return pd.DataFrame(out).set_index(["variant", "setting"])
+
+
+def openvino_settings_text(result: Int8Result) -> str:
+    """Under the settings table: the settings this machine cannot run, and OpenVINO's model cache (the
+    compile from ``CACHE_DIR`` against a cold one, per variant)."""
+    ov = result.openvino_settings
+    if not ov or isinstance(ov, Skipped):
+        return ""
+    lines = []
+    if ov.get("skipped"):
+        lines.append("Not run here: " + "; ".join(f"`{k}` ({why})" for k, why in ov["skipped"].items()) + ".")
+    parts = [f"`{n}` {c['cold_s']:.2f} s cold, {c['warm_s']:.2f} s from the cache"
+             for n, s in ov["variants"].items() if (c := s["default"].get("cache"))]  # fmt: skip
+    if parts:
+        lines.append("**OpenVINO's model cache** (`CACHE_DIR`) shortens the compile, not the inference: " + "; ".join(parts) + ".")
+    return "\n\n".join(lines)
 
 
 def recipe_label(v: dict, method: str) -> str:
@@ -347,20 +423,28 @@ def int8_conclusion(result: Int8Result, target_points: float = 0.5) -> str:
                "as every ORT session here does." if pick["ort_disabled_optimizers"] else "")
             + _profile_sentence(result, best) + _isa_sentence(result)
         )  # fmt: skip
+        # the peer measured the same way: under ORT's kernels and exact Q/DQ where it was scored so (full.yaml), and
+        # under OpenVINO, the runtime its file is made for, beside our file under OpenVINO (the default)
         peers = [n for n in vals if recipes[n]["backend"] == "nncf"]
-        for engine in ("ort", "ort-exact"):
-            peers_e = [n for n in peers if has(n, engine) and d(n, engine)]
-            if peers_e and d(best, engine):
+        shipped_peer = False
+        for engine in ("ort", "ort-exact", "openvino"):
+            peers_e = [n for n in peers if has(n, engine) and d(n, engine) and d(n, engine, "select")]
+            if peers_e and has(best, engine) and d(best, engine):
                 p = max(peers_e, key=lambda n: d(n, engine, "select")["delta"])
                 diff = 100 * (d(best, engine)["delta"] - d(p, engine)["delta"])
                 lines[-1] += (f" Best NNCF row under {engine_label(engine, result)}: `{p}` {fmt_delta(d(p, engine))}; "
-                              f"ours is {'at or ahead of' if diff >= 0 else 'behind'} it by {diff:+.2f} points (point estimates).")  # fmt: skip
+                              f"ours {'there ' if engine == 'openvino' else ''}{fmt_delta(d(best, engine)) + ', ' if engine == 'openvino' else ''}"
+                              f"is {'at or ahead of' if diff >= 0 else 'behind'} it by {diff:+.2f} points (point estimates).")  # fmt: skip
+                # OpenVINO's speed only where OpenVINO computes that file right
+                ov_right = (p, "openvino") in lat and not any(n == p and e == "openvino" for n, e, _ in wrong)
                 if diff < 0 and engine == "ort":
-                    # OpenVINO's speed only where OpenVINO computes that file right
-                    ov_right = (p, "openvino") in lat and not any(n == p and e == "openvino" for n, e, _ in wrong)
                     ov = f" and {ratio(p, 'openvino'):.2f}× under OpenVINO" if ov_right else ""
                     lines[-1] += (f" Where those points matter more than ORT's speed, ship `{p}` instead: it runs at "
                                   f"{ratio(p):.2f}× ORT FP32 under ORT{ov}.")  # fmt: skip
+                    shipped_peer = True
+                elif diff < 0 and engine == "openvino" and ov_right and not shipped_peer:
+                    lines[-1] += (f" Where OpenVINO is the runtime, ship `{p}` instead: {ratio(p, 'openvino'):.2f}× ORT FP32 "
+                                  f"there, against {ratio(best, 'openvino'):.2f}× for ours.")  # fmt: skip
     # AVX2-only CPUs (emulated)
     emu = {n: e for n, e in result.emulated.items() if not isinstance(e, Skipped)}
     if emu:
@@ -377,16 +461,20 @@ def int8_conclusion(result: Int8Result, target_points: float = 0.5) -> str:
     # fastest CPU deployment with accuracy within target_points on the selection split under its own runtime,
     # and faster than FP32 itself (ORT's or OpenVINO f32's, whichever is faster): a slower INT8 is no speed pick
     fp32_floor = min(lat[("fp32", rt)]["median_ms"] for rt in ("ort", "openvino") if ("fp32", rt) in lat)
+    # every deployment: (ms, label, Δ select, Δ confirm); OpenVINO's settings beside its default (same bench)
+    deployments = [(r["median_ms"], f"`{name}` under {RUNTIME_NAMES[rt]}", d(name, rt, "select"), d(name, rt))
+                   for (name, rt), r in lat.items() if name != "fp32" and name in vals and has(name, rt)]  # fmt: skip
+    deployments += [(r["ms"], f"`{r['name']}` under OpenVINO with `{r['setting']}` ("
+                     + ", ".join(f"{k}={v}" for k, v in r["properties"].items()) + ")", r["select"], r["confirm"])
+                    for r in openvino_setting_rows(result) if r["setting"] != "default" and r.get("select")]  # fmt: skip
     fastest, slower = [], []
-    for (name, rt), r in lat.items():
-        if name == "fp32" or name not in vals or not has(name, rt):
-            continue
-        if -100 * d(name, rt, "select")["delta"] <= target_points:
-            (fastest if r["median_ms"] < fp32_floor else slower).append((r["median_ms"], name, rt))
+    for dep in deployments:
+        if -100 * dep[2]["delta"] <= target_points:
+            (fastest if dep[0] < fp32_floor else slower).append(dep)
     if not fastest:
         text = f"**Fastest CPU deployment** within {target_points} points on {sel_name}: none. "
         if slower:
-            listed = ", ".join(f"`{n}` under {RUNTIME_NAMES[r]} ({ms:.1f} ms)" for ms, n, r in sorted(slower))
+            listed = ", ".join(f"{label} ({ms:.1f} ms)" for ms, label, _, _ in sorted(slower, key=lambda t: t[0]))
             text += f"The {len(slower)} deployment(s) within those points run slower than FP32's fastest ({fp32_floor:.1f} ms): {listed}."
         else:
             text += "No deployment is within those points."
@@ -394,22 +482,21 @@ def int8_conclusion(result: Int8Result, target_points: float = 0.5) -> str:
     else:
         # latencies within TIE_LATENCY of the fastest are one class (a bench's run-to-run spread is a
         # few %): among them, the best selection-split Δ
-        floor = min(fastest)[0]
-        tied = [(ms, name, rt) for ms, name, rt in fastest if ms <= floor * (1 + TIE_LATENCY)]
-        ms, name, rt = max(tied, key=lambda t: d(t[1], t[2], "select")["delta"])
-        k = d(name, rt)
-        others = ", ".join(f"`{n}` under {RUNTIME_NAMES[r]} ({fmt_delta(d(n, r) or d(n, r, 'select'))})" for _, n, r in sorted(tied)
-                           if (n, r) != (name, rt))  # fmt: skip
+        floor = min(t[0] for t in fastest)
+        tied = [t for t in fastest if t[0] <= floor * (1 + TIE_LATENCY)]
+        ms, label, sel_d, k = max(tied, key=lambda t: t[2]["delta"])
+        others = ", ".join(f"{lb} ({fmt_delta(c or s_)})" for _, lb, s_, c in sorted(tied, key=lambda t: t[0]) if lb != label)
         confirmed = (f"{fmt_delta(k)} on {conf_name} from its own outputs. " if k else
-                     f"{fmt_delta(d(name, rt, 'select'))} on {sel_name} (not run on {conf_name} under that runtime: "
+                     f"{fmt_delta(sel_d)} on {sel_name} (not run on {conf_name} under that runtime: "
                      "int8.confirm_engines). ")  # fmt: skip
+        r_ = ms / fp32_ms
         lines.append(
             f"**Fastest CPU deployment** within {target_points} points on {sel_name} (latencies within "
-            f"{TIE_LATENCY:.0%} of the fastest count as tied; the best {sel_name} Δ among them): `{name}` under "
-            f"{RUNTIME_NAMES[rt]} at {ms / fp32_ms:.2f}× ORT FP32 latency ({ms:.1f} ms), "
-            + confirmed + f"The ≤ 0.35× target is {'met' if ms / fp32_ms <= 0.35 else 'not met'} here ({ms / fp32_ms:.3f}×); "
-            f"its accuracy {_verdict(k or d(name, rt, 'select'), 0.15)} the 0.15-point target"
-            + ("" if k else f" on {sel_name}") + "." + (f" Tied on speed: {others}." if others else "")
+            f"{TIE_LATENCY:.0%} of the fastest count as tied; the best {sel_name} Δ among them): {label} "
+            f"at {r_:.2f}× ORT FP32 latency ({ms:.1f} ms), " + confirmed
+            + f"Against the ≤ 0.30× target (aim 0.25×) its latency is {'met' if r_ <= 0.30 else 'not met'} here ({r_:.3f}×); "
+            f"its accuracy {_verdict(k or sel_d, 0.3)} the 0.3-point target" + ("" if k else f" on {sel_name}") + "."
+            + (f" Tied on speed: {others}." if others else "")
         )  # fmt: skip
         fp32_eng = result.fp32_engines.get("engines", {})
         for eng in ("openvino", "openvino-bf16"):
@@ -426,7 +513,11 @@ def int8_conclusion(result: Int8Result, target_points: float = 0.5) -> str:
         lines.append(
             f"**TensorRT ({trt['label']}):** ship `{best}` (best {sel_name} Δ "
             f"with exact arithmetic{'' if trt['kind'] == 'ModelOpt' else ' of the TensorRT-ready recipes'}, which is what TensorRT "
-            f"computes): {fmt_delta(ex)} on {conf_name}. It {_verdict(ex, 0.3)} the 0.3-point target. ORT fuses only "
+            f"computes): {fmt_delta(ex)} on {conf_name}. It {_verdict(ex, 0.3)} the 0.3-point target."
+            + (f" {vals[best]['qdq']['float_convs']} of its {vals[best]['qdq']['Conv']} Convs stay float "
+               f"({100 * vals[best]['float_conv_macs_share']:.1f} % of the Conv MACs), which TensorRT runs in FP16 / FP32."
+               if "float_conv_macs_share" in vals[best] else "")
+            + " ORT fuses only "
             f"{vals[best]['ort_cpu']['QLinearConv']} of its Convs, so its CPU latency ({ratio(best):.2f}× FP32) says nothing "
             "about TensorRT's."
         )  # fmt: skip

@@ -81,13 +81,14 @@ def bench_models(
     Runs are interleaved (one run of each model per round) so that drift in machine load
     affects all models alike; ratios are to the first model. ORT's threads do not spin between
     runs (see :func:`make_session`). ``runtimes`` gives each model's
-    runtime (``ort``, ``openvino``, or a ``(runtime, precision)`` pair); default ORT for all.
+    runtime (``ort``, ``openvino``, a ``(runtime, precision)`` pair, or ``(runtime, precision,
+    properties)`` with the runtime's own settings: OpenVINO CPU properties); default ORT for all.
     """
-    engines = [(r, "f32") if isinstance(r, str) else tuple(r) for r in (runtimes or ["ort"] * len(models))]
+    engines = [(r, "f32", None) if isinstance(r, str) else (*r, None)[:3] for r in (runtimes or ["ort"] * len(models))]
     if len(engines) != len(models):
         raise ValueError("one runtime per model")
-    sessions = [make_session(m, providers, threads, runtime=r, precision=p, spinning=False)
-                for m, (r, p) in zip(models, engines)]  # fmt: skip
+    sessions = [make_session(m, providers, threads, runtime=r, precision=p, spinning=False, properties=props)
+                for m, (r, p, props) in zip(models, engines)]  # fmt: skip
     shape = [d if isinstance(d, int) else 1 for d in sessions[0].get_inputs()[0].shape]
     x = np.random.default_rng(seed).random(shape, dtype=np.float32)
     for s in sessions:
@@ -100,9 +101,11 @@ def bench_models(
             run_head(s, x)
             times[i].append((time.perf_counter() - t0) * 1000.0)
     rows = []
-    for m, (r, p), s, t in zip(models, engines, sessions, times):
+    for m, (r, p, props), s, t in zip(models, engines, sessions, times):
+        p = str((props or {}).get("INFERENCE_PRECISION_HINT", p))  # a setting's precision hint is the row's precision
         rows.append({"model": str(m), "runtime": r, "precision": p, "providers": s.get_providers(), "threads": threads,
-                     "ort_spinning": False, "warmup": warmup, **latency_stats(t)})  # fmt: skip
+                     "ort_spinning": False, "warmup": warmup, **({"properties": props} if props else {}),
+                     **latency_stats(t)})  # fmt: skip
     first = rows[0]["median_ms"]
     for r in rows:
         r["ratio_to_first"] = r["median_ms"] / first

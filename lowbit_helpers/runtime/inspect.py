@@ -14,7 +14,8 @@ from .sessions import make_session, run_head
 
 
 def qdq_counts(model_path: str | Path) -> dict:
-    """Q/DQ nodes, and Convs whose weight comes through a DequantizeLinear (i.e. quantized Convs)."""
+    """Q/DQ nodes, and Convs whose weight comes through a DequantizeLinear (i.e. quantized Convs); the
+    names of the others (float Convs)."""
     g = onnx.load(str(model_path), load_external_data=False).graph
     ops = Counter(n.op_type for n in g.node)
     producer = {o: n for n in g.node for o in n.output}
@@ -25,7 +26,8 @@ def qdq_counts(model_path: str | Path) -> dict:
 
     quantized = [n.name for n in convs if len(n.input) > 1 and weight_op(n.input[1]) == "DequantizeLinear"]
     return {"QuantizeLinear": ops.get("QuantizeLinear", 0), "DequantizeLinear": ops.get("DequantizeLinear", 0),
-            "Conv": len(convs), "quantized_convs": len(quantized), "float_convs": len(convs) - len(quantized)}  # fmt: skip
+            "Conv": len(convs), "quantized_convs": len(quantized), "float_convs": len(convs) - len(quantized),
+            "float_conv_names": sorted(n.name for n in convs if n.name not in set(quantized))}  # fmt: skip
 
 
 def ort_executed_ops(model_path: str | Path, threads: int = 2) -> dict:

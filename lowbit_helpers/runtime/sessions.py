@@ -8,6 +8,7 @@ calibration statistics' graphs with extra outputs).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -40,7 +41,8 @@ def check_providers(providers: list[str] | None) -> list[str]:
 def make_session(model: str | Path | onnx.ModelProto, providers: list[str] | None = None, threads: int = 2,
                  optimized_path: str | Path | None = None, profile_prefix: str | Path | None = None,
                  arithmetic: str = "kernels", runtime: str = "ort", precision: str = "f32", spinning: bool = True,
-                 disabled_optimizers: Iterable[str] = (), memory_arena: bool = True, widen_int4: bool | None = None):  # fmt: skip
+                 disabled_optimizers: Iterable[str] = (), memory_arena: bool = True, widen_int4: bool | None = None,
+                 properties: dict | None = None):  # fmt: skip
     """A session with fixed, documented options (the same for every variant).
 
     ``spinning`` False stops ORT's intra-op threads from spin-waiting between runs: the setting
@@ -74,11 +76,16 @@ def make_session(model: str | Path | onnx.ModelProto, providers: list[str] | Non
     initializers of the same integers), so that ORT's CPU fuses their Convs into ``QLinearConv``;
     None (the default): as the file asks (:data:`LOAD_KEY` in its metadata, written by
     :func:`lowbit_helpers.lowbit.integer_form.integer_form`).
+
+    ``properties``: the runtime's own settings over the defaults here (OpenVINO: CPU plugin properties,
+    such as ``ENABLE_CPU_PINNING``; notebook 03's settings bench, ``int8.openvino_settings``).
     """
     if runtime not in RUNTIMES:
         raise LowbitError(f"unknown runtime {runtime!r}", f"use one of {', '.join(RUNTIMES)}")
     if runtime != "ort":  # a registered runtime: its own session class
-        return OTHER_RUNTIMES[runtime](model, threads, precision)
+        return OTHER_RUNTIMES[runtime](model, threads, precision, properties)
+    if properties:
+        raise ValueError("properties are a setting of the other runtimes (OpenVINO), not ORT's")
     if arithmetic not in ARITHMETICS:
         raise ValueError(f"arithmetic must be one of {ARITHMETICS}, not {arithmetic!r}")
     providers = check_providers(providers)
@@ -159,12 +166,65 @@ def _openvino_has_bf16(core=None) -> bool:
     return "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
-def engine_session(model: str | Path, engine: str, providers: list[str] | None = None, threads: int = 2):
-    """:func:`make_session` for one of ``ENGINES``."""
+def engine_session(model: str | Path, engine: str | tuple, providers: list[str] | None = None, threads: int = 2):
+    """:func:`make_session` for one of ``ENGINES``, or for ``(engine, ((property, value), ...))``: an
+    OpenVINO engine with CPU properties of its own (:func:`with_properties`)."""
+    engine, properties = (engine, ()) if isinstance(engine, str) else engine
     if engine not in ENGINES:
         raise LowbitError(f"unknown engine {engine!r}", f"use one of {', '.join(ENGINES)}")
     runtime, arithmetic, precision = ENGINES[engine]
-    return make_session(model, providers, threads, arithmetic=arithmetic, runtime=runtime, precision=precision)
+    return make_session(model, providers, threads, arithmetic=arithmetic, runtime=runtime, precision=precision,
+                        properties=dict(properties) or None)  # fmt: skip
+
+
+def with_properties(engine: str, properties: dict) -> tuple:
+    """An engine spec with runtime properties (hashable and picklable: a worker keys its sessions on it)."""
+    return (engine, tuple(sorted(properties.items())))
+
+
+def openvino_refusal(exc: LowbitError) -> str:
+    """OpenVINO's reason in one line, from :class:`OpenVINOSession`'s compile error: its own message
+    (``exc.engine_message``) less its source locations."""
+    lines = [ln.strip() for ln in getattr(exc, "engine_message", exc.cause).splitlines()]
+    kept = [ln for ln in lines if ln and not ln.startswith(("Exception from", "Check '"))]
+    return " ".join(kept)[:200] or "OpenVINO cannot compile it"
+
+
+def openvino_setting_unavailable(properties: dict) -> str | None:
+    """Why this machine cannot run an OpenVINO setting (no OpenVINO; bf16 without bf16 instructions), or None."""
+    if why := runtime_unavailable("openvino"):
+        return why
+    if str(properties.get("INFERENCE_PRECISION_HINT", "")).lower() == "bf16" and not _openvino_has_bf16():
+        return "skipped: this CPU has no bf16 instructions"
+    return None
+
+
+def check_openvino_properties(settings: dict[str, dict]) -> None:
+    """Refuses, before anything runs, a setting whose property the installed OpenVINO's CPU plugin
+    lacks or whose value it refuses (``int8.openvino_settings``): each setting compiles a one-op model."""
+    import openvino as ov  # late: openvino is optional, only its rows need it
+
+    core = ov.Core()
+    supported = core.get_property("CPU", "SUPPORTED_PROPERTIES")
+    for name, props in settings.items():
+        for key in props:
+            if supported.get(key) != "RW":
+                raise LowbitError(f"int8.openvino_settings.{name}: OpenVINO {ov.__version__.split('-')[0]}'s CPU plugin has no settable "
+                                  f"property {key!r}", "use one of " + ", ".join(k for k, m in supported.items() if m == "RW")
+                                  + " (or install an OpenVINO that has it)")  # fmt: skip
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])
+    tiny = core.read_model(onnx.helper.make_model(onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "t", [x], [y]),
+                                                 opset_imports=[onnx.helper.make_opsetid("", 13)]).SerializeToString(), b"")  # fmt: skip
+    for name, props in settings.items():
+        if openvino_setting_unavailable(props):
+            continue  # skipped where it runs, with its reason
+        try:
+            core.compile_model(tiny, "CPU", dict(props))
+        except Exception as exc:  # OpenVINO raises RuntimeError with its own message
+            why = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            raise LowbitError(f"int8.openvino_settings.{name}: OpenVINO {ov.__version__.split('-')[0]} refuses {props}: {why}",
+                              "give each property a value OpenVINO's CPU plugin takes (see its documentation)") from None  # fmt: skip
 
 
 class OpenVINOSession:
@@ -175,7 +235,7 @@ class OpenVINOSession:
     inference overwrites.
     """
 
-    def __init__(self, model: str | Path, threads: int = 2, precision: str = "f32"):
+    def __init__(self, model: str | Path, threads: int = 2, precision: str = "f32", properties: dict | None = None):
         if precision not in OPENVINO_PRECISIONS:
             raise LowbitError(f"unknown OpenVINO precision {precision!r}", f"use one of {', '.join(OPENVINO_PRECISIONS)}")
         try:
@@ -193,11 +253,19 @@ class OpenVINOSession:
                   "NUM_STREAMS": 1}  # fmt: skip
         if threads == 1:  # the evaluation's one-thread workers share the cores (evaluate.predict_models): pinned,
             config["ENABLE_CPU_PINNING"] = False  # each would run on the same first core
+        if properties:
+            config.update({k: v for k, v in properties.items() if not (threads == 1 and k == "ENABLE_CPU_PINNING")})
+        t0 = time.perf_counter()
         try:
             self.compiled = core.compile_model(str(model), "CPU", config)
         except Exception as exc:  # OpenVINO raises RuntimeError with its own message
-            raise LowbitError(f"OpenVINO cannot compile {model}: {str(exc)[:300]}",
-                              "check the file with onnx.checker, or run it with --runtime ort") from None  # fmt: skip
+            fix = ("check the values of int8.openvino_settings against OpenVINO's CPU properties" if properties else
+                   "check the file with onnx.checker, or run it with --runtime ort")  # fmt: skip
+            err = LowbitError(f"OpenVINO cannot compile {model}" + (f" with {properties}" if properties else "")
+                              + f": {str(exc)[:300]}", fix)  # fmt: skip
+            err.engine_message = str(exc)  # OpenVINO's own words, for a one-line refusal (openvino_refusal)
+            raise err from None
+        self.compile_seconds = time.perf_counter() - t0
         self.request = self.compiled.create_infer_request()
         self.precision = precision
         self.version = ov.__version__

@@ -1,7 +1,7 @@
 """Notebook 05: low-bit candidates, each a deployable ONNX, evaluated alike, chosen honestly.
 
 1. The 4-bit method ladder (``candidates.ladder``): each method materialises each scheme of
-   ``candidates.ladder_schemes`` (uniform W4A16 and the 75 % budget by default); mAP on the
+   ``candidates.ladder_schemes`` (the 75 % budget by default; full.yaml: uniform W4A16 too); mAP on the
    selection split; the best method (mean mAP over those schemes) is the candidates' method
    unless ``candidates.method`` names one.
 2. Candidates: every scheme notebook 04 wrote (top-K per format, budgets), all Convs in fp8,
@@ -45,7 +45,15 @@ from ..lowbit.materialize import LAYOUT_VERSION, QUANT_VERSION, materialize
 from ..lowbit.reconstruct import RECONSTRUCT_VERSION, ReconstructionSettings, reconstructed_integer_form
 from ..lowbit.stats import collect_stats
 from ..rundir import RunDir, Stage
-from ..runtime import BENCH_SETTINGS, bench_models, environment, load_memory, make_session, runtime_unavailable
+from ..runtime import (
+    BENCH_SETTINGS,
+    bench_models,
+    environment,
+    load_memory,
+    make_session,
+    openvino_refusal,
+    runtime_unavailable,
+)
 from ..runtime.inspect import fidelity, ort_executed_ops, qdq_counts, raw_heads
 from ..schema import Skipped
 from ..sensitivity.metrics import read_back
@@ -562,15 +570,8 @@ def _openvino_refusal(run: RunDir, model: Path) -> str | None:
     try:
         make_session(model, run.cfg.runtime.providers, run.cfg.runtime.threads, runtime="openvino")
     except LowbitError as exc:
-        return _refusal(exc.cause)
+        return openvino_refusal(exc)
     return None
-
-
-def _refusal(cause: str) -> str:
-    """OpenVINO's reason in one line: its message less the file name and its source locations."""
-    lines = [ln.strip() for ln in cause.split(": ", 1)[-1].splitlines()]
-    kept = [ln for ln in lines if ln and not ln.startswith(("Exception from", "Check '"))]
-    return " ".join(kept)[:200] or "OpenVINO cannot compile it"
 
 
 def latency(run: RunDir, names: list[str], int8: dict | None) -> dict:

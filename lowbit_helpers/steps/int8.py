@@ -33,6 +33,8 @@ from dataclasses import dataclass, field, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+import numpy as np
+
 from ..artifacts import read_json
 from ..config import EMULATE_DEFAULT, Config, Int8Variant
 from ..data import open_coco, preprocess
@@ -49,13 +51,18 @@ from ..runtime import (
     BENCH_SETTINGS,
     RUNTIMES,
     bench_models,
+    check_openvino_properties,
     engine_session,
     engine_unavailable,
     environment,
     kept_float_rewrite,
     make_session,
+    openvino_refusal,
+    openvino_setting_unavailable,
     profile_model,
+    run_head,
     runtime_unavailable,
+    with_properties,
 )
 from ..runtime.emulate import EmulatedSession, emulated_probe, qemu_binary
 from ..runtime.inspect import head_fidelity, ort_executed_ops, qdq_counts
@@ -77,6 +84,7 @@ FP32_ENGINES = "int8-coco/fp32_engines.json"  # FP32 under the other engines (Op
 CONFIRM_IDS = "int8-coco/confirm_ids.txt"  # the confirmation split: confirm_subset minus select_subset
 KERNEL_PROBE = "int8-coco/kernel_probe.json"  # the int16 saturation probe on this CPU (and emulated)
 LATENCY = "int8-coco/latency.json"
+OPENVINO_SETTINGS = "int8-coco/openvino_settings.json"  # int8.openvino_settings: outputs, compile time, mAP per setting
 
 
 @dataclass
@@ -95,6 +103,7 @@ class Int8Result:
     environment: dict = field(default_factory=dict)
     structure_only: bool = False
     splits: dict = field(default_factory=dict)
+    openvino_settings: dict | Skipped = field(default_factory=dict)  # the settings bench's checks and scores
 
 
 def variant_model(v: Int8Variant) -> str:
@@ -290,19 +299,24 @@ def confirm_engines(cfg: Config, engines: list[str]) -> list[str]:
     return list(engines) if wanted is None else [e for e in engines if e in wanted]
 
 
-def engine_scores(run: RunDir, model: Path, engines: list[str]) -> dict:
+def engine_scores(run: RunDir, model: Path, engines: list[str] | dict, confirming: list[str] | None = None) -> dict:
     """``model`` under each engine on the selection split, and under the confirmation engines
     (``int8.confirm_engines``) on the confirmation split: Δ to FP32, and Δ to the exact arithmetic
     when ``ort-exact`` is among the engines there. (No score of the two splits together: every
-    figure the report quotes is either split's, and on 1,300 images it cost a minute of the default run.)"""
+    figure the report quotes is either split's, and on 1,300 images it cost a minute of the default run.)
+
+    ``engines`` may map labels to engine specs (an engine with OpenVINO properties: ``with_properties``);
+    ``confirming``: the labels also run on the confirmation split (default: ``int8.confirm_engines``')."""
 
     cfg = run.cfg
     sel, conf, _ = splits(run)
     fp32_dets = fp32_reference(run, cfg.int8.confirm_subset)
     rt = cfg.runtime
-    dets, seconds = predict_models({e: (model, e) for e in engines}, sel, cfg.decode, rt.providers, rt.threads)
-    confirming = confirm_engines(cfg, engines)
-    more, more_seconds = predict_models({e: (model, e) for e in confirming}, conf, cfg.decode, rt.providers, rt.threads)
+    specs = engines if isinstance(engines, dict) else {e: e for e in engines}
+    engines = list(specs)
+    dets, seconds = predict_models({e: (model, specs[e]) for e in engines}, sel, cfg.decode, rt.providers, rt.threads)
+    confirming = confirm_engines(cfg, engines) if confirming is None else confirming
+    more, more_seconds = predict_models({e: (model, specs[e]) for e in confirming}, conf, cfg.decode, rt.providers, rt.threads)
     subsets = {"select": sel, "confirm": conf}
     by_split = {"select": dets, "confirm": more}
     pairs = [(e, k) for k in subsets for e in engines if e in by_split[k]]
@@ -362,6 +376,9 @@ def validate_variant(run: RunDir, v: Int8Variant) -> dict:
                   "skipped_engines": skipped, "environment": params["environment"], "qdq": qdq, "ort_cpu": ort_cpu,
                   "ort_disabled_optimizers": params.get("ort_disabled_optimizers", []),
                   "size_bytes": sum(run.artifact(p).stat().st_size for p in inputs[1:])}  # fmt: skip
+        if qdq:  # the float Convs' share of the Conv MACs: what a deployment still runs in float (TensorRT: FP16 / FP32)
+            macs = run.read(baseline.MODEL_INFO)["conv_macs"]
+            result["float_conv_macs_share"] = sum(macs.get(n, 0) for n in qdq["float_conv_names"]) / sum(macs.values())
         if "ort" in scores:  # the ORT-kernel result by subset name (what notebook 05 compares against)
             result["coco"] = {s["subset"]: s for k in ("select", "confirm") if (s := scores["ort"].get(k))}
         return result
@@ -381,6 +398,71 @@ def fp32_engines(run: RunDir) -> dict:
                 "environment": params["environment"]}  # fmt: skip
 
     return run.stage(Stage("int8-fp32-engines", params, [baseline.MODEL], [FP32_ENGINES]), compute)
+
+
+def runnable_settings(cfg: Config) -> dict:
+    """The ``int8.openvino_settings`` this machine can run (bf16 needs bf16 instructions)."""
+    return {k: p for k, p in cfg.int8.openvino_settings.items() if not openvino_setting_unavailable(p)}
+
+
+def openvino_settings(run: RunDir, validations: dict) -> dict | Skipped:
+    """What each of ``int8.openvino_settings`` does to the variants OpenVINO scores (their latency is
+    in :func:`latency`'s one interleaved bench): its raw head on the fidelity images against this
+    project's own settings (``max_abs_diff``; 0: the same outputs, so the same detections and mAP),
+    and where the outputs differ, its own mAP on both splits (``scores``); the compile time, and
+    (``cache``) the compile from OpenVINO's model cache (``CACHE_DIR``) against a cold one."""
+
+    cfg = run.cfg
+    if not cfg.int8.openvino_settings:
+        return Skipped("int8.openvino_settings is empty: OpenVINO ran with this project's settings only")
+    if why := runtime_unavailable("openvino") or ("openvino" not in cfg.int8.latency_runtimes and "openvino is not "
+                                                                                              "among int8.latency_runtimes"):
+        return Skipped(why)
+    settings = runnable_settings(cfg)
+    unavailable = {k: why for k, p in cfg.int8.openvino_settings.items() if (why := openvino_setting_unavailable(p))}
+    if not settings:
+        return Skipped("no setting of int8.openvino_settings runs here: " + "; ".join(f"{k}: {w}" for k, w in unavailable.items()))
+    names = [v.name for v in cfg.int8.variants if "openvino" in (validations[v.name].get("engines") or {})]
+    if not names:
+        return Skipped("no INT8 variant is scored under OpenVINO (int8.engines)")
+    by_name = {v.name: v for v in cfg.int8.variants}
+    inputs = [baseline.MODEL] + [p for n in names for p in [variant_model(by_name[n])]
+                                 + ([VARIANT_IR_BIN.format(name=n)] if is_ir(by_name[n]) else [])]  # fmt: skip
+    params = {**_eval_params(cfg, ["openvino"]), "settings": cfg.int8.openvino_settings, "unavailable": unavailable,
+              "variants": names, "threads": cfg.runtime.threads}  # fmt: skip
+
+    def compute():
+        sel, _, _ = splits(run)
+        images = [preprocess(sel.image_path(i))[0] for i in sel.ids[: cfg.int8.fidelity_images]]
+        threads = cfg.runtime.threads
+        out = {"settings": settings, "skipped": unavailable, "images": len(images), "variants": {}}
+        for n in names:
+            model = run.artifact(variant_model(by_name[n]))
+            base = make_session(model, threads=threads, runtime="openvino")
+            ref = [run_head(base, x) for x in images]
+            rows = {"default": {"compile_s": round(base.compile_seconds, 3)}}
+            for setting, props in settings.items():
+                try:
+                    sess = make_session(model, threads=threads, runtime="openvino", properties=props)
+                except LowbitError as exc:  # OpenVINO compiles this file otherwise (bf16 refused NNCF's file in 2026.4)
+                    rows[setting] = {"refused": openvino_refusal(exc)}
+                    continue
+                diff = max(float(np.max(np.abs(run_head(sess, x) - r))) for x, r in zip(images, ref))
+                rows[setting] = {"max_abs_diff": diff, "compile_s": round(sess.compile_seconds, 3)}
+            differ = [st for st in settings if rows[st].get("max_abs_diff", 0.0) != 0.0]
+            if differ:  # other outputs: the setting's own mAP, on both splits
+                scores = engine_scores(run, model, {st: with_properties("openvino", settings[st]) for st in differ},
+                                       confirming=differ)  # fmt: skip
+                for st in differ:
+                    rows[st]["scores"] = scores[st]
+            with tempfile.TemporaryDirectory() as cache:  # the model cache: a cold compile fills it, the next reads it
+                cold = make_session(model, threads=threads, runtime="openvino", properties={"CACHE_DIR": cache})
+                warm = make_session(model, threads=threads, runtime="openvino", properties={"CACHE_DIR": cache})
+                rows["default"]["cache"] = {"cold_s": round(cold.compile_seconds, 3), "warm_s": round(warm.compile_seconds, 3)}
+            out["variants"][n] = rows
+        return out
+
+    return run.stage(Stage("int8-openvino-settings", params, inputs, [OPENVINO_SETTINGS]), compute)
 
 
 def emulated(run: RunDir, v: Int8Variant) -> dict | Skipped:
@@ -433,7 +515,7 @@ def kernel_probe(run: RunDir) -> dict:
     return run.stage(Stage("int8-kernel-probe", params, [], [KERNEL_PROBE], record=None), compute)
 
 
-def latency(run: RunDir) -> dict:
+def latency(run: RunDir, with_settings: list | None = None) -> dict:
     """FP32 and every variant under each runtime of ``int8.latency_runtimes``, timed in one process.
 
     With ``latency.profile_runs`` each model also runs under ORT's profiler, which says where
@@ -446,10 +528,14 @@ def latency(run: RunDir) -> dict:
     names = ["fp32"] + [v.name for v in cfg.int8.variants]
     models = [run.artifact(baseline.MODEL)] + [run.artifact(variant_model(v)) for v in cfg.int8.variants]
     ir = {v.name for v in cfg.int8.variants if is_ir(v)}
+    # [variant, setting] pairs also timed under OpenVINO with that setting: the ones openvino_settings compiled
+    with_settings = sorted(with_settings or []) if "openvino" in runtimes else []
+    settings = {st: p for st, p in cfg.int8.openvino_settings.items() if any(st == x for _, x in with_settings)}
     params = {"runtime": cfg.runtime.model_dump(), "latency": cfg.latency.model_dump(), "bench": BENCH_SETTINGS,
               "runtimes": runtimes,
               "fp32_engines": cfg.int8.fp32_engines,
-              "environment": engine_environment([f"{r}" for r in runtimes])}  # fmt: skip
+              "environment": engine_environment([f"{r}" for r in runtimes]),
+              **({"openvino_settings": settings, "with_settings": with_settings} if settings else {})}  # fmt: skip
     rewrites = {n: r for n, m in zip(names, models) if (r := _rewrites(m))}
     if rewrites:
         params["rewrites"] = rewrites
@@ -460,10 +546,16 @@ def latency(run: RunDir) -> dict:
         pairs = [(n, m, r) for r in runtimes for n, m in zip(names, models) if r == "openvino" or n not in ir]
         if "openvino" in runtimes and "openvino-bf16" in available_engines(cfg.int8.fp32_engines)[0]:
             pairs.append(("fp32", models[0], ("openvino", "bf16")))  # FP32 at OpenVINO's bf16 inference precision
-        rows = bench_models([m for _, m, _ in pairs], cfg.runtime.threads, cfg.runtime.providers, lat.warmup, lat.runs,
-                            runtimes=[r for _, _, r in pairs])  # fmt: skip
-        for r, (name, _, _) in zip(rows, pairs):
+        # every int8.openvino_settings on every variant OpenVINO runs, in the same interleaved bench
+        tagged = [(n, m, r, None) for n, m, r in pairs] + [
+            (n, m, ("openvino", "f32", props), setting) for setting, props in settings.items()
+            for n, m in zip(names, models) if [n, setting] in with_settings]  # fmt: skip
+        rows = bench_models([m for _, m, _, _ in tagged], cfg.runtime.threads, cfg.runtime.providers, lat.warmup, lat.runs,
+                            runtimes=[r for _, _, r, _ in tagged])  # fmt: skip
+        for r, (name, _, _, setting) in zip(rows, tagged):
             r["name"] = name
+            if setting:
+                r["setting"] = setting
         profiles = {}
         if lat.profile_runs:
             profiles = {name: profile_model(m, cfg.runtime.threads, cfg.runtime.providers, lat.profile_runs)
@@ -550,12 +642,15 @@ def run_int8(run: RunDir) -> Int8Result | Skipped:
     if not cfg.int8.enabled:
         return Skipped("int8.enabled is false in the params")
     check_variants(cfg)
+    if cfg.int8.openvino_settings and "openvino" in cfg.int8.latency_runtimes and not runtime_unavailable("openvino"):
+        check_openvino_properties(cfg.int8.openvino_settings)  # before anything is computed
     recipes = {v.name: quantize_variant(run, v) for v in cfg.int8.variants}
     info = run.read(baseline.MODEL_INFO)
     probe = kernel_probe(run)
     emulation = {}
     if info["structure_only"]:
         validations, fp32 = {}, {}
+        settings = Skipped("a structure-only model has no accuracy to compare settings on")
         for v in cfg.int8.variants:
             q = run.artifact(variant_model(v))
             onnx_facts = {} if is_ir(v) else {"smoke": baseline.ort_smoke(q, cfg), "qdq": qdq_counts(q),
@@ -566,11 +661,15 @@ def run_int8(run: RunDir) -> Int8Result | Skipped:
     else:
         validations = {v.name: validate_variant(run, v) for v in cfg.int8.variants}
         fp32 = fp32_engines(run)
+        settings = openvino_settings(run, validations)
         if cfg.int8.emulate.cpu:
             # the listed variants that this params file has (the default list names the default variants)
             emulation = {v.name: emulated(run, v) for v in cfg.int8.variants if v.name in cfg.int8.emulate.variants}
-    lat = latency(run)
+    compiled = [[n, st] for n, rows in settings["variants"].items() for st, row in rows.items()
+                if st != "default" and "refused" not in row] if settings and not isinstance(settings, Skipped) else []  # fmt: skip
+    lat = latency(run, compiled)
     return Int8Result(recipes=recipes, validations=validations, fp32_engines=fp32, emulated=emulation,
                       kernel_probe=probe, latency=lat["rows"], profiles=lat.get("profiles", {}),
                       environment=lat["environment"], structure_only=info["structure_only"],
-                      splits={"select": cfg.int8.select_subset, "confirm": cfg.int8.confirm_subset})  # fmt: skip
+                      splits={"select": cfg.int8.select_subset, "confirm": cfg.int8.confirm_subset},
+                      openvino_settings=settings)  # fmt: skip
