@@ -116,7 +116,7 @@ def _default_variants() -> list[Int8Variant]:
         Int8Variant(name="nncf-mixed", backend="nncf", method="mixed", bias_correction="full", engines=["openvino"]),
         Int8Variant(name="modelopt-entropy", backend="modelopt", method="entropy", engines=["ort-exact"]),
         Int8Variant(name="ort-trt-bc-keep16", backend="ort", method="avgminmax", placement="conv-inputs",
-                    activations="int8-symmetric", bias_correction="fast", keep_sensitive=16, engines=["ort-exact"]),
+                    activations="int8-symmetric", bias_correction="fast", keep_sensitive=16, engines=["ort-exact", "openvino"]),
     ]
 
 

@@ -359,6 +359,9 @@ def test_structure_only_model_shows_no_accuracy(beside):
     html = (root / "reports" / "random" / "report.html").read_text()
     assert "structure only" in html and "Parity check skipped" in html and "Structure-only model: no accuracy" in html
     assert "Fastest ORT variant" in html and "its Conv kernels take" in html
+    # OpenVINO's settings are timed there too (no accuracy to check them on), each in the one bench
+    timed = {r.get("setting") for r in read_json(root / "runs" / "random" / "int8-coco" / "latency.json")["rows"]}
+    assert "unpinned" in timed  # (and bf16 where the CPU has it)
     metrics = read_json(root / "runs" / "random" / "baseline-coco" / "metrics.json")
     assert metrics == {"structure_only": True, "reason": metrics["reason"]} and "no accuracy" in metrics["reason"]
 

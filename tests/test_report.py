@@ -258,6 +258,11 @@ def test_int8_report_without_openvino_and_structure_only():
     text = r.int8_conclusion(so)
     assert text.startswith("Structure-only model") and "Fastest ORT variant: `ort-a`" in text
     assert "Fastest INT8 deployment of all: `ort-a` under OpenVINO at 0.200×" in text
+    # a structure-only run times OpenVINO's settings too (no accuracy to check them on): the fastest may be one
+    so.latency.append({"name": "ort-a", "runtime": "openvino", "precision": "bf16", "median_ms": 4.0, "threads": 2,
+                       "setting": "bf16", "properties": {"INFERENCE_PRECISION_HINT": "bf16"}})  # fmt: skip
+    assert "Fastest INT8 deployment of all: `ort-a` under OpenVINO with `bf16` (INFERENCE_PRECISION_HINT=bf16) at 0.100×" in (
+        r.int8_conclusion(so))
 
 
 def _with_openvino_settings(res: Int8Result, bf16_ms: float, bf16_select: float) -> Int8Result:

@@ -343,10 +343,12 @@ def _structure_only_conclusion(result: Int8Result) -> str:
         fastest = min(ort, key=lambda n: lat[(n, "ort")]["median_ms"])
         text += f" Fastest ORT variant: `{fastest}` at {lat[(fastest, 'ort')]['median_ms'] / fp32:.3f}× FP32 latency."
         text += _profile_sentence(result, fastest)
-    timed = [(k, r["median_ms"]) for k, r in lat.items() if k[0] != "fp32"]
+    timed = [(f"`{n}` under {RUNTIME_NAMES[rt]}", r["median_ms"]) for (n, rt), r in lat.items() if n != "fp32"]
+    timed += [(f"`{r['name']}` under OpenVINO with `{r['setting']}` (" + ", ".join(f"{k}={v}" for k, v in r["properties"].items())
+               + ")", r["median_ms"]) for r in result.latency if r.get("setting")]  # int8.openvino_settings, timed only
     if timed:
-        (name, rt), ms = min(timed, key=lambda kv: kv[1])
-        text += f" Fastest INT8 deployment of all: `{name}` under {RUNTIME_NAMES[rt]} at {ms / fp32:.3f}× ORT FP32 latency."
+        label, ms = min(timed, key=lambda kv: kv[1])
+        text += f" Fastest INT8 deployment of all: {label} at {ms / fp32:.3f}× ORT FP32 latency."
     ov = lat.get(("fp32", "openvino"))
     if ov:
         text += f" OpenVINO runs FP32 at {ov['median_ms'] / fp32:.3f}× ORT FP32."

@@ -465,6 +465,23 @@ def openvino_settings(run: RunDir, validations: dict) -> dict | Skipped:
     return run.stage(Stage("int8-openvino-settings", params, inputs, [OPENVINO_SETTINGS]), compute)
 
 
+def compiled_settings(run: RunDir) -> list:
+    """[variant, setting] pairs OpenVINO compiles, for a structure-only model (no accuracy to check them
+    on: :func:`openvino_settings` does that otherwise): its settings are timed, and only timed."""
+    if runtime_unavailable("openvino") or "openvino" not in run.cfg.int8.latency_runtimes:
+        return []
+    pairs = []
+    for v in run.cfg.int8.variants:
+        for setting, props in runnable_settings(run.cfg).items():
+            try:
+                make_session(run.artifact(variant_model(v)), threads=run.cfg.runtime.threads, runtime="openvino",
+                             properties=props)  # fmt: skip
+            except LowbitError:
+                continue  # a setting OpenVINO refuses for this file is not timed
+            pairs.append([v.name, setting])
+    return pairs
+
+
 def emulated(run: RunDir, v: Int8Variant) -> dict | Skipped:
     """ORT's kernels for ``v`` on the CPU model ``int8.emulate.cpu`` (QEMU user mode), against the
     exact arithmetic on the same images: what the file loses on such a CPU."""
@@ -650,7 +667,7 @@ def run_int8(run: RunDir) -> Int8Result | Skipped:
     emulation = {}
     if info["structure_only"]:
         validations, fp32 = {}, {}
-        settings = Skipped("a structure-only model has no accuracy to compare settings on")
+        settings = Skipped("a structure-only model has no accuracy to compare OpenVINO's settings on: they are timed only")
         for v in cfg.int8.variants:
             q = run.artifact(variant_model(v))
             onnx_facts = {} if is_ir(v) else {"smoke": baseline.ort_smoke(q, cfg), "qdq": qdq_counts(q),
@@ -665,8 +682,11 @@ def run_int8(run: RunDir) -> Int8Result | Skipped:
         if cfg.int8.emulate.cpu:
             # the listed variants that this params file has (the default list names the default variants)
             emulation = {v.name: emulated(run, v) for v in cfg.int8.variants if v.name in cfg.int8.emulate.variants}
-    compiled = [[n, st] for n, rows in settings["variants"].items() for st, row in rows.items()
-                if st != "default" and "refused" not in row] if settings and not isinstance(settings, Skipped) else []  # fmt: skip
+    if info["structure_only"]:
+        compiled = compiled_settings(run)
+    else:
+        compiled = [[n, st] for n, rows in settings["variants"].items() for st, row in rows.items()
+                    if st != "default" and "refused" not in row] if settings and not isinstance(settings, Skipped) else []  # fmt: skip
     lat = latency(run, compiled)
     return Int8Result(recipes=recipes, validations=validations, fp32_engines=fp32, emulated=emulation,
                       kernel_probe=probe, latency=lat["rows"], profiles=lat.get("profiles", {}),
