@@ -13,9 +13,9 @@ import pandas as pd
 
 from ..steps.summary import OPENVINO_BENCH, CandidatesStep, Int8Step, bench, first, picks, top_budget
 from .common import fmt_delta, pct
-from .int8 import _verdict
+from .int8 import CPU_TARGET, TENSORRT_TARGET, _verdict
 
-INT8_TARGET = 0.5  # points: the INT8 drop the plan accepts
+# the INT8 drops the targets accept (points): ORT CPU 0.15 and TensorRT 0.3 (report/int8.py, notebook 03 alike)
 
 
 def _bench(int8_result: Int8Step, cand_result: CandidatesStep) -> tuple[dict, str]:
@@ -77,13 +77,13 @@ def headline_sentences(int8_result: Int8Step, cand_result: CandidatesStep, fp32_
     if cpu:
         d = cpu["score"]["delta_vs_fp32"]
         out.append(f"**CPU:** ship `{cpu['model']}` for {cpu['role'][len('CPU INT8 ('):-1]}: {fmt_delta(d)} points on "
-                   f"{cpu['score']['subset']} through ORT's kernels, which {_verdict(d, INT8_TARGET)} the {INT8_TARGET}-point "
+                   f"{cpu['score']['subset']} through ORT's kernels, which {_verdict(d, CPU_TARGET)} the {CPU_TARGET}-point "
                    f"target, at {lat(cpu)}.")  # fmt: skip
     trt = first(rows, "tensorrt")
     if trt:
         d = trt["score"]["delta_vs_fp32"]
         out.append(f"**TensorRT:** ship `{trt['model']}`: {fmt_delta(d)} points on {trt['score']['subset']} with exact Q/DQ "
-                   f"arithmetic (what TensorRT computes), which {_verdict(d, INT8_TARGET)} the {INT8_TARGET}-point target; "
+                   f"arithmetic (what TensorRT computes), which {_verdict(d, TENSORRT_TARGET)} the {TENSORRT_TARGET}-point target; "
                    "its TensorRT latency needs a GPU.")  # fmt: skip
     best = top_budget(rows)
     if best:
