@@ -161,6 +161,13 @@ def test_int8_report_reads_every_engine_and_names_what_it_ships():
     assert "**Fastest CPU deployment**" in text and "`ort-a` under OpenVINO at 0.20×" in text and "its latency is met here (0.200×)" in text
     assert "**TensorRT (ModelOpt Q/DQ):** ship `modelopt-e`" in text and "misses the 0.3-point target" in text
     assert "Convs stay float" not in text  # a run that did not measure the float Convs' MACs says nothing of them
+    # a file TensorRT does not take that computes better on the selection split is named, with its confirmation
+    assert ("A file TensorRT does not take computes better on val100 with exact arithmetic: `ort-a`, -0.40 [-1.20, +0.40] "
+            "(-0.40 [-1.20, +0.40] on val500 minus val100)") in text  # nncf-m is scored under OpenVINO alone here
+    better = _without(_synthetic_int8_result(), "ort-keep")
+    for k in ("select", "confirm"):
+        better.validations["modelopt-e"]["engines"]["ort-exact"][k]["delta_vs_fp32"]["delta"] = 0.001
+    assert "A file TensorRT does not take" not in r.int8_conclusion(better)  # the pick itself computes best
     shares = _without(_synthetic_int8_result(), "ort-keep")
     shares.validations["modelopt-e"]["float_conv_macs_share"] = 0.0412
     assert "6 of its 82 Convs stay float (4.1 % of the Conv MACs), which TensorRT runs in FP16 / FP32." in r.int8_conclusion(shares)
