@@ -28,6 +28,7 @@ def test_notebooks_are_committed_without_outputs():
 
 @pytest.mark.slow
 def test_smoke_run_of_all_notebooks(smoke_run):
+    from lowbit_helpers.rundir import RunDir
     from lowbit_helpers.runtime.sessions import _openvino_has_bf16
 
     report, run, root = smoke_run.report, smoke_run.run, smoke_run.root
