@@ -43,6 +43,11 @@ def _latency(result: Int8Result) -> dict:
     return out
 
 
+def setting_label(name: str, setting: str, properties: dict) -> str:
+    """A deployment under OpenVINO with one of ``int8.openvino_settings``, as the report names it."""
+    return f"`{name}` under OpenVINO with `{setting}` (" + ", ".join(f"{k}={v}" for k, v in properties.items()) + ")"
+
+
 def openvino_setting_rows(result: Int8Result) -> list[dict]:
     """Each variant OpenVINO scores under this project's settings (``setting`` "default") and under
     each of ``int8.openvino_settings``, from the one interleaved bench: its latency, its outputs
@@ -347,8 +352,8 @@ def _structure_only_conclusion(result: Int8Result) -> str:
         text += f" Fastest ORT variant: `{fastest}` at {lat[(fastest, 'ort')]['median_ms'] / fp32:.3f}× FP32 latency."
         text += _profile_sentence(result, fastest)
     timed = [(f"`{n}` under {RUNTIME_NAMES[rt]}", r["median_ms"]) for (n, rt), r in lat.items() if n != "fp32"]
-    timed += [(f"`{r['name']}` under OpenVINO with `{r['setting']}` (" + ", ".join(f"{k}={v}" for k, v in r["properties"].items())
-               + ")", r["median_ms"]) for r in result.latency if r.get("setting")]  # int8.openvino_settings, timed only
+    timed += [(setting_label(r["name"], r["setting"], r["properties"]), r["median_ms"])
+              for r in result.latency if r.get("setting")]  # int8.openvino_settings, timed only
     if timed:
         label, ms = min(timed, key=lambda kv: kv[1])
         text += f" Fastest INT8 deployment of all: {label} at {ms / fp32:.3f}× ORT FP32 latency."
@@ -469,9 +474,8 @@ def int8_conclusion(result: Int8Result, target_points: float = 0.5) -> str:
     # every deployment: (ms, label, Δ select, Δ confirm); OpenVINO's settings beside its default (same bench)
     deployments = [(r["median_ms"], f"`{name}` under {RUNTIME_NAMES[rt]}", d(name, rt, "select"), d(name, rt))
                    for (name, rt), r in lat.items() if name != "fp32" and name in vals and has(name, rt)]  # fmt: skip
-    deployments += [(r["ms"], f"`{r['name']}` under OpenVINO with `{r['setting']}` ("
-                     + ", ".join(f"{k}={v}" for k, v in r["properties"].items()) + ")", r["select"], r["confirm"])
-                    for r in openvino_setting_rows(result) if r["setting"] != "default" and r.get("select")]  # fmt: skip
+    deployments += [(r["ms"], setting_label(r["name"], r["setting"], r["properties"]), r["select"], r["confirm"])
+                    for r in openvino_setting_rows(result) if r["setting"] != "default" and r.get("select")]
     fastest, slower = [], []
     for dep in deployments:
         if -100 * dep[2]["delta"] <= target_points:

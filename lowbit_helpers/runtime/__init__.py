@@ -38,6 +38,7 @@ from .sessions import (
     openvino_setting_unavailable,
     run_head,
     runtime_unavailable,
+    try_openvino,
     with_properties,
 )
 from .threads import TORCH_THREADS, fixed_torch_threads
@@ -46,5 +47,5 @@ __all__ = [
     "ARITHMETICS", "BENCH_SETTINGS", "CONV_OPS", "ENGINES", "INT8_ISA_FLAGS", "RUNTIMES", "TORCH_THREADS", "Activations", "activations",
     "bench_models", "check_openvino_properties", "check_providers", "compare_profiles", "conv_key", "cpu_int8_isa", "engine_session",
     "engine_unavailable", "environment", "fixed_torch_threads", "float_convs_between_qdq", "int8_kernel_class", "kept_float_rewrite",
-    "latency_stats", "load_memory", "make_session", "openvino_refusal", "openvino_setting_unavailable", "profile_model", "run_head", "runtime_unavailable", "with_outputs", "with_properties",
+    "latency_stats", "load_memory", "make_session", "openvino_refusal", "openvino_setting_unavailable", "profile_model", "run_head", "runtime_unavailable", "try_openvino", "with_outputs", "with_properties",
 ]  # fmt: skip

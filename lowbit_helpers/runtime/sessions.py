@@ -190,6 +190,15 @@ def openvino_refusal(exc: LowbitError) -> str:
     return " ".join(kept)[:200] or "OpenVINO cannot compile it"
 
 
+def try_openvino(model: str | Path, threads: int = 2, properties: dict | None = None):
+    """(the OpenVINO session, None), or (None, OpenVINO's one-line reason) where it will not compile
+    ``model`` (with ``properties``): a refusal to record, not an error."""
+    try:
+        return make_session(model, threads=threads, runtime="openvino", properties=properties), None
+    except LowbitError as exc:
+        return None, openvino_refusal(exc)
+
+
 def openvino_setting_unavailable(properties: dict) -> str | None:
     """Why this machine cannot run an OpenVINO setting (no OpenVINO; bf16 without bf16 instructions), or None."""
     if why := runtime_unavailable("openvino"):

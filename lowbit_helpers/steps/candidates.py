@@ -51,8 +51,8 @@ from ..runtime import (
     environment,
     load_memory,
     make_session,
-    openvino_refusal,
     runtime_unavailable,
+    try_openvino,
 )
 from ..runtime.inspect import fidelity, ort_executed_ops, qdq_counts, raw_heads
 from ..schema import Skipped
@@ -567,11 +567,7 @@ def winners(run: RunDir, cands: dict[str, dict], evals: dict[str, dict]) -> dict
 
 def _openvino_refusal(run: RunDir, model: Path) -> str | None:
     """OpenVINO's reason in one line where it cannot compile ``model``, else None (the session is dropped)."""
-    try:
-        make_session(model, run.cfg.runtime.providers, run.cfg.runtime.threads, runtime="openvino")
-    except LowbitError as exc:
-        return openvino_refusal(exc)
-    return None
+    return try_openvino(model, run.cfg.runtime.threads)[1]
 
 
 def latency(run: RunDir, names: list[str], int8: dict | None) -> dict:

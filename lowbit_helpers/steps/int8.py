@@ -57,11 +57,11 @@ from ..runtime import (
     environment,
     kept_float_rewrite,
     make_session,
-    openvino_refusal,
     openvino_setting_unavailable,
     profile_model,
     run_head,
     runtime_unavailable,
+    try_openvino,
     with_properties,
 )
 from ..runtime.emulate import EmulatedSession, emulated_probe, qemu_binary
@@ -442,10 +442,9 @@ def openvino_settings(run: RunDir, validations: dict) -> dict | Skipped:
             ref = [run_head(base, x) for x in images]
             rows = {"default": {"compile_s": round(base.compile_seconds, 3)}}
             for setting, props in settings.items():
-                try:
-                    sess = make_session(model, threads=threads, runtime="openvino", properties=props)
-                except LowbitError as exc:  # OpenVINO compiles this file otherwise (bf16 refused NNCF's file in 2026.4)
-                    rows[setting] = {"refused": openvino_refusal(exc)}
+                sess, refused = try_openvino(model, threads, props)
+                if refused:  # OpenVINO will not compile this file so (bf16 refused NNCF's ONNX file in 2026.4)
+                    rows[setting] = {"refused": refused}
                     continue
                 diff = max(float(np.max(np.abs(run_head(sess, x) - r))) for x, r in zip(images, ref))
                 rows[setting] = {"max_abs_diff": diff, "compile_s": round(sess.compile_seconds, 3)}
@@ -473,12 +472,8 @@ def compiled_settings(run: RunDir) -> list:
     pairs = []
     for v in run.cfg.int8.variants:
         for setting, props in runnable_settings(run.cfg).items():
-            try:
-                make_session(run.artifact(variant_model(v)), threads=run.cfg.runtime.threads, runtime="openvino",
-                             properties=props)  # fmt: skip
-            except LowbitError:
-                continue  # a setting OpenVINO refuses for this file is not timed
-            pairs.append([v.name, setting])
+            if not try_openvino(run.artifact(variant_model(v)), run.cfg.runtime.threads, props)[1]:
+                pairs.append([v.name, setting])  # a setting OpenVINO refuses for this file is not timed
     return pairs
 
 
